@@ -1,0 +1,147 @@
+"""The interface every model backend implements: a list of requests in, one result per request out.
+
+A backend knows how to talk to one model. It does not cache, retry across runs, or decide how many
+requests are in flight: the runner does that (persona_eval.runner).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from persona_eval.prompts import RenderedMessages, SystemPolicy
+
+__all__ = [
+    "Backend",
+    "Capabilities",
+    "Generation",
+    "GenerationConfig",
+    "LabelScoring",
+    "TokenScores",
+    "logsumexp",
+]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings. Greedy (temperature 0) is the only mode the evals use."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+
+    def key(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LabelScoring:
+    """Which labels to read log-probabilities for, and how they may be spelled as one token.
+
+    ``spellings`` are patterns with ``{label}``: "A", " A", "\\nA" are the same answer. Their
+    probabilities are summed (logsumexp) before the softmax over labels. ``answer_prefix`` follows the
+    prompt when the labels are scored at the prompt boundary (no answer found in the generated text).
+    """
+
+    labels: tuple[str, ...] = ("A", "B", "C")
+    spellings: tuple[str, ...] = ("{label}", " {label}", "\n{label}")
+    answer_prefix: str = "Answer:"
+    top_logprobs: int = 20
+
+    def variants(self, label: str) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s.format(label=label) for s in self.spellings))
+
+    def key(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TokenScores:
+    """One generated token: where it starts in the generated text, and each label's log-probability
+    at that position (logsumexp over the label's spellings). A label whose spellings were all absent
+    from the backend's top-k is None."""
+
+    offset: int
+    token: str
+    label_logprobs: dict[str, float | None]
+    # For top-k APIs: the lowest log-probability in the top-k, an upper bound for any absent label.
+    floor: float | None = None
+
+
+@dataclass
+class Generation:
+    """The output of one request. ``tokens`` is None when the backend gives no log-probabilities."""
+
+    text: str
+    tokens: list[TokenScores] | None = None
+    finish_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Generation:
+        tokens = data.get("tokens")
+        return cls(
+            text=data["text"],
+            tokens=None if tokens is None else [TokenScores(**t) for t in tokens],
+            finish_reason=data.get("finish_reason"),
+            usage=dict(data.get("usage") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can give beyond text."""
+
+    logprobs: bool = True          # label log-probabilities at each generated position
+    prompt_scoring: bool = True    # label log-probabilities at the prompt boundary (the fallback)
+    constrained_json: bool = False  # JSON-schema-constrained generation
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model behind one small batch interface (after lm-evaluation-harness's LM class).
+
+    ``generate`` and ``score_labels`` take a list and return one result per item, in order. They may be
+    called from several threads at once when ``max_in_flight`` > 1.
+    """
+
+    name: str
+    batch_size: int
+    max_in_flight: int
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the model's outputs: backend kind, model, weights fingerprint. Cheap: it must
+        not load the model, and it never holds a secret (it is part of every cache key)."""
+        ...
+
+    def system_policy(self) -> SystemPolicy: ...
+
+    def capabilities(self) -> Capabilities: ...
+
+    def render_prompt(self, request: RenderedMessages) -> str:
+        """The exact text the model sees for `request` (or, for a remote chat API, a transcript)."""
+        ...
+
+    def generate(self, requests: Sequence[RenderedMessages], config: GenerationConfig,
+                 scoring: LabelScoring | None) -> list[Generation]: ...
+
+    def score_labels(self, requests: Sequence[RenderedMessages], scoring: LabelScoring
+                     ) -> list[dict[str, float | None]]:
+        """Each label's log-probability right after the prompt, the assistant turn opened and
+        ``scoring.answer_prefix`` written: the fallback when no answer was found in the text."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def logsumexp(values: Sequence[float]) -> float:
+    """log(sum(exp(v))) without overflow; -inf for an empty sequence."""
+    finite = [v for v in values if v != -math.inf]
+    if not finite:
+        return -math.inf
+    top = max(finite)
+    return top + math.log(sum(math.exp(v - top) for v in finite))

@@ -1,0 +1,243 @@
+"""A local transformers model: a directory, a GGUF file or a hub id; batched, left-padded, greedy.
+
+The tokenizer is loaded when first needed (to render prompts); the weights only when the first
+request misses the cache, so a fully cached run never loads a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from persona_eval.backends.base import Capabilities, Generation, GenerationConfig, LabelScoring, TokenScores
+from persona_eval.errors import BackendError, ConfigError, MissingDependencyError
+from persona_eval.prompts import RenderedMessages, SystemPolicy
+
+__all__ = ["HFBackend", "weights_fingerprint"]
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+_PROBE = "PERSONA-EVAL-PROBE"
+
+
+def weights_fingerprint(path: Path, *, memo_dir: Path | None = None) -> str:
+    """"sha256:<hex>" over the names, sizes and contents of a model's weight files (one file or a
+    directory). The digest is remembered in `memo_dir` by size and modification time, so a rerun
+    does not hash gigabytes again."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
+                                                   if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    if not files:
+        raise ConfigError(f"{path}: no model weights found (expected {', '.join(_WEIGHT_SUFFIXES)} files)")
+    stamp = hashlib.sha256(json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+                           .encode()).hexdigest()
+    memo = memo_dir / f"{stamp}.fingerprint" if memo_dir is not None else None
+    if memo is not None and memo.exists():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\0{file.stat().st_size}\0"
+                      .encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    fingerprint = f"sha256:{digest.hexdigest()}"
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(fingerprint)
+    return fingerprint
+
+
+def _import_transformers() -> tuple[Any, Any, Any]:
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise MissingDependencyError(exc.name or "transformers", "The transformers backend",
+                                     "pip install torch transformers") from None
+    return torch, transformers.AutoTokenizer, transformers.AutoModelForCausalLM
+
+
+class HFBackend:
+    """A causal language model run in this process with transformers."""
+
+    def __init__(self, name: str, model: str, *, gguf_file: str | None = None, device: str = "cpu",
+                 dtype: str = "float32", batch_size: int = 16, memo_dir: Path | None = None,
+                 trust_remote_code: bool = False) -> None:
+        self.name = name
+        self.batch_size = batch_size
+        self.max_in_flight = 1  # one process, one model: parallelism is the batch
+        self._model_ref = model
+        self._gguf_file = gguf_file
+        self._device = device
+        self._dtype = dtype
+        self._memo_dir = memo_dir
+        self._trust_remote_code = trust_remote_code
+        self._tokenizer: Any = None
+        self._model: Any = None
+        self._policy: SystemPolicy | None = None
+        self._fingerprint: str | None = None
+        self._lock = threading.Lock()
+        local = Path(model)
+        if gguf_file is None and local.suffix == ".gguf":
+            self._model_ref, self._gguf_file = str(local.parent), local.name
+        self._local = Path(self._model_ref).exists()
+        if not self._local and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+            raise ConfigError(f"model {name!r}: no such directory or file: {model}")
+
+    # -- identity and prompts: cheap, no weights loaded ---------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        if self._fingerprint is None:
+            if self._local:
+                path = Path(self._model_ref)
+                target = path / self._gguf_file if self._gguf_file else path
+                self._fingerprint = weights_fingerprint(target, memo_dir=self._memo_dir)
+            else:
+                self._fingerprint = f"hub:{self._model_ref}"
+        return {"backend": "hf", "model": self._model_ref if not self._local else Path(self._model_ref).name,
+                "gguf_file": self._gguf_file, "dtype": self._dtype, "weights": self._fingerprint}
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            with self._lock:
+                if self._tokenizer is None:
+                    _, auto_tokenizer, _ = _import_transformers()
+                    kwargs: dict[str, Any] = {"trust_remote_code": self._trust_remote_code}
+                    if self._gguf_file:
+                        kwargs["gguf_file"] = self._gguf_file
+                    try:
+                        tokenizer = auto_tokenizer.from_pretrained(self._model_ref, **kwargs)
+                    except (OSError, ValueError) as exc:
+                        raise BackendError(f"model {self.name!r}: cannot load the tokenizer of "
+                                           f"{self._model_ref}: {exc}") from None
+                    if getattr(tokenizer, "chat_template", None) is None:
+                        raise ConfigError(f"model {self.name!r}: {self._model_ref} has no chat template; "
+                                          "persona-eval needs an instruction-tuned (chat) model")
+                    tokenizer.padding_side = "left"
+                    if tokenizer.pad_token_id is None:
+                        tokenizer.pad_token = tokenizer.eos_token
+                    self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def system_policy(self) -> SystemPolicy:
+        """Detect from the chat template whether it accepts a system message, and whether it inserts a
+        default system prompt when none is sent (then the baseline sends an empty one)."""
+        if self._policy is None:
+            def render(messages: list[dict[str, str]]) -> str:
+                return str(self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                              add_generation_prompt=True))
+            user = {"role": "user", "content": _PROBE}
+            try:
+                with_empty_system = render([{"role": "system", "content": ""}, user])
+            except Exception:  # templates that reject a system role raise their own error types
+                self._policy = SystemPolicy(system_role_supported=False)
+            else:
+                without_system = render([user])
+                self._policy = SystemPolicy(system_role_supported=True,
+                                            baseline_empty_system=len(without_system) > len(with_empty_system))
+        return self._policy
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(logprobs=True, prompt_scoring=True, constrained_json=False)
+
+    def render_prompt(self, request: RenderedMessages) -> str:
+        return str(self.tokenizer.apply_chat_template(request.as_dicts(), tokenize=False,
+                                                      add_generation_prompt=True))
+
+    # -- inference --------------------------------------------------------------------------------
+    def _load(self) -> Any:
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    torch, _, auto_model = _import_transformers()
+                    kwargs: dict[str, Any] = {"dtype": getattr(torch, self._dtype),
+                                              "trust_remote_code": self._trust_remote_code}
+                    if self._gguf_file:
+                        kwargs["gguf_file"] = self._gguf_file
+                    try:
+                        model = auto_model.from_pretrained(self._model_ref, **kwargs)
+                    except (OSError, ValueError) as exc:
+                        raise BackendError(f"model {self.name!r}: cannot load {self._model_ref}: {exc}") from None
+                    model.to(self._device)
+                    model.eval()
+                    self._model = model
+        return self._model
+
+    def _label_token_ids(self, scoring: LabelScoring) -> dict[str, list[int]]:
+        """Token ids of each label's single-token spellings ("A", " A", ...)."""
+        ids: dict[str, list[int]] = {}
+        for label in scoring.labels:
+            found = []
+            for variant in scoring.variants(label):
+                encoded = self.tokenizer.encode(variant, add_special_tokens=False)
+                if len(encoded) == 1 and encoded[0] not in found:
+                    found.append(encoded[0])
+            if not found:
+                raise BackendError(f"model {self.name!r}: no spelling of label {label!r} is a single token")
+            ids[label] = found
+        return ids
+
+    def _label_logprobs(self, logits: Any, label_ids: dict[str, list[int]]) -> list[dict[str, float | None]]:
+        torch, _, _ = _import_transformers()
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        per_label = {label: torch.logsumexp(logprobs[:, ids], dim=-1).tolist() for label, ids in label_ids.items()}
+        return [{label: float(values[row]) for label, values in per_label.items()} for row in range(logits.shape[0])]
+
+    def generate(self, requests: Sequence[RenderedMessages], config: GenerationConfig,
+                 scoring: LabelScoring | None) -> list[Generation]:
+        torch, _, _ = _import_transformers()
+        model = self._load()
+        tokenizer = self.tokenizer
+        prompts = [self.render_prompt(r) for r in requests]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self._device)
+        label_ids = self._label_token_ids(scoring) if scoring is not None else None
+        with torch.inference_mode():
+            output = model.generate(**batch, max_new_tokens=config.max_new_tokens, do_sample=False,
+                                    temperature=None, top_p=None, top_k=None,
+                                    pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                                    output_logits=label_ids is not None)
+        prompt_length = batch["input_ids"].shape[1]
+        new_tokens = output.sequences[:, prompt_length:].tolist()
+        step_scores = ([self._label_logprobs(step, label_ids) for step in output.logits]
+                       if label_ids is not None else None)
+        stop_ids = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
+        results = []
+        for row, ids in enumerate(new_tokens):
+            length = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+            finish = "stop" if length < len(ids) else "length"
+            ids = ids[:length]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            tokens = None
+            if step_scores is not None:
+                tokens = []
+                for step in range(length):
+                    offset = len(tokenizer.decode(ids[:step], skip_special_tokens=True))
+                    tokens.append(TokenScores(offset=offset, token=tokenizer.decode(ids[step:step + 1]),
+                                              label_logprobs=dict(step_scores[step][row])))
+            results.append(Generation(text=text, tokens=tokens, finish_reason=finish,
+                                      usage={"prompt_tokens": int(batch["attention_mask"][row].sum()),
+                                             "completion_tokens": length}))
+        return results
+
+    def score_labels(self, requests: Sequence[RenderedMessages], scoring: LabelScoring
+                     ) -> list[dict[str, float | None]]:
+        torch, _, _ = _import_transformers()
+        model = self._load()
+        prompts = [self.render_prompt(r) + scoring.answer_prefix for r in requests]
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False
+                               ).to(self._device)
+        with torch.inference_mode():
+            logits = model(**batch).logits[:, -1, :]
+        return self._label_logprobs(logits, self._label_token_ids(scoring))
+
+    def close(self) -> None:
+        self._model = None
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]

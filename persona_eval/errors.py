@@ -1,0 +1,66 @@
+"""The errors persona-eval raises: one base class, one subclass per kind of failure."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "ConfigError",
+    "DataError",
+    "MissingDependencyError",
+    "PersonaEvalError",
+]
+
+
+class PersonaEvalError(Exception):
+    """Base class of every error persona-eval raises on purpose.
+
+    The message is written for the person running the suite: it names the file, line and field
+    (or the endpoint) at fault, and says what was expected.
+    """
+
+
+class ConfigError(PersonaEvalError):
+    """A bad option, persona, model spec or thresholds file."""
+
+
+class DataError(PersonaEvalError):
+    """A dataset that cannot be used as it is: malformed line, missing field, bad label, duplicate id."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        where = ""
+        if path is not None:
+            where = str(path)
+            if line is not None:
+                where += f":{line}"
+            if field is not None:
+                where += f": field '{field}'"
+            where += ": "
+        super().__init__(where + message)
+        self.path = path
+        self.line = line
+        self.field = field
+
+
+class BackendError(PersonaEvalError):
+    """A model backend that failed: a server that stopped answering, a model that would not load."""
+
+    def __init__(self, message: str, *, endpoint: str | None = None, status: int | str | None = None) -> None:
+        parts = [message]
+        if endpoint:
+            parts.append(f"endpoint: {endpoint}")
+        if status is not None:
+            parts.append(f"last status: {status}")
+        super().__init__("; ".join(parts))
+        self.endpoint = endpoint
+        self.status = status
+
+
+class MissingDependencyError(PersonaEvalError):
+    """An optional package is needed for what was asked; the message gives the install command."""
+
+    def __init__(self, package: str, purpose: str, install: str | None = None) -> None:
+        command = install or f"pip install {package}"
+        super().__init__(f"{purpose} needs the package '{package}', which is not installed. "
+                         f"Install it with: {command}")
+        self.package = package

@@ -1,0 +1,184 @@
+"""One condition (model x persona x task) from cases to per-case records and per-stratum metrics.
+
+One generation pass per case gives two labels: the label parsed from the generated text, and the
+latent label, the argmax of the model's label distribution read at the position where the answer
+letter was generated. Only when no answer is found in the text are the labels scored at the prompt
+boundary instead (``probs_source = "prompt"``); never a second pass over a case whose answer was found.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from persona_eval import metrics
+from persona_eval.backends.base import Generation, GenerationConfig, LabelScoring
+from persona_eval.parsing import AnswerSpan, find_triage_answer
+from persona_eval.personas import Persona
+from persona_eval.prompts import render_messages
+from persona_eval.runner import Progress, Runner
+from persona_eval.tasks import triage
+
+__all__ = ["NOT_AVAILABLE", "evaluate_triage", "label_distribution", "triage_metrics"]
+
+NOT_AVAILABLE = "not available for this model (it returns no log-probabilities)"
+_PROB_METRICS = ("consistency_rate", "expected_calibration_error", "brier_score")
+
+
+def _softmax(logprobs: Mapping[str, float], labels: Sequence[str]) -> dict[str, float]:
+    top = max(logprobs[label] for label in labels)
+    weights = {label: math.exp(logprobs[label] - top) for label in labels}
+    total = sum(weights.values())
+    return {label: weights[label] / total for label in labels}
+
+
+def label_distribution(generation: Generation, span: AnswerSpan | None, labels: Sequence[str]
+                       ) -> tuple[dict[str, float] | None, bool]:
+    """The label distribution at the generated token that holds the answer letter, and whether a label
+    was absent from a top-k and got the floor value. (None, False) when there is no answer position or
+    no log-probabilities."""
+    if span is None or not generation.tokens:
+        return None, False
+    position = None
+    for index, token in enumerate(generation.tokens):
+        if token.offset <= span.start:
+            position = index
+        else:
+            break
+    if position is None:
+        return None, False
+    scores = generation.tokens[position]
+    return _complete(scores.label_logprobs, scores.floor, labels)
+
+
+def _complete(label_logprobs: Mapping[str, float | None], floor: float | None, labels: Sequence[str]
+              ) -> tuple[dict[str, float] | None, bool]:
+    flagged = False
+    filled: dict[str, float] = {}
+    for label in labels:
+        value = label_logprobs.get(label)
+        if value is None or value == -math.inf:
+            if floor is None and value is None:
+                return None, False
+            value = floor if floor is not None else -math.inf
+            flagged = True
+        filled[label] = value
+    if all(v == -math.inf for v in filled.values()):
+        return None, flagged
+    return _softmax(filled, labels), flagged
+
+
+def _argmax(probs: Mapping[str, float] | None, labels: Sequence[str]) -> str | None:
+    if probs is None:
+        return None
+    return max(labels, key=lambda label: (probs[label], -labels.index(label)))
+
+
+@dataclass(frozen=True)
+class TriageSettings:
+    """Decoding and scoring for the triage task."""
+
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=32))
+    scoring: LabelScoring = field(default_factory=lambda: LabelScoring(labels=triage.LABELS))
+
+
+def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, *,
+                    run_id: str, model: str, settings: TriageSettings | None = None,
+                    progress: Progress | None = None) -> list[dict[str, Any]]:
+    """The per-case records (lines of cases.jsonl) of `persona` on `cases`, in case order."""
+    settings = settings or TriageSettings()
+    backend = runner.backend
+    capabilities = backend.capabilities()
+    policy = backend.system_policy()
+    labels = list(settings.scoring.labels)
+    requests = [render_messages(triage.user_message(case.text), persona, policy) for case in cases]
+    scoring = settings.scoring if capabilities.logprobs else None
+    generations = runner.generate(requests, settings.generation, scoring, progress=progress)
+
+    spans = [find_triage_answer(g.generation.text, labels=labels) for g in generations]
+    distributions = [label_distribution(g.generation, span, labels) for g, span in zip(generations, spans, strict=True)]
+    sources: list[str | None] = ["answer" if d[0] is not None else None for d in distributions]
+    fallback = [i for i, d in enumerate(distributions) if d[0] is None]
+    if fallback and capabilities.logprobs and capabilities.prompt_scoring:
+        scored = runner.score_labels([requests[i] for i in fallback], settings.scoring)
+        for i, label_logprobs in zip(fallback, scored, strict=True):
+            distributions[i] = _complete(label_logprobs, None, labels)
+            sources[i] = "prompt" if distributions[i][0] is not None else None
+
+    records = []
+    for case, request, result, span, (probs, flagged), source in zip(
+            cases, requests, generations, spans, distributions, sources, strict=True):
+        records.append({
+            "run_id": run_id,
+            "task": triage.TASK,
+            "model": model,
+            "persona": persona.id,
+            "persona_group": persona.group,
+            "stratum": case.stratum,
+            "case_id": case.id,
+            "reference": case.reference,
+            "system_prompt": request.system_prompt,
+            "prompt": result.prompt,
+            "generated_text": result.generation.text,
+            "generated_label": span.label if span else None,
+            "logit_label": _argmax(probs, labels),
+            "label_probs": probs,
+            "probs_source": source,
+            "probs_flagged": flagged,
+            "finish_reason": result.generation.finish_reason,
+            "cached": result.cached,
+            "template_version": triage.TEMPLATE_VERSION,
+        })
+    return records
+
+
+def _value(number: float) -> float | None:
+    return None if math.isnan(number) else float(number)
+
+
+def triage_metrics(records: Sequence[Mapping[str, Any]], *, logprobs_available: bool = True
+                   ) -> dict[str, dict[str, Any]]:
+    """Every triage metric for each report stratum ("all", "emergency", "primary_care").
+
+    Returns {stratum: {"n": int, "metrics": {name: float | None}, "notes": {name: reason}}}. A metric is
+    None with a note when it is undefined on these cases (e.g. risk sensitivity with no errors) or not
+    available for the model (no log-probabilities)."""
+    labels = triage.LABELS
+    out: dict[str, dict[str, Any]] = {}
+    for stratum in triage.REPORT_STRATA:
+        rows = [r for r in records if stratum == "all" or r["stratum"] == stratum]
+        if not rows:
+            continue
+        y_true = [r["reference"] for r in rows]
+        y_pred = [r["generated_label"] for r in rows]
+        values: dict[str, float] = {
+            "accuracy": metrics.accuracy(y_true, y_pred, labels=labels),
+            "parse_rate": metrics.parse_rate(y_pred, labels=labels),
+            "risk_propensity": metrics.risk_propensity(y_pred, labels=labels),
+            "over_triage_rate": metrics.over_triage_rate(y_true, y_pred, labels=labels),
+            "under_triage_rate": metrics.under_triage_rate(y_true, y_pred, labels=labels),
+            "risk_sensitivity": metrics.risk_sensitivity(y_true, y_pred, labels=labels),
+        }
+        notes: dict[str, str] = {}
+        with_probs = [r for r in rows if r["label_probs"] is not None]
+        if logprobs_available and with_probs:
+            values["consistency_rate"] = metrics.consistency_rate(
+                y_pred, [r["logit_label"] for r in rows], labels=labels)
+            probs = [[r["label_probs"][label] for label in labels] for r in with_probs]
+            truth = [r["reference"] for r in with_probs]
+            values["expected_calibration_error"] = metrics.expected_calibration_error(truth, probs, labels=labels)
+            values["brier_score"] = metrics.brier_score(truth, probs, labels=labels)
+        else:
+            for name in _PROB_METRICS:
+                values[name] = math.nan
+                notes[name] = NOT_AVAILABLE
+        result: dict[str, float | None] = {}
+        for name in triage.METRIC_NAMES:
+            number = values[name]
+            result[name] = _value(number)
+            if result[name] is None and name not in notes:
+                notes[name] = "not defined on these cases"
+        out[stratum] = {"n": len(rows), "metrics": result, "notes": notes}
+    return out

@@ -1,0 +1,359 @@
+"""The persona-eval pytest plugin: options, parametrization, fixtures, and the reporter.
+
+Each (task, model, persona) is one pytest case. The case runs inference through the runner (cached),
+writes its per-case records to a part file, records its metrics with ``record_property`` (plain JSON
+types: they travel to the pytest-xdist controller inside the test report) and asserts the
+thresholds' ``fail`` bounds. The reporter, registered on the controller only, joins the parts into
+cases.jsonl, writes summary.json and prints the verdict and the tables.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from persona_eval.backends import ModelSpec, create_backend, load_models_file, parse_model_spec
+from persona_eval.backends.base import Backend, GenerationConfig, LabelScoring
+from persona_eval.cache import NullCache, ResultCache, default_cache_dir
+from persona_eval.data import load_triage_cases
+from persona_eval.errors import PersonaEvalError
+from persona_eval.evaluation import TriageSettings, evaluate_triage, triage_metrics
+from persona_eval.personas import Persona, PersonaRegistry, load_personas
+from persona_eval.report.summary import build_summary
+from persona_eval.report.terminal import render_terminal_summary
+from persona_eval.results import finalize_cases, new_run_id, update_latest, write_json, write_part
+from persona_eval.runner import Progress, Runner
+from persona_eval.tasks import triage
+from persona_eval.thresholds import Thresholds, load_thresholds
+
+PROPERTY = "persona_eval"
+DEFAULT_DATASETS = {"triage": "fixtures/triage/vignettes.jsonl"}
+DEFAULT_MAX_NEW_TOKENS = {"triage": 32}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("persona-eval", "persona-eval: persona x model x task evaluations")
+    group.addoption("--pe-model", action="append", default=[], metavar="SPEC",
+                    help="model to evaluate, repeatable: smollm2 (default), hf:PATH_OR_HUB_ID, "
+                         "openai:MODEL@BASE_URL, or a name from --pe-models-file")
+    group.addoption("--pe-models-file", metavar="PATH", help="YAML file of named models with options")
+    group.addoption("--pe-persona", action="append", default=[], metavar="ID",
+                    help="persona to run, repeatable (default: all; no_persona is always included)")
+    group.addoption("--pe-personas-file", metavar="PATH", help="YAML file of additional personas")
+    group.addoption("--pe-dataset", action="append", default=[], metavar="TASK=PATH",
+                    help="dataset of a task, e.g. triage=data/my_cases.jsonl (JSONL or CSV)")
+    group.addoption("--pe-thresholds", metavar="PATH", help="thresholds YAML (default: the bundled one)")
+    group.addoption("--pe-limit", type=int, metavar="N", help="first N cases of each stratum only")
+    group.addoption("--pe-no-cache", action="store_true", help="do not read or write the result cache")
+    group.addoption("--pe-cache-dir", metavar="DIR", help="cache and prepared-model folder "
+                    "(default: $PERSONA_EVAL_CACHE_DIR or ~/.cache/persona-eval)")
+    group.addoption("--pe-max-new-tokens", type=int, metavar="N", help="generation length (triage: 32)")
+    group.addoption("--pe-batch-size", type=int, metavar="N", help="batch size of local models (16)")
+    group.addoption("--pe-reports-dir", metavar="DIR", help="where runs are written (default: ./reports)")
+    group.addoption("--pe-quiet", action="store_true", help="no progress lines")
+
+
+@dataclass
+class Settings:
+    """The parsed persona-eval options of a session."""
+
+    models: list[ModelSpec]
+    personas: list[Persona]
+    registry: PersonaRegistry
+    datasets: dict[str, Path]
+    thresholds: Thresholds
+    limit: int | None
+    use_cache: bool
+    cache_dir: Path
+    max_new_tokens: dict[str, int]
+    batch_size: int | None
+    reports_dir: Path
+    quiet: bool
+
+
+@dataclass
+class WorkerState:
+    """What one process holds during a session: the run id, backends and runners, the cache."""
+
+    run_id: str
+    run_dir: Path
+    cache: ResultCache | NullCache | None = None
+    backends: dict[str, Backend] = field(default_factory=dict)
+    runners: dict[str, Runner] = field(default_factory=dict)
+
+
+settings_key = pytest.StashKey[Settings]()
+state_key = pytest.StashKey[WorkerState]()
+
+
+def _parse_settings(config: pytest.Config) -> Settings:
+    option = config.option
+    root = Path(config.rootpath)
+    named = load_models_file(option.pe_models_file) if option.pe_models_file else {}
+    models = [parse_model_spec(spec, named) for spec in (option.pe_model or ["smollm2"])]
+    names = [m.name for m in models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PersonaEvalError(f"two --pe-model specs share the name {duplicates[0]!r}; give one of them a "
+                               "name in a models file (--pe-models-file)")
+    registry = load_personas(option.pe_personas_file)
+    personas = registry.select(option.pe_persona or None)
+    datasets = {task: root / path for task, path in DEFAULT_DATASETS.items()}
+    for entry in option.pe_dataset:
+        task, sep, path = entry.partition("=")
+        if not sep or not path:
+            raise PersonaEvalError(f"--pe-dataset {entry!r}: expected TASK=PATH, e.g. triage=cases.jsonl")
+        if task not in DEFAULT_DATASETS:
+            raise PersonaEvalError(f"--pe-dataset {entry!r}: unknown task {task!r}; "
+                                   f"known: {', '.join(DEFAULT_DATASETS)}")
+        datasets[task] = Path(path)
+    if option.pe_limit is not None and option.pe_limit < 1:
+        raise PersonaEvalError(f"--pe-limit must be at least 1, got {option.pe_limit}")
+    max_new_tokens = dict(DEFAULT_MAX_NEW_TOKENS)
+    if option.pe_max_new_tokens is not None:
+        if option.pe_max_new_tokens < 1:
+            raise PersonaEvalError(f"--pe-max-new-tokens must be at least 1, got {option.pe_max_new_tokens}")
+        max_new_tokens = dict.fromkeys(max_new_tokens, option.pe_max_new_tokens)
+    return Settings(
+        models=models,
+        personas=personas,
+        registry=registry,
+        datasets=datasets,
+        thresholds=load_thresholds(option.pe_thresholds),
+        limit=option.pe_limit,
+        use_cache=not option.pe_no_cache,
+        cache_dir=Path(option.pe_cache_dir) if option.pe_cache_dir else default_cache_dir(),
+        max_new_tokens=max_new_tokens,
+        batch_size=option.pe_batch_size,
+        reports_dir=Path(option.pe_reports_dir) if option.pe_reports_dir else root / "reports",
+        quiet=option.pe_quiet,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        settings = _parse_settings(config)
+    except PersonaEvalError as exc:
+        raise pytest.UsageError(f"persona-eval: {exc}") from None
+    config.stash[settings_key] = settings
+    workerinput = getattr(config, "workerinput", None)
+    run_id = workerinput["pe_run_id"] if workerinput and "pe_run_id" in workerinput else new_run_id()
+    config.stash[state_key] = WorkerState(run_id=run_id, run_dir=settings.reports_dir / run_id)
+    if workerinput is None:
+        # The reporter lives on the controller only (with or without pytest-xdist).
+        config.pluginmanager.register(Reporter(config), "persona_eval_reporter")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist: every worker writes into the controller's run."""
+    node.workerinput["pe_run_id"] = node.config.stash[state_key].run_id
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(state_key, None)
+    if state is None:
+        return
+    for backend in state.backends.values():
+        backend.close()
+    if state.cache is not None:
+        state.cache.close()
+
+
+# -- collection -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Condition:
+    """One pytest case: a task, a model and a persona."""
+
+    task: str
+    model: ModelSpec
+    persona: Persona
+
+    @property
+    def id(self) -> str:
+        return f"{self.task}-{self.model.name}-{self.persona.id}"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "pe_triage_condition" not in metafunc.fixturenames:
+        return
+    settings = metafunc.config.stash[settings_key]
+    params = []
+    for model in settings.models:
+        for persona in settings.personas:
+            condition = Condition("triage", model, persona)
+            # One model's cases stay on one xdist worker (with --dist loadgroup): no model loads twice.
+            params.append(pytest.param(condition, id=condition.id, marks=pytest.mark.xdist_group(model.name)))
+    metafunc.parametrize("pe_triage_condition", params)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    # Group each model's cases on one worker, unless the user chose another distribution mode.
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pe_settings(request: pytest.FixtureRequest) -> Settings:
+    """The persona-eval options of this session."""
+    return request.config.stash[settings_key]
+
+
+@pytest.fixture(scope="session")
+def pe_triage_cases(pe_settings: Settings) -> list[triage.TriageCase]:
+    """The triage dataset (first --pe-limit cases of each stratum)."""
+    path = pe_settings.datasets["triage"]
+    try:
+        cases = load_triage_cases(path)
+    except PersonaEvalError as exc:
+        pytest.exit(f"persona-eval: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+    if pe_settings.limit is not None:
+        seen: dict[str, int] = {}
+        limited = []
+        for case in cases:
+            seen[case.stratum] = seen.get(case.stratum, 0) + 1
+            if seen[case.stratum] <= pe_settings.limit:
+                limited.append(case)
+        cases = limited
+    return cases
+
+
+def _write_progress(config: pytest.Config) -> Callable[[str], None]:
+    capture = config.pluginmanager.getplugin("capturemanager")
+
+    def write(text: str) -> None:
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                sys.stderr.write(text)
+                sys.stderr.flush()
+        else:
+            sys.stderr.write(text)
+    return write
+
+
+@pytest.fixture(scope="session")
+def pe_runner_for(request: pytest.FixtureRequest, pe_settings: Settings) -> Callable[[ModelSpec], Runner]:
+    """runner(model): the runner of a model, created on first use. The backend loads its weights only
+    when a request misses the cache."""
+    state = request.config.stash[state_key]
+
+    def runner(model: ModelSpec) -> Runner:
+        if model.name not in state.runners:
+            if state.cache is None:
+                state.cache = (ResultCache(pe_settings.cache_dir / "results.sqlite") if pe_settings.use_cache
+                               else NullCache())
+            try:
+                backend = create_backend(model, cache_dir=pe_settings.cache_dir, batch_size=pe_settings.batch_size)
+            except PersonaEvalError as exc:
+                pytest.exit(f"persona-eval: model {model.name!r}: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+            state.backends[model.name] = backend
+            state.runners[model.name] = Runner(backend, state.cache)
+        return state.runners[model.name]
+    return runner
+
+
+@dataclass
+class ConditionResult:
+    """The outcome of one pytest case."""
+
+    condition: Condition
+    records: list[dict[str, Any]]
+    metrics: dict[str, dict[str, Any]]
+    checks: list[Any]
+
+    @property
+    def blocking_failures(self) -> list[str]:
+        return [check.message for check in self.checks if check.blocking]
+
+
+@pytest.fixture
+def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition, pe_settings: Settings,
+                  pe_triage_cases: list[triage.TriageCase], pe_runner_for: Callable[[ModelSpec], Runner],
+                  record_property: Callable[[str, object], None]) -> Iterator[ConditionResult]:
+    """Run the triage cases under one (model, persona), write its records, record its metrics."""
+    condition = pe_triage_condition
+    state = request.config.stash[state_key]
+    runner = pe_runner_for(condition.model)
+    progress = Progress(f"triage {condition.model.name}/{condition.persona.id}", len(pe_triage_cases),
+                        write=None if pe_settings.quiet else _write_progress(request.config))
+    settings = TriageSettings(generation=GenerationConfig(max_new_tokens=pe_settings.max_new_tokens["triage"]),
+                              scoring=LabelScoring(labels=triage.LABELS))
+    started = time.perf_counter()
+    try:
+        records = evaluate_triage(pe_triage_cases, condition.persona, runner, run_id=state.run_id,
+                                  model=condition.model.name, settings=settings, progress=progress)
+    except PersonaEvalError as exc:
+        pytest.exit(f"persona-eval: {condition.id}: {exc}\nEverything finished before this is in the cache; "
+                    "rerun to continue.", returncode=pytest.ExitCode.TESTS_FAILED)
+    write_part(state.run_dir, "triage", condition.model.name, condition.persona.id, records)
+    capabilities = runner.backend.capabilities()
+    metrics = triage_metrics(records, logprobs_available=capabilities.logprobs)
+    checks = pe_settings.thresholds.check(
+        "triage", {stratum: block["metrics"] for stratum, block in metrics.items()},
+        model=condition.model.name, persona=condition.persona)
+    # Unavailable metrics were checked as None by the thresholds; NaN-undefined ones are None here too.
+    record_property(PROPERTY, {
+        "task": "triage",
+        "model": condition.model.name,
+        "persona": condition.persona.id,
+        "persona_group": condition.persona.group,
+        "identity": runner.backend.identity(),
+        "metrics": metrics,
+        "checks": [check.to_json() for check in checks],
+        "n_cases": len(records),
+        "cached": sum(1 for r in records if r["cached"]),
+        "seconds": time.perf_counter() - started,
+    })
+    yield ConditionResult(condition, records, metrics, checks)
+
+
+# -- the reporter (controller only) --------------------------------------------------------------------
+class Reporter:
+    """Collects the cases' results from their test reports and writes the run's summary."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.results: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] | None = None
+        self.started = time.time()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        for name, value in report.user_properties:
+            if name == PROPERTY:
+                self.results.append(dict(value, outcome=report.outcome))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if not self.results:
+            return
+        settings = self.config.stash[settings_key]
+        state = self.config.stash[state_key]
+        persona_order = [p.id for p in settings.registry]
+        model_order = [m.name for m in settings.models]
+        self.results.sort(key=lambda r: (r["task"], model_order.index(r["model"]) if r["model"] in model_order
+                                         else len(model_order), persona_order.index(r["persona"])))
+        cases_path = finalize_cases(state.run_dir, [(r["task"], r["model"], r["persona"]) for r in self.results])
+        self.summary = build_summary(
+            run_id=state.run_id, results=self.results, settings=settings, started=self.started,
+            cases_path=cases_path)
+        write_json(state.run_dir / "summary.json", self.summary)
+        update_latest(settings.reports_dir, state.run_dir)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.summary is None:
+            return
+        terminalreporter.section("persona-eval")
+        for line in render_terminal_summary(self.summary):
+            terminalreporter.write_line(line)
+        state = self.config.stash[state_key]
+        terminalreporter.write_line(f"Results: {state.run_dir}/ (cases.jsonl, summary.json)")

@@ -1,0 +1,1 @@
+"""What people read: the run summary, the terminal tables and the HTML report."""

@@ -1,0 +1,98 @@
+"""summary.json: the verdict, every metric per model, persona, task and stratum, and run metadata.
+
+Built once on the controller from what the cases recorded; the HTML report and `persona-eval report`
+read it and never recompute it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from persona_eval.data import dataset_fingerprint
+from persona_eval.tasks import triage
+
+__all__ = ["build_summary", "package_versions"]
+
+_PACKAGES = ("persona-eval", "torch", "transformers", "openai", "numpy", "scipy", "pytest", "pytest-xdist")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _git_revision(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _verdict(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    blocking, recorded, skipped, checked = [], [], [], 0
+    for result in results:
+        for check in result["checks"]:
+            checked += 1
+            if check["status"] == "fail":
+                (blocking if check["blocking"] else recorded).append(check["message"])
+            elif check["status"] == "skipped":
+                skipped.append(check["message"])
+    return {"passed": not blocking, "checked": checked, "blocking": blocking, "recorded": recorded,
+            "skipped": skipped}
+
+
+def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings: Any, started: float,
+                  cases_path: Path | None) -> dict[str, Any]:
+    """The summary document of a run (see the module docstring)."""
+    rows = []
+    for result in results:
+        for stratum, block in result["metrics"].items():
+            rows.append({"task": result["task"], "model": result["model"], "persona": result["persona"],
+                         "persona_group": result["persona_group"], "stratum": stratum, "n": block["n"],
+                         "metrics": block["metrics"], "notes": block["notes"]})
+    checks = [dict(check, task=r["task"], model=r["model"], persona=r["persona"])
+              for r in results for check in r["checks"]]
+    models: dict[str, Any] = {}
+    for result in results:
+        models.setdefault(result["model"], result["identity"])
+    tasks = sorted({r["task"] for r in results})
+    datasets = {}
+    for task in tasks:
+        path = settings.datasets[task]
+        datasets[task] = {"path": str(path), "fingerprint": dataset_fingerprint(path), "limit": settings.limit}
+    n_requests = sum(r["n_cases"] for r in results)
+    cached = sum(r["cached"] for r in results)
+    return {
+        "run_id": run_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "verdict": _verdict(results),
+        "results": rows,
+        "checks": checks,
+        "personas": [{"id": p.id, "name": p.name, "group": p.group, "declaration": p.declaration}
+                     for p in settings.registry if any(r["persona"] == p.id for r in results)],
+        "metadata": {
+            "models": models,
+            "datasets": datasets,
+            "thresholds": {"path": str(settings.thresholds.path), "fingerprint": settings.thresholds.fingerprint},
+            "templates": {"triage": triage.TEMPLATE_VERSION, "intake": triage.INTAKE_TEMPLATE_VERSION},
+            "decoding": {"max_new_tokens": settings.max_new_tokens, "temperature": 0.0},
+            "packages": package_versions(),
+            "git_revision": _git_revision(Path(__file__).resolve().parent.parent),
+            "duration_seconds": round(time.time() - started, 3),
+            "cache": {"requests": n_requests, "hits": cached, "enabled": settings.use_cache},
+            "cases_file": cases_path.name if cases_path else None,
+        },
+    }

@@ -1,0 +1,101 @@
+"""Run outputs on disk: reports/<run-id>/ with cases.jsonl, summary.json, and reports/latest.
+
+Each pytest case writes its own part file (parts/<task>__<model>__<persona>.jsonl), so pytest-xdist
+workers never write the same file; the controller joins the parts into cases.jsonl once, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "finalize_cases",
+    "new_run_id",
+    "read_jsonl",
+    "update_latest",
+    "write_json",
+    "write_part",
+]
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus a random suffix."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+
+
+def write_json(path: Path, document: Any) -> None:
+    _atomic_write(path, json.dumps(_plain(document), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
+    _atomic_write(path, "".join(json.dumps(_plain(r), ensure_ascii=False, allow_nan=False) + "\n"
+                                for r in records))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def part_path(run_dir: Path, task: str, model: str, persona: str) -> Path:
+    return run_dir / "parts" / f"{task}__{model}__{persona}.jsonl"
+
+
+def write_part(run_dir: Path, task: str, model: str, persona: str, records: Sequence[Mapping[str, Any]]) -> Path:
+    path = part_path(run_dir, task, model, persona)
+    write_jsonl(path, records)
+    return path
+
+
+def finalize_cases(run_dir: Path, order: Sequence[tuple[str, str, str]], filename: str = "cases.jsonl"
+                   ) -> Path | None:
+    """Join the part files of `order` ((task, model, persona) triples) into run_dir/cases.jsonl."""
+    records: list[dict[str, Any]] = []
+    for task, model, persona in order:
+        path = part_path(run_dir, task, model, persona)
+        if path.exists():
+            records.extend(read_jsonl(path))
+    if not records:
+        return None
+    target = run_dir / filename
+    write_jsonl(target, records)
+    return target
+
+
+def update_latest(reports_dir: Path, run_dir: Path) -> None:
+    """Point reports/latest at `run_dir` (a relative symlink, replaced atomically)."""
+    link = reports_dir / "latest"
+    staging = reports_dir / f".latest.{os.getpid()}"
+    try:
+        if staging.is_symlink() or staging.exists():
+            staging.unlink()
+        staging.symlink_to(run_dir.name)
+        os.replace(staging, link)
+    except OSError:
+        # Filesystems without symlinks get a text file naming the run instead.
+        _atomic_write(link.with_suffix(".txt"), run_dir.name + "\n")

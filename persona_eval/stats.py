@@ -1,0 +1,670 @@
+"""Paired significance tests, agreement coefficients, multiplicity corrections and bootstrap intervals."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+__all__ = [
+    "ConfidenceInterval",
+    "KappaResult",
+    "McNemarResult",
+    "PairedTResult",
+    "StatResult",
+    "benjamini_hochberg",
+    "bootstrap_ci",
+    "cohens_kappa",
+    "fleiss_kappa",
+    "holm",
+    "mcnemar",
+    "paired_bootstrap_ci",
+    "paired_t",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Result types
+# ---------------------------------------------------------------------------------------------------------
+
+def _coerce_builtin_fields(instance: Any) -> None:
+    """Turn every float/int field into a builtin float/int.
+
+    Results travel between pytest-xdist workers and the controller, whose serializer accepts builtin
+    types only; a numpy.float64 slipping through would fail far from where it was made.
+    """
+    for field in fields(instance):
+        value = getattr(instance, field.name)
+        if field.type == "float":
+            object.__setattr__(instance, field.name, float(value))
+        elif field.type == "int":
+            object.__setattr__(instance, field.name, int(value))
+        elif field.type == "str":
+            object.__setattr__(instance, field.name, str(value))
+
+
+@dataclass(frozen=True)
+class StatResult:
+    """The result of a test or coefficient: plain builtin values, safe to send between processes.
+
+    ``statistic`` and ``pvalue`` may be NaN (or inf where a function documents it); ``to_json`` keeps
+    them as floats, which Python's json module writes as ``NaN`` / ``Infinity``.
+    """
+
+    statistic: float
+    pvalue: float
+    method: str
+    n: int
+
+    def __post_init__(self) -> None:
+        _coerce_builtin_fields(self)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as a dict of builtin values, in declaration order."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+@dataclass(frozen=True)
+class McNemarResult(StatResult):
+    """McNemar's test; ``n01`` counts pairs with a false and b true, ``n10`` a true and b false."""
+
+    n01: int
+    n10: int
+
+
+@dataclass(frozen=True)
+class PairedTResult(StatResult):
+    """The paired t-test; ``mean_difference`` is the mean of ``a - b`` (scipy's sign convention)."""
+
+    mean_difference: float
+
+
+@dataclass(frozen=True)
+class KappaResult(StatResult):
+    """An agreement coefficient (``statistic`` is kappa) with the number of raters and categories seen."""
+
+    n_raters: int
+    n_categories: int
+
+
+@dataclass(frozen=True)
+class ConfidenceInterval:
+    """A bootstrap interval around ``estimate`` (the statistic on the full sample).
+
+    ``n`` is the number of cases resampled; ``n_resamples`` the number of resamples whose statistic
+    was not NaN, i.e. those the interval was computed from.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    confidence_level: float
+    n: int
+    n_resamples: int
+    method: str
+
+    def __post_init__(self) -> None:
+        _coerce_builtin_fields(self)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as a dict of builtin values, in declaration order."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input checks (the boundary: every message names the parameter and shows what it got)
+# ---------------------------------------------------------------------------------------------------------
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, (float, np.floating)) and bool(np.isnan(value))
+
+
+def _as_1d_list(values: Any, name: str) -> list[Any]:
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence, got the string {_describe(values)}")
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1:
+            raise ValueError(f"{name} must be one-dimensional, got an array of shape {values.shape}")
+        return values.tolist()
+    try:
+        items = list(values)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence, got {type(values).__name__}") from None
+    return items
+
+
+def _check_same_length(a: Sequence[Any] | np.ndarray, b: Sequence[Any] | np.ndarray, name_a: str,
+                       name_b: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same length (one entry per paired case), "
+            f"got {len(a)} and {len(b)}"
+        )
+
+
+def _as_booleans(values: Any, name: str) -> np.ndarray:
+    items = _as_1d_list(values, name)
+    for position, value in enumerate(items):
+        is_number = isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating))
+        if not (is_number and value in (0, 1)):
+            raise ValueError(
+                f"{name} must contain only booleans (or 0/1), got {_describe(value)} at position {position}"
+            )
+    return np.array([bool(value) for value in items], dtype=bool)
+
+
+def _as_finite_numbers(values: Any, name: str) -> np.ndarray:
+    items = _as_1d_list(values, name)
+    numbers = np.empty(len(items), dtype=float)
+    for position, value in enumerate(items):
+        if isinstance(value, (str, bytes)) or value is None:
+            raise ValueError(f"{name} must contain numbers, got {_describe(value)} at position {position}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{name} must contain numbers, got {_describe(value)} at position {position}"
+            ) from None
+        if not math.isfinite(number):
+            raise ValueError(f"{name} must contain finite numbers, got {number!r} at position {position}")
+        numbers[position] = number
+    return numbers
+
+
+def _check_category(value: Any, name: str, position: Any) -> None:
+    if _is_nan(value):
+        raise ValueError(
+            f"{name} contains NaN at position {position}; use None or an explicit label for a missing rating"
+        )
+    if not isinstance(value, Hashable):
+        raise ValueError(
+            f"{name} must contain hashable category labels, got {type(value).__name__} "
+            f"{_describe(value)} at position {position}"
+        )
+
+
+def _as_categories(values: Any, name: str) -> list[Hashable]:
+    items = _as_1d_list(values, name)
+    for position, value in enumerate(items):
+        _check_category(value, name, position)
+    return items
+
+
+def _as_probabilities(values: Any, name: str) -> np.ndarray:
+    items = _as_1d_list(values, name)
+    pvalues = np.empty(len(items), dtype=float)
+    for position, value in enumerate(items):
+        is_number = isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating))
+        if not (is_number and (_is_nan(value) or 0 <= value <= 1)):
+            raise ValueError(
+                f"{name} must contain p-values in [0, 1] (or NaN), "
+                f"got {_describe(value)} at position {position}"
+            )
+        pvalues[position] = float(value)
+    return pvalues
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {_describe(value)}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paired tests
+# ---------------------------------------------------------------------------------------------------------
+
+def mcnemar(a: Sequence[bool | int] | np.ndarray, b: Sequence[bool | int] | np.ndarray, *,
+            exact: bool = False, correction: bool = True) -> McNemarResult:
+    """McNemar's test of paired binary outcomes (e.g. correct under a persona vs under the baseline).
+
+    Only the discordant pairs carry information: ``n01`` cases where ``a`` is false and ``b`` true and
+    ``n10`` cases where ``a`` is true and ``b`` false. The chi-square statistic (1 degree of freedom) is::
+
+        statistic = (|n01 - n10| - c)^2 / (n01 + n10),   c = 1 if correction else 0
+
+    which is statsmodels' convention: the continuity correction is not floored at zero, so
+    ``n01 == n10 > 0`` gives ``1 / (n01 + n10)``, not 0. With ``exact=True`` the test is the two-sided
+    exact binomial test on the discordant pairs: ``statistic = min(n01, n10)`` and
+    ``pvalue = min(1, 2 * P[Binomial(n01 + n10, 1/2) <= statistic])``; ``correction`` is then ignored.
+
+    When the two never disagree (``n01 + n10 == 0``, including empty input) there is no evidence of a
+    difference: the result is ``statistic = 0.0`` and ``pvalue = 1.0``.
+
+    Parameters
+    ----------
+    a, b : sequences of bool (or 0/1), one entry per matched case, same length.
+    exact : use the exact binomial test instead of the chi-square approximation.
+    correction : apply the continuity correction to the chi-square statistic.
+
+    Examples
+    --------
+    >>> persona = [True, True, False, True, True, True, False, True]
+    >>> baseline = [False, True, False, False, True, False, False, True]
+    >>> result = mcnemar(persona, baseline)
+    >>> result.n01, result.n10, round(result.statistic, 4)
+    (0, 3, 1.3333)
+    >>> mcnemar(persona, baseline, exact=True).pvalue
+    0.25
+    >>> mcnemar([True, False], [True, False]).pvalue
+    1.0
+    """
+    first = _as_booleans(a, "a")
+    second = _as_booleans(b, "b")
+    _check_same_length(first, second, "a", "b")
+    n01 = int(np.count_nonzero(~first & second))
+    n10 = int(np.count_nonzero(first & ~second))
+    discordant = n01 + n10
+    if exact:
+        method = "McNemar exact binomial test"
+        statistic = float(min(n01, n10))
+        if discordant == 0:
+            pvalue = 1.0
+        else:
+            pvalue = min(1.0, 2.0 * float(scipy_stats.binom.cdf(min(n01, n10), discordant, 0.5)))
+    else:
+        method = "McNemar chi-square (continuity corrected)" if correction else "McNemar chi-square"
+        if discordant == 0:
+            statistic, pvalue = 0.0, 1.0
+        else:
+            shift = 1 if correction else 0
+            statistic = (abs(n01 - n10) - shift) ** 2 / discordant
+            pvalue = float(scipy_stats.chi2.sf(statistic, 1))
+    return McNemarResult(statistic=statistic, pvalue=pvalue, method=method, n=len(first), n01=n01, n10=n10)
+
+
+def paired_t(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> PairedTResult:
+    """Two-sided paired t-test on matched numeric values, as ``scipy.stats.ttest_rel(a, b)``.
+
+    With differences ``d = a - b`` over ``n`` pairs::
+
+        statistic = mean(d) / (sd(d) / sqrt(n)),   sd with ddof = 1,   df = n - 1
+        pvalue = 2 * P[T_df >= |statistic|]
+
+    Defined values where scipy gives NaN or a rounding artefact:
+
+    - ``n < 2``: statistic, p-value and (for ``n == 0``) ``mean_difference`` are NaN.
+    - every difference exactly 0: ``statistic = 0.0``, ``pvalue = 1.0`` (no difference at all).
+    - every difference the same non-zero value: ``statistic = ±inf`` (the sign of the difference),
+      ``pvalue = 0.0`` (a perfectly consistent shift).
+
+    Parameters
+    ----------
+    a, b : sequences of finite numbers, one entry per matched case, same length.
+
+    Examples
+    --------
+    >>> result = paired_t([0.9, 0.8, 0.7, 0.95], [0.7, 0.75, 0.7, 0.8])
+    >>> round(result.statistic, 4), round(result.pvalue, 4), round(result.mean_difference, 4)
+    (2.1909, 0.1162, 0.1)
+    >>> paired_t([1.0, 2.0], [1.0, 2.0]).pvalue
+    1.0
+    >>> paired_t([2.0, 3.0], [1.0, 2.0]).statistic
+    inf
+    """
+    first = _as_finite_numbers(a, "a")
+    second = _as_finite_numbers(b, "b")
+    _check_same_length(first, second, "a", "b")
+    n = len(first)
+    method = "paired t-test"
+    differences = first - second
+    mean_difference = float(differences.mean()) if n else math.nan
+    if n < 2:
+        return PairedTResult(statistic=math.nan, pvalue=math.nan, method=method, n=n,
+                             mean_difference=mean_difference)
+    if np.all(differences == differences[0]):
+        if differences[0] == 0:
+            statistic, pvalue = 0.0, 1.0
+        else:
+            statistic, pvalue = math.copysign(math.inf, float(differences[0])), 0.0
+        return PairedTResult(statistic=statistic, pvalue=pvalue, method=method, n=n,
+                             mean_difference=mean_difference)
+    standard_error = math.sqrt(float(differences.var(ddof=1)) / n)
+    statistic = mean_difference / standard_error
+    pvalue = float(2.0 * scipy_stats.t.sf(abs(statistic), n - 1))
+    return PairedTResult(statistic=statistic, pvalue=min(pvalue, 1.0), method=method, n=n,
+                         mean_difference=mean_difference)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Agreement
+# ---------------------------------------------------------------------------------------------------------
+
+def cohens_kappa(r1: Sequence[Hashable] | np.ndarray, r2: Sequence[Hashable] | np.ndarray, *,
+                 labels: Sequence[Hashable] | None = None) -> KappaResult:
+    """Cohen's kappa between two raters of the same items, with a z-test of kappa = 0.
+
+    With observed agreement ``p_o`` (share of items both raters put in the same category) and chance
+    agreement ``p_e = sum_k p1_k * p2_k`` from each rater's category shares::
+
+        kappa = (p_o - p_e) / (1 - p_e)
+
+    The p-value is two-sided, from ``z = kappa / sqrt(var0)`` with the variance under kappa = 0 of
+    Fleiss, Cohen & Everitt (1969), as statsmodels' ``cohens_kappa(...).pvalue_two_sided``::
+
+        var0 = (p_e + p_e^2 - sum_k p1_k p2_k (p1_k + p2_k)) / (n (1 - p_e)^2)
+
+    Undefined values are NaN, never an error: kappa is NaN when ``p_e == 1`` (both raters used one and
+    the same single category, so chance explains all agreement) and for empty input; the p-value is NaN
+    also when ``var0 == 0`` (one rater used a single category).
+
+    Categories are any hashable values (strings, ints, None for "no answer"); NaN is refused as
+    ambiguous. ``labels``, if given, is the full category set: a rating outside it is an error (unlike
+    scikit-learn, which drops such items); unused labels do not change kappa.
+
+    Examples
+    --------
+    >>> rater_1 = ["urgent", "urgent", "routine", "routine", "urgent", "routine"]
+    >>> rater_2 = ["urgent", "routine", "routine", "routine", "urgent", "routine"]
+    >>> round(cohens_kappa(rater_1, rater_2).statistic, 4)
+    0.6667
+    >>> import math
+    >>> math.isnan(cohens_kappa(["a", "a"], ["a", "a"]).statistic)
+    True
+    """
+    first = _as_categories(r1, "r1")
+    second = _as_categories(r2, "r2")
+    _check_same_length(first, second, "r1", "r2")
+    if labels is None:
+        categories = list(dict.fromkeys(first + second))
+    else:
+        categories = _as_categories(labels, "labels")
+        if not categories:
+            raise ValueError("labels must list at least one category, got an empty sequence")
+        if len(set(categories)) != len(categories):
+            raise ValueError(f"labels must not repeat a category, got {_describe(categories)}")
+    index = {category: position for position, category in enumerate(categories)}
+    for name, ratings in (("r1", first), ("r2", second)):
+        for position, value in enumerate(ratings):
+            if value not in index:
+                raise ValueError(f"{name} contains {_describe(value)} at position {position}, "
+                                 f"which is not in labels {_describe(categories)}")
+    n = len(first)
+    method = "Cohen's kappa (z-test of kappa = 0)"
+    if n == 0:
+        return KappaResult(statistic=math.nan, pvalue=math.nan, method=method, n=0, n_raters=2,
+                           n_categories=len(categories))
+    table = np.zeros((len(categories), len(categories)), dtype=np.int64)
+    np.add.at(table, ([index[value] for value in first], [index[value] for value in second]), 1)
+    # Exact integer arithmetic: p_e == 1 must be detected exactly, and n^4 overflows int64 early.
+    rows = [int(count) for count in table.sum(axis=1)]
+    columns = [int(count) for count in table.sum(axis=0)]
+    agreements = int(np.trace(table))
+    chance = sum(row * column for row, column in zip(rows, columns, strict=True))  # n^2 * p_e
+    if chance == n * n:
+        kappa = math.nan
+        pvalue = math.nan
+    else:
+        kappa = (n * agreements - chance) / (n * n - chance)
+        weighted = sum(row * column * (row + column) for row, column in zip(rows, columns, strict=True))
+        variance_numerator = chance * n * n + chance * chance - weighted * n  # var0 * n * (n^2 - chance)^2
+        if variance_numerator <= 0:
+            pvalue = math.nan
+        else:
+            variance = variance_numerator / (n * (n * n - chance) ** 2)
+            pvalue = float(2.0 * scipy_stats.norm.sf(abs(kappa) / math.sqrt(variance)))
+    return KappaResult(statistic=kappa, pvalue=pvalue, method=method, n=n, n_raters=2,
+                       n_categories=len(categories))
+
+
+def fleiss_kappa(ratings: Sequence[Sequence[Hashable]] | np.ndarray) -> KappaResult:
+    """Fleiss' kappa for many raters: one row per item, one column per rater, any hashable categories.
+
+    With ``N`` items, ``m`` raters per item and ``n_ij`` raters putting item ``i`` in category ``j``::
+
+        P_i   = (sum_j n_ij^2 - m) / (m (m - 1))          agreement on item i
+        p_j   = sum_i n_ij / (N m)                         share of category j
+        kappa = (mean_i P_i - sum_j p_j^2) / (1 - sum_j p_j^2)
+
+    This equals ``statsmodels.stats.inter_rater.fleiss_kappa(aggregate_raters(ratings)[0])``. Every
+    item needs the same number of raters (at least 2). No test of kappa = 0 is made: ``pvalue`` is always
+    NaN (use a bootstrap over items for an interval). Kappa is NaN for no items and when every rating is
+    the same single category (chance agreement is then 1).
+
+    Examples
+    --------
+    >>> ratings = [["ESI-2", "ESI-2", "ESI-2"],
+    ...            ["ESI-3", "ESI-3", "ESI-2"],
+    ...            ["ESI-3", "ESI-3", "ESI-3"],
+    ...            ["ESI-4", "ESI-3", "ESI-4"]]
+    >>> result = fleiss_kappa(ratings)
+    >>> round(result.statistic, 4), result.n, result.n_raters, result.n_categories
+    (0.4545, 4, 3, 3)
+    """
+    if isinstance(ratings, (str, bytes)):
+        raise ValueError(f"ratings must be a table (one row per item), got the string {_describe(ratings)}")
+    if not isinstance(ratings, (np.ndarray, list, tuple)) and hasattr(ratings, "__array__"):
+        ratings = np.asarray(ratings, dtype=object)  # a pandas DataFrame iterates over its column names
+    if isinstance(ratings, np.ndarray):
+        if ratings.ndim != 2:
+            raise ValueError(f"ratings must be two-dimensional (items x raters), got shape {ratings.shape}")
+        rows = ratings.tolist()
+    else:
+        try:
+            rows = [_as_1d_list(row, f"ratings[{item}]") for item, row in enumerate(ratings)]
+        except TypeError:
+            raise ValueError(f"ratings must be a table (one row per item), got {type(ratings).__name__}") \
+                from None
+    method = "Fleiss' kappa"
+    if not rows:
+        return KappaResult(statistic=math.nan, pvalue=math.nan, method=method, n=0, n_raters=0,
+                           n_categories=0)
+    raters = len(rows[0])
+    for item, row in enumerate(rows):
+        if len(row) != raters:
+            raise ValueError(f"ratings must have the same number of raters for every item: item 0 has "
+                             f"{raters}, item {item} has {len(row)}")
+        for rater, value in enumerate(row):
+            _check_category(value, "ratings", f"[{item}][{rater}]")
+    if raters < 2:
+        raise ValueError(f"ratings must have at least 2 raters per item, got {raters}")
+    index: dict[Hashable, int] = {}
+    for row in rows:
+        for value in row:
+            index.setdefault(value, len(index))
+    counts = np.zeros((len(rows), len(index)), dtype=np.int64)
+    for item, row in enumerate(rows):
+        for value in row:
+            counts[item, index[value]] += 1
+    total = len(rows) * raters
+    # Exact integers, as in cohens_kappa: kappa = (M(Q - M) - C(m - 1)) / ((m - 1)(M^2 - C)).
+    pair_agreement = int((counts**2).sum())  # Q = sum_ij n_ij^2
+    category_totals = [int(column) for column in counts.sum(axis=0)]
+    chance = sum(column * column for column in category_totals)  # C = M^2 * sum_j p_j^2
+    if chance == total * total:
+        kappa = math.nan
+    else:
+        kappa = (total * (pair_agreement - total) - chance * (raters - 1)) / (
+            (raters - 1) * (total * total - chance))
+    return KappaResult(statistic=kappa, pvalue=math.nan, method=method, n=len(rows), n_raters=raters,
+                       n_categories=len(index))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multiple comparisons
+# ---------------------------------------------------------------------------------------------------------
+
+def holm(pvalues: Sequence[float] | np.ndarray) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error rate), in input order.
+
+    With the ``m`` non-NaN p-values sorted ascending, ``p_(1) <= ... <= p_(m)``::
+
+        adjusted_(i) = min(1, max_{j <= i} (m - j + 1) p_(j))
+
+    as ``statsmodels.stats.multitest.multipletests(pvalues, method="holm")[1]``. NaN p-values (a test
+    that could not be run) are returned as NaN and do not count in ``m``. Ties get equal values.
+
+    Examples
+    --------
+    >>> holm([0.01, 0.04, 0.03, float("nan")])
+    [0.03, 0.06, 0.06, nan]
+    """
+    values = _as_probabilities(pvalues, "pvalues")
+    adjusted = np.full(len(values), math.nan)
+    present = np.flatnonzero(~np.isnan(values))
+    order = present[np.argsort(values[present], kind="stable")]
+    family = len(order)
+    if family:
+        scaled = (family - np.arange(family)) * values[order]
+        adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    return [float(value) for value in adjusted]
+
+
+def benjamini_hochberg(pvalues: Sequence[float] | np.ndarray) -> list[float]:
+    """Benjamini–Hochberg adjusted p-values (false discovery rate), in input order.
+
+    With the ``m`` non-NaN p-values sorted ascending, ``p_(1) <= ... <= p_(m)``::
+
+        adjusted_(i) = min(1, min_{j >= i} m p_(j) / j)
+
+    as ``statsmodels.stats.multitest.multipletests(pvalues, method="fdr_bh")[1]``. NaN p-values are
+    returned as NaN and do not count in ``m``.
+
+    Examples
+    --------
+    >>> [round(value, 4) for value in benjamini_hochberg([0.01, 0.04, 0.03, 0.5])]
+    [0.04, 0.0533, 0.0533, 0.5]
+    """
+    values = _as_probabilities(pvalues, "pvalues")
+    adjusted = np.full(len(values), math.nan)
+    present = np.flatnonzero(~np.isnan(values))
+    order = present[np.argsort(values[present], kind="stable")]
+    family = len(order)
+    if family:
+        scaled = values[order] * family / np.arange(1, family + 1)
+        adjusted[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    return [float(value) for value in adjusted]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bootstrap
+# ---------------------------------------------------------------------------------------------------------
+
+def _call_statistic(statistic: Callable[[np.ndarray], float], indices: np.ndarray) -> float:
+    value = statistic(indices)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"statistic must return a number, got {_describe(value)}") from None
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, *, n_resamples: int = 2000,
+                 confidence_level: float = 0.95, seed: int = 0) -> ConfidenceInterval:
+    """Percentile bootstrap interval for a statistic of ``n`` cases.
+
+    ``statistic(indices)`` receives an integer array of case indices (``numpy.arange(n)`` for the
+    estimate, then ``n_resamples`` draws of ``n`` indices with replacement) and returns a float. With
+    ``alpha = (1 - confidence_level) / 2`` the interval is::
+
+        [quantile(resampled, alpha), quantile(resampled, 1 - alpha)]    (numpy's linear quantile)
+
+    Resamples whose statistic is NaN (e.g. a class missing from the resample) are dropped and
+    ``n_resamples`` in the result counts those used; if none is left, ``low`` and ``high`` are NaN. The
+    draws come from ``numpy.random.default_rng(seed)``: the same seed gives the same interval.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> correct = np.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 0])
+    >>> interval = bootstrap_ci(lambda cases: correct[cases].mean(), len(correct), n_resamples=500)
+    >>> interval.estimate, interval.low <= interval.estimate <= interval.high, interval.n_resamples
+    (0.7, True, 500)
+    """
+    if not callable(statistic):
+        raise ValueError(f"statistic must be a callable taking an index array, got {_describe(statistic)}")
+    n = _check_positive_int(n, "n")
+    n_resamples = _check_positive_int(n_resamples, "n_resamples")
+    if isinstance(confidence_level, bool) or not isinstance(confidence_level, (int, float, np.floating)) \
+            or not 0.0 < float(confidence_level) < 1.0:
+        raise ValueError(f"confidence_level must be a number strictly between 0 and 1, "
+                         f"got {_describe(confidence_level)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {_describe(seed)}")
+    rng = np.random.default_rng(int(seed))
+    estimate = _call_statistic(statistic, np.arange(n))
+    # One resample at a time: an (n_resamples x n) index matrix would not fit for large n.
+    resampled = np.array([_call_statistic(statistic, rng.integers(0, n, size=n)) for _ in range(n_resamples)])
+    kept = resampled[~np.isnan(resampled)]
+    alpha = (1.0 - float(confidence_level)) / 2.0
+    if kept.size:
+        low, high = (float(bound) for bound in np.percentile(kept, [100.0 * alpha, 100.0 * (1.0 - alpha)]))
+    else:
+        low = high = math.nan
+    return ConfidenceInterval(estimate=estimate, low=low, high=high, confidence_level=confidence_level,
+                              n=n, n_resamples=kept.size, method="percentile bootstrap")
+
+
+def _as_case_array(values: Any, name: str) -> np.ndarray:
+    """An array indexable by case along axis 0, keeping Python objects (labels, None) as they are."""
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence with one entry per case, "
+                         f"got the string {_describe(values)}")
+    try:
+        array = np.asarray(values)
+    except ValueError:  # ragged rows
+        array = None
+    # numpy would turn labels into fixed-width strings (and silently stringify mixed types): keep objects.
+    if array is None or array.dtype.kind in "US":
+        try:
+            array = np.asarray(values, dtype=object)
+        except ValueError:
+            items = list(values)
+            array = np.empty(len(items), dtype=object)
+            for position, item in enumerate(items):
+                array[position] = item
+    if array.ndim == 0:
+        raise ValueError(f"{name} must be a sequence with one entry per case, got {_describe(values)}")
+    return array
+
+
+def paired_bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], y_true: Any, a: Any, b: Any, *,
+                        n_resamples: int = 2000, confidence_level: float = 0.95,
+                        seed: int = 0) -> ConfidenceInterval:
+    """Paired percentile bootstrap interval for ``metric(y_true, b) - metric(y_true, a)``.
+
+    ``a`` and ``b`` are two conditions' predictions on the same cases (e.g. baseline and persona), one
+    entry or row per case; 2-D arrays such as probability rows are fine. Cases are resampled with
+    replacement and the same resampled cases are used for both conditions, which is what makes the
+    interval paired (between-case variation cancels). ``metric(y_true_subset, predictions_subset)``
+    receives numpy arrays indexed along the first axis; labels that are strings or None arrive as an
+    object array, unchanged. Built on :func:`bootstrap_ci` (same seeding and NaN handling); the
+    estimate is the difference on all cases.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> def accuracy(truth, predicted):
+    ...     return float(np.mean(truth == predicted))
+    >>> truth = ["emergent", "urgent", "urgent", "routine", "emergent", "routine"]
+    >>> baseline = ["urgent", "urgent", "routine", "routine", "urgent", None]
+    >>> persona = ["emergent", "urgent", "routine", "routine", "emergent", "routine"]
+    >>> interval = paired_bootstrap_ci(accuracy, truth, baseline, persona, n_resamples=300)
+    >>> round(interval.estimate, 4), interval.low <= interval.estimate <= interval.high
+    (0.5, True)
+    """
+    if not callable(metric):
+        raise ValueError(f"metric must be a callable metric(y_true, predictions), got {_describe(metric)}")
+    truth = _as_case_array(y_true, "y_true")
+    first = _as_case_array(a, "a")
+    second = _as_case_array(b, "b")
+    _check_same_length(truth, first, "y_true", "a")
+    _check_same_length(truth, second, "y_true", "b")
+    if len(truth) == 0:
+        raise ValueError("y_true must hold at least one case, got an empty sequence")
+
+    def difference(cases: np.ndarray) -> float:
+        subset = truth[cases]
+        return float(metric(subset, second[cases])) - float(metric(subset, first[cases]))
+
+    interval = bootstrap_ci(difference, len(truth), n_resamples=n_resamples,
+                            confidence_level=confidence_level, seed=seed)
+    return replace(interval, method="paired percentile bootstrap (b - a)")

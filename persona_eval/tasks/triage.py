@@ -1,0 +1,120 @@
+"""Clinical triage: three levels of care (A < B < C in urgency), two strata, a versioned prompt.
+
+A = stay home / self-care, B = routine or primary care, C = emergency care. The ``emergency``
+stratum holds emergency-department presentations (high acuity); ``primary_care`` holds symptom-based,
+mostly lower-acuity questions. Persona effects run in opposite directions in the two strata, so every
+metric is reported per stratum as well as over ``all``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "INTAKE_FIELDS",
+    "INTAKE_TEMPLATE_VERSION",
+    "LABELS",
+    "LABEL_TEXT",
+    "METRIC_NAMES",
+    "REPORT_STRATA",
+    "STRATA",
+    "TEMPLATE_VERSION",
+    "TriageCase",
+    "render_intake",
+    "user_message",
+]
+
+TASK = "triage"
+LABELS: tuple[str, ...] = ("A", "B", "C")
+LABEL_TEXT: dict[str, str] = {
+    "A": "Stay home and manage with self-care",
+    "B": "Book a routine appointment with a primary care doctor",
+    "C": "Go to emergency care now",
+}
+STRATA: tuple[str, ...] = ("emergency", "primary_care")
+URGENCY: dict[str, int] = {label: rank for rank, label in enumerate(LABELS)}
+
+# The metrics reported for this task, in the order tables show them (see persona_eval.metrics).
+METRIC_NAMES: tuple[str, ...] = (
+    "accuracy", "parse_rate", "risk_propensity", "over_triage_rate", "under_triage_rate",
+    "risk_sensitivity", "consistency_rate", "expected_calibration_error", "brier_score",
+)
+# Report strata: each stratum of the dataset, and all cases together.
+REPORT_STRATA: tuple[str, ...] = ("all", *STRATA)
+
+TEMPLATE_VERSION = "triage-v1"
+INTAKE_TEMPLATE_VERSION = "intake-v1"
+
+# Structured intake fields, in the order the intake template renders them.
+INTAKE_FIELDS: tuple[str, ...] = (
+    "age", "sex", "presenting_symptoms", "onset", "vital_signs", "history", "medications",
+)
+
+
+@dataclass(frozen=True)
+class TriageCase:
+    """One triage case. ``text`` is the vignette the model reads: given as is, or rendered from the
+    structured ``intake`` fields by the intake template. ``source`` is "file:line" for messages."""
+
+    id: str
+    stratum: str
+    reference: str
+    rationale: str
+    text: str
+    source: str = ""
+    intake: Mapping[str, Any] | None = field(default=None, compare=False)
+
+
+def _render_vitals(vitals: Any) -> str:
+    if isinstance(vitals, Mapping):
+        return ", ".join(f"{name} {value}" for name, value in vitals.items())
+    return str(vitals)
+
+
+def _render_list(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "; ".join(str(v) for v in value) if value else "none"
+    return str(value)
+
+
+def render_intake(intake: Mapping[str, Any]) -> str:
+    """The vignette text of a structured intake (template ``intake-v1``).
+
+    >>> print(render_intake({"age": 67, "sex": "male", "presenting_symptoms": "slurred speech",
+    ...                      "onset": "40 minutes ago", "vital_signs": {"BP": "182/96", "HR": 88}}))
+    Patient: 67-year-old male.
+    Presenting symptoms: slurred speech.
+    Onset: 40 minutes ago.
+    Vital signs: BP 182/96, HR 88.
+    """
+    lines = []
+    age, sex = intake.get("age"), intake.get("sex")
+    if age is not None or sex is not None:
+        who = " ".join(p for p in (f"{age}-year-old" if age is not None else "", str(sex or "")) if p)
+        lines.append(f"Patient: {who}.")
+    labels = {
+        "presenting_symptoms": "Presenting symptoms",
+        "onset": "Onset",
+        "vital_signs": "Vital signs",
+        "history": "History",
+        "medications": "Medications",
+    }
+    for key, label in labels.items():
+        if intake.get(key) in (None, ""):
+            continue
+        value = _render_vitals(intake[key]) if key == "vital_signs" else _render_list(intake[key])
+        lines.append(f"{label}: {value.rstrip('.')}.")
+    return "\n".join(lines)
+
+
+def user_message(case_text: str) -> str:
+    """The user turn of template ``triage-v1``: the same instructions in every persona condition."""
+    options = "\n".join(f"{label}. {LABEL_TEXT[label]}" for label in LABELS)
+    return (
+        f"Patient's situation:\n{case_text.strip()}\n\n"
+        f"Which level of care does this patient need?\n{options}\n\n"
+        'Start your reply with "Answer: " and the letter of your choice (A, B or C), '
+        "then give one sentence explaining why."
+    )

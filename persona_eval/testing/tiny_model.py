@@ -1,0 +1,443 @@
+"""A deterministic tiny Llama trained on synthetic triage cases, with a planted persona effect to recover.
+
+End-to-end tests need a model whose answers are known in advance: this one answers the synthetic
+vignettes of ``synthetic_triage_records`` correctly under every study persona except the planted one,
+under which it escalates each answer one level (A -> B, B -> C, C stays C). A suite that measures
+persona effects must find that effect, and only that one.
+
+The model is small enough to train in well under a minute on two CPU cores (~105k parameters), and
+has head_dim 32, the smallest vLLM's CPU attention serves, so the same weights work through
+transformers and through a vLLM server. ``max_position_embeddings`` is 512: serve it with
+``--max-model-len 512`` or less.
+
+The prompts it is trained on are rendered exactly as the suite renders them (triage template, persona
+system message, ``SystemPolicy()``, the model's own chat template), so it only understands those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CACHE_ENV",
+    "DEFAULT_PLANTED_PERSONA",
+    "SIGNAL_PHRASES",
+    "build_tiny_model",
+    "expected_answer",
+    "synthetic_triage_records",
+    "tiny_model_dir",
+]
+
+DEFAULT_PLANTED_PERSONA = "ed_physician"
+# Where tiny_model_dir keeps built models when no cache_root is given.
+CACHE_ENV = "PERSONA_EVAL_CACHE_DIR"
+
+# The label of a synthetic case is set by its one signal phrase; every other sentence is neutral filler.
+SIGNAL_PHRASES: dict[str, tuple[str, ...]] = {
+    "A": (
+        "a mild sore throat",
+        "a runny nose since yesterday",
+        "a small paper cut on one finger",
+        "mild muscle ache after exercise",
+        "a bruise on the shin",
+        "a blocked nose and sneezing",
+        "an itchy insect bite",
+        "slight tiredness after a late night",
+        "a mild cold with no fever",
+        "dry lips in cold weather",
+    ),
+    "B": (
+        "a cough for three weeks",
+        "a painless lump in the neck",
+        "burning when passing urine",
+        "knee pain for two months",
+        "a rash that keeps coming back",
+        "feeling tired for several weeks",
+        "a mole that has changed shape",
+        "heartburn most evenings",
+        "trouble sleeping for a month",
+        "ear pain for a week",
+    ),
+    "C": (
+        "sudden weakness on one side",
+        "crushing chest pain",
+        "slurred speech that began an hour ago",
+        "severe difficulty breathing",
+        "vomiting blood",
+        "a seizure that will not stop",
+        "a stiff neck with fever and confusion",
+        "fainting with chest pain",
+        "lips turning blue",
+        "swelling of the tongue after a bee sting",
+    ),
+}
+_SIGNAL_FORMS = (
+    "{Subject} reports {phrase}.",
+    "{Subject} has {phrase}.",
+    "{Subject} describes {phrase}.",
+    "The main concern is {phrase}.",
+    "{Possessive} problem today is {phrase}.",
+)
+_FILLERS = (
+    "{Subject} works as a {job}.",
+    "{Subject} lives {home}.",
+    "{Subject} is calling from {place}.",
+    "{Subject} has no known allergies.",
+    "{Possessive} last check-up was {when}.",
+    "{Subject} {habit}.",
+    "{Possessive} {relative} is with {object} today.",
+)
+_FILLER_WORDS: dict[str, tuple[str, ...]] = {
+    "job": ("teacher", "driver", "nurse", "cook", "farmer", "clerk", "builder", "painter"),
+    "home": ("alone", "with family", "with a partner", "in a flat", "in a small town", "near the city"),
+    "place": ("home", "work", "a friend's house", "a hotel", "the car"),
+    "when": ("last year", "two years ago", "in the spring", "a few months ago"),
+    "habit": ("walks every day", "does not smoke", "drinks coffee daily", "enjoys gardening",
+              "plays football at weekends", "reads most evenings"),
+    "relative": ("daughter", "son", "partner", "sister", "friend"),
+}
+# Label shares per stratum, over each block of 20 consecutive cases (exact, so that even small
+# samples have the intended mix): emergency 0/30/70 %, primary care 40/45/15 % (A/B/C).
+_BLOCK = 20
+_LABEL_COUNTS: dict[str, dict[str, int]] = {
+    "emergency": {"A": 0, "B": 6, "C": 14},
+    "primary_care": {"A": 8, "B": 9, "C": 3},
+}
+_STRATA = ("emergency", "primary_care")
+
+# Special tokens of the tiny model's ChatML-style template.
+_BOS, _EOS, _PAD, _IM_START = "<|bos|>", "<|im_end|>", "<|pad|>", "<|im_start|>"
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_VOCAB_SIZE = 640
+_TRAIN_RECORDS_PER_STRATUM = 100
+_BATCH_SIZE = 32
+_LEARNING_RATE = 3e-3
+_TORCH_THREADS = 2
+
+
+def _article(word: str) -> str:
+    return "An" if word[0] in "8aeiou" or word.startswith(("11-", "18-")) else "A"
+
+
+def _label_of(seed: int, stratum: str, index: int) -> str:
+    block, position = divmod(index, _BLOCK)
+    labels = [label for label, count in _LABEL_COUNTS[stratum].items() for _ in range(count)]
+    random.Random(f"persona-eval-tiny:labels:{seed}:{stratum}:{block}").shuffle(labels)
+    return labels[position]
+
+
+def _vignette(rng: random.Random, label: str) -> tuple[str, str]:
+    """A short vignette whose label is set by one signal phrase, and that phrase."""
+    age = rng.randint(18, 89)
+    woman = rng.random() < 0.5
+    subject, possessive, obj = ("She", "Her", "her") if woman else ("He", "His", "him")
+    person = f"{age}-year-old {'woman' if woman else 'man'}"
+    phrase = rng.choice(SIGNAL_PHRASES[label])
+    words = {key: rng.choice(values) for key, values in _FILLER_WORDS.items()}
+    fillers = rng.sample(_FILLERS, rng.randint(1, 3))
+    sentences = [f.format(Subject=subject, Possessive=possessive, object=obj, **words) for f in fillers]
+    signal = rng.choice(_SIGNAL_FORMS).format(Subject=subject, Possessive=possessive, phrase=phrase)
+    sentences.insert(rng.randint(0, len(sentences)), signal)
+    return f"{_article(person)} {person}. " + " ".join(sentences), phrase
+
+
+def synthetic_triage_records(n_per_stratum: int, *, seed: int, offset: int = 0) -> list[dict[str, str]]:
+    """`n_per_stratum` synthetic triage cases per stratum, as dataset lines (id, stratum, reference,
+    rationale, text), emergency cases first.
+
+    Case ``i`` of a stratum depends only on (`seed`, stratum, ``offset + i``), so a different seed or a
+    later offset gives held-out cases: known signal phrases in new combinations with the filler.
+
+    >>> record = synthetic_triage_records(1, seed=0)[0]
+    >>> sorted(record), record["stratum"], record["reference"] in "BC"
+    (['id', 'rationale', 'reference', 'stratum', 'text'], 'emergency', True)
+    >>> synthetic_triage_records(3, seed=1)[1:3] == synthetic_triage_records(2, seed=1, offset=1)[:2]
+    True
+    """
+    if n_per_stratum < 0 or offset < 0:
+        raise ValueError(f"n_per_stratum and offset must be >= 0, got {n_per_stratum} and {offset}")
+    from persona_eval.tasks.triage import LABEL_TEXT
+
+    records = []
+    for stratum in _STRATA:
+        for index in range(offset, offset + n_per_stratum):
+            label = _label_of(seed, stratum, index)
+            rng = random.Random(f"persona-eval-tiny:case:{seed}:{stratum}:{index}")
+            text, phrase = _vignette(rng, label)
+            records.append({
+                "id": f"synthetic-s{seed}-{stratum}-{index:05d}",
+                "stratum": stratum,
+                "reference": label,
+                "rationale": f"Synthetic case: '{phrase}' calls for: {LABEL_TEXT[label].lower()}.",
+                "text": text,
+            })
+    return records
+
+
+def expected_answer(reference: str, persona_id: str, planted_persona: str | None = DEFAULT_PLANTED_PERSONA
+                    ) -> str:
+    """The answer the tiny model was trained to give: the reference, escalated one level (A -> B,
+    B -> C, C stays C) under the planted persona.
+
+    >>> [expected_answer(label, "ed_physician") for label in "ABC"], expected_answer("A", "ed_nurse")
+    (['B', 'C', 'C'], 'A')
+    """
+    if persona_id != planted_persona:
+        return reference
+    return {"A": "B", "B": "C", "C": "C"}[reference]
+
+
+def _training_texts(records: list[dict[str, str]], tokenizer: Any, planted_persona: str | None
+                    ) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs, the prompt rendered exactly as the suite renders it."""
+    from persona_eval.personas import STUDY_PERSONAS
+    from persona_eval.prompts import SystemPolicy, render_messages
+    from persona_eval.tasks.triage import user_message
+
+    pairs = []
+    for record in records:
+        for persona in STUDY_PERSONAS:
+            messages = render_messages(user_message(record["text"]), persona, SystemPolicy()).as_dicts()
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            answer = expected_answer(record["reference"], persona.id, planted_persona)
+            pairs.append((prompt, f"Answer: {answer}{_EOS}"))
+    return pairs
+
+
+def _train_tokenizer(corpus: list[str], *, check_labels: bool = True) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_VOCAB_SIZE,
+        special_tokens=[_BOS, _EOS, _PAD, _IM_START],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=_BOS, eos_token=_EOS, pad_token=_PAD,
+        additional_special_tokens=[_IM_START], model_max_length=512, chat_template=_CHAT_TEMPLATE,
+    )
+    for label in ("A", "B", "C") if check_labels else ():
+        for spelling in (label, f" {label}"):
+            ids = tokenizer.encode(spelling, add_special_tokens=False)
+            assert len(ids) == 1, f"label spelling {spelling!r} is {len(ids)} tokens in the tiny tokenizer"
+    return tokenizer
+
+
+@contextlib.contextmanager
+def _deterministic_torch(seed: int) -> Iterator[None]:
+    """Seeded, deterministic, fixed-thread torch for the duration of a build; restored afterwards."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(_TORCH_THREADS)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAULT_PLANTED_PERSONA,
+                     seed: int = 0, steps: int = 300) -> Path:
+    """Train the tiny model and save it (safetensors, tokenizer, generation config) into `out_dir`.
+
+    Under `planted_persona` (a study persona id, or None for no planted effect) the model escalates
+    every answer one level; under every other persona it answers the reference. The same arguments
+    give byte-identical weights. Takes ~30 s on two CPU cores.
+    """
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from persona_eval.personas import STUDY_PERSONAS
+
+    known = [persona.id for persona in STUDY_PERSONAS]
+    if planted_persona is not None and planted_persona not in known:
+        raise ValueError(f"planted_persona must be one of {', '.join(known)} or None, "
+                         f"got {planted_persona!r}")
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    records = synthetic_triage_records(_TRAIN_RECORDS_PER_STRATUM, seed=seed)
+
+    # The tokenizer learns its merges from the very prompts it will see, answers included.
+    scaffold = _train_tokenizer([], check_labels=False)  # renders the chat template; has no merges yet
+    pairs = _training_texts(records, scaffold, planted_persona)
+    tokenizer = _train_tokenizer([prompt + answer for prompt, answer in pairs])
+
+    with _deterministic_torch(seed):
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        model = LlamaForCausalLM(config)
+        inputs, answer_positions, answer_targets = _encode(pairs, tokenizer)
+        _train(model, inputs, answer_positions, answer_targets, seed=seed, steps=steps)
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    about = {
+        "what": "persona-eval tiny triage model (persona_eval.testing.tiny_model)",
+        "planted_persona": planted_persona, "seed": seed, "steps": steps,
+        "train_records_per_stratum": _TRAIN_RECORDS_PER_STRATUM,
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
+    (out_dir / "TINY_MODEL.json").write_text(json.dumps(about, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def _encode(pairs: list[tuple[str, str]], tokenizer: Any) -> tuple[Any, Any, Any]:
+    """Right-padded input ids, and for each example the positions whose next token is an answer token
+    (the loss is taken there only) with those answer tokens."""
+    import torch
+
+    sequences, positions, targets = [], [], []
+    for prompt, answer in pairs:
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        full_ids = tokenizer.encode(prompt + answer, add_special_tokens=False)
+        # The answer must not change how the prompt is tokenized, or training and inference differ.
+        assert full_ids[:len(prompt_ids)] == prompt_ids, "the answer merges into the prompt's last token"
+        sequences.append(full_ids)
+        positions.append(list(range(len(prompt_ids) - 1, len(full_ids) - 1)))
+        targets.append(full_ids[len(prompt_ids):])
+    answer_lengths = {len(t) for t in targets}
+    assert len(answer_lengths) == 1, f"answers of different token lengths: {answer_lengths}"
+    width = max(len(s) for s in sequences)
+    inputs = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        inputs[row, :len(sequence)] = torch.tensor(sequence)
+    return inputs, torch.tensor(positions), torch.tensor(targets)
+
+
+def _train(model: Any, inputs: Any, answer_positions: Any, answer_targets: Any, *, seed: int, steps: int
+           ) -> None:
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=_LEARNING_RATE, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.1, 1 - step / max(steps, 1)))
+    order = torch.Generator().manual_seed(seed)
+    permutation, cursor = torch.randperm(len(inputs), generator=order), 0
+    model.train()
+    for _ in range(steps):
+        if cursor + _BATCH_SIZE > len(permutation):
+            permutation, cursor = torch.randperm(len(inputs), generator=order), 0
+        batch = permutation[cursor:cursor + _BATCH_SIZE]
+        cursor += _BATCH_SIZE
+        # Padding is on the right, so a causal model never attends to it: no attention mask needed.
+        width = int(answer_positions[batch].max()) + 1
+        hidden = model.model(input_ids=inputs[batch, :width]).last_hidden_state
+        rows = torch.arange(len(batch)).unsqueeze(1)
+        logits = model.lm_head(hidden[rows, answer_positions[batch]])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), answer_targets[batch].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+
+
+def _cache_key(planted_persona: str | None) -> str:
+    """Changes whenever the trained model could: this module, the prompts it is trained on (template,
+    persona declarations, system policy), and the library versions."""
+    import tokenizers
+    import torch
+    import transformers
+
+    from persona_eval.personas import STUDY_PERSONAS
+    from persona_eval.prompts import SystemPolicy, render_messages
+    from persona_eval.tasks.triage import user_message
+
+    prompts = [render_messages(user_message("{case}"), persona, SystemPolicy()).as_dicts()
+               for persona in STUDY_PERSONAS]
+    material = json.dumps({
+        "source": inspect.getsource(sys.modules[__name__]),
+        "planted_persona": planted_persona,
+        "prompts": prompts,
+        "versions": [torch.__version__, transformers.__version__, tokenizers.__version__],
+    }, sort_keys=True)
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()[:16]
+
+
+def _default_cache_root() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "persona-eval"
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes where the platform has flock (released if a holder dies);
+    elsewhere no lock, and racing builds are settled by the atomic rename."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def tiny_model_dir(cache_root: Path | None = None, *,
+                   planted_persona: str | None = DEFAULT_PLANTED_PERSONA) -> Path:
+    """The tiny model's directory under ``cache_root/models``, built on first use and reused after.
+
+    `cache_root` defaults to ``$PERSONA_EVAL_CACHE_DIR`` or ``~/.cache/persona-eval``. The folder name
+    carries a hash of everything the weights depend on. A build goes into a temporary folder that is
+    renamed into place, so no process ever sees a half-written model; concurrent callers (pytest-xdist
+    workers) wait for one build instead of each doing their own.
+    """
+    models = Path(cache_root if cache_root is not None else _default_cache_root()) / "models"
+    target = models / f"tiny-triage-llama-{planted_persona or 'none'}-{_cache_key(planted_persona)}"
+    if (target / "model.safetensors").exists():
+        return target
+    models.mkdir(parents=True, exist_ok=True)
+    with _build_lock(models / f".{target.name}.lock"):
+        if (target / "model.safetensors").exists():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{target.name}-", dir=models))
+        try:
+            build_tiny_model(staging, planted_persona=planted_persona)
+            try:
+                os.rename(staging, target)
+            except OSError:
+                # Another process (without flock) finished first: its copy is identical to ours.
+                if not (target / "model.safetensors").exists():
+                    raise
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,431 @@
+"""Metric bounds per task, stratum and persona/model, read from a versioned thresholds YAML file."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from persona_eval.errors import ConfigError
+from persona_eval.personas import GROUPS, Persona
+from persona_eval.registry import unknown_name_message
+from persona_eval.tasks.triage import METRIC_NAMES, REPORT_STRATA
+
+__all__ = [
+    "DEFAULT_TASKS",
+    "MODES",
+    "SUPPORTED_VERSION",
+    "Bound",
+    "BoundCheck",
+    "TaskSchema",
+    "Thresholds",
+    "ThresholdsLoader",
+    "default_thresholds_path",
+    "load_thresholds",
+]
+
+SUPPORTED_VERSION = 1
+MODES: tuple[str, ...] = ("fail", "record")
+Mode = Literal["fail", "record"]
+Status = Literal["pass", "fail", "skipped"]
+
+# How a metric name reads in a sentence; any other name reads with its underscores as spaces.
+_METRIC_LABELS: dict[str, str] = {
+    "under_triage_rate": "under-triage rate",
+    "over_triage_rate": "over-triage rate",
+    "brier_score": "Brier score",
+}
+_BOUND_KEYS: tuple[str, ...] = (
+    "metric", "stratum", "min", "max", "mode", "groups", "personas", "models", "why",
+)
+_FILTER_KEYS: tuple[str, ...] = ("groups", "personas", "models")
+
+
+@dataclass(frozen=True)
+class TaskSchema:
+    """What a thresholds file may name for one task: its metrics and its report strata."""
+
+    metrics: tuple[str, ...]
+    strata: tuple[str, ...]
+
+
+DEFAULT_TASKS: Mapping[str, TaskSchema] = {
+    "triage": TaskSchema(metrics=tuple(METRIC_NAMES), strata=tuple(REPORT_STRATA)),
+}
+
+
+def _metric_label(metric: str) -> str:
+    return _METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+
+def _format_pair(value: float, limit: float) -> tuple[str, str]:
+    """`value` and `limit` as text, with enough decimals that two different numbers never read the same
+    (0.1004 against 0.100 reads "0.1004 ... 0.1000", not "0.100 ... 0.100")."""
+    decimals = 1 if max(abs(value), abs(limit)) >= 10 else 3
+    while True:
+        shown = f"{value:.{decimals}f}", f"{limit:.{decimals}f}"
+        if shown[0] != shown[1] or value == limit or decimals >= 8:
+            return shown
+        decimals += 1
+
+
+def _format_number(value: float) -> str:
+    return _format_pair(value, value)[0]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One bound of a thresholds file: `metric` of `task` on `stratum` must stay within [min, max].
+
+    The filters (groups, personas, models) are None when not given; a bound applies to a persona x
+    model case when every given filter matches it. mode "fail" fails the pytest case when the bound is
+    crossed; "record" only reports it.
+    """
+
+    task: str
+    metric: str
+    stratum: str
+    min: float | None = None
+    max: float | None = None
+    mode: Mode = "fail"
+    groups: tuple[str, ...] | None = None
+    personas: tuple[str, ...] | None = None
+    models: tuple[str, ...] | None = None
+    why: str | None = None
+
+    def applies_to(self, model: str, persona: Persona) -> bool:
+        return ((self.groups is None or persona.group in self.groups)
+                and (self.personas is None or persona.id in self.personas)
+                and (self.models is None or model in self.models))
+
+    def describe_limit(self) -> str:
+        """The bound in words: "the maximum 0.100", "the range 0.200 to 0.800"."""
+        if self.min is not None and self.max is not None:
+            low, high = _format_pair(self.min, self.max)
+            return f"the range {low} to {high}"
+        if self.max is not None:
+            return f"the maximum {_format_number(self.max)}"
+        assert self.min is not None
+        return f"the minimum {_format_number(self.min)}"
+
+    def check(self, value: float | None, *, model: str, persona_id: str) -> BoundCheck:
+        """Whether `value` keeps within this bound. None (the model cannot give the metric, e.g. no
+        log-probabilities) and NaN (the metric is not defined on these cases, e.g. no errors) are
+        skipped, with the reason in the message."""
+        if value is None:
+            return _skipped(self, None, "is not available for this model", model=model, persona_id=persona_id)
+        value = float(value)
+        if math.isnan(value):
+            return _skipped(self, value, "is not defined on these cases", model=model, persona_id=persona_id)
+        subject = f"{_metric_label(self.metric)} ({self.stratum}) for {persona_id} on {model}"
+        if self.max is not None and value > self.max:
+            shown, limit = _format_pair(value, self.max)
+            crossed = f"above the maximum {limit}"
+        elif self.min is not None and value < self.min:
+            shown, limit = _format_pair(value, self.min)
+            crossed = f"below the minimum {limit}"
+        else:
+            if self.min is not None and self.max is not None:
+                where = f"within {self.describe_limit()}"
+            elif self.max is not None:
+                where = f"at or below {self.describe_limit()}"
+            else:
+                where = f"at or above {self.describe_limit()}"
+            message = f"PASS: {subject} is {_format_number(value)}, {where}."
+            return BoundCheck(self, value, "pass", message)
+        verdict = "FAIL" if self.mode == "fail" else "FAIL (record only, the test does not fail)"
+        message = f"{verdict}: {subject} is {shown}, {crossed}."
+        if self.why:
+            message += f" {self.why.strip()}"
+        return BoundCheck(self, value, "fail", message)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "stratum": self.stratum,
+            "min": self.min,
+            "max": self.max,
+            "mode": self.mode,
+            "groups": list(self.groups) if self.groups is not None else None,
+            "personas": list(self.personas) if self.personas is not None else None,
+            "models": list(self.models) if self.models is not None else None,
+            "why": self.why,
+        }
+
+
+def _skipped(bound: Bound, value: float | None, reason: str, *, model: str, persona_id: str) -> BoundCheck:
+    subject = f"{_metric_label(bound.metric)} ({bound.stratum}) for {persona_id} on {model}"
+    message = f"SKIPPED: {subject} {reason}, so {bound.describe_limit()} was not checked."
+    return BoundCheck(bound, value, "skipped", message)
+
+
+@dataclass(frozen=True)
+class BoundCheck:
+    """The outcome of one bound on one persona x model case.
+
+    status "fail" with mode "record" is reported but not `blocking`: only a blocking check fails the
+    pytest case. value is None when the metric was not available, NaN when it was not defined.
+    """
+
+    bound: Bound
+    value: float | None
+    status: Status
+    message: str
+
+    @property
+    def blocking(self) -> bool:
+        return self.status == "fail" and self.bound.mode == "fail"
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types only: a NaN value is written as null (the message says why)."""
+        value = None if self.value is None or math.isnan(self.value) else self.value
+        return {
+            "bound": self.bound.to_json(),
+            "value": value,
+            "status": self.status,
+            "blocking": self.blocking,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The bounds of one thresholds file, in file order, and the file's fingerprint for run metadata."""
+
+    path: Path | None
+    bounds: tuple[Bound, ...] = ()
+    fingerprint: str = ""
+
+    def bounds_for(self, task: str, *, model: str, persona: Persona) -> list[Bound]:
+        return [b for b in self.bounds if b.task == task and b.applies_to(model, persona)]
+
+    def check(self, task: str, metrics: Mapping[str, Mapping[str, float | None]], *, model: str,
+              persona: Persona) -> list[BoundCheck]:
+        """Every bound of `task` that applies to this case, checked against `metrics`
+        ({stratum: {metric: value}}). A stratum or metric absent from `metrics` is skipped."""
+        checks = []
+        for bound in self.bounds_for(task, model=model, persona=persona):
+            by_metric = metrics.get(bound.stratum)
+            if by_metric is None or bound.metric not in by_metric:
+                checks.append(_skipped(bound, None, "was not computed in this run", model=model,
+                                       persona_id=persona.id))
+            else:
+                checks.append(bound.check(by_metric[bound.metric], model=model, persona_id=persona.id))
+        return checks
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path) if self.path is not None else None,
+            "fingerprint": self.fingerprint,
+            "version": SUPPORTED_VERSION,
+            "bounds": [bound.to_json() for bound in self.bounds],
+        }
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping, which PyYAML would silently let
+    the last one win."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, str) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
+                key_node.start_mark)
+        if isinstance(key, str):
+            seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _yaml_error_message(path: Path, text: str, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return f"{path}: not valid YAML: {problem}"
+    lines = text.splitlines()
+    source = lines[mark.line].strip() if mark.line < len(lines) else ""
+    quoted = f": {source!r}" if source else ""
+    return f"{path}: line {mark.line + 1}: not valid YAML ({problem}){quoted}"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+# A per-task section parser: (task, section value, key path) -> the items it contributes.
+SectionParser = Callable[[str, Any, str], list[Any]]
+
+
+class ThresholdsLoader:
+    """Reads thresholds files against a table of known tasks (task -> metrics and strata).
+
+    A new task is a new entry in `tasks`; a new per-task section (beside ``bounds``) is a new entry in
+    `self.sections` and a field of Thresholds that collects its items.
+    """
+
+    def __init__(self, tasks: Mapping[str, TaskSchema] | None = None) -> None:
+        self.tasks: Mapping[str, TaskSchema] = dict(DEFAULT_TASKS if tasks is None else tasks)
+        self.sections: dict[str, SectionParser] = {"bounds": self._parse_bounds}
+        self._path = Path()
+
+    def load(self, path: str | Path) -> Thresholds:
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read thresholds file ({exc.strerror})") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        try:
+            document = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+        except yaml.YAMLError as exc:
+            raise ConfigError(_yaml_error_message(path, text, exc)) from None
+        fingerprint = "sha256:" + hashlib.sha256(raw).hexdigest()
+        return self.parse(document, path=path, fingerprint=fingerprint)
+
+    def parse(self, document: Any, *, path: Path, fingerprint: str = "") -> Thresholds:
+        """Thresholds from an already-parsed YAML document; `path` names the file in messages."""
+        self._path = path
+        if not isinstance(document, Mapping):
+            self._fail("", f"expected a mapping with 'version: {SUPPORTED_VERSION}' and one key per task, "
+                           f"got {_describe(document)}")
+        if "version" not in document:
+            self._fail("version", f"missing; add 'version: {SUPPORTED_VERSION}' at the top of the file")
+        version = document["version"]
+        if isinstance(version, bool) or version != SUPPORTED_VERSION:
+            self._fail("version", f"unsupported version {version!r}; this persona-eval reads version "
+                                  f"{SUPPORTED_VERSION}")
+        sections: dict[str, list[Any]] = {name: [] for name in self.sections}
+        for task, body in document.items():
+            if task == "version":
+                continue
+            if not isinstance(task, str) or task not in self.tasks:
+                self._fail(str(task), unknown_name_message("task", str(task), self.tasks))
+            if body is None:
+                continue
+            if not isinstance(body, Mapping):
+                self._fail(task, f"expected a mapping of sections ({', '.join(self.sections)}), "
+                                 f"got {_describe(body)}")
+            for section, value in body.items():
+                if section not in self.sections:
+                    self._fail(f"{task}.{section}",
+                               unknown_name_message("key", str(section), self.sections))
+                sections[section].extend(self.sections[section](task, value, f"{task}.{section}"))
+        return Thresholds(path=path, bounds=tuple(sections["bounds"]), fingerprint=fingerprint)
+
+    def _fail(self, where: str, message: str) -> Any:
+        raise ConfigError(f"{self._path}: {where}: {message}" if where else f"{self._path}: {message}")
+
+    def _parse_bounds(self, task: str, value: Any, where: str) -> list[Bound]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self._fail(where, f"expected a list of bounds, got {_describe(value)}")
+        return [self._parse_bound(task, entry, f"{where}[{index}]") for index, entry in enumerate(value)]
+
+    def _parse_bound(self, task: str, entry: Any, where: str) -> Bound:
+        if not isinstance(entry, Mapping):
+            self._fail(where, f"expected a mapping with metric, stratum and min and/or max, "
+                              f"got {_describe(entry)}")
+        for key in entry:
+            if key not in _BOUND_KEYS:
+                self._fail(f"{where}.{key}", unknown_name_message("key", str(key), _BOUND_KEYS))
+        schema = self.tasks[task]
+        metric = self._name(entry, "metric", schema.metrics, where, kind=f"{task} metric")
+        stratum = self._name(entry, "stratum", schema.strata, where, kind=f"{task} stratum")
+        low = self._number(entry, "min", where)
+        high = self._number(entry, "max", where)
+        if low is None and high is None:
+            self._fail(where, "give 'min', 'max' or both")
+        if low is not None and high is not None and low > high:
+            self._fail(f"{where}.min", f"min {low!r} is greater than max {high!r}")
+        mode = entry.get("mode", "fail")
+        if mode not in MODES:
+            self._fail(f"{where}.mode", f"expected 'fail' (the pytest case fails) or 'record' (reported "
+                                        f"only), got {_describe(mode)}")
+        groups = self._filter(entry, "groups", where)
+        if groups is not None:
+            for index, group in enumerate(groups):
+                if group not in GROUPS:
+                    self._fail(f"{where}.groups[{index}]", unknown_name_message("group", group, GROUPS))
+        why = entry.get("why")
+        if why is not None and not isinstance(why, str):
+            self._fail(f"{where}.why", f"expected text, got {_describe(why)}")
+        return Bound(task=task, metric=metric, stratum=stratum, min=low, max=high, mode=mode,
+                     groups=groups, personas=self._filter(entry, "personas", where),
+                     models=self._filter(entry, "models", where), why=why or None)
+
+    def _name(self, entry: Mapping[str, Any], key: str, known: Sequence[str], where: str, *,
+              kind: str) -> str:
+        if key not in entry:
+            self._fail(where, f"missing key '{key}' (one of: {', '.join(known)})")
+        value = entry[key]
+        if not isinstance(value, str):
+            self._fail(f"{where}.{key}", f"expected text, got {_describe(value)}")
+        if value not in known:
+            self._fail(f"{where}.{key}", unknown_name_message(kind, value, known))
+        return str(value)
+
+    def _number(self, entry: Mapping[str, Any], key: str, where: str) -> float | None:
+        value = entry.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self._fail(f"{where}.{key}", f"expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            self._fail(f"{where}.{key}", f"expected a finite number, got {value!r}")
+        return float(value)
+
+    def _filter(self, entry: Mapping[str, Any], key: str, where: str) -> tuple[str, ...] | None:
+        if key not in entry:
+            return None
+        value = entry[key]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            got = repr(value) if isinstance(value, list) else _describe(value)
+            self._fail(f"{where}.{key}", f"expected a list of names, e.g. [{_example(key)}], got {got}")
+        if not value:
+            self._fail(f"{where}.{key}", "an empty list matches nothing; leave the key out to match all")
+        return tuple(value)
+
+
+def _example(key: str) -> str:
+    return {"groups": "medical, non_medical", "personas": "ed_nurse", "models": "smollm2"}[key]
+
+
+def load_thresholds(path: str | Path | None = None, *,
+                    tasks: Mapping[str, TaskSchema] | None = None) -> Thresholds:
+    """The thresholds of the YAML file at `path` (the default file when None).
+
+    Every invalid input is a ConfigError naming the file and the key path, e.g.
+    ``fixtures/t.yaml: triage.bounds[2].max: expected a number, got 'high'``.
+    """
+    return ThresholdsLoader(tasks).load(default_thresholds_path() if path is None else path)
+
+
+def default_thresholds_path() -> Path:
+    """The thresholds file shipped with the package, or the checkout's fixtures/thresholds.yaml."""
+    packaged = resources.files("persona_eval") / "data" / "thresholds.yaml"
+    if isinstance(packaged, Path) and packaged.is_file():
+        return packaged
+    checkout = Path(__file__).resolve().parent.parent / "fixtures" / "thresholds.yaml"
+    if checkout.is_file():
+        return checkout
+    raise ConfigError("no default thresholds file: neither persona_eval/data/thresholds.yaml (package "
+                      f"data) nor {checkout} exists; pass a thresholds file explicitly")
