@@ -164,7 +164,7 @@ def _persona_from_mapping(entry: Mapping[str, Any], where: str) -> Persona:
     name = entry.get("name", persona_id.replace("_", " ").capitalize())
     if not isinstance(name, str):
         raise ConfigError(f"{where} ({persona_id}): field 'name' must be text")
-    sentence = declaration.strip() if declaration is not None else declaration_for(role)
+    sentence = declaration.strip() if declaration is not None else declaration_for(text)
     return Persona(persona_id, name, group, sentence)
 
 
@@ -190,5 +190,9 @@ def load_personas(path: str | Path | None = None) -> PersonaRegistry:
     if not isinstance(document, Mapping) or not isinstance(document.get("personas"), list):
         raise ConfigError(f"{path}: expected a top-level key 'personas' holding a list")
     for index, entry in enumerate(document["personas"]):
-        registry.add(_persona_from_mapping(entry, f"{path}: personas[{index}]"))
+        where = f"{path}: personas[{index}]"
+        persona = _persona_from_mapping(entry, where)
+        if persona.id in registry:
+            raise ConfigError(f"{where} ({persona.id}): field 'id': persona {persona.id!r} is defined twice")
+        registry.add(persona)
     return registry

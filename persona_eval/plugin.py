@@ -306,6 +306,7 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
         "persona": condition.persona.id,
         "persona_group": condition.persona.group,
         "identity": runner.backend.identity(),
+        "model_loaded": bool(getattr(runner.backend, "loaded", False)),
         "metrics": metrics,
         "checks": [check.to_json() for check in checks],
         "n_cases": len(records),

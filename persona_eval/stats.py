@@ -329,6 +329,11 @@ def paired_t(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
         return PairedTResult(statistic=statistic, pvalue=pvalue, method=method, n=n,
                              mean_difference=mean_difference)
     standard_error = math.sqrt(float(differences.var(ddof=1)) / n)
+    if standard_error == 0.0:  # differences so close that their variance underflows: as if constant
+        statistic, pvalue = ((0.0, 1.0) if mean_difference == 0.0
+                             else (math.copysign(math.inf, mean_difference), 0.0))
+        return PairedTResult(statistic=statistic, pvalue=pvalue, method=method, n=n,
+                             mean_difference=mean_difference)
     statistic = mean_difference / standard_error
     pvalue = float(2.0 * scipy_stats.t.sf(abs(statistic), n - 1))
     return PairedTResult(statistic=statistic, pvalue=min(pvalue, 1.0), method=method, n=n,
@@ -355,7 +360,7 @@ def cohens_kappa(r1: Sequence[Hashable] | np.ndarray, r2: Sequence[Hashable] | n
 
     Undefined values are NaN, never an error: kappa is NaN when ``p_e == 1`` (both raters used one and
     the same single category, so chance explains all agreement) and for empty input; the p-value is NaN
-    also when ``var0 == 0`` (one rater used a single category).
+    also when ``var0 == 0`` (one rater used a single category, or the raters share no category).
 
     Categories are any hashable values (strings, ints, None for "no answer"); NaN is refused as
     ambiguous. ``labels``, if given, is the full category set: a rating outside it is an error (unlike

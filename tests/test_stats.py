@@ -412,16 +412,18 @@ def test_cohens_kappa_pvalue_matches_statsmodels(pairs: list[tuple[int, int]]) -
     r1 = [first for first, _ in pairs]
     r2 = [second for _, second in pairs]
     result = cohens_kappa(r1, r2)
-    if math.isnan(result.pvalue):
-        # Undefined only without chance-corrected variation: a rater who used a single category.
-        assert len(set(r1)) == 1 or len(set(r2)) == 1
-        return
     table = np.zeros((4, 4))
     for first, second in pairs:
         table[first, second] += 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = inter_rater.cohens_kappa(table)
+    if math.isnan(result.pvalue):
+        # Undefined exactly when the variance under kappa = 0 is zero: a rater who used a single
+        # category, or raters who share no category (chance agreement 0 with no agreement).
+        assert len(set(r1)) == 1 or len(set(r2)) == 1 or not set(r1) & set(r2)
+        assert math.isnan(reference.var_kappa0) or reference.var_kappa0 == pytest.approx(0.0, abs=1e-15)
+        return
     assert result.statistic == pytest.approx(float(reference.kappa), rel=1e-9, abs=1e-12)
     assert result.pvalue == pytest.approx(float(reference.pvalue_two_sided), rel=1e-6, abs=1e-12)
 

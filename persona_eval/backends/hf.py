@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ __all__ = ["HFBackend", "weights_fingerprint"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 _PROBE = "PERSONA-EVAL-PROBE"
+_SYSTEM_PROBE = "PERSONA-EVAL-SYSTEM-PROBE"
 
 
 def weights_fingerprint(path: Path, *, memo_dir: Path | None = None) -> str:
@@ -126,18 +128,24 @@ class HFBackend:
         """Detect from the chat template whether it accepts a system message, and whether it inserts a
         default system prompt when none is sent (then the baseline sends an empty one)."""
         if self._policy is None:
+            tokenizer = self.tokenizer  # load errors surface here, not as a "no system role" policy
+
             def render(messages: list[dict[str, str]]) -> str:
-                return str(self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                              add_generation_prompt=True))
+                return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
             user = {"role": "user", "content": _PROBE}
             try:
                 with_empty_system = render([{"role": "system", "content": ""}, user])
+                with_system = render([{"role": "system", "content": _SYSTEM_PROBE}, user])
             except Exception:  # templates that reject a system role raise their own error types
                 self._policy = SystemPolicy(system_role_supported=False)
             else:
+                folded = re.search(re.escape(_SYSTEM_PROBE) + r"\s*" + re.escape(_PROBE), with_system)
                 without_system = render([user])
-                self._policy = SystemPolicy(system_role_supported=True,
-                                            baseline_empty_system=len(without_system) > len(with_empty_system))
+                self._policy = SystemPolicy(
+                    # A template that folds the system text into the user turn (Gemma's) has no system
+                    # role of its own: the declaration is then written into the user turn by us, openly.
+                    system_role_supported=folded is None,
+                    baseline_empty_system=folded is None and len(without_system) > len(with_empty_system))
         return self._policy
 
     def capabilities(self) -> Capabilities:
@@ -232,6 +240,11 @@ class HFBackend:
         with torch.inference_mode():
             logits = model(**batch).logits[:, -1, :]
         return self._label_logprobs(logits, self._label_token_ids(scoring))
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the weights were loaded in this process (a fully cached run loads none)."""
+        return self._model is not None
 
     def close(self) -> None:
         self._model = None

@@ -93,6 +93,7 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
             "git_revision": _git_revision(Path(__file__).resolve().parent.parent),
             "duration_seconds": round(time.time() - started, 3),
             "cache": {"requests": n_requests, "hits": cached, "enabled": settings.use_cache},
+            "models_loaded": sorted({r["model"] for r in results if r.get("model_loaded")}),
             "cases_file": cases_path.name if cases_path else None,
         },
     }

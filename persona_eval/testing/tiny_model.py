@@ -5,7 +5,7 @@ vignettes of ``synthetic_triage_records`` correctly under every study persona ex
 under which it escalates each answer one level (A -> B, B -> C, C stays C). A suite that measures
 persona effects must find that effect, and only that one.
 
-The model is small enough to train in well under a minute on two CPU cores (~105k parameters), and
+The model is small enough to train in well under a minute on two CPU cores (115k parameters), and
 has head_dim 32, the smallest vLLM's CPU attention serves, so the same weights work through
 transformers and through a vLLM server. ``max_position_embeddings`` is 512: serve it with
 ``--max-model-len 512`` or less.
@@ -25,13 +25,13 @@ import random
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from persona_eval.errors import PersonaEvalError
+
 __all__ = [
-    "CACHE_ENV",
     "DEFAULT_PLANTED_PERSONA",
     "SIGNAL_PHRASES",
     "build_tiny_model",
@@ -41,8 +41,6 @@ __all__ = [
 ]
 
 DEFAULT_PLANTED_PERSONA = "ed_physician"
-# Where tiny_model_dir keeps built models when no cache_root is given.
-CACHE_ENV = "PERSONA_EVAL_CACHE_DIR"
 
 # The label of a synthetic case is set by its one signal phrase; every other sentence is neutral filler.
 SIGNAL_PHRASES: dict[str, tuple[str, ...]] = {
@@ -126,10 +124,15 @@ _CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 _VOCAB_SIZE = 640
-_TRAIN_RECORDS_PER_STRATUM = 100
+_TRAIN_RECORDS_PER_STRATUM = 200
 _BATCH_SIZE = 32
 _LEARNING_RATE = 3e-3
-_TORCH_THREADS = 2
+# One thread: as fast as two for a model this small, and far faster when the cores are shared (threads
+# of one matmul wait on each other); also the same float reductions on every machine.
+_TORCH_THREADS = 1
+# Weights initialized at std 0.02 (the transformers default) leave attention uniform over the ~150
+# prompt tokens and training stalls at the label prior; at 0.1 the heads find the signal phrase early.
+_INITIALIZER_RANGE = 0.1
 
 
 def _article(word: str) -> str:
@@ -242,7 +245,9 @@ def _train_tokenizer(corpus: list[str], *, check_labels: bool = True) -> Any:
     for label in ("A", "B", "C") if check_labels else ():
         for spelling in (label, f" {label}"):
             ids = tokenizer.encode(spelling, add_special_tokens=False)
-            assert len(ids) == 1, f"label spelling {spelling!r} is {len(ids)} tokens in the tiny tokenizer"
+            if len(ids) != 1:
+                raise PersonaEvalError(f"label spelling {spelling!r} is {len(ids)} tokens in the tiny "
+                                       "model's tokenizer; label scoring needs one")
     return tokenizer
 
 
@@ -279,7 +284,6 @@ def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAU
         raise ValueError(f"planted_persona must be one of {', '.join(known)} or None, "
                          f"got {planted_persona!r}")
     out_dir = Path(out_dir)
-    started = time.perf_counter()
     records = synthetic_triage_records(_TRAIN_RECORDS_PER_STRATUM, seed=seed)
 
     # The tokenizer learns its merges from the very prompts it will see, answers included.
@@ -291,8 +295,9 @@ def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAU
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True, initializer_range=_INITIALIZER_RANGE,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
         model = LlamaForCausalLM(config)
         inputs, answer_positions, answer_targets = _encode(pairs, tokenizer)
@@ -309,8 +314,8 @@ def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAU
         "what": "persona-eval tiny triage model (persona_eval.testing.tiny_model)",
         "planted_persona": planted_persona, "seed": seed, "steps": steps,
         "train_records_per_stratum": _TRAIN_RECORDS_PER_STRATUM,
-        "build_seconds": round(time.perf_counter() - started, 1),
     }
+    # No timings or paths here: every file of a build is the same for the same arguments.
     (out_dir / "TINY_MODEL.json").write_text(json.dumps(about, indent=2) + "\n", encoding="utf-8")
     return out_dir
 
@@ -325,12 +330,14 @@ def _encode(pairs: list[tuple[str, str]], tokenizer: Any) -> tuple[Any, Any, Any
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
         full_ids = tokenizer.encode(prompt + answer, add_special_tokens=False)
         # The answer must not change how the prompt is tokenized, or training and inference differ.
-        assert full_ids[:len(prompt_ids)] == prompt_ids, "the answer merges into the prompt's last token"
+        if full_ids[:len(prompt_ids)] != prompt_ids:
+            raise PersonaEvalError("the tiny tokenizer merges the answer into the prompt's last token")
         sequences.append(full_ids)
         positions.append(list(range(len(prompt_ids) - 1, len(full_ids) - 1)))
         targets.append(full_ids[len(prompt_ids):])
     answer_lengths = {len(t) for t in targets}
-    assert len(answer_lengths) == 1, f"answers of different token lengths: {answer_lengths}"
+    if len(answer_lengths) != 1:
+        raise PersonaEvalError(f"the tiny model's answers have different token lengths: {answer_lengths}")
     width = max(len(s) for s in sequences)
     inputs = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
     for row, sequence in enumerate(sequences):
@@ -388,12 +395,6 @@ def _cache_key(planted_persona: str | None) -> str:
     return hashlib.sha256(material.encode("utf-8")).hexdigest()[:16]
 
 
-def _default_cache_root() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "persona-eval"
-
-
 @contextlib.contextmanager
 def _build_lock(path: Path) -> Iterator[None]:
     """An exclusive lock across processes where the platform has flock (released if a holder dies);
@@ -415,12 +416,16 @@ def tiny_model_dir(cache_root: Path | None = None, *,
                    planted_persona: str | None = DEFAULT_PLANTED_PERSONA) -> Path:
     """The tiny model's directory under ``cache_root/models``, built on first use and reused after.
 
-    `cache_root` defaults to ``$PERSONA_EVAL_CACHE_DIR`` or ``~/.cache/persona-eval``. The folder name
+    `cache_root` defaults to the suite's cache directory (persona_eval.cache.default_cache_dir). The name
     carries a hash of everything the weights depend on. A build goes into a temporary folder that is
     renamed into place, so no process ever sees a half-written model; concurrent callers (pytest-xdist
     workers) wait for one build instead of each doing their own.
     """
-    models = Path(cache_root if cache_root is not None else _default_cache_root()) / "models"
+    if cache_root is None:
+        from persona_eval.cache import default_cache_dir
+
+        cache_root = default_cache_dir()
+    models = Path(cache_root) / "models"
     target = models / f"tiny-triage-llama-{planted_persona or 'none'}-{_cache_key(planted_persona)}"
     if (target / "model.safetensors").exists():
         return target

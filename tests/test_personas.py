@@ -1,0 +1,251 @@
+"""Tests of persona_eval.personas and persona_eval.registry: the study's six conditions and user YAML."""
+
+from __future__ import annotations
+
+import doctest
+from pathlib import Path
+
+import pytest
+
+from persona_eval import personas as personas_module
+from persona_eval.errors import ConfigError, PersonaEvalError
+from persona_eval.personas import (
+    BASELINE,
+    GROUPS,
+    STUDY_PERSONAS,
+    Persona,
+    PersonaRegistry,
+    declaration_for,
+    indefinite_article,
+    load_personas,
+)
+from persona_eval.registry import unknown_name_message
+
+# --- the study's personas ----------------------------------------------------------------------------
+
+EXPECTED_STUDY = [
+    ("no_persona", "baseline", None),
+    ("helpful_assistant", "non_medical", "You are a helpful assistant."),
+    ("ed_physician", "medical", "You are an Emergency Department physician."),
+    ("ed_nurse", "medical", "You are an Emergency Department nurse."),
+    ("ed_physician_bold", "medical", "You are a bold Emergency Department physician."),
+    ("ed_physician_cautious", "medical", "You are a cautious Emergency Department physician."),
+]
+
+
+def test_study_personas_are_the_six_conditions_in_order_with_exact_declarations() -> None:
+    assert [(p.id, p.group, p.declaration) for p in STUDY_PERSONAS] == EXPECTED_STUDY
+
+
+def test_only_the_baseline_sends_no_declaration() -> None:
+    baselines = [p for p in STUDY_PERSONAS if p.is_baseline]
+    assert [p.id for p in baselines] == [BASELINE]
+    assert all(p.declaration and p.declaration.startswith("You are ") and p.declaration.endswith(".")
+               for p in STUDY_PERSONAS if not p.is_baseline)
+
+
+def test_is_medical_follows_the_group() -> None:
+    assert {p.id for p in STUDY_PERSONAS if p.is_medical} == {
+        "ed_physician", "ed_nurse", "ed_physician_bold", "ed_physician_cautious"}
+    assert all(p.group in GROUPS for p in STUDY_PERSONAS)
+
+
+def test_persona_is_immutable() -> None:
+    with pytest.raises(AttributeError):
+        STUDY_PERSONAS[2].declaration = "You are a pirate."  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("phrase", "article"), [
+    ("Emergency Department physician", "an"),
+    ("emergency physician", "an"),
+    ("bold Emergency Department physician", "a"),
+    ("helpful assistant", "a"),
+    ("cautious physician", "a"),
+    ("ED nurse", "an"),
+    ("MD", "an"),
+    ("GP", "a"),
+    ("RN", "an"),
+    ("ICU nurse", "an"),
+    ("university doctor", "a"),
+    ("urgent care physician", "an"),
+    ("honest broker", "an"),
+    ("hour-long shift worker", "an"),
+    ("hospital doctor", "a"),
+    ("European doctor", "a"),
+    ("one-person practice", "a"),
+    ("oncologist", "an"),
+    ("  internist  ", "an"),
+    ("", "a"),
+])
+def test_indefinite_article(phrase: str, article: str) -> None:
+    assert indefinite_article(phrase) == article
+
+
+def test_personas_module_doctests_pass() -> None:
+    result = doctest.testmod(personas_module)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+@pytest.mark.parametrize(("role", "sentence"), [
+    ("Emergency Department nurse", "You are an Emergency Department nurse."),
+    ("  primary care physician ", "You are a primary care physician."),
+    ("ICU nurse", "You are an ICU nurse."),
+    ("GP", "You are a GP."),
+])
+def test_declaration_for(role: str, sentence: str) -> None:
+    assert declaration_for(role) == sentence
+
+
+# --- the registry ------------------------------------------------------------------------------------
+
+
+def test_default_registry_holds_the_study_personas_in_order() -> None:
+    registry = PersonaRegistry()
+    assert registry.ids == [p.id for p in STUDY_PERSONAS]
+    assert len(registry) == 6
+    assert "ed_nurse" in registry
+    assert "pirate" not in registry
+    assert registry.get("ed_nurse") is STUDY_PERSONAS[3]
+
+
+def test_unknown_persona_is_a_config_error_with_did_you_mean_and_the_list() -> None:
+    registry = PersonaRegistry()
+    with pytest.raises(ConfigError) as caught:
+        registry.get("ed_physican")
+    message = str(caught.value)
+    assert "unknown persona 'ed_physican'" in message
+    assert "Did you mean 'ed_physician'" in message
+    assert "Known: " + ", ".join(sorted(registry.ids)) in message
+    assert isinstance(caught.value, PersonaEvalError)
+
+
+def test_unknown_name_without_close_match_lists_what_exists_only() -> None:
+    message = unknown_name_message("persona", "zzz", ["ed_nurse", "no_persona"])
+    assert message == "unknown persona 'zzz'. Known: ed_nurse, no_persona."
+    assert unknown_name_message("model", "x", []) == "unknown model 'x'. Known: (none)."
+
+
+def test_adding_a_persona_twice_is_a_config_error() -> None:
+    registry = PersonaRegistry()
+    with pytest.raises(ConfigError, match="'ed_nurse' is defined twice"):
+        registry.add(Persona("ed_nurse", "Another nurse", "medical", "You are a nurse."))
+
+
+def test_select_none_gives_every_persona_in_registry_order() -> None:
+    registry = PersonaRegistry()
+    assert registry.select(None) == list(STUDY_PERSONAS)
+
+
+@pytest.mark.parametrize(("ids", "expected"), [
+    (["ed_nurse"], ["no_persona", "ed_nurse"]),
+    (["ed_physician_cautious", "helpful_assistant"], ["no_persona", "helpful_assistant", "ed_physician_cautious"]),
+    (["ed_nurse", "no_persona", "ed_nurse"], ["no_persona", "ed_nurse"]),
+    (["no_persona"], ["no_persona"]),
+    ([], ["no_persona"]),
+])
+def test_select_keeps_the_baseline_and_registry_order(ids: list[str], expected: list[str]) -> None:
+    assert [p.id for p in PersonaRegistry().select(ids)] == expected
+
+
+def test_select_rejects_an_unknown_id() -> None:
+    with pytest.raises(ConfigError, match="Did you mean 'ed_nurse'"):
+        PersonaRegistry().select(["ed_nurse", "ed_nures"])
+
+
+# --- user YAML personas ------------------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "personas.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_load_personas_without_a_file_gives_the_study_personas() -> None:
+    assert load_personas(None).ids == [p.id for p in STUDY_PERSONAS]
+
+
+def test_load_personas_appends_user_personas_after_the_study_ones(tmp_path: Path) -> None:
+    path = _write(tmp_path, """
+personas:
+  - id: primary_care_physician
+    name: Primary care physician
+    group: medical
+    role: primary care physician
+  - id: ed_physician_senior
+    role: "  ED physician with 20 years of experience "
+  - id: pirate
+    group: non_medical
+    declaration: "  Arr, you be a pirate.  "
+""")
+    registry = load_personas(path)
+    assert registry.ids == [p.id for p in STUDY_PERSONAS] + ["primary_care_physician", "ed_physician_senior", "pirate"]
+    assert registry.get("primary_care_physician") == Persona(
+        "primary_care_physician", "Primary care physician", "medical", "You are a primary care physician.")
+    senior = registry.get("ed_physician_senior")
+    assert senior.declaration == "You are an ED physician with 20 years of experience."
+    assert senior.group == "medical"  # the default group
+    assert senior.name == "Ed physician senior"
+    pirate = registry.get("pirate")
+    assert pirate.declaration == "Arr, you be a pirate."
+    assert pirate.group == "non_medical"
+    assert not pirate.is_medical
+    # The baseline stays first, so select() keeps it for user personas too.
+    assert [p.id for p in registry.select(["pirate"])] == ["no_persona", "pirate"]
+
+
+@pytest.mark.parametrize(("entries", "where", "fragment"), [
+    pytest.param("  - id: ed_nurse\n    role: nurse\n", "personas[0]", "'ed_nurse' is defined twice",
+                 id="duplicate-of-study"),
+    pytest.param("  - id: my_nurse\n    role: nurse\n  - id: my_nurse\n    role: nurse\n", "personas[1]",
+                 "'my_nurse' is defined twice", id="duplicate-in-file"),
+    pytest.param("  - id: Bad-Id\n    role: nurse\n", "personas[0]", "field 'id'", id="bad-id"),
+    pytest.param("  - id: 1nurse\n    role: nurse\n", "personas[0]", "field 'id'", id="id-starts-with-digit"),
+    pytest.param("  - role: nurse\n", "personas[0]", "field 'id'", id="missing-id"),
+    pytest.param("  - id: ok\n    role: nurse\n  - id: nurse_x\n    group: clinical\n    role: nurse\n",
+                 "personas[1] (nurse_x)", "field 'group'", id="bad-group"),
+    pytest.param("  - id: nurse_x\n    group: baseline\n    role: nurse\n", "personas[0] (nurse_x)",
+                 "field 'group'", id="baseline-group"),
+    pytest.param("  - id: nurse_x\n    role: nurse\n    declaration: You are a nurse.\n",
+                 "personas[0] (nurse_x)", "exactly one of 'role'", id="both-role-and-declaration"),
+    pytest.param("  - id: nurse_x\n    name: Nurse\n", "personas[0] (nurse_x)", "exactly one of 'role'",
+                 id="neither-role-nor-declaration"),
+    pytest.param("  - id: nurse_x\n    role: '   '\n", "personas[0] (nurse_x)", "non-empty text",
+                 id="blank-role"),
+    pytest.param("  - id: nurse_x\n    role: nurse\n    persona: x\n", "personas[0]",
+                 "unknown field(s) persona", id="unknown-field"),
+    pytest.param("  - id: nurse_x\n    role: nurse\n    name: 3\n", "personas[0] (nurse_x)", "field 'name'",
+                 id="name-not-text"),
+    pytest.param("  - just a string\n", "personas[0]", "must be a mapping", id="entry-not-mapping"),
+])
+def test_invalid_user_persona_names_the_file_and_entry(tmp_path: Path, entries: str, where: str,
+                                                        fragment: str) -> None:
+    path = _write(tmp_path, "personas:\n" + entries)
+    with pytest.raises(ConfigError) as caught:
+        load_personas(path)
+    message = str(caught.value)
+    assert fragment in message
+    assert message.startswith(f"{path}: {where}"), message
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    pytest.param("personas: [unclosed\n", "not valid YAML", id="not-yaml"),
+    pytest.param("- id: x\n  role: nurse\n", "top-level key 'personas'", id="top-level-list"),
+    pytest.param("personas:\n  id: x\n", "top-level key 'personas'", id="personas-not-a-list"),
+    pytest.param("", "top-level key 'personas'", id="empty-file"),
+])
+def test_malformed_personas_file_is_a_config_error_naming_the_file(tmp_path: Path, text: str,
+                                                                   fragment: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_personas(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert fragment in str(caught.value)
+
+
+def test_missing_personas_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError, match="cannot read personas file") as caught:
+        load_personas(path)
+    assert str(path) in str(caught.value)

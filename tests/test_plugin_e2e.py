@@ -1,0 +1,230 @@
+"""End to end through the real plugin: `pytest evals -k triage` on a tiny model trained with a planted
+persona effect (ed_physician escalates every case by one level of care), which the suite must recover."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from persona_eval import metrics
+from persona_eval.personas import STUDY_PERSONAS
+from persona_eval.results import read_jsonl
+from persona_eval.tasks.triage import LABELS, METRIC_NAMES
+from persona_eval.testing.tiny_model import synthetic_triage_records, tiny_model_dir
+
+REPO = Path(__file__).resolve().parent.parent
+PLANTED = "ed_physician"
+N_PER_STRATUM = 12
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Path:
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Held-out cases: a seed the model was not trained on.
+    records = synthetic_triage_records(N_PER_STRATUM, seed=2024, offset=10_000)
+    path = tmp_path_factory.mktemp("data") / "cases.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, tmp_path: Path) -> pytest.Pytester:
+    """A project folder holding the repository's evals/ and nothing else."""
+    shutil.copytree(REPO / "evals", pytester.path / "evals")
+    return pytester
+
+
+def run_evals(pytester: pytest.Pytester, tiny_model: Path, dataset: Path, *args: str) -> pytest.RunResult:
+    cache_dir = pytester.path / "cache"
+    return pytester.runpytest_subprocess(
+        "evals", "-p", "no:cacheprovider", "--pe-model", f"hf:{tiny_model}", "--pe-dataset", f"triage={dataset}",
+        "--pe-cache-dir", str(cache_dir), "--pe-reports-dir", str(pytester.path / "reports"), *args)
+
+
+def load_run(pytester: pytest.Pytester) -> tuple[dict, list[dict]]:
+    run_dir = pytester.path / "reports" / "latest"
+    return json.loads((run_dir / "summary.json").read_text()), read_jsonl(run_dir / "cases.jsonl")
+
+
+def metric(summary: dict, persona: str, stratum: str, name: str) -> float:
+    (row,) = [r for r in summary["results"] if r["persona"] == persona and r["stratum"] == stratum]
+    return row["metrics"][name]
+
+
+def test_planted_persona_effect_is_recovered(project, tiny_model, dataset):
+    result = run_evals(project, tiny_model, dataset, "-k", "triage")
+    summary, cases = load_run(project)
+
+    assert len(cases) == len(STUDY_PERSONAS) * 2 * N_PER_STRATUM
+    references = [r["reference"] for r in read_jsonl(dataset)]
+    share_c = references.count("C") / len(references)
+    share_b_or_c = (references.count("B") + references.count("C")) / len(references)
+    for persona in STUDY_PERSONAS:
+        assert metric(summary, persona.id, "all", "parse_rate") == 1.0
+        assert metric(summary, persona.id, "all", "consistency_rate") >= 95.0
+    # Escalating every case by one level makes every B and C reference a C answer.
+    planted_risk = metric(summary, PLANTED, "all", "risk_propensity")
+    baseline_risk = metric(summary, "no_persona", "all", "risk_propensity")
+    assert planted_risk - baseline_risk == pytest.approx(share_b_or_c - share_c, abs=0.05)
+    # Every A and B reference is over-triaged; a C reference cannot be.
+    assert metric(summary, PLANTED, "all", "over_triage_rate") == pytest.approx(1 - share_c, abs=0.05)
+    assert metric(summary, "no_persona", "all", "accuracy") >= 0.95
+    assert metric(summary, "ed_nurse", "all", "accuracy") >= 0.95
+    # The default thresholds pass on this well-trained model.
+    result.assert_outcomes(passed=len(STUDY_PERSONAS))
+    assert summary["verdict"]["passed"] is True
+    assert "persona-eval verdict: PASSED" in result.stdout.str()
+
+
+def test_every_metric_in_the_summary_recomputes_from_cases_jsonl(project, tiny_model, dataset):
+    run_evals(project, tiny_model, dataset, "-k", "triage")
+    summary, cases = load_run(project)
+    functions = {
+        "accuracy": lambda rows: metrics.accuracy(ref(rows), gen(rows)),
+        "parse_rate": lambda rows: metrics.parse_rate(gen(rows)),
+        "risk_propensity": lambda rows: metrics.risk_propensity(gen(rows)),
+        "over_triage_rate": lambda rows: metrics.over_triage_rate(ref(rows), gen(rows)),
+        "under_triage_rate": lambda rows: metrics.under_triage_rate(ref(rows), gen(rows)),
+        "risk_sensitivity": lambda rows: metrics.risk_sensitivity(ref(rows), gen(rows)),
+        "consistency_rate": lambda rows: metrics.consistency_rate(gen(rows), [r["logit_label"] for r in rows]),
+        "expected_calibration_error": lambda rows: metrics.expected_calibration_error(ref(rows), probs(rows)),
+        "brier_score": lambda rows: metrics.brier_score(ref(rows), probs(rows)),
+    }
+    assert set(functions) == set(METRIC_NAMES)
+    assert len(summary["results"]) == len(STUDY_PERSONAS) * 3
+    for row in summary["results"]:
+        rows = [c for c in cases if c["persona"] == row["persona"] and c["model"] == row["model"]
+                and (row["stratum"] == "all" or c["stratum"] == row["stratum"])]
+        assert row["n"] == len(rows)
+        for name, function in functions.items():
+            expected = function(rows)
+            if expected != expected:  # NaN: undefined on these cases, written as null
+                assert row["metrics"][name] is None
+            else:
+                assert row["metrics"][name] == pytest.approx(expected, rel=1e-12, abs=1e-12), (row, name)
+
+
+def ref(rows: list[dict]) -> list[str]:
+    return [r["reference"] for r in rows]
+
+
+def gen(rows: list[dict]) -> list[str | None]:
+    return [r["generated_label"] for r in rows]
+
+
+def probs(rows: list[dict]) -> list[list[float]]:
+    return [[r["label_probs"][label] for label in LABELS] for r in rows]
+
+
+def test_cases_jsonl_fields_and_prompts(project, tiny_model, dataset):
+    run_evals(project, tiny_model, dataset, "-k", "triage")
+    _, cases = load_run(project)
+    required = {"run_id", "model", "persona", "task", "stratum", "case_id", "reference", "system_prompt", "prompt",
+                "generated_text", "generated_label", "logit_label", "label_probs", "probs_source", "cached"}
+    for case in cases:
+        assert required <= set(case)
+        assert case["probs_source"] == "answer"
+        assert sum(case["label_probs"].values()) == pytest.approx(1.0)
+    by_persona = {c["persona"]: c for c in cases if c["case_id"] == cases[0]["case_id"]}
+    assert by_persona["no_persona"]["system_prompt"] is None  # this template adds no default system prompt
+    nurse = by_persona["ed_nurse"]
+    assert nurse["system_prompt"] == "You are an Emergency Department nurse."
+    # The persona sentence is the only difference between the rendered prompts.
+    assert nurse["prompt"].replace(nurse["system_prompt"], "") != by_persona["no_persona"]["prompt"]
+    assert by_persona["ed_physician"]["prompt"].replace("physician", "nurse") == nurse["prompt"]
+
+
+def test_fail_bound_fails_the_case_with_a_message_naming_the_bound(project, tiny_model, dataset):
+    thresholds = project.path / "strict.yaml"
+    thresholds.write_text(
+        "version: 1\n"
+        "triage:\n"
+        "  bounds:\n"
+        "    - {metric: risk_propensity, stratum: all, max: 0.6, mode: fail}\n"
+        "    - {metric: accuracy, stratum: emergency, min: 0.99, mode: record}\n")
+    result = run_evals(project, tiny_model, dataset, "-k", "triage", "--pe-thresholds", str(thresholds))
+    result.assert_outcomes(passed=len(STUDY_PERSONAS) - 1, failed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    out = result.stdout.str()
+    assert "FAILED evals/test_triage.py::test_triage[triage-" in out and f"-{PLANTED}]" in out
+    assert "risk propensity (all) for ed_physician" in out and "above the maximum 0.600" in out
+    assert "persona-eval verdict: FAILED" in out
+
+
+def test_k_selects_persona_and_warm_rerun_loads_no_model(project, tiny_model, dataset):
+    first = run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse")
+    first.assert_outcomes(passed=1)
+    summary, cases = load_run(project)
+    assert {c["persona"] for c in cases} == {"ed_nurse"}
+    assert not any(c["cached"] for c in cases)
+    assert summary["metadata"]["models_loaded"] != []
+
+    second = run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse")
+    second.assert_outcomes(passed=1)
+    summary, cases = load_run(project)
+    assert all(c["cached"] for c in cases)
+    assert summary["metadata"]["models_loaded"] == []
+    assert summary["metadata"]["cache"]["hits"] == summary["metadata"]["cache"]["requests"] == len(cases)
+
+
+def test_xdist_gives_the_same_summary(project, tiny_model, dataset):
+    run_evals(project, tiny_model, dataset, "-k", "triage")
+    serial, _ = load_run(project)
+    result = run_evals(project, tiny_model, dataset, "-k", "triage", "-n", "2")
+    result.assert_outcomes(passed=len(STUDY_PERSONAS))
+    parallel, cases = load_run(project)
+    assert parallel["run_id"] != serial["run_id"]
+    assert parallel["results"] == serial["results"]
+    assert parallel["checks"] == serial["checks"]
+    assert {c["run_id"] for c in cases} == {parallel["run_id"]}
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ('{"id": "x1", "stratum": "emergency", "reference": "C", "rationale": "r", "text": "t"}\n{oops\n',
+     "cases.jsonl:2"),
+    ('{"id": "x1", "stratum": "emergency", "reference": "D", "rationale": "r", "text": "t"}\n',
+     "cases.jsonl:1: field 'reference'"),
+    ('{"id": "x1", "stratum": "emergency", "reference": "C", "rationale": "r", "text": "t"}\n'
+     '{"id": "x1", "stratum": "emergency", "reference": "C", "rationale": "r", "text": "t"}\n',
+     "cases.jsonl:2: field 'id'"),
+    ('{"id": "x1", "stratum": "emergency", "reference": "C", "text": "t"}\n', "cases.jsonl:1: field 'rationale'"),
+    ("", "cases.jsonl"),
+])
+def test_bad_dataset_stops_with_one_clear_message(project, tiny_model, content, expected):
+    bad = project.path / "cases.jsonl"
+    bad.write_text(content)
+    result = run_evals(project, tiny_model, bad, "-k", "triage")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    out = result.stdout.str() + result.stderr.str()
+    assert expected in out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--pe-persona", "ed_nurce"], "unknown persona 'ed_nurce'. Did you mean 'ed_nurse'?"),
+    (["--pe-model", "smolm2"], "unknown model spec 'smolm2'"),
+    (["--pe-dataset", "triage"], "expected TASK=PATH"),
+    (["--pe-limit", "0"], "--pe-limit must be at least 1"),
+])
+def test_bad_options_are_usage_errors(project, tiny_model, dataset, args, expected):
+    result = project.runpytest_subprocess("evals", "-p", "no:cacheprovider", "-k", "triage", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert expected in result.stderr.str()
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_invalid_thresholds_file_is_a_usage_error_naming_the_key(project, tiny_model, dataset):
+    bad = project.path / "t.yaml"
+    bad.write_text("version: 1\ntriage:\n  bounds:\n    - {metric: accuracy, stratum: all, min: high}\n")
+    result = run_evals(project, tiny_model, dataset, "-k", "triage", "--pe-thresholds", str(bad))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "triage.bounds[0].min" in result.stderr.str()

@@ -1,0 +1,155 @@
+"""Tests of persona_eval.results: run ids, strict JSON, part files joined in order, reports/latest."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from persona_eval.results import finalize_cases, new_run_id, read_jsonl, update_latest, write_json, write_part
+
+
+def _strict_loads(text: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"not strict JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+# --- run ids -----------------------------------------------------------------------------------------
+
+
+def test_run_id_is_utc_time_and_a_random_suffix() -> None:
+    before = int(time.time())
+    run_id = new_run_id()
+    after = int(time.time())
+    match = re.fullmatch(r"(\d{8}-\d{6})-([0-9a-f]{6})", run_id)
+    assert match, run_id
+    stamp = calendar.timegm(time.strptime(match.group(1), "%Y%m%d-%H%M%S"))
+    assert before <= stamp <= after
+
+
+def test_run_ids_are_unique_and_safe_as_directory_names() -> None:
+    ids = [new_run_id() for _ in range(300)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"[0-9a-f-]+", run_id) for run_id in ids)
+
+
+# --- JSON --------------------------------------------------------------------------------------------
+
+
+def test_write_json_turns_nan_and_infinities_into_null(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "summary.json"
+    write_json(path, {"accuracy": math.nan, "n": 3, "nested": {"ece": math.inf, "ok": 0.25},
+                      "values": [1.0, -math.inf, (math.nan, 2)], 7: "int key"})
+    text = path.read_text(encoding="utf-8")
+    assert "NaN" not in text and "Infinity" not in text
+    assert _strict_loads(text) == {"accuracy": None, "n": 3, "nested": {"ece": None, "ok": 0.25},
+                                   "values": [1.0, None, [None, 2]], "7": "int key"}
+    assert text.endswith("\n")
+
+
+def test_write_json_replaces_the_file_and_leaves_no_staging_file(tmp_path: Path) -> None:
+    path = tmp_path / "summary.json"
+    write_json(path, {"version": 1})
+    write_json(path, {"version": 2, "persona": "ed_nurse — médico"})
+    assert _strict_loads(path.read_text(encoding="utf-8")) == {"version": 2, "persona": "ed_nurse — médico"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_write_json_refuses_what_json_cannot_hold(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "bad.json", {"path": tmp_path})
+
+
+# --- part files and cases.jsonl ----------------------------------------------------------------------
+
+
+def _records(persona: str, count: int) -> list[dict[str, Any]]:
+    return [{"persona": persona, "case_id": f"c{i}", "label_probs": None if i else {"A": math.nan}}
+            for i in range(count)]
+
+
+def test_parts_are_joined_in_the_given_order(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # Written in one order (as xdist workers finish), joined in another (the report's order).
+    write_part(run_dir, "triage", "tiny", "ed_nurse", _records("ed_nurse", 2))
+    write_part(run_dir, "triage", "tiny", "no_persona", _records("no_persona", 3))
+    path = write_part(run_dir, "triage", "tiny", "helpful_assistant", _records("helpful_assistant", 1))
+    assert path == run_dir / "parts" / "triage__tiny__helpful_assistant.jsonl"
+
+    order = [("triage", "tiny", "no_persona"), ("triage", "tiny", "helpful_assistant"),
+             ("triage", "other", "no_persona"),  # never written: skipped
+             ("triage", "tiny", "ed_nurse")]
+    target = finalize_cases(run_dir, order)
+    assert target == run_dir / "cases.jsonl"
+    lines = target.read_text(encoding="utf-8").splitlines()
+    assert all(_strict_loads(line) for line in lines)
+    joined = read_jsonl(target)
+    assert [(r["persona"], r["case_id"]) for r in joined] == [
+        ("no_persona", "c0"), ("no_persona", "c1"), ("no_persona", "c2"),
+        ("helpful_assistant", "c0"), ("ed_nurse", "c0"), ("ed_nurse", "c1")]
+    assert joined[0]["label_probs"] == {"A": None}
+
+
+def test_finalize_cases_with_no_part_writes_nothing(tmp_path: Path) -> None:
+    assert finalize_cases(tmp_path, [("triage", "tiny", "no_persona")]) is None
+    assert not (tmp_path / "cases.jsonl").exists()
+
+
+def test_finalize_cases_can_write_another_file(tmp_path: Path) -> None:
+    write_part(tmp_path, "safety", "tiny", "no_persona", [{"id": 1}])
+    target = finalize_cases(tmp_path, [("safety", "tiny", "no_persona")], filename="safety_cases.jsonl")
+    assert target == tmp_path / "safety_cases.jsonl"
+    assert read_jsonl(target) == [{"id": 1}]
+
+
+def test_read_jsonl_skips_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "cases.jsonl"
+    path.write_text('{"a": 1}\n\n   \n{"a": 2}\n', encoding="utf-8")
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+
+
+# --- reports/latest ----------------------------------------------------------------------------------
+
+
+def test_update_latest_points_at_the_run_with_a_relative_link(tmp_path: Path) -> None:
+    run_dir = tmp_path / "20250101-000000-abcdef"
+    run_dir.mkdir()
+    update_latest(tmp_path, run_dir)
+    latest = tmp_path / "latest"
+    assert latest.is_symlink()
+    assert os.readlink(latest) == run_dir.name
+    assert latest.resolve() == run_dir.resolve()
+
+
+def test_update_latest_replaces_an_older_link(tmp_path: Path) -> None:
+    old, new = tmp_path / "20250101-000000-aaaaaa", tmp_path / "20250102-000000-bbbbbb"
+    old.mkdir()
+    new.mkdir()
+    (new / "summary.json").write_text("{}")
+    update_latest(tmp_path, old)
+    update_latest(tmp_path, new)
+    latest = tmp_path / "latest"
+    assert os.readlink(latest) == new.name
+    assert (latest / "summary.json").exists()
+    assert old.is_dir()  # the older run itself is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([old.name, new.name, "latest"])
+
+
+def test_update_latest_writes_a_text_file_where_links_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    def no_symlinks(self: Path, target: Any, target_is_directory: bool = False) -> None:
+        raise OSError("symlinks not supported")
+
+    monkeypatch.setattr(Path, "symlink_to", no_symlinks)
+    run_dir = tmp_path / "20250101-000000-cccccc"
+    run_dir.mkdir()
+    update_latest(tmp_path, run_dir)
+    assert (tmp_path / "latest.txt").read_text(encoding="utf-8") == run_dir.name + "\n"
