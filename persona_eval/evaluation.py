@@ -180,5 +180,10 @@ def triage_metrics(records: Sequence[Mapping[str, Any]], *, logprobs_available: 
             result[name] = _value(number)
             if result[name] is None and name not in notes:
                 notes[name] = "not defined on these cases"
-        out[stratum] = {"n": len(rows), "metrics": result, "notes": notes}
+        figures: dict[str, Any] = {
+            "confusion_matrix": metrics.confusion_matrix(y_true, y_pred, labels=labels),
+            "reliability": (metrics.reliability_bins(truth, probs, labels=labels)
+                            if logprobs_available and with_probs else None),
+        }
+        out[stratum] = {"n": len(rows), "metrics": result, "notes": notes, "figures": figures}
     return out

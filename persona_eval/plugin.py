@@ -287,6 +287,7 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
     settings = TriageSettings(generation=GenerationConfig(max_new_tokens=pe_settings.max_new_tokens["triage"]),
                               scoring=LabelScoring(labels=triage.LABELS))
     started = time.perf_counter()
+    model_seconds_before = runner.stats.model_seconds
     try:
         records = evaluate_triage(pe_triage_cases, condition.persona, runner, run_id=state.run_id,
                                   model=condition.model.name, settings=settings, progress=progress)
@@ -312,6 +313,7 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
         "n_cases": len(records),
         "cached": sum(1 for r in records if r["cached"]),
         "seconds": time.perf_counter() - started,
+        "model_seconds": runner.stats.model_seconds - model_seconds_before,
     })
     yield ConditionResult(condition, records, metrics, checks)
 

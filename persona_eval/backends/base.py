@@ -30,6 +30,10 @@ class GenerationConfig:
 
     max_new_tokens: int = 32
     temperature: float = 0.0
+    # When set to k: the reply must be the JSON object {"ranking": [...]} holding a permutation of
+    # 1..k (judge rankings). Backends constrain decoding to it where they can (vLLM: a JSON schema;
+    # transformers: a logits processor); the caller validates the reply either way.
+    constrained_ranking: int | None = None
 
     def key(self) -> dict[str, Any]:
         return asdict(self)

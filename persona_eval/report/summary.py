@@ -62,7 +62,8 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
         for stratum, block in result["metrics"].items():
             rows.append({"task": result["task"], "model": result["model"], "persona": result["persona"],
                          "persona_group": result["persona_group"], "stratum": stratum, "n": block["n"],
-                         "metrics": block["metrics"], "notes": block["notes"]})
+                         "metrics": block["metrics"], "notes": block["notes"],
+                         "figures": block.get("figures", {})})
     checks = [dict(check, task=r["task"], model=r["model"], persona=r["persona"])
               for r in results for check in r["checks"]]
     models: dict[str, Any] = {}
@@ -92,6 +93,8 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
             "packages": package_versions(),
             "git_revision": _git_revision(Path(__file__).resolve().parent.parent),
             "duration_seconds": round(time.time() - started, 3),
+            "inference_seconds": round(sum(r.get("seconds", 0.0) for r in results), 3),
+            "model_seconds": round(sum(r.get("model_seconds", 0.0) for r in results), 3),
             "cache": {"requests": n_requests, "hits": cached, "enabled": settings.use_cache},
             "models_loaded": sorted({r["model"] for r in results if r.get("model_loaded")}),
             "cases_file": cases_path.name if cases_path else None,

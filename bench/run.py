@@ -1,0 +1,99 @@
+"""Speed of the triage path on the embedded model: batched throughput, overhead, cold vs warm run.
+
+    python bench/run.py                # everything (about 10 minutes on 2 cores)
+    python bench/run.py --only batch   # generation throughput by batch size only
+
+Prints a JSON document; the README's figures come from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def batch_throughput(cache_dir: Path, n_cases: int = 16) -> dict[str, float]:
+    """Generated tokens per second at batch sizes 1, 4 and 16 on the same cases (greedy, 32 tokens)."""
+    from persona_eval.backends.base import GenerationConfig, LabelScoring
+    from persona_eval.backends.embedded import prepare_embedded_model
+    from persona_eval.backends.hf import HFBackend
+    from persona_eval.data import load_triage_cases
+    from persona_eval.personas import STUDY_PERSONAS
+    from persona_eval.prompts import render_messages
+    from persona_eval.tasks.triage import user_message
+
+    backend = HFBackend("smollm2", str(prepare_embedded_model(cache_dir)))
+    cases = load_triage_cases(REPO / "fixtures/triage/vignettes.jsonl")[:n_cases]
+    persona = STUDY_PERSONAS[2]
+    requests = [render_messages(user_message(c.text), persona, backend.system_policy()) for c in cases]
+    config, scoring = GenerationConfig(max_new_tokens=32), LabelScoring()
+    backend.generate(requests[:2], config, scoring)  # warm-up: load weights
+    result = {}
+    for batch_size in (1, 4, 16):
+        started, tokens = time.perf_counter(), 0
+        for start in range(0, len(requests), batch_size):
+            generations = backend.generate(requests[start:start + batch_size], config, scoring)
+            tokens += sum(g.usage["completion_tokens"] for g in generations)
+        seconds = time.perf_counter() - started
+        result[f"batch_{batch_size}_tokens_per_s"] = round(tokens / seconds, 2)
+        result[f"batch_{batch_size}_cases_per_s"] = round(len(requests) / seconds, 3)
+    result["speedup_16_vs_1"] = round(result["batch_16_cases_per_s"] / result["batch_1_cases_per_s"], 2)
+    return result
+
+
+def main_job(cache_dir: Path) -> dict[str, float]:
+    """The main job (`pytest evals -k triage`) cold (empty result cache) and warm (everything cached).
+
+    The prepared model directory is shared, so "cold" means no cached results, not a first install."""
+    work = Path(tempfile.mkdtemp(prefix="pe-bench-"))
+    (work / "cache").mkdir()
+    os.symlink(cache_dir / "models", work / "cache" / "models")
+    command = [sys.executable, "-m", "pytest", "evals", "-k", "triage", "-q", "-p", "no:cacheprovider",
+               "--pe-cache-dir", str(work / "cache"), "--pe-reports-dir", str(work / "reports"), "--pe-quiet"]
+    timings = {}
+    for label in ("cold", "warm"):
+        started = time.perf_counter()
+        subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+        timings[f"{label}_seconds"] = round(time.perf_counter() - started, 2)
+        summary = json.loads((work / "reports" / "latest" / "summary.json").read_text())
+        meta = summary["metadata"]
+        timings[f"{label}_inference_seconds"] = meta["inference_seconds"]
+        timings[f"{label}_model_seconds"] = meta["model_seconds"]
+        timings[f"{label}_cache_hits"] = meta["cache"]["hits"]
+        timings[f"{label}_requests"] = meta["cache"]["requests"]
+    timings["cold_share_outside_model_calls"] = round(
+        1 - timings["cold_model_seconds"] / timings["cold_inference_seconds"], 4)
+    timings["warm_share_of_cold"] = round(timings["warm_seconds"] / timings["cold_seconds"], 4)
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("batch", "main"), help="run one benchmark")
+    parser.add_argument("--cache-dir", type=Path, help="where the prepared model lives (default: the usual)")
+    args = parser.parse_args()
+    from persona_eval.backends.embedded import prepare_embedded_model
+    from persona_eval.cache import default_cache_dir
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    started = time.perf_counter()
+    prepare_embedded_model(cache_dir)
+    report: dict[str, object] = {"prepare_seconds": round(time.perf_counter() - started, 2),
+                                 "cpu_count": os.cpu_count()}
+    if args.only in (None, "batch"):
+        report["batch"] = batch_throughput(cache_dir)
+    if args.only in (None, "main"):
+        report["main_job"] = main_job(cache_dir)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
