@@ -1,4 +1,12 @@
-"""`persona-eval` commands that are not test runs: prepare the embedded model, and more to come."""
+"""`persona-eval` commands that are not test runs: prepare the embedded model, rebuild a report, compare runs.
+
+``persona-eval compare RUN_A RUN_B`` compares run B (the candidate) with run A (the approved reference),
+case by case, with the paired tests and the regression rules of the thresholds file, as
+``pytest evals --pe-baseline RUN_A`` does at the end of a run. RUN_A and RUN_B are run folders (e.g.
+reports/latest) or approved baseline files (``--pe-save-baseline``). It prints the verdict first and exits
+1 when a ``fail`` regression rule is crossed, 0 otherwise, and 2 on bad input (a changed dataset
+included).
+"""
 
 from __future__ import annotations
 
@@ -24,12 +32,66 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from persona_eval.comparisons import ComparisonSettings
+    from persona_eval.gate import approved_comparison, load_results
+    from persona_eval.report.terminal import render_baseline_comparison
+    from persona_eval.results import write_json
+    from persona_eval.thresholds import load_thresholds
+
+    thresholds = load_thresholds(args.thresholds)
+    settings = ComparisonSettings(n_resamples=args.resamples)
+    approved = load_results(args.run_a)
+    candidate = load_results(args.run_b)
+    document = approved_comparison(candidate.records, approved, thresholds.regressions, settings=settings)
+    document["candidate"] = {"source": str(candidate.source), "run_id": candidate.header.get("run_id"),
+                             "models": candidate.header.get("models")}
+    document["thresholds"] = {"path": str(thresholds.path), "fingerprint": thresholds.fingerprint}
+    document["comparison_settings"] = settings.to_json()
+    if args.json == "-":
+        print(json.dumps(document, indent=2))
+    else:
+        for line in render_baseline_comparison(document, candidate=candidate.label):
+            print(line)
+        if args.json:
+            write_json(Path(args.json), document)
+    return 0 if document["verdict"]["passed"] else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from persona_eval.report.html import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "summary.json").exists():
+        raise PersonaEvalError(f"{run_dir}: no summary.json here; give a run folder such as reports/latest")
+    print(write_report(run_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-eval", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="convert the embedded model once; prints its directory last")
     prepare.add_argument("--cache-dir", help="default: $PERSONA_EVAL_CACHE_DIR or ~/.cache/persona-eval")
     prepare.set_defaults(handler=_prepare)
+    compare = commands.add_parser(
+        "compare", help="compare run B (candidate) with run A (approved), case by case; exit 1 on a regression",
+        description="Compare RUN_B (the candidate) with RUN_A (the approved reference) case by case: the paired "
+                    "tests of every persona, metric and stratum, and the regression rules of the thresholds "
+                    "file. Exit status: 1 when a fail rule is crossed, 0 otherwise, 2 on bad input.")
+    compare.add_argument("run_a", metavar="RUN_A", help="the approved run: a run folder or a baseline file")
+    compare.add_argument("run_b", metavar="RUN_B", help="the candidate run: a run folder or a baseline file")
+    compare.add_argument("--thresholds", metavar="PATH", help="thresholds YAML (default: the bundled one)")
+    compare.add_argument("--resamples", type=int, default=2000, metavar="N",
+                         help="bootstrap resamples (default 2000)")
+    compare.add_argument("--json", metavar="PATH",
+                         help="also write the comparison as JSON to PATH ('-': print only the JSON)")
+    compare.set_defaults(handler=_compare)
+    report = commands.add_parser("report", help="rebuild a run's report.html from its files (no model is called)")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. reports/latest")
+    report.set_defaults(handler=_report)
     return parser
 
 

@@ -4,7 +4,11 @@ Each (task, model, persona) is one pytest case. The case runs inference through 
 writes its per-case records to a part file, records its metrics with ``record_property`` (plain JSON
 types: they travel to the pytest-xdist controller inside the test report) and asserts the
 thresholds' ``fail`` bounds. The reporter, registered on the controller only, joins the parts into
-cases.jsonl, writes summary.json and prints the verdict and the tables.
+cases.jsonl and, from it, computes the paired comparisons of every persona with the controls and
+checks the thresholds' regression rules (the deployment gate), against an approved baseline too when
+``--pe-baseline`` names one; then it writes summary.json, saves the run as an approved baseline when
+``--pe-save-baseline`` asks, and prints the verdict and the tables. A crossed ``fail`` regression rule
+fails the session (exit status 1) although every pytest case passed.
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ import pytest
 from persona_eval.backends import ModelSpec, create_backend, load_models_file, parse_model_spec
 from persona_eval.backends.base import Backend, GenerationConfig, LabelScoring
 from persona_eval.cache import NullCache, ResultCache, default_cache_dir
+from persona_eval.comparisons import ComparisonSettings, check_same_dataset, compare_personas
 from persona_eval.data import load_triage_cases
 from persona_eval.errors import PersonaEvalError
 from persona_eval.evaluation import TriageSettings, evaluate_triage, triage_metrics
+from persona_eval.gate import ResultSet, approved_comparison, check_regressions, load_results, save_baseline
 from persona_eval.personas import Persona, PersonaRegistry, load_personas
+from persona_eval.report import html as html_report
 from persona_eval.report.summary import build_summary
 from persona_eval.report.terminal import render_terminal_summary
-from persona_eval.results import finalize_cases, new_run_id, update_latest, write_json, write_part
+from persona_eval.results import finalize_cases, new_run_id, read_jsonl, update_latest, write_json, write_part
 from persona_eval.runner import Progress, Runner
 from persona_eval.tasks import triage
 from persona_eval.thresholds import Thresholds, load_thresholds
@@ -57,6 +64,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--pe-batch-size", type=int, metavar="N", help="batch size of local models (16)")
     group.addoption("--pe-reports-dir", metavar="DIR", help="where runs are written (default: ./reports)")
     group.addoption("--pe-quiet", action="store_true", help="no progress lines")
+    group.addoption("--pe-baseline", metavar="PATH",
+                    help="approved baseline (a file from --pe-save-baseline, or a run folder): compare this run "
+                         "with it case by case and fail the session on a significant regression")
+    group.addoption("--pe-save-baseline", metavar="PATH",
+                    help="write this run's per-case results to PATH as an approved baseline")
+    group.addoption("--pe-bootstrap-resamples", type=int, metavar="N",
+                    help="bootstrap resamples of the paired comparisons (default 2000)")
 
 
 @dataclass
@@ -75,6 +89,9 @@ class Settings:
     batch_size: int | None
     reports_dir: Path
     quiet: bool
+    comparison: ComparisonSettings = field(default_factory=ComparisonSettings)
+    approved: ResultSet | None = None
+    save_baseline: Path | None = None
 
 
 @dataclass
@@ -92,7 +109,7 @@ settings_key = pytest.StashKey[Settings]()
 state_key = pytest.StashKey[WorkerState]()
 
 
-def _parse_settings(config: pytest.Config) -> Settings:
+def _parse_settings(config: pytest.Config, *, controller: bool = True) -> Settings:
     option = config.option
     root = Path(config.rootpath)
     named = load_models_file(option.pe_models_file) if option.pe_models_file else {}
@@ -120,6 +137,17 @@ def _parse_settings(config: pytest.Config) -> Settings:
         if option.pe_max_new_tokens < 1:
             raise PersonaEvalError(f"--pe-max-new-tokens must be at least 1, got {option.pe_max_new_tokens}")
         max_new_tokens = dict.fromkeys(max_new_tokens, option.pe_max_new_tokens)
+    resamples = option.pe_bootstrap_resamples
+    if resamples is not None and resamples < 1:
+        raise PersonaEvalError(f"--pe-bootstrap-resamples must be at least 1, got {resamples}")
+    comparison = ComparisonSettings() if resamples is None else ComparisonSettings(n_resamples=resamples)
+    # Only the controller compares runs: workers neither read nor write baselines.
+    approved = None
+    if controller and option.pe_baseline:
+        try:
+            approved = load_results(option.pe_baseline)
+        except PersonaEvalError as exc:
+            raise PersonaEvalError(f"--pe-baseline: {exc}") from None
     return Settings(
         models=models,
         personas=personas,
@@ -133,16 +161,48 @@ def _parse_settings(config: pytest.Config) -> Settings:
         batch_size=option.pe_batch_size,
         reports_dir=Path(option.pe_reports_dir) if option.pe_reports_dir else root / "reports",
         quiet=option.pe_quiet,
+        comparison=comparison,
+        approved=approved,
+        save_baseline=Path(option.pe_save_baseline) if option.pe_save_baseline else None,
     )
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def _limit_cases(cases: list[triage.TriageCase], limit: int | None) -> list[triage.TriageCase]:
+    """The first `limit` cases of each stratum (all of them when `limit` is None)."""
+    if limit is None:
+        return cases
+    seen: dict[str, int] = {}
+    limited = []
+    for case in cases:
+        seen[case.stratum] = seen.get(case.stratum, 0) + 1
+        if seen[case.stratum] <= limit:
+            limited.append(case)
+    return limited
+
+
+def _check_approved_dataset(settings: Settings) -> None:
+    """Before any model runs: the cases this run will evaluate are those of the approved baseline (same
+    ids, reference labels and strata), or a usage error naming the ids that differ. A dataset that does
+    not load is left to the triage fixture, which reports it."""
+    if settings.approved is None:
+        return
     try:
-        settings = _parse_settings(config)
+        cases = _limit_cases(load_triage_cases(settings.datasets["triage"]), settings.limit)
+    except PersonaEvalError:
+        return
+    planned = [{"task": triage.TASK, "case_id": c.id, "reference": c.reference, "stratum": c.stratum}
+               for c in cases]
+    check_same_dataset(planned, settings.approved.records, tasks=[triage.TASK])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workerinput = getattr(config, "workerinput", None)
+    try:
+        settings = _parse_settings(config, controller=workerinput is None)
+        _check_approved_dataset(settings)
     except PersonaEvalError as exc:
         raise pytest.UsageError(f"persona-eval: {exc}") from None
     config.stash[settings_key] = settings
-    workerinput = getattr(config, "workerinput", None)
     run_id = workerinput["pe_run_id"] if workerinput and "pe_run_id" in workerinput else new_run_id()
     config.stash[state_key] = WorkerState(run_id=run_id, run_dir=settings.reports_dir / run_id)
     if workerinput is None:
@@ -215,15 +275,7 @@ def pe_triage_cases(pe_settings: Settings) -> list[triage.TriageCase]:
         cases = load_triage_cases(path)
     except PersonaEvalError as exc:
         pytest.exit(f"persona-eval: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
-    if pe_settings.limit is not None:
-        seen: dict[str, int] = {}
-        limited = []
-        for case in cases:
-            seen[case.stratum] = seen.get(case.stratum, 0) + 1
-            if seen[case.stratum] <= pe_settings.limit:
-                limited.append(case)
-        cases = limited
-    return cases
+    return _limit_cases(cases, pe_settings.limit)
 
 
 def _write_progress(config: pytest.Config) -> Callable[[str], None]:
@@ -326,13 +378,16 @@ class Reporter:
         self.config = config
         self.results: list[dict[str, Any]] = []
         self.summary: dict[str, Any] | None = None
+        self.saved_baseline: Path | None = None
+        self.report_path: Path | None = None
+        self.errors: list[str] = []
         self.started = time.time()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "call":
             return
         for name, value in report.user_properties:
-            if name == PROPERTY:
+            if name == PROPERTY and isinstance(value, dict):
                 self.results.append(dict(value, outcome=report.outcome))
 
     @pytest.hookimpl(tryfirst=True)
@@ -346,11 +401,48 @@ class Reporter:
         self.results.sort(key=lambda r: (r["task"], model_order.index(r["model"]) if r["model"] in model_order
                                          else len(model_order), persona_order.index(r["persona"])))
         cases_path = finalize_cases(state.run_dir, [(r["task"], r["model"], r["persona"]) for r in self.results])
+        # The comparisons and the gate read the joined cases.jsonl, which holds every condition of the run
+        # whichever worker ran it: computed here once, never in a worker.
+        records = read_jsonl(cases_path) if cases_path is not None else []
+        comparisons: list[dict[str, Any]] = []
+        comparisons_error = None
+        try:
+            comparisons = compare_personas(records, settings=settings.comparison)
+        except PersonaEvalError as exc:
+            comparisons_error = str(exc)
+        regressions = check_regressions(comparisons, settings.thresholds.regressions, scope="within_run")
+        baseline_comparison = None
+        if settings.approved is not None:
+            try:
+                baseline_comparison = approved_comparison(records, settings.approved,
+                                                          settings.thresholds.regressions,
+                                                          settings=settings.comparison)
+            except PersonaEvalError as exc:
+                baseline_comparison = {"approved": {"source": str(settings.approved.source),
+                                                    "run_id": settings.approved.header.get("run_id")},
+                                       "error": str(exc), "comparisons": [], "regressions": [], "skipped": [],
+                                       "verdict": {"passed": False, "blocking": [], "recorded": []}}
         self.summary = build_summary(
             run_id=state.run_id, results=self.results, settings=settings, started=self.started,
-            cases_path=cases_path)
+            cases_path=cases_path, comparisons=comparisons, comparison_settings=settings.comparison.to_json(),
+            regressions=[check.to_json() for check in regressions], baseline_comparison=baseline_comparison,
+            comparisons_error=comparisons_error)
         write_json(state.run_dir / "summary.json", self.summary)
+        self.report_path = html_report.write_report(state.run_dir)
         update_latest(settings.reports_dir, state.run_dir)
+        if settings.save_baseline is not None and records:
+            metadata = self.summary["metadata"]
+            try:
+                self.saved_baseline = save_baseline(settings.save_baseline, records, run_id=state.run_id,
+                                                    models=metadata["models"], datasets=metadata["datasets"])
+            except PersonaEvalError as exc:
+                self.errors.append(f"--pe-save-baseline: {exc}")
+        # The session fails exactly when a fail bound (a failed pytest case) or a fail regression rule is
+        # crossed; an approved baseline that cannot be compared is a usage error.
+        if self.errors or (baseline_comparison is not None and baseline_comparison.get("error")):
+            session.exitstatus = pytest.ExitCode.USAGE_ERROR
+        elif not self.summary["verdict"]["passed"] and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.summary is None:
@@ -358,5 +450,16 @@ class Reporter:
         terminalreporter.section("persona-eval")
         for line in render_terminal_summary(self.summary):
             terminalreporter.write_line(line)
+        for error in self.errors:
+            terminalreporter.write_line(f"persona-eval: {error}", red=True)
         state = self.config.stash[state_key]
-        terminalreporter.write_line(f"Results: {state.run_dir}/ (cases.jsonl, summary.json)")
+        terminalreporter.write_line(f"Results: {state.run_dir}/ (report.html, cases.jsonl, summary.json)")
+        if self.saved_baseline is not None:
+            terminalreporter.write_line(f"Approved baseline saved: {self.saved_baseline}")
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_html_results_summary(self, prefix: list[str], summary: list[str], postfix: list[str],
+                                    session: pytest.Session) -> None:
+        """pytest-html's report (--html) gets the same verdict (escaped HTML snippets)."""
+        if self.summary is not None:
+            prefix.extend(html_report.pytest_html_summary_lines(self.summary))

@@ -1,4 +1,20 @@
-"""Metric bounds per task, stratum and persona/model, read from a versioned thresholds YAML file."""
+"""Metric bounds and persona-safety regression rules per task, read from a versioned thresholds YAML file.
+
+Two sections per task:
+
+``bounds``
+    limits on a metric of each persona x model case (``min``/``max``), checked in the pytest case;
+``regressions``
+    the deployment gate: a persona-safety regression is a paired comparison (see
+    :mod:`persona_eval.comparisons`) whose delta is worse than ``tolerance`` in the ``worse`` direction
+    AND significant after Holm adjustment. Within a run the comparison is a persona against ``baseline``
+    (a control, ``no_persona`` by default); against an approved baseline (``--pe-baseline``) it is each
+    persona against the same persona of the approved run, and ``baseline`` is not used. Checked once at
+    the end of the session (see :mod:`persona_eval.gate`).
+
+Both take ``mode`` (``fail``: the session fails; ``record``: reported only), optional filters
+(``groups``, ``personas``, ``models``) and a ``why`` that is quoted when the rule is crossed.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +28,9 @@ from typing import Any, Literal
 
 import yaml
 
+from persona_eval.comparisons import COMPARED_METRICS, CONTROLS
 from persona_eval.errors import ConfigError
+from persona_eval.metrics import METRICS
 from persona_eval.personas import GROUPS, Persona
 from persona_eval.registry import unknown_name_message
 from persona_eval.tasks.triage import METRIC_NAMES, REPORT_STRATA
@@ -21,8 +39,10 @@ __all__ = [
     "DEFAULT_TASKS",
     "MODES",
     "SUPPORTED_VERSION",
+    "WORSE",
     "Bound",
     "BoundCheck",
+    "RegressionRule",
     "TaskSchema",
     "Thresholds",
     "ThresholdsLoader",
@@ -45,18 +65,25 @@ _BOUND_KEYS: tuple[str, ...] = (
     "metric", "stratum", "min", "max", "mode", "groups", "personas", "models", "why",
 )
 _FILTER_KEYS: tuple[str, ...] = ("groups", "personas", "models")
+_REGRESSION_KEYS: tuple[str, ...] = (
+    "metric", "stratum", "worse", "tolerance", "mode", "baseline", "groups", "personas", "models", "why",
+)
+WORSE: tuple[str, ...] = ("higher", "lower")
 
 
 @dataclass(frozen=True)
 class TaskSchema:
-    """What a thresholds file may name for one task: its metrics and its report strata."""
+    """What a thresholds file may name for one task: its metrics and its report strata, and the metrics
+    that have paired comparisons (those a regression rule may name; empty: the task has no rules)."""
 
     metrics: tuple[str, ...]
     strata: tuple[str, ...]
+    compared: tuple[str, ...] = ()
 
 
 DEFAULT_TASKS: Mapping[str, TaskSchema] = {
-    "triage": TaskSchema(metrics=tuple(METRIC_NAMES), strata=tuple(REPORT_STRATA)),
+    "triage": TaskSchema(metrics=tuple(METRIC_NAMES), strata=tuple(REPORT_STRATA),
+                         compared=tuple(COMPARED_METRICS["triage"])),
 }
 
 
@@ -197,11 +224,13 @@ class BoundCheck:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The bounds of one thresholds file, in file order, and the file's fingerprint for run metadata."""
+    """The bounds and regression rules of one thresholds file, in file order, and the file's fingerprint
+    for run metadata."""
 
     path: Path | None
     bounds: tuple[Bound, ...] = ()
     fingerprint: str = ""
+    regressions: tuple[RegressionRule, ...] = ()
 
     def bounds_for(self, task: str, *, model: str, persona: Persona) -> list[Bound]:
         return [b for b in self.bounds if b.task == task and b.applies_to(model, persona)]
@@ -226,6 +255,54 @@ class Thresholds:
             "fingerprint": self.fingerprint,
             "version": SUPPORTED_VERSION,
             "bounds": [bound.to_json() for bound in self.bounds],
+            "regressions": [rule.to_json() for rule in self.regressions],
+        }
+
+
+@dataclass(frozen=True)
+class RegressionRule:
+    """One rule of a task's ``regressions`` section: `metric` on `stratum` must not get worse, in the
+    `worse` direction, by more than `tolerance` with significance (Holm-adjusted p < alpha).
+
+    `baseline` is the control a persona is compared with within a run (not used against an approved
+    baseline). The filters (groups, personas, models) are None when not given; a rule applies to a
+    comparison when every given filter matches its persona and (candidate) model.
+    """
+
+    task: str
+    metric: str
+    stratum: str
+    worse: Literal["higher", "lower"]
+    tolerance: float
+    mode: Mode = "fail"
+    baseline: str = CONTROLS[0]
+    groups: tuple[str, ...] | None = None
+    personas: tuple[str, ...] | None = None
+    models: tuple[str, ...] | None = None
+    why: str | None = None
+
+    def applies_to(self, *, model: str, persona: str, persona_group: str | None) -> bool:
+        return ((self.groups is None or persona_group in self.groups)
+                and (self.personas is None or persona in self.personas)
+                and (self.models is None or model in self.models))
+
+    def crossed_by(self, delta: float) -> bool:
+        """Whether `delta` (persona minus baseline) is worse than the tolerance."""
+        return delta > self.tolerance if self.worse == "higher" else delta < -self.tolerance
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "stratum": self.stratum,
+            "worse": self.worse,
+            "tolerance": self.tolerance,
+            "mode": self.mode,
+            "baseline": self.baseline,
+            "groups": list(self.groups) if self.groups is not None else None,
+            "personas": list(self.personas) if self.personas is not None else None,
+            "models": list(self.models) if self.models is not None else None,
+            "why": self.why,
         }
 
 
@@ -280,7 +357,8 @@ class ThresholdsLoader:
 
     def __init__(self, tasks: Mapping[str, TaskSchema] | None = None) -> None:
         self.tasks: Mapping[str, TaskSchema] = dict(DEFAULT_TASKS if tasks is None else tasks)
-        self.sections: dict[str, SectionParser] = {"bounds": self._parse_bounds}
+        self.sections: dict[str, SectionParser] = {"bounds": self._parse_bounds,
+                                                   "regressions": self._parse_regressions}
         self._path = Path()
 
     def load(self, path: str | Path) -> Thresholds:
@@ -328,7 +406,8 @@ class ThresholdsLoader:
                     self._fail(f"{task}.{section}",
                                unknown_name_message("key", str(section), self.sections))
                 sections[section].extend(self.sections[section](task, value, f"{task}.{section}"))
-        return Thresholds(path=path, bounds=tuple(sections["bounds"]), fingerprint=fingerprint)
+        return Thresholds(path=path, bounds=tuple(sections["bounds"]), fingerprint=fingerprint,
+                          regressions=tuple(sections["regressions"]))
 
     def _fail(self, where: str, message: str) -> Any:
         raise ConfigError(f"{self._path}: {where}: {message}" if where else f"{self._path}: {message}")
@@ -371,6 +450,65 @@ class ThresholdsLoader:
         return Bound(task=task, metric=metric, stratum=stratum, min=low, max=high, mode=mode,
                      groups=groups, personas=self._filter(entry, "personas", where),
                      models=self._filter(entry, "models", where), why=why or None)
+
+    def _parse_regressions(self, task: str, value: Any, where: str) -> list[RegressionRule]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self._fail(where, f"expected a list of regression rules, got {_describe(value)}")
+        return [self._parse_regression(task, entry, f"{where}[{index}]") for index, entry in enumerate(value)]
+
+    def _parse_regression(self, task: str, entry: Any, where: str) -> RegressionRule:
+        if not isinstance(entry, Mapping):
+            self._fail(where, f"expected a mapping with metric, stratum, worse and tolerance, "
+                              f"got {_describe(entry)}")
+        for key in entry:
+            if key not in _REGRESSION_KEYS:
+                self._fail(f"{where}.{key}", unknown_name_message("key", str(key), _REGRESSION_KEYS))
+        schema = self.tasks[task]
+        if not schema.compared:
+            self._fail(where, f"task {task!r} has no paired comparisons, so no regression rules")
+        metric = self._name(entry, "metric", schema.compared, where, kind=f"{task} compared metric")
+        stratum = self._name(entry, "stratum", schema.strata, where, kind=f"{task} stratum")
+        info = METRICS.get(metric)
+        if "worse" in entry:
+            worse = entry["worse"]
+            if worse not in WORSE:
+                self._fail(f"{where}.worse", f"expected 'higher' (a rise is the regression) or 'lower' "
+                                             f"(a fall is), got {_describe(worse)}")
+        elif info is not None and info.higher_is_better is not None:
+            worse = "lower" if info.higher_is_better else "higher"
+        else:
+            self._fail(where, f"missing key 'worse': {metric} has no better direction, so say which is "
+                              "the regression ('higher' or 'lower')")
+        if "tolerance" not in entry:
+            self._fail(where, "missing key 'tolerance' (the largest worsening that is not a regression, "
+                              "in the metric's units; 0 counts any significant worsening)")
+        tolerance = self._number(entry, "tolerance", where)
+        if tolerance is None or tolerance < 0:
+            self._fail(f"{where}.tolerance", f"expected a number >= 0, got {_describe(entry['tolerance'])}")
+        assert tolerance is not None
+        mode = entry.get("mode", "fail")
+        if mode not in MODES:
+            self._fail(f"{where}.mode", f"expected 'fail' (the session fails) or 'record' (reported only), "
+                                        f"got {_describe(mode)}")
+        baseline = entry.get("baseline", CONTROLS[0])
+        if not isinstance(baseline, str):
+            self._fail(f"{where}.baseline", f"expected text, got {_describe(baseline)}")
+        if baseline not in CONTROLS:
+            self._fail(f"{where}.baseline", unknown_name_message("control", baseline, CONTROLS))
+        groups = self._filter(entry, "groups", where)
+        if groups is not None:
+            for index, group in enumerate(groups):
+                if group not in GROUPS:
+                    self._fail(f"{where}.groups[{index}]", unknown_name_message("group", group, GROUPS))
+        why = entry.get("why")
+        if why is not None and not isinstance(why, str):
+            self._fail(f"{where}.why", f"expected text, got {_describe(why)}")
+        return RegressionRule(task=task, metric=metric, stratum=stratum, worse=worse, tolerance=tolerance,
+                              mode=mode, baseline=baseline, groups=groups,
+                              personas=self._filter(entry, "personas", where),
+                              models=self._filter(entry, "models", where), why=why or None)
 
     def _name(self, entry: Mapping[str, Any], key: str, known: Sequence[str], where: str, *,
               kind: str) -> str:

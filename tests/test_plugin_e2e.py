@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,6 +187,12 @@ def test_xdist_gives_the_same_summary(project, tiny_model, dataset):
     assert parallel["run_id"] != serial["run_id"]
     assert parallel["results"] == serial["results"]
     assert parallel["checks"] == serial["checks"]
+    # The paired comparisons and the gate are computed once, on the controller, from the joined cases.jsonl.
+    assert len(serial["comparisons"]) == 2 * (len(STUDY_PERSONAS) - 1) * 3 * 6
+    assert parallel["comparisons"] == serial["comparisons"]
+    assert parallel["comparison_settings"] == serial["comparison_settings"]
+    assert parallel["regressions"] == serial["regressions"]
+    assert parallel["verdict"] == serial["verdict"]
     assert {c["run_id"] for c in cases} == {parallel["run_id"]}
 
 
@@ -228,3 +236,23 @@ def test_invalid_thresholds_file_is_a_usage_error_naming_the_key(project, tiny_m
     result = run_evals(project, tiny_model, dataset, "-k", "triage", "--pe-thresholds", str(bad))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "triage.bounds[0].min" in result.stderr.str()
+
+
+def test_report_html_is_written_escaped_and_rebuilt_without_a_model(project, tiny_model, dataset, tmp_path):
+    records = read_jsonl(dataset)
+    records[0]["text"] = records[0]["text"] + " <script>alert('x')</script>"
+    hostile = tmp_path / "hostile.jsonl"
+    hostile.write_text("".join(json.dumps(r) + "\n" for r in records))
+    html_path = project.path / "pytest-html.html"
+    run_evals(project, tiny_model, hostile, "-k", "triage and (no_persona or ed_nurse)", "--html", str(html_path))
+    run_dir = (project.path / "reports" / "latest").resolve()
+    report = (run_dir / "report.html").read_text()
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in report
+    assert "<script>alert(" not in report
+    assert "persona-eval" in html_path.read_text() and "PASSED" in html_path.read_text()
+
+    (run_dir / "report.html").unlink()
+    rebuilt = subprocess.run([sys.executable, "-m", "persona_eval.cli", "report", str(run_dir)],
+                             capture_output=True, text=True, check=True)
+    assert Path(rebuilt.stdout.strip()) == run_dir / "report.html"
+    assert (run_dir / "report.html").read_text() == report

@@ -328,8 +328,8 @@ def test_error_unknown_task_suggests(tmp_path: Path) -> None:
 def test_error_unknown_task_section(tmp_path: Path) -> None:
     message = error_of(write(tmp_path, "version: 1\ntriage:\n  bound: []\n"))
     assert ": triage.bound: unknown key 'bound'. Did you mean 'bounds'?" in message
-    message = error_of(write(tmp_path, "version: 1\ntriage:\n  regressions: []\n"))
-    assert ": triage.regressions: unknown key 'regressions'" in message
+    message = error_of(write(tmp_path, "version: 1\ntriage:\n  regression: []\n"))
+    assert ": triage.regression: unknown key 'regression'. Did you mean 'regressions'?" in message
 
 
 def test_error_task_not_a_mapping(tmp_path: Path) -> None:

@@ -1,7 +1,27 @@
 """summary.json: the verdict, every metric per model, persona, task and stratum, and run metadata.
 
-Built once on the controller from what the cases recorded; the HTML report and `persona-eval report`
-read it and never recompute it.
+Built once on the controller from what the cases recorded and from the joined cases.jsonl; the HTML report
+and `persona-eval report` read it and never recompute it. Its keys:
+
+``verdict``
+    ``passed``; ``blocking`` (persona-safety regressions first, within the run then against the approved
+    baseline, then crossed ``fail`` bounds), ``recorded`` (the same for ``record`` rules and bounds),
+    ``skipped``, ``checked`` (bounds checked), ``regressions_checked`` and ``blocking_regressions`` (the
+    blocking regression checks as structured dicts: persona, metric, stratum, model, delta, interval, p);
+``results``, ``checks``
+    the metrics per (task, model, persona, stratum) and the bound checks;
+``comparisons``
+    every paired comparison of the run (see :mod:`persona_eval.comparisons` for the fields), with
+    ``comparison_settings`` (resamples, confidence level, alpha, seed, Holm families) and
+    ``comparisons_error`` (None, or why they could not be computed: a blocking failure);
+``regressions``
+    every regression rule checked within the run (see :mod:`persona_eval.gate`);
+``baseline_comparison``
+    None, or the comparison with an approved baseline (``--pe-baseline``): ``approved`` (its source and
+    header), ``verdict`` (passed, blocking, recorded), ``comparisons``, ``regressions``, ``skipped``, and
+    ``error`` when the two runs could not be compared (e.g. a changed dataset);
+``personas``, ``metadata``
+    the personas run and the run metadata.
 """
 
 from __future__ import annotations
@@ -41,8 +61,27 @@ def _git_revision(root: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _verdict(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    blocking, recorded, skipped, checked = [], [], [], 0
+def _verdict(results: Sequence[Mapping[str, Any]], regressions: Sequence[Mapping[str, Any]],
+             baseline_comparison: Mapping[str, Any] | None, comparisons_error: str | None) -> dict[str, Any]:
+    blocking: list[str] = []
+    recorded: list[str] = []
+    skipped: list[str] = []
+    checked = 0
+    gate = list(regressions)
+    if baseline_comparison is not None:
+        gate.extend(baseline_comparison.get("regressions", []))
+    # Persona-safety regressions first: they are the deployment decision.
+    for check in gate:
+        if check["status"] == "fail":
+            (blocking if check["blocking"] else recorded).append(check["message"])
+        elif check["status"] == "skipped":
+            skipped.append(check["message"])
+    if comparisons_error:
+        blocking.append(f"FAIL: the paired comparisons could not be computed, so the gate was not checked: "
+                        f"{comparisons_error}")
+    if baseline_comparison is not None and baseline_comparison.get("error"):
+        blocking.append(f"FAIL: the comparison with the approved baseline could not be made: "
+                        f"{baseline_comparison['error']}")
     for result in results:
         for check in result["checks"]:
             checked += 1
@@ -50,13 +89,19 @@ def _verdict(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 (blocking if check["blocking"] else recorded).append(check["message"])
             elif check["status"] == "skipped":
                 skipped.append(check["message"])
-    return {"passed": not blocking, "checked": checked, "blocking": blocking, "recorded": recorded,
-            "skipped": skipped}
+    return {"passed": not blocking, "checked": checked, "regressions_checked": len(gate),
+            "blocking": blocking, "recorded": recorded, "skipped": skipped,
+            "blocking_regressions": [check for check in gate if check["blocking"]]}
 
 
 def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings: Any, started: float,
-                  cases_path: Path | None) -> dict[str, Any]:
-    """The summary document of a run (see the module docstring)."""
+                  cases_path: Path | None, comparisons: Sequence[Mapping[str, Any]] = (),
+                  comparison_settings: Mapping[str, Any] | None = None,
+                  regressions: Sequence[Mapping[str, Any]] = (),
+                  baseline_comparison: Mapping[str, Any] | None = None,
+                  comparisons_error: str | None = None) -> dict[str, Any]:
+    """The summary document of a run (see the module docstring). `regressions` are the within-run
+    regression checks as JSON (``RegressionCheck.to_json()``)."""
     rows = []
     for result in results:
         for stratum, block in result["metrics"].items():
@@ -79,9 +124,14 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
     return {
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "verdict": _verdict(results),
+        "verdict": _verdict(results, regressions, baseline_comparison, comparisons_error),
         "results": rows,
         "checks": checks,
+        "comparisons": list(comparisons),
+        "comparisons_error": comparisons_error,
+        "comparison_settings": dict(comparison_settings) if comparison_settings is not None else None,
+        "regressions": list(regressions),
+        "baseline_comparison": dict(baseline_comparison) if baseline_comparison is not None else None,
         "personas": [{"id": p.id, "name": p.name, "group": p.group, "declaration": p.declaration}
                      for p in settings.registry if any(r["persona"] == p.id for r in results)],
         "metadata": {

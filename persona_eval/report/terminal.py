@@ -1,11 +1,13 @@
-"""The end-of-session terminal summary: the verdict first, then persona x metric tables per stratum."""
+"""The end-of-session terminal summary: the verdict first (persona-safety regressions, then bounds), then
+persona x metric tables per stratum and the significant paired comparisons; and the text of
+`persona-eval compare`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["render_terminal_summary"]
+__all__ = ["render_baseline_comparison", "render_terminal_summary"]
 
 _COLUMNS: tuple[tuple[str, str, str], ...] = (
     # metric, header, format
@@ -28,19 +30,75 @@ def _cell(value: Any, fmt: str, note: str | None) -> str:
     return fmt.format(value)
 
 
-def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
-    """Lines for the terminal: verdict, blocking failures, then one table per model, task and stratum."""
+# Compared metrics as table columns: metric, header, signed format of a delta.
+_DELTA_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("accuracy", "acc", "{:+.2f}"),
+    ("consistency_rate", "consist", "{:+.0f}"),
+    ("risk_propensity", "risk", "{:+.2f}"),
+    ("under_triage_rate", "under", "{:+.2f}"),
+    ("over_triage_rate", "over", "{:+.2f}"),
+    ("expected_calibration_error", "ECE", "{:+.3f}"),
+)
+_METRIC_WORDS = {"accuracy": "accuracy", "consistency_rate": "consistency (%)", "risk_propensity": "risk propensity",
+                 "under_triage_rate": "under-triage rate", "over_triage_rate": "over-triage rate",
+                 "expected_calibration_error": "calibration error (ECE)"}
+
+
+def _delta_text(comparison: Mapping[str, Any]) -> str:
+    """"+0.583 (95% CI +0.375 to +0.792), adjusted p < 0.001 (paired bootstrap)"."""
+    fmt = "{:+.1f}" if comparison["metric"] == "consistency_rate" else "{:+.3f}"
+    text = fmt.format(comparison["delta"])
+    if comparison.get("ci_low") is not None and comparison.get("ci_high") is not None:
+        level = round(100 * float(comparison["confidence_level"]))
+        text += f" ({level}% CI {fmt.format(comparison['ci_low'])} to {fmt.format(comparison['ci_high'])})"
+    adjusted = comparison.get("pvalue_adjusted")
+    if adjusted is not None:
+        text += ", adjusted p " + ("< 0.001" if adjusted < 0.001 else f"= {adjusted:.3f}")
+    return text + f" ({comparison['test']})"
+
+
+def _significant(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per significant comparison, under a heading per model, task and baseline."""
     lines: list[str] = []
-    verdict = summary["verdict"]
+    heading = None
+    for c in comparisons:
+        if not c.get("significant"):
+            continue
+        against = (f"the approved baseline ({c.get('baseline_model')})" if c["baseline"] == "approved"
+                   else c["baseline"])
+        if (c["task"], c["model"], against) != heading:
+            heading = (c["task"], c["model"], against)
+            lines.append(f"  {c['task']} / {c['model']} vs {against}:")
+        lines.append(f"    {c['stratum']}: {c['persona']}: {_METRIC_WORDS.get(c['metric'], c['metric'])} "
+                     f"{_delta_text(c)}")
+    return lines
+
+
+def _verdict_lines(verdict: Mapping[str, Any], checks: Sequence[Mapping[str, Any]]) -> list[str]:
     blocking: Sequence[str] = verdict["blocking"]
+    regressions = len(verdict.get("blocking_regressions", []))
+    bounds = sum(1 for check in checks if check.get("blocking"))
     if verdict["passed"]:
-        lines.append(f"persona-eval verdict: PASSED ({verdict['checked']} bounds checked, none crossed "
-                     f"that blocks; {len(verdict['recorded'])} record-only bounds crossed)")
+        lines = [f"persona-eval verdict: PASSED ({verdict['checked']} bounds and "
+                 f"{verdict.get('regressions_checked', 0)} regression checks, none crossed that blocks; "
+                 f"{len(verdict['recorded'])} record-only crossed)"]
     else:
-        lines.append(f"persona-eval verdict: FAILED: {len(blocking)} blocking bound(s) crossed")
+        others = len(blocking) - regressions - bounds
+        parts = [f"{regressions} persona-safety regression(s)", f"{bounds} blocking bound(s) crossed"]
+        if others > 0:
+            parts.append(f"{others} gate error(s)")
+        lines = [f"persona-eval verdict: FAILED: {', '.join(parts)}"]
         lines.extend(f"  - {message}" for message in blocking)
     if verdict["recorded"]:
-        lines.append(f"Record-only bounds crossed ({len(verdict['recorded'])}); see the report.")
+        lines.append(f"Record-only bounds and regressions crossed ({len(verdict['recorded'])}):")
+        lines.extend(f"  - {message}" for message in verdict["recorded"])
+    return lines
+
+
+def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
+    """Lines for the terminal: verdict, blocking failures (regressions first), then one table per model,
+    task and stratum, the significant paired comparisons, and the comparison with an approved baseline."""
+    lines: list[str] = _verdict_lines(summary["verdict"], summary.get("checks", []))
     results = summary["results"]
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in results:
@@ -61,6 +119,21 @@ def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
             for row in stratum_rows:
                 cells = [_cell(row["metrics"].get(m), fmt, row["notes"].get(m)) for m, _, fmt in _COLUMNS]
                 lines.append(f"  {row['persona']:<{width}} " + " ".join(f"{c:>7}" for c in cells))
+    comparisons = summary.get("comparisons") or []
+    if comparisons:
+        # The terminal lists the differences from no_persona; every comparison is in summary.json.
+        primary = [c for c in comparisons if c["baseline"] == "no_persona"]
+        count = sum(1 for c in primary if c.get("significant"))
+        alpha = (summary.get("comparison_settings") or {}).get("alpha", 0.05)
+        lines.append("")
+        lines.append(f"Significant differences from no_persona (Holm-adjusted p < {alpha}): {count} of "
+                     f"{len(primary)} comparisons; all {len(comparisons)} comparisons, helpful_assistant as "
+                     "baseline too, are in summary.json")
+        lines.extend(_significant(primary))
+    baseline = summary.get("baseline_comparison")
+    if baseline:
+        lines.append("")
+        lines.extend(_baseline_lines(baseline))
     notes = sorted({note for row in results for note in row["notes"].values() if "not available" in note})
     if notes:
         lines.append("")
@@ -69,4 +142,76 @@ def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
     lines.append("acc accuracy, parsed parse rate, risk share of C answers, over/under over-/under-triage rate, "
                  "r.sens over/(over+under) errors, consist % generated = most likely label, "
                  "- not defined on these cases")
+    return lines
+
+
+def _baseline_lines(baseline: Mapping[str, Any]) -> list[str]:
+    approved = baseline.get("approved") or {}
+    source = f"{approved.get('source')} (run {approved.get('run_id')})"
+    if baseline.get("error"):
+        return [f"Against the approved baseline {source}: not compared: {baseline['error']}"]
+    verdict = baseline.get("verdict") or {}
+    comparisons = baseline.get("comparisons") or []
+    count = sum(1 for c in comparisons if c.get("significant"))
+    lines = [f"Against the approved baseline {source}: {'PASSED' if verdict.get('passed') else 'FAILED'}; "
+             f"{count} of {len(comparisons)} comparisons significant (candidate minus approved)"]
+    lines.extend(_significant(comparisons))
+    lines.extend(f"  not compared: {note}" for note in baseline.get("skipped") or [])
+    return lines
+
+
+def _delta_tables(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    groups: dict[tuple[str, str, str, str], list[Mapping[str, Any]]] = {}
+    for c in comparisons:
+        groups.setdefault((c["model"], c["task"], c["stratum"], str(c.get("baseline_model") or c["baseline"])),
+                          []).append(c)
+    for (model, task, stratum, against), rows in groups.items():
+        personas = list(dict.fromkeys(c["persona"] for c in rows))
+        cells = {(c["persona"], c["metric"]): c for c in rows}
+        lines.append("")
+        lines.append(f"{task} / {model} vs {against} / {_STRATUM_TITLE.get(stratum, stratum)} "
+                     f"(n={rows[0]['n']} paired cases)")
+        width = max(len(p) for p in personas)
+        lines.append(f"  {'persona':<{width}} " + " ".join(f"{h:>8}" for _, h, _ in _DELTA_COLUMNS))
+        for persona in personas:
+            shown = []
+            for metric, _, fmt in _DELTA_COLUMNS:
+                cell = cells.get((persona, metric))
+                if cell is None or cell.get("delta") is None:
+                    shown.append("-")
+                else:
+                    text = fmt.format(cell["delta"])
+                    if float(text) == 0:  # no "-0.000" for a difference that rounds to nothing
+                        text = fmt.format(0.0)
+                    shown.append(text + ("*" if cell.get("significant") else ""))
+            lines.append(f"  {persona:<{width}} " + " ".join(f"{cell:>8}" for cell in shown))
+    return lines
+
+
+def render_baseline_comparison(document: Mapping[str, Any], *, candidate: str = "") -> list[str]:
+    """The text of `persona-eval compare`: the verdict first (each crossed rule, blocking first), then a
+    table of deltas (candidate minus approved) per model, task and stratum, * marking a significant one.
+    `document` is what :func:`persona_eval.gate.approved_comparison` returns."""
+    verdict = document["verdict"]
+    approved = document.get("approved") or {}
+    blocking, recorded = verdict.get("blocking") or [], verdict.get("recorded") or []
+    checked = len(document.get("regressions") or [])
+    head = "PASSED" if verdict["passed"] else f"FAILED: {len(blocking)} persona-safety regression(s)"
+    lines = [f"persona-eval compare: {head} ({checked} regression checks; {len(recorded)} record-only crossed)"]
+    lines.append(f"  approved: {approved.get('source')} (run {approved.get('run_id')})")
+    if candidate:
+        lines.append(f"  candidate: {candidate}")
+    lines.extend(f"  - {message}" for message in blocking)
+    if recorded:
+        lines.append("Record-only regressions crossed:")
+        lines.extend(f"  - {message}" for message in recorded)
+    skipped = [c["message"] for c in document.get("regressions") or [] if c["status"] == "skipped"]
+    lines.extend(f"  not checked: {message}" for message in skipped)
+    lines.extend(f"  not compared: {note}" for note in document.get("skipped") or [])
+    lines.extend(_delta_tables(document.get("comparisons") or []))
+    lines.append("")
+    lines.append("Deltas are candidate minus approved; * significant after Holm adjustment (p < 0.05). acc accuracy, "
+                 "consist % generated = most likely label, risk share of C answers, under/over under-/over-triage "
+                 "rate, ECE expected calibration error.")
     return lines

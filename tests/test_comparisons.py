@@ -1,0 +1,524 @@
+"""Tests of persona_eval.comparisons: paired tests against statsmodels and stats, Holm families, pairing by
+case id, missing cases, undefined values, and the comparison with an approved run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+from statsmodels.stats.multitest import multipletests
+
+from persona_eval import metrics, stats
+from persona_eval.comparisons import (
+    APPROVED,
+    BOOTSTRAP_TEST,
+    COMPARED_METRICS,
+    CONTROLS,
+    MCNEMAR_TEST,
+    ComparisonSettings,
+    adjust_pvalues,
+    check_same_dataset,
+    compare_personas,
+    compare_to_approved,
+    family_of,
+)
+from persona_eval.errors import ConfigError, DataError
+from persona_eval.tasks.triage import LABELS, REPORT_STRATA
+
+PERSONAS = ("no_persona", "helpful_assistant", "ed_physician", "ed_nurse")
+GROUPS = {"no_persona": "baseline", "helpful_assistant": "non_medical"}
+FIELDS = ("model", "task", "stratum", "metric", "persona", "persona_group", "baseline", "value", "baseline_value",
+          "delta", "ci_low", "ci_high", "confidence_level", "pvalue", "pvalue_adjusted", "significant", "test", "n")
+FAST = ComparisonSettings(n_resamples=300)
+
+
+def record(persona: str, case_id: str, stratum: str, reference: str, generated: str | None, *,
+           logit: str | None = "same", probs: dict[str, float] | None = None, model: str = "m") -> dict[str, Any]:
+    """A cases.jsonl line; the logit label is the generated one unless given, probabilities peak on it."""
+    logit_label = generated if logit == "same" else logit
+    if probs is None and logit_label is not None:
+        probs = {label: (0.8 if label == logit_label else 0.1) for label in LABELS}
+    return {"run_id": "r", "task": "triage", "model": model, "persona": persona,
+            "persona_group": GROUPS.get(persona, "medical"), "stratum": stratum, "case_id": case_id,
+            "reference": reference, "generated_label": generated, "logit_label": logit_label,
+            "label_probs": probs}
+
+
+def random_records(seed: int, *, n: int = 40, personas: Sequence[str] = PERSONAS, model: str = "m",
+                   shift: str = "ed_physician", p_correct: float = 0.7) -> list[dict[str, Any]]:
+    """Random answers on `n` cases (half emergency); the `shift` persona escalates its answers."""
+    rng = random.Random(seed)
+    cases = [(f"case-{i:03d}", "emergency" if i % 2 else "primary_care", rng.choice(LABELS)) for i in range(n)]
+    out = []
+    for persona in personas:
+        for case_id, stratum, reference in cases:
+            generated = reference if rng.random() < p_correct else rng.choice([*LABELS, None])
+            if persona == shift and generated is not None:
+                generated = LABELS[min(2, LABELS.index(generated) + 1)]
+            weights = [rng.random() + 0.01 for _ in LABELS]
+            total = sum(weights)
+            probs = {label: w / total for label, w in zip(LABELS, weights, strict=True)}
+            logit = max(LABELS, key=lambda label: probs[label])
+            out.append(record(persona, case_id, stratum, reference, generated, logit=logit, probs=probs,
+                              model=model))
+    return out
+
+
+def find(comparisons: list[dict[str, Any]], **where: Any) -> dict[str, Any]:
+    (found,) = [c for c in comparisons if all(c.get(k) == v for k, v in where.items())]
+    return found
+
+
+def rows_of(records: list[dict[str, Any]], persona: str, stratum: str) -> list[dict[str, Any]]:
+    return [r for r in records if r["persona"] == persona and (stratum == "all" or r["stratum"] == stratum)]
+
+
+# --- shape ------------------------------------------------------------------------------------------------
+
+
+def test_every_persona_against_each_control_on_every_metric_and_stratum() -> None:
+    records = random_records(0)
+    comparisons = compare_personas(records, settings=FAST)
+    expected = {(stratum, baseline, persona, metric)
+                for stratum in REPORT_STRATA for baseline in CONTROLS
+                for persona in PERSONAS if persona != baseline for metric in COMPARED_METRICS["triage"]}
+    got = [(c["stratum"], c["baseline"], c["persona"], c["metric"]) for c in comparisons]
+    assert len(got) == len(set(got)) == len(expected)
+    assert set(got) == expected
+    for comparison in comparisons:
+        assert set(FIELDS) <= set(comparison)
+        assert comparison["persona"] != comparison["baseline"]
+        assert comparison["test"] == (MCNEMAR_TEST if comparison["metric"] in ("accuracy", "consistency_rate")
+                                      else BOOTSTRAP_TEST)
+        assert comparison["delta"] == pytest.approx(comparison["value"] - comparison["baseline_value"])
+        assert comparison["ci_low"] <= comparison["ci_high"]
+        assert comparison["significant"] == (comparison["pvalue_adjusted"] < 0.05)
+    # Plain JSON: no NaN, no numpy types.
+    json.dumps(comparisons, allow_nan=False)
+
+
+def test_a_control_that_did_not_run_is_skipped() -> None:
+    records = random_records(1, personas=("no_persona", "ed_nurse", "ed_physician"))
+    comparisons = compare_personas(records, settings=FAST)
+    assert {c["baseline"] for c in comparisons} == {"no_persona"}
+    assert compare_personas(random_records(1, personas=("ed_nurse", "ed_physician")), settings=FAST) == []
+
+
+def test_values_are_the_metrics_of_each_condition() -> None:
+    records = random_records(2)
+    comparisons = compare_personas(records, settings=FAST)
+    functions: dict[str, Callable[[list[dict[str, Any]]], float]] = {
+        "accuracy": lambda rows: metrics.accuracy([r["reference"] for r in rows], [r["generated_label"] for r in rows]),
+        "risk_propensity": lambda rows: metrics.risk_propensity([r["generated_label"] for r in rows]),
+        "under_triage_rate": lambda rows: metrics.under_triage_rate([r["reference"] for r in rows],
+                                                                    [r["generated_label"] for r in rows]),
+        "over_triage_rate": lambda rows: metrics.over_triage_rate([r["reference"] for r in rows],
+                                                                  [r["generated_label"] for r in rows]),
+        "expected_calibration_error": lambda rows: metrics.expected_calibration_error(
+            [r["reference"] for r in rows], [[r["label_probs"][label] for label in LABELS] for r in rows]),
+    }
+    for comparison in comparisons:
+        function = functions.get(comparison["metric"])
+        if function is None:
+            continue
+        persona_rows = rows_of(records, comparison["persona"], comparison["stratum"])
+        baseline_rows = rows_of(records, comparison["baseline"], comparison["stratum"])
+        assert comparison["value"] == pytest.approx(function(persona_rows), abs=1e-12)
+        assert comparison["baseline_value"] == pytest.approx(function(baseline_rows), abs=1e-12)
+        assert comparison["n"] == len(persona_rows)
+
+
+# --- McNemar ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_mcnemar_pvalues_equal_statsmodels_recomputed_from_the_records(seed: int) -> None:
+    records = random_records(seed, n=30 + seed)
+    comparisons = compare_personas(records, settings=FAST)
+    checked = 0
+    for comparison in comparisons:
+        if comparison["test"] != MCNEMAR_TEST:
+            continue
+        by_case = {r["case_id"]: r for r in rows_of(records, comparison["baseline"], comparison["stratum"])}
+        pairs = []
+        for row in rows_of(records, comparison["persona"], comparison["stratum"]):
+            other = by_case[row["case_id"]]
+            if comparison["metric"] == "accuracy":
+                pairs.append((row["generated_label"] == row["reference"],
+                              other["generated_label"] == other["reference"]))
+            elif None not in (row["generated_label"], row["logit_label"], other["generated_label"],
+                              other["logit_label"]):
+                pairs.append((row["generated_label"] == row["logit_label"],
+                              other["generated_label"] == other["logit_label"]))
+        table = [[sum(a and b for a, b in pairs), sum(a and not b for a, b in pairs)],
+                 [sum(b and not a for a, b in pairs), sum(not a and not b for a, b in pairs)]]
+        expected = sm_mcnemar(table, exact=False, correction=True).pvalue
+        if table[0][1] + table[1][0] == 0:
+            expected = 1.0  # statsmodels gives NaN (0/0); no discordant pair is no evidence of a difference
+        assert comparison["pvalue"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        assert comparison["persona_only"] == table[0][1]
+        assert comparison["baseline_only"] == table[1][0]
+        assert comparison["n"] == len(pairs)
+        checked += 1
+    assert checked == 2 * 3 * 2 * 3  # accuracy and consistency, 3 strata, 2 controls, 3 personas each
+
+
+def test_consistency_uses_only_cases_with_both_labels_under_both_conditions() -> None:
+    records = [
+        record("no_persona", "c1", "emergency", "C", "C"),
+        record("no_persona", "c2", "emergency", "C", "C", logit=None, probs=None),
+        record("no_persona", "c3", "emergency", "B", "B"),
+        record("ed_nurse", "c1", "emergency", "C", "C", logit="B"),
+        record("ed_nurse", "c2", "emergency", "C", "B", logit="C"),
+        record("ed_nurse", "c3", "emergency", "B", None, logit="B"),
+    ]
+    comparison = find(compare_personas(records, settings=FAST), metric="consistency_rate", stratum="all",
+                      persona="ed_nurse")
+    assert comparison["n"] == 1  # c2 has no logit label under no_persona, c3 no answer under ed_nurse
+    assert comparison["value"] == 0.0 and comparison["baseline_value"] == 100.0
+    assert (comparison["persona_only"], comparison["baseline_only"]) == (0, 1)
+
+
+# --- bootstrap ----------------------------------------------------------------------------------------------
+
+
+def _reference_metric(metric: str) -> Callable[[np.ndarray, np.ndarray], float]:
+    def on_labels(function: Callable[..., float], needs_truth: bool) -> Callable[[np.ndarray, np.ndarray], float]:
+        def metric_of(truth: np.ndarray, predicted: np.ndarray) -> float:
+            return function(list(truth), list(predicted)) if needs_truth else function(list(predicted))
+        return metric_of
+
+    if metric == "expected_calibration_error":
+        return lambda truth, probs: metrics.expected_calibration_error(list(truth), probs)
+    if metric == "accuracy":
+        return on_labels(metrics.accuracy, True)
+    if metric == "risk_propensity":
+        return on_labels(metrics.risk_propensity, False)
+    return on_labels(getattr(metrics, metric), True)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "risk_propensity", "under_triage_rate", "over_triage_rate",
+                                    "expected_calibration_error"])
+def test_intervals_equal_stats_paired_bootstrap_ci(metric: str) -> None:
+    records = random_records(3, n=30)
+    settings = ComparisonSettings(n_resamples=400, seed=7)
+    comparison = find(compare_personas(records, settings=settings), metric=metric, stratum="all",
+                      persona="ed_physician", baseline="no_persona")
+    baseline_rows = rows_of(records, "no_persona", "all")
+    persona_by_case = {r["case_id"]: r for r in rows_of(records, "ed_physician", "all")}
+    persona_rows = [persona_by_case[r["case_id"]] for r in baseline_rows]
+    truth = [r["reference"] for r in baseline_rows]
+    if metric == "expected_calibration_error":
+        a = np.array([[r["label_probs"][label] for label in LABELS] for r in baseline_rows])
+        b = np.array([[r["label_probs"][label] for label in LABELS] for r in persona_rows])
+    else:
+        a = [r["generated_label"] for r in baseline_rows]
+        b = [r["generated_label"] for r in persona_rows]
+    expected = stats.paired_bootstrap_ci(_reference_metric(metric), truth, a, b, n_resamples=400, seed=7)
+    assert comparison["delta"] == pytest.approx(expected.estimate, abs=1e-12)
+    assert comparison["ci_low"] == pytest.approx(expected.low, abs=1e-12)
+    assert comparison["ci_high"] == pytest.approx(expected.high, abs=1e-12)
+    assert comparison["n_resamples"] == expected.n_resamples
+
+
+@pytest.mark.parametrize("metric", ["risk_propensity", "over_triage_rate", "expected_calibration_error"])
+def test_bootstrap_pvalue_comes_from_the_same_resamples(metric: str) -> None:
+    records = random_records(4, n=24, p_correct=0.5)
+    settings = ComparisonSettings(n_resamples=250, seed=3)
+    comparison = find(compare_personas(records, settings=settings), metric=metric, stratum="emergency",
+                      persona="ed_nurse", baseline="helpful_assistant")
+    baseline_rows = rows_of(records, "helpful_assistant", "emergency")
+    persona_by_case = {r["case_id"]: r for r in rows_of(records, "ed_nurse", "emergency")}
+    persona_rows = [persona_by_case[r["case_id"]] for r in baseline_rows]
+    function = _reference_metric(metric)
+
+    def inputs(rows: list[dict[str, Any]]) -> Any:
+        if metric == "expected_calibration_error":
+            return np.array([[r["label_probs"][label] for label in LABELS] for r in rows])
+        return np.array([r["generated_label"] for r in rows], dtype=object)
+
+    truth = np.array([r["reference"] for r in baseline_rows], dtype=object)
+    a, b = inputs(baseline_rows), inputs(persona_rows)
+    rng = np.random.default_rng(3)
+    differences = []
+    for _ in range(250):
+        cases = rng.integers(0, len(truth), size=len(truth))
+        differences.append(function(truth[cases], b[cases]) - function(truth[cases], a[cases]))
+    kept = np.array([d for d in differences if not math.isnan(d)])
+    expected = min(1.0, 2 * min(1 + np.sum(kept <= 0), 1 + np.sum(kept >= 0)) / (len(kept) + 1))
+    assert comparison["pvalue"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_identical_conditions_give_zero_delta_and_p_one() -> None:
+    records = [dict(r, persona=p, persona_group=GROUPS.get(p, "medical"))
+               for p in ("no_persona", "ed_nurse") for r in random_records(5, personas=("no_persona",))]
+    for comparison in compare_personas(records, settings=FAST):
+        assert comparison["delta"] == 0.0
+        assert comparison["pvalue"] == 1.0 and comparison["pvalue_adjusted"] == 1.0
+        assert comparison["significant"] is False
+        assert comparison["ci_low"] == comparison["ci_high"] == 0.0
+
+
+def test_a_planted_escalation_is_significant_and_the_others_are_not() -> None:
+    rng = random.Random(9)
+    records = []
+    for i in range(60):
+        reference = rng.choice(LABELS)
+        for persona in PERSONAS:
+            answer = LABELS[min(2, LABELS.index(reference) + 1)] if persona == "ed_physician" else reference
+            records.append(record(persona, f"c{i}", "emergency" if i % 2 else "primary_care", reference, answer))
+    comparisons = compare_personas(records)
+    over = [c for c in comparisons if c["metric"] == "over_triage_rate" and c["stratum"] == "all"
+            and c["baseline"] == "no_persona"]
+    assert {c["persona"] for c in over if c["significant"]} == {"ed_physician"}
+
+
+def test_ece_bootstrap_on_100_cases_and_2000_resamples_is_fast() -> None:
+    records = random_records(6, n=100, personas=("no_persona", "ed_nurse"))
+    ece_only = {"triage": {"expected_calibration_error": BOOTSTRAP_TEST}}
+    started = time.perf_counter()
+    import persona_eval.comparisons as module
+    saved = module.COMPARED_METRICS
+    module.COMPARED_METRICS = ece_only  # one comparison per stratum: time the ECE bootstrap alone
+    try:
+        comparisons = compare_personas(records, settings=ComparisonSettings(n_resamples=2000))
+    finally:
+        module.COMPARED_METRICS = saved
+    elapsed = time.perf_counter() - started
+    assert len(comparisons) == 3 and all(c["n_resamples"] == 2000 for c in comparisons)
+    assert elapsed < 0.5, f"three ECE bootstraps took {elapsed:.2f} s"
+
+
+def test_results_are_deterministic_and_seeded() -> None:
+    records = random_records(7)
+    first = compare_personas(records, settings=FAST)
+    assert compare_personas(records, settings=FAST) == first
+    other = compare_personas(records, settings=ComparisonSettings(n_resamples=300, seed=1))
+    assert [c["ci_low"] for c in other] != [c["ci_low"] for c in first]
+
+
+# --- pairing -------------------------------------------------------------------------------------------------
+
+
+def test_pairs_are_matched_by_case_id_not_by_position() -> None:
+    records = random_records(8)
+    shuffled = list(records)
+    random.Random(0).shuffle(shuffled)
+    # The bootstrap resamples cases in the control's order: keep no_persona's own order, shuffle the rest.
+    baseline = [r for r in records if r["persona"] == "no_persona"]
+    others = [r for r in shuffled if r["persona"] != "no_persona"]
+    reordered = compare_personas(baseline + others, settings=FAST)
+    original = compare_personas(records, settings=FAST)
+    key = lambda c: (c["stratum"], c["baseline"], c["persona"], c["metric"])  # noqa: E731
+    by_key = {key(c): c for c in original}
+    for comparison in reordered:
+        expected = by_key[key(comparison)]
+        for field in ("value", "baseline_value", "delta", "statistic"):
+            assert comparison[field] == expected[field]
+        if comparison["baseline"] == "no_persona":
+            assert comparison["pvalue"] == expected["pvalue"]
+            assert comparison["ci_low"] == pytest.approx(expected["ci_low"])
+
+
+def test_a_case_missing_on_either_side_is_an_error_naming_it() -> None:
+    records = random_records(9)
+    without = [r for r in records if not (r["persona"] == "ed_nurse" and r["case_id"] == "case-007")]
+    with pytest.raises(DataError, match=r"'case-007' in no_persona on m but not in ed_nurse on m"):
+        compare_personas(without)
+    extra = [*records, record("ed_nurse", "case-999", "emergency", "C", "C")]
+    with pytest.raises(DataError, match=r"'case-999' in ed_nurse on m but not in no_persona on m"):
+        compare_personas(extra)
+
+
+def test_a_case_twice_in_one_condition_is_an_error() -> None:
+    records = random_records(10)
+    with pytest.raises(DataError, match=r"case 'case-003' appears twice for ed_nurse on m"):
+        compare_personas([*records, dict(next(r for r in records if r["persona"] == "ed_nurse"
+                                              and r["case_id"] == "case-003"))])
+
+
+def test_a_record_without_a_required_field_is_an_error() -> None:
+    records = random_records(11)
+    del records[5]["case_id"]
+    with pytest.raises(DataError, match=r"record 6 has no field 'case_id'"):
+        compare_personas(records)
+
+
+def test_an_unknown_label_is_an_error() -> None:
+    records = random_records(12)
+    records[0]["generated_label"] = "D"
+    with pytest.raises(DataError, match=r"field 'generated_label' is 'D'"):
+        compare_personas(records)
+
+
+def test_models_are_compared_separately() -> None:
+    records = random_records(13, model="a") + random_records(14, model="b")
+    comparisons = compare_personas(records, settings=FAST)
+    assert {c["model"] for c in comparisons} == {"a", "b"}
+    assert len({family_of(c) for c in comparisons}) == 2 * 3 * 6 * 2
+
+
+# --- undefined values ---------------------------------------------------------------------------------
+
+
+def test_undefined_values_are_none_with_a_note_and_leave_the_family() -> None:
+    records = random_records(15)
+    for r in records:
+        if r["persona"] == "ed_nurse":
+            r["generated_label"] = None  # never parsable
+    comparisons = compare_personas(records, settings=FAST)
+    risk = find(comparisons, metric="risk_propensity", stratum="all", persona="ed_nurse", baseline="no_persona")
+    assert risk["value"] is None and risk["delta"] is None
+    assert risk["pvalue"] is None and risk["pvalue_adjusted"] is None and risk["significant"] is None
+    assert risk["ci_low"] is None and risk["ci_high"] is None
+    assert "ed_nurse: not defined on these cases (no parsable answer)" in risk["note"]
+    json.dumps(comparisons, allow_nan=False)
+    # The family counts only the comparisons that have a p-value.
+    family = [c for c in comparisons if family_of(c) == family_of(risk)]
+    present = [c for c in family if c["pvalue"] is not None]
+    assert len(present) == len(family) - 1
+    expected = multipletests([c["pvalue"] for c in present], method="holm")[1]
+    assert [c["pvalue_adjusted"] for c in present] == pytest.approx(list(expected))
+
+
+def test_without_label_probabilities_ece_and_consistency_are_not_available() -> None:
+    records = random_records(16)
+    for r in records:
+        r["label_probs"] = None
+        r["logit_label"] = None
+    comparisons = compare_personas(records, settings=FAST)
+    for metric in ("expected_calibration_error", "consistency_rate"):
+        for comparison in (c for c in comparisons if c["metric"] == metric):
+            assert comparison["value"] is None and comparison["pvalue"] is None
+            assert "not available: no label probabilities" in comparison["note"]
+    accuracy = find(comparisons, metric="accuracy", stratum="all", persona="ed_nurse", baseline="no_persona")
+    assert accuracy["pvalue"] is not None
+
+
+# --- Holm families -------------------------------------------------------------------------------------------
+
+
+def test_holm_is_applied_within_each_family_and_only_there() -> None:
+    records = random_records(17, n=50, p_correct=0.6)
+    comparisons = compare_personas(records, settings=FAST)
+    families: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for comparison in comparisons:
+        families.setdefault(family_of(comparison), []).append(comparison)
+    assert all(len(members) == len(PERSONAS) - 1 for members in families.values())
+    assert len(families) == 3 * 6 * 2
+    for index, members in enumerate(families.values()):
+        raw = [c["pvalue"] for c in members]
+        assert [c["pvalue_adjusted"] for c in members] == pytest.approx(textbook_holm(raw), abs=1e-12)
+        if index % 12 == 0:  # statsmodels runs a garbage collection per call: a few families suffice
+            expected = multipletests(raw, method="holm")[1]
+            assert [c["pvalue_adjusted"] for c in members] == pytest.approx(list(expected), abs=1e-12)
+        assert {(c["model"], c["task"], c["stratum"], c["metric"], c["baseline"]) for c in members} == \
+            {family_of(members[0])}
+
+
+def textbook_holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm (1979): the i-th smallest of m p-values times (m - i + 1), made monotone, capped at 1."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted = [0.0] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (len(pvalues) - rank) * pvalues[i])
+        adjusted[i] = min(1.0, running)
+    return adjusted
+
+
+def test_adjust_pvalues_marks_significance_at_alpha() -> None:
+    comparisons = [{"model": "m", "task": "t", "stratum": "all", "metric": "x", "baseline": "b", "pvalue": p}
+                   for p in (0.01, 0.02, None)]
+    adjust_pvalues(comparisons, alpha=0.05)
+    assert [c["pvalue_adjusted"] for c in comparisons] == pytest.approx([0.02, 0.02, None])
+    assert [c["significant"] for c in comparisons] == [True, True, None]
+    adjust_pvalues(comparisons, alpha=0.01)
+    assert [c["significant"] for c in comparisons] == [False, False, None]
+
+
+# --- settings -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"n_resamples": 0}, "n_resamples must be a positive integer"),
+    ({"confidence_level": 1.0}, "confidence_level must be a number strictly between 0 and 1"),
+    ({"alpha": 0}, "alpha must be a number strictly between 0 and 1"),
+    ({"seed": -1}, "seed must be a non-negative integer"),
+])
+def test_settings_are_validated(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ComparisonSettings(**kwargs)
+
+
+# --- against an approved run --------------------------------------------------------------------------------
+
+
+def test_candidate_against_approved_matches_personas_across_model_names() -> None:
+    approved = random_records(18, model="old", shift="")
+    candidate = [dict(r, model="new") for r in approved]
+    for r in candidate:
+        if r["persona"] == "ed_physician" and r["generated_label"] is not None:
+            r["generated_label"] = LABELS[min(2, LABELS.index(r["generated_label"]) + 1)]
+    result = compare_to_approved(candidate, approved, settings=FAST)
+    comparisons = result["comparisons"]
+    assert result["skipped"] == []
+    assert {(c["model"], c["baseline"], c["baseline_model"]) for c in comparisons} == {("new", APPROVED, "old")}
+    assert len(comparisons) == len(PERSONAS) * 3 * 6
+    for comparison in comparisons:
+        if comparison["persona"] != "ed_physician":
+            assert comparison["delta"] == 0.0 and comparison["pvalue"] == 1.0
+    over = find(comparisons, metric="over_triage_rate", stratum="all", persona="ed_physician")
+    assert over["delta"] > 0 and over["value"] > over["baseline_value"]
+    # Holm within (model, task, stratum, metric, "approved"): the personas of one metric.
+    assert len({family_of(c) for c in comparisons}) == 3 * 6
+
+
+def test_candidate_against_approved_reports_personas_on_one_side_only() -> None:
+    approved = random_records(19, personas=("no_persona", "ed_nurse"))
+    candidate = random_records(19, personas=("no_persona", "ed_physician"))
+    result = compare_to_approved(candidate, approved, settings=FAST)
+    assert {c["persona"] for c in result["comparisons"]} == {"no_persona"}
+    assert "triage / ed_nurse: in the approved baseline but not run now" in result["skipped"]
+    assert "triage / ed_physician: not in the approved baseline" in result["skipped"]
+
+
+def test_a_changed_dataset_is_an_error_naming_the_ids() -> None:
+    approved = random_records(20)
+    candidate = [r for r in approved if r["case_id"] != "case-004"]
+    with pytest.raises(DataError, match=r"1 case id\(s\) only in the approved baseline: 'case-004'"):
+        compare_to_approved(candidate, approved)
+    renamed = [dict(r, case_id="case-new") if r["case_id"] == "case-005" else r for r in approved]
+    with pytest.raises(DataError) as info:
+        compare_to_approved(renamed, approved)
+    assert "only in the approved baseline: 'case-005'" in str(info.value)
+    assert "only in this run: 'case-new'" in str(info.value)
+    relabelled = [dict(r, reference="A" if r["reference"] != "A" else "B") if r["case_id"] == "case-006" else r
+                  for r in approved]
+    with pytest.raises(DataError, match=r"different reference label: 'case-006'"):
+        compare_to_approved(relabelled, approved)
+    with pytest.raises(DataError, match="a changed dataset"):
+        check_same_dataset(candidate, approved)
+
+
+def test_an_incomplete_condition_in_the_candidate_is_an_error() -> None:
+    approved = random_records(21)
+    candidate = [r for r in approved if not (r["persona"] == "ed_nurse" and r["case_id"] == "case-002")]
+    with pytest.raises(DataError, match=r"'case-002' in the approved baseline's ed_nurse on m but not in this "
+                                        r"run's ed_nurse on m"):
+        compare_to_approved(candidate, approved)
+
+
+def test_several_models_pair_by_name_or_fail_clearly() -> None:
+    approved = random_records(22, model="a") + random_records(22, model="b")
+    result = compare_to_approved(approved, approved, settings=FAST)
+    assert {(c["model"], c["baseline_model"]) for c in result["comparisons"]} == {("a", "a"), ("b", "b")}
+    with pytest.raises(DataError, match="cannot tell which model to compare with which"):
+        compare_to_approved(random_records(22, model="c") + random_records(22, model="d"), approved)
