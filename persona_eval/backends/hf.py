@@ -202,16 +202,24 @@ class HFBackend:
         prompts = [self.render_prompt(r) for r in requests]
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self._device)
         label_ids = self._label_token_ids(scoring) if scoring is not None else None
+        prompt_length = batch["input_ids"].shape[1]
+        stop_ids = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
+        extra: dict[str, Any] = {}
+        if config.constrained_ranking:
+            from transformers import LogitsProcessorList
+
+            from persona_eval.backends.constraints import ranking_constraint
+
+            constraint = ranking_constraint(tokenizer, config.constrained_ranking, eos_token_ids=stop_ids)
+            extra["logits_processor"] = LogitsProcessorList([constraint.processor(prompt_length)])
         with torch.inference_mode():
             output = model.generate(**batch, max_new_tokens=config.max_new_tokens, do_sample=False,
                                     temperature=None, top_p=None, top_k=None,
                                     pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-                                    output_logits=label_ids is not None)
-        prompt_length = batch["input_ids"].shape[1]
+                                    output_logits=label_ids is not None, **extra)
         new_tokens = output.sequences[:, prompt_length:].tolist()
         step_scores = ([self._label_logprobs(step, label_ids) for step in output.logits]
                        if label_ids is not None else None)
-        stop_ids = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
         results = []
         for row, ids in enumerate(new_tokens):
             length = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))

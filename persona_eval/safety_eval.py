@@ -1,0 +1,107 @@
+"""The patient-safety task end to end: one condition's responses, the judge panel on them, the summary.
+
+``evaluate_safety`` answers the queries under one (model, persona) and returns its response records;
+``judge_model_responses`` (from persona_eval.judges) ranks one model's responses of every persona with
+each judge and criterion; ``safety_summary`` turns both into the ``safety`` block of summary.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from persona_eval.backends.base import GenerationConfig
+from persona_eval.judges import judge_model_responses, panel_summary
+from persona_eval.personas import Persona
+from persona_eval.prompts import render_messages
+from persona_eval.runner import Progress, Runner
+from persona_eval.tasks import safety
+
+__all__ = ["evaluate_safety", "judge_model_responses", "responses_by_persona", "safety_summary"]
+
+
+def evaluate_safety(queries: Sequence[safety.SafetyQuery], persona: Persona, runner: Runner, *, run_id: str,
+                    model: str, max_new_tokens: int, pressure_suffix: str | None = None,
+                    progress: Progress | None = None) -> list[dict[str, Any]]:
+    """The response records of `persona` on `queries` (in query order), through the runner's cache.
+
+    Each record: run_id, task ("safety"), model, persona, persona_group, query_id, category (1-5),
+    category_name, query (the query as written in the data), pressure_suffix (None when off),
+    system_prompt, prompt (the exact text the model saw), response, finish_reason, cached,
+    template_version.
+    """
+    backend = runner.backend
+    policy = backend.system_policy()
+    requests = [render_messages(safety.user_message(query.content, pressure_suffix), persona, policy)
+                for query in queries]
+    generations = runner.generate(requests, GenerationConfig(max_new_tokens=max_new_tokens), None,
+                                  progress=progress)
+    suffix = pressure_suffix.strip() if pressure_suffix is not None and pressure_suffix.strip() else None
+    records = []
+    for query, request, result in zip(queries, requests, generations, strict=True):
+        records.append({
+            "run_id": run_id,
+            "task": safety.TASK,
+            "model": model,
+            "persona": persona.id,
+            "persona_group": persona.group,
+            "query_id": query.id,
+            "category": query.category,
+            "category_name": query.category_name,
+            "query": query.content,
+            "pressure_suffix": suffix,
+            "system_prompt": request.system_prompt,
+            "prompt": result.prompt,
+            "response": result.generation.text,
+            "finish_reason": result.generation.finish_reason,
+            "cached": result.cached,
+            "template_version": safety.TEMPLATE_VERSION,
+        })
+    return records
+
+
+def responses_by_persona(responses: Sequence[Mapping[str, Any]], model: str,
+                         personas: Sequence[str] | None = None) -> dict[str, list[Mapping[str, Any]]]:
+    """One model's response records grouped by persona (in `personas` order, else first-seen order):
+    the first argument of ``judge_model_responses``."""
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for record in responses:
+        if record["model"] == model:
+            grouped.setdefault(record["persona"], []).append(record)
+    if personas is None:
+        return grouped
+    return {p: grouped[p] for p in personas if p in grouped} | {p: r for p, r in grouped.items()
+                                                                 if p not in personas}
+
+
+def safety_summary(responses: Sequence[Mapping[str, Any]], judgments: Sequence[Mapping[str, Any]]
+                   ) -> dict[str, Any]:
+    """The ``safety`` block of summary.json (JSON-able; undefined values are None).
+
+    From the response records: ``template_version``, ``pressure_suffix``, ``categories`` ({"1": name}),
+    ``personas`` (ids in run order), ``persona_groups``, ``responses`` ({model: {persona: {"n",
+    "truncated", "cached"}}}). From the safety judgments: everything of persona_eval.judges.panel_summary
+    (``mrr``, ``tests``, ``agreement``, ``invalid``, ``templates``, ...), keyed by category number as
+    text with "all" for every category, and "pooled" for all judges together.
+    """
+    rows = [r for r in responses if r.get("task", safety.TASK) == safety.TASK]
+    personas = list(dict.fromkeys(r["persona"] for r in rows))
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for record in rows:
+        cell = counts.setdefault(record["model"], {}).setdefault(
+            record["persona"], {"n": 0, "truncated": 0, "cached": 0})
+        cell["n"] += 1
+        cell["truncated"] += record.get("finish_reason") == "length"
+        cell["cached"] += bool(record.get("cached"))
+    suffixes = sorted({r["pressure_suffix"] for r in rows if r.get("pressure_suffix")})
+    judged = [j for j in judgments if j.get("task", safety.TASK) == safety.TASK]
+    return {
+        "task": safety.TASK,
+        "template_version": safety.TEMPLATE_VERSION,
+        "pressure_suffix": suffixes[0] if len(suffixes) == 1 else (suffixes or None),
+        "categories": {str(number): name for number, name in safety.CATEGORIES.items()},
+        "personas": personas,
+        "persona_groups": {r["persona"]: r["persona_group"] for r in rows},
+        "responses": counts,
+        **panel_summary(judged, personas=personas),
+    }

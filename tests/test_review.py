@@ -1,0 +1,335 @@
+"""The clinician review round trip, end to end: a scripted run with known consensus cases, blinded export,
+filled annotation files back in (including bad ones), and the statistics against references."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sklearn.metrics import cohen_kappa_score
+
+from persona_eval.cache import NullCache
+from persona_eval.data import load_safety_queries
+from persona_eval.errors import DataError
+from persona_eval.personas import STUDY_PERSONAS
+from persona_eval.results import read_jsonl, write_jsonl
+from persona_eval.review import MIN_KAPPA_ITEMS, export_review, import_review
+from persona_eval.runner import Runner
+from persona_eval.safety_eval import evaluate_safety, judge_model_responses, responses_by_persona
+
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "safety" / "queries.jsonl"
+MODEL = "secret-model-7b"
+PERSONAS = [p.id for p in STUDY_PERSONAS]
+GROUPS = {p.id: p.group for p in STUDY_PERSONAS}
+_RESPONSE = re.compile(r"Response (\d+):\n<<<\n(.*?)\n>>>", re.DOTALL)
+_QUESTION = re.compile(r"Patient's message:\n<<<\n(.*?)\n>>>", re.DOTALL)
+
+
+def opaque_text(prompt: str) -> str:
+    """A response that does not reveal its persona: a digest of the prompt."""
+    return f"Answer {hashlib.sha256(prompt.encode()).hexdigest()[:10]}: please take care."
+
+
+def consensus_plan(queries: list[Any]) -> dict[str, list[str | None]]:
+    """Question -> the persona each of the 3 judges puts first (None: an invalid reply).
+
+    Categories 1-2 and half of 3: all judges pick ed_physician (medical consensus; one of them broken by
+    an invalid reply). Category 4 and the other half of 3: all pick a non-medical persona. Category 5:
+    the judges disagree."""
+    plan: dict[str, list[str | None]] = {}
+    for index, query in enumerate(queries):
+        if query.category in (1, 2) or (query.category == 3 and index % 2 == 0):
+            plan[query.content] = ["ed_physician"] * 3
+        elif query.category in (3, 4):
+            top = "no_persona" if index % 2 else "helpful_assistant"
+            plan[query.content] = [top] * 3
+        else:
+            plan[query.content] = ["ed_nurse", "no_persona", "ed_nurse"]
+    first_medical = next(q.content for q in queries if q.category == 1)
+    plan[first_medical] = ["ed_physician", None, "ed_physician"]
+    return plan
+
+
+def planned_judge(number: int, plan: dict[str, list[str | None]], persona_of: dict[str, str]) -> Callable[[str], str]:
+    def reply(prompt: str) -> str:
+        question = _QUESTION.search(prompt)
+        assert question is not None
+        top = plan[question.group(1)][number]
+        if top is None:
+            return "no idea"
+        texts = [text for _, text in _RESPONSE.findall(prompt)]
+        numbers = list(range(1, len(texts) + 1))
+        best = next(n for n, text in zip(numbers, texts, strict=True) if persona_of[text] == top)
+        rest = [n for n in numbers if n != best]
+        random.Random(f"{number}{question.group(1)}").shuffle(rest)
+        return json.dumps({"ranking": [best, *rest]})
+    return reply
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, make_backend: Any) -> Path:
+    queries = load_safety_queries(FIXTURE)
+    model = Runner(make_backend(opaque_text), NullCache())
+    records: list[dict[str, Any]] = []
+    for persona in STUDY_PERSONAS:
+        records += evaluate_safety(queries, persona, model, run_id="r", model=MODEL, max_new_tokens=32)
+    persona_of = {r["response"]: r["persona"] for r in records}
+    assert len(persona_of) == len(records)  # every response text is unique
+    plan = consensus_plan(queries)
+    judges = [(f"judge{n}", Runner(make_backend(planned_judge(n, plan, persona_of), name=f"j{n}"), NullCache()))
+              for n in range(3)]
+    judgments = judge_model_responses(responses_by_persona(records, MODEL, PERSONAS), judges, ["safety"], seed=0)
+    directory = tmp_path / "run"
+    write_jsonl(directory / "cases.jsonl", records)
+    write_jsonl(directory / "judgments.jsonl", judgments)
+    return directory
+
+
+# -- export ----------------------------------------------------------------------------------------------
+
+def test_export_selects_consensus_cases_and_blinds_them(run_dir: Path):
+    paths = export_review(run_dir)
+    assert set(paths) == {"pairs_csv", "pairs_jsonl", "key", "guidelines", "manifest"}
+    assert all(path.parent == run_dir / "review" and path.exists() for path in paths.values())
+    manifest = json.loads(paths["manifest"].read_text())
+    task = manifest["tasks"]["safety"]
+    # 30 planned medical consensus cases, one broken by an invalid reply; 18 non-medical; 12 disagreements
+    assert task["consensus_cases"] == 29 + 18
+    assert task["available"] == {"medical": 29, "non_medical": 18}
+    assert task["selected"] == {"medical": 25, "non_medical": 18}
+    assert manifest["notes"] == ["safety: only 18 consensus case(s) with a non-medical persona on top (asked for 25)"]
+
+    with paths["pairs_csv"].open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["pair_id", "query", "response_left", "response_right", "annotator", "preferred",
+                             "confidence"]
+    assert len(rows) == 43 and all(r["annotator"] == r["preferred"] == r["confidence"] == "" for r in rows)
+    assert read_jsonl(paths["pairs_jsonl"]) == rows
+    blinded = paths["pairs_csv"].read_text() + paths["pairs_jsonl"].read_text()
+    assert MODEL not in blinded
+    assert not any(p.id in blinded or (p.declaration and p.declaration in blinded) for p in STUDY_PERSONAS)
+
+    key = {entry["pair_id"]: entry for entry in read_jsonl(paths["key"])}
+    responses = {(r["persona"], r["query_id"]): r for r in read_jsonl(run_dir / "cases.jsonl")}
+    judgments = read_jsonl(run_dir / "judgments.jsonl")
+    sides = set()
+    for row in rows:
+        entry = key[row["pair_id"]]
+        assert entry["model"] == MODEL and entry["task"] == "safety" and entry["criterion"] == "safety"
+        left, right = entry["persona_left"], entry["persona_right"]
+        assert row["response_left"] == responses[(left, entry["query_id"])]["response"]
+        assert row["response_right"] == responses[(right, entry["query_id"])]["response"]
+        assert row["query"] == responses[(left, entry["query_id"])]["query"]
+        assert {GROUPS[left] == "medical", GROUPS[right] == "medical"} == {True, False}
+        preferred = left if entry["judge_preferred_side"] == "left" else right
+        assert preferred == entry["consensus_persona"]
+        assert entry["consensus_group"] == ("medical" if GROUPS[preferred] == "medical" else "non_medical")
+        # the other side: the other group's persona the judges ranked best on average
+        other = right if preferred == left else left
+        mine = [j for j in judgments if j["query_id"] == entry["query_id"]]
+        mean_rank = {p: sum(j["ranking"].index(p) for j in mine) / 3 for p in PERSONAS}
+        candidates = [p for p in PERSONAS if (GROUPS[p] == "medical") != (GROUPS[preferred] == "medical")]
+        assert mean_rank[other] == min(mean_rank[p] for p in candidates)
+        sides.add(entry["judge_preferred_side"])
+    assert sides == {"left", "right"}
+    guidelines = paths["guidelines"].read_text()
+    assert "confidence" in guidelines and "left" in guidelines and "tie" in guidelines
+
+
+def test_export_is_deterministic_in_the_seed(run_dir: Path, tmp_path: Path):
+    first = export_review(run_dir, tmp_path / "a", seed=4)
+    second = export_review(run_dir, tmp_path / "b", seed=4)
+    other = export_review(run_dir, tmp_path / "c", seed=5)
+    for name in ("pairs_csv", "pairs_jsonl", "key"):
+        assert first[name].read_bytes() == second[name].read_bytes()
+    assert first["key"].read_bytes() != other["key"].read_bytes()
+
+
+def test_export_with_fewer_asked_for(run_dir: Path, tmp_path: Path):
+    paths = export_review(run_dir, tmp_path / "small", per_side=3)
+    assert len(read_jsonl(paths["pairs_jsonl"])) == 6
+    assert json.loads(paths["manifest"].read_text())["notes"] == []
+    with pytest.raises(ValueError, match="per_side must be a positive integer"):
+        export_review(run_dir, tmp_path / "none", per_side=0)
+
+
+def test_export_needs_judgments(tmp_path: Path):
+    with pytest.raises(DataError, match=r"judgments\.jsonl: no judgments\.jsonl here"):
+        export_review(tmp_path)
+
+
+# -- import ----------------------------------------------------------------------------------------------
+
+def fill(rows: list[dict[str, Any]], key: dict[str, dict[str, Any]], annotator: str,
+         choose: Callable[[int, dict[str, Any]], tuple[str, float]]) -> list[dict[str, Any]]:
+    filled = []
+    for index, row in enumerate(rows):
+        preferred, confidence = choose(index, key[row["pair_id"]])
+        filled.append(dict(row, annotator=annotator, preferred=preferred, confidence=confidence))
+    return filled
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def judge_side(entry: dict[str, Any]) -> str:
+    return str(entry["judge_preferred_side"])
+
+
+def flip(side: str) -> str:
+    return "right" if side == "left" else "left"
+
+
+def ann_a(index: int, entry: dict[str, Any]) -> tuple[str, float]:
+    """Agrees with the judges on two pairs in three; confidence 90, 60, 20 in turn."""
+    side = judge_side(entry) if index % 3 else flip(judge_side(entry))
+    return side, (90.0, 60.0, 20.0)[index % 3]
+
+
+def ann_b(index: int, entry: dict[str, Any]) -> tuple[str, float]:
+    """Agrees with A except on every fifth pair (a tie); confidence 80 or 55."""
+    side, _ = ann_a(index, entry)
+    return ("tie" if index % 5 == 0 else side), (80.0 if index % 2 else 55.0)
+
+
+@pytest.fixture
+def exported(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    paths = export_review(run_dir)
+    return read_jsonl(paths["pairs_jsonl"]), {e["pair_id"]: e for e in read_jsonl(paths["key"])}
+
+
+def test_import_round_trip(run_dir: Path, tmp_path: Path, exported: Any):
+    rows, key = exported
+    a = fill(rows, key, "Dr A", ann_a)
+    b = fill(rows, key, "Dr B", ann_b)
+    files = [write_csv(tmp_path / "a.csv", a), tmp_path / "b.jsonl"]
+    write_jsonl(files[1], b)
+    result = import_review(run_dir, files)
+    assert json.loads((run_dir / "review_results.json").read_text()) == json.loads(json.dumps(result))
+    assert result["annotators"] == ["Dr A", "Dr B"] and result["n_annotations"] == 86 and result["n_pairs"] == 43
+    assert result["unannotated_pairs"] == []
+
+    everything = a + b
+    for name, minimum in (("all", 0), ("medium", 50), ("high", 75)):
+        kept = [r for r in everything if float(r["confidence"]) >= minimum]
+        medical = sum(1 for r in kept if r["preferred"] != "tie"
+                      and GROUPS[key[r["pair_id"]][f"persona_{r['preferred']}"]] == "medical")
+        ties = sum(1 for r in kept if r["preferred"] == "tie")
+        table = result["preference"][name]["all"]
+        assert (table["n"], table["medical"], table["tie"]) == (len(kept), medical, ties)
+        assert table["non_medical"] == len(kept) - medical - ties
+        assert table["medical_share"] == pytest.approx(medical / len(kept))
+        assert result["preference"][name]["safety"] == table
+
+        agree = sum(1 for r in kept if r["preferred"] == key[r["pair_id"]]["judge_preferred_side"])
+        agreement = result["judge_agreement"][name]
+        assert (agreement["n"], agreement["agree"], agreement["ties"]) == (len(kept), agree, ties)
+        assert agreement["agreement"] == pytest.approx(agree / len(kept))
+        assert agreement["kappa"] == pytest.approx(cohen_kappa_score(
+            [key[r["pair_id"]]["judge_preferred_side"] for r in kept], [r["preferred"] for r in kept]))
+
+        a_kept = {r["pair_id"]: r["preferred"] for r in a if float(r["confidence"]) >= minimum}
+        b_kept = {r["pair_id"]: r["preferred"] for r in b if float(r["confidence"]) >= minimum}
+        shared = sorted(set(a_kept) & set(b_kept))
+        (kappa,) = result["clinician_kappa"][name]
+        assert kappa["annotators"] == ["Dr A", "Dr B"] and kappa["n"] == len(shared)
+        if len(shared) >= MIN_KAPPA_ITEMS:
+            assert kappa["kappa"] == pytest.approx(cohen_kappa_score([a_kept[p] for p in shared],
+                                                                     [b_kept[p] for p in shared]))
+            assert kappa["reason"] is None
+        else:
+            assert kappa["kappa"] is None and f"only {len(shared)}" in kappa["reason"]
+    # A's high-confidence pairs (index % 3 == 0) and B's (odd index) share only index % 6 == 3
+    assert result["clinician_kappa"]["high"][0]["n"] == 7
+
+
+def test_annotators_in_one_file_and_too_few_shared_items(run_dir: Path, tmp_path: Path, exported: Any):
+    rows, key = exported
+    a = fill(rows, key, "Dr A", ann_a)
+    c = fill(rows[:3], key, "Dr C", lambda index, entry: (judge_side(entry), 99.0))
+    result = import_review(run_dir, [write_csv(tmp_path / "both.csv", a + c)])
+    assert result["annotators"] == ["Dr A", "Dr C"]
+    (kappa,) = result["clinician_kappa"]["high"]
+    assert kappa["kappa"] is None and kappa["n"] == 1
+    assert kappa["reason"] == (f"not computable: only 1 pairs rated by both with confidence >= 75 "
+                               f"(at least {MIN_KAPPA_ITEMS} needed)")
+    single = import_review(run_dir, [write_csv(tmp_path / "c.csv", c)])
+    assert single["clinician_kappa"]["all"] == [{"annotators": ["Dr C"], "kappa": None, "pvalue": None, "n": 0,
+                                                  "reason": "not computable: one annotator"}]
+    assert single["unannotated_pairs"] == sorted(set(key) - {r["pair_id"] for r in rows[:3]})
+    assert single["judge_agreement"]["all"]["kappa"] is None  # 3 items only
+    assert "only 3 annotations" in single["judge_agreement"]["all"]["reason"]
+
+
+@pytest.mark.parametrize(("edit", "field", "message"), [
+    (lambda row: row.update(pair_id="safety-999"), "pair_id", "unknown pair_id 'safety-999'"),
+    (lambda row: row.update(pair_id=""), "pair_id", "missing"),
+    (lambda row: row.update(preferred="maybe"), "preferred", "expected left, right or tie, got 'maybe'"),
+    (lambda row: row.update(preferred=""), "preferred", "missing; expected left, right or tie"),
+    (lambda row: row.update(confidence="150"), "confidence", "expected a number from 0 to 100, got '150'"),
+    (lambda row: row.update(confidence="-1"), "confidence", "expected a number from 0 to 100"),
+    (lambda row: row.update(confidence="very"), "confidence", "expected a number from 0 to 100, got 'very'"),
+    (lambda row: row.update(confidence=""), "confidence", "missing"),
+    (lambda row: row.update(annotator=" "), "annotator", "missing; fill in the annotator's name"),
+])
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_bad_annotation_rows_name_file_row_and_field(run_dir: Path, tmp_path: Path, exported: Any,
+                                                     edit: Callable[[dict[str, Any]], None], field: str, message: str,
+                                                     suffix: str):
+    rows, key = exported
+    filled = fill(rows[:5], key, "Dr A", ann_a)
+    for row in filled:
+        row["confidence"] = str(row["confidence"]) if suffix == ".csv" else row["confidence"]
+    edit(filled[3])
+    path = tmp_path / f"bad{suffix}"
+    write_csv(path, filled) if suffix == ".csv" else write_jsonl(path, filled)
+    with pytest.raises(DataError) as caught:
+        import_review(run_dir, [path])
+    line = 5 if suffix == ".csv" else 4  # the CSV header is line 1
+    assert str(caught.value).startswith(f"{path}:{line}: field '{field}': row 4: ")
+    assert message in str(caught.value)
+    assert (caught.value.path, caught.value.line, caught.value.field) == (str(path), line, field)
+    assert not (run_dir / "review_results.json").exists()
+
+
+def test_bad_annotation_files(run_dir: Path, tmp_path: Path, exported: Any):
+    rows, key = exported
+    filled = fill(rows[:3], key, "Dr A", ann_a)
+    twice = write_csv(tmp_path / "twice.csv", [*filled, filled[1]])
+    with pytest.raises(DataError, match=rf"twice\.csv:5: field 'pair_id': annotator 'Dr A' rated pair "
+                                        rf"'{filled[1]['pair_id']}' twice \(first at .*twice\.csv:3\)"):
+        import_review(run_dir, [twice])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(filled[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"broken\.jsonl:2: malformed JSON"):
+        import_review(run_dir, [broken])
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("pair_id,annotator,preferred,confidence\nsafety-001,A,left\n")
+    with pytest.raises(DataError, match=r"ragged\.csv:2: expected 4 columns"):
+        import_review(run_dir, [ragged])
+    text = tmp_path / "notes.txt"
+    text.write_text("left")
+    with pytest.raises(DataError, match=r"notes\.txt: unsupported file type '\.txt'"):
+        import_review(run_dir, [text])
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("pair_id,annotator,preferred,confidence\n")
+    with pytest.raises(DataError, match=r"empty\.csv: no annotation rows"):
+        import_review(run_dir, [header_only])
+    with pytest.raises(DataError, match="no such file"):
+        import_review(run_dir, [tmp_path / "missing.csv"])
+    with pytest.raises(DataError, match="no annotation files given"):
+        import_review(run_dir, [])
+    with pytest.raises(DataError, match=r"review_key\.jsonl: no review key"):
+        import_review(tmp_path, [twice])
