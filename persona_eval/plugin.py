@@ -26,22 +26,25 @@ from persona_eval.backends import ModelSpec, create_backend, load_models_file, p
 from persona_eval.backends.base import Backend, GenerationConfig, LabelScoring
 from persona_eval.cache import NullCache, ResultCache, default_cache_dir
 from persona_eval.comparisons import ComparisonSettings, check_same_dataset, compare_personas
-from persona_eval.data import load_triage_cases
+from persona_eval.data import load_safety_queries, load_triage_cases
 from persona_eval.errors import PersonaEvalError
 from persona_eval.evaluation import TriageSettings, evaluate_triage, triage_metrics
 from persona_eval.gate import ResultSet, approved_comparison, check_regressions, load_results, save_baseline
+from persona_eval.judges import DEFAULT_PANEL, SAFETY_CRITERIA, JudgeSpec, parse_judge_specs
 from persona_eval.personas import Persona, PersonaRegistry, load_personas
 from persona_eval.report import html as html_report
 from persona_eval.report.summary import build_summary
 from persona_eval.report.terminal import render_terminal_summary
 from persona_eval.results import finalize_cases, new_run_id, read_jsonl, update_latest, write_json, write_part
 from persona_eval.runner import Progress, Runner
-from persona_eval.tasks import triage
+from persona_eval.safety_eval import evaluate_safety, judge_model_responses, persona_safety_metrics, safety_summary
+from persona_eval.tasks import safety, triage
+from persona_eval.tasks.safety import SafetyQuery
 from persona_eval.thresholds import Thresholds, load_thresholds
 
 PROPERTY = "persona_eval"
-DEFAULT_DATASETS = {"triage": "fixtures/triage/vignettes.jsonl"}
-DEFAULT_MAX_NEW_TOKENS = {"triage": 32}
+DEFAULT_DATASETS = {"triage": "fixtures/triage/vignettes.jsonl", "safety": "fixtures/safety/queries.jsonl"}
+DEFAULT_MAX_NEW_TOKENS = {"triage": 32, "safety": 64}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,6 +67,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--pe-batch-size", type=int, metavar="N", help="batch size of local models (16)")
     group.addoption("--pe-reports-dir", metavar="DIR", help="where runs are written (default: ./reports)")
     group.addoption("--pe-quiet", action="store_true", help="no progress lines")
+    group.addoption("--pe-judge", action="append", default=[], metavar="[NAME=]SPEC",
+                    help="a judge of the safety panel, repeatable (a model spec or a --pe-models-file name; "
+                         "default: the embedded model)")
+    group.addoption("--pe-judge-max-new-tokens", type=int, default=64, metavar="N",
+                    help="generation length of a judge's ranking (64)")
+    group.addoption("--pe-pressure-suffix", metavar="TEXT",
+                    help="append TEXT to every safety query ('study': the study's sentence about having no "
+                         "access to care and wanting a brief answer); off by default")
+    group.addoption("--pe-seed", type=int, default=0, metavar="N",
+                    help="seed of the judges' presentation orders and the review sampling (0)")
     group.addoption("--pe-baseline", metavar="PATH",
                     help="approved baseline (a file from --pe-save-baseline, or a run folder): compare this run "
                          "with it case by case and fail the session on a significant regression")
@@ -92,6 +105,10 @@ class Settings:
     comparison: ComparisonSettings = field(default_factory=ComparisonSettings)
     approved: ResultSet | None = None
     save_baseline: Path | None = None
+    judges: list[JudgeSpec] = field(default_factory=list)
+    judge_max_new_tokens: int = 64
+    pressure_suffix: str | None = None
+    seed: int = 0
 
 
 @dataclass
@@ -164,6 +181,11 @@ def _parse_settings(config: pytest.Config, *, controller: bool = True) -> Settin
         comparison=comparison,
         approved=approved,
         save_baseline=Path(option.pe_save_baseline) if option.pe_save_baseline else None,
+        judges=parse_judge_specs(option.pe_judge, named) if option.pe_judge else list(DEFAULT_PANEL),
+        judge_max_new_tokens=option.pe_judge_max_new_tokens,
+        pressure_suffix=(safety.PRESSURE_SUFFIX if option.pe_pressure_suffix == "study"
+                         else option.pe_pressure_suffix),
+        seed=option.pe_seed,
     )
 
 
@@ -241,16 +263,19 @@ class Condition:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "pe_triage_condition" not in metafunc.fixturenames:
-        return
-    settings = metafunc.config.stash[settings_key]
-    params = []
-    for model in settings.models:
-        for persona in settings.personas:
-            condition = Condition("triage", model, persona)
-            # One model's cases stay on one xdist worker (with --dist loadgroup): no model loads twice.
-            params.append(pytest.param(condition, id=condition.id, marks=pytest.mark.xdist_group(model.name)))
-    metafunc.parametrize("pe_triage_condition", params)
+    for task in ("triage", "safety"):
+        name = f"pe_{task}_condition"
+        if name not in metafunc.fixturenames:
+            continue
+        settings = metafunc.config.stash[settings_key]
+        params = []
+        for model in settings.models:
+            for persona in settings.personas:
+                condition = Condition(task, model, persona)
+                # One model's cases stay on one xdist worker (with --dist loadgroup): no model loads twice.
+                params.append(pytest.param(condition, id=condition.id,
+                                           marks=pytest.mark.xdist_group(model.name)))
+        metafunc.parametrize(name, params)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -276,6 +301,24 @@ def pe_triage_cases(pe_settings: Settings) -> list[triage.TriageCase]:
     except PersonaEvalError as exc:
         pytest.exit(f"persona-eval: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
     return _limit_cases(cases, pe_settings.limit)
+
+
+@pytest.fixture(scope="session")
+def pe_safety_queries(pe_settings: Settings) -> list[SafetyQuery]:
+    """The patient-safety queries (first --pe-limit queries of each category)."""
+    try:
+        queries = load_safety_queries(pe_settings.datasets["safety"])
+    except PersonaEvalError as exc:
+        pytest.exit(f"persona-eval: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+    if pe_settings.limit is None:
+        return queries
+    seen: dict[int, int] = {}
+    limited = []
+    for query in queries:
+        seen[query.category] = seen.get(query.category, 0) + 1
+        if seen[query.category] <= pe_settings.limit:
+            limited.append(query)
+    return limited
 
 
 def _write_progress(config: pytest.Config) -> Callable[[str], None]:
@@ -370,6 +413,66 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
     yield ConditionResult(condition, records, metrics, checks)
 
 
+@pytest.fixture
+def safety_result(request: pytest.FixtureRequest, pe_safety_condition: Condition, pe_settings: Settings,
+                  pe_safety_queries: list[SafetyQuery], pe_runner_for: Callable[[ModelSpec], Runner],
+                  record_property: Callable[[str, object], None]) -> Iterator[ConditionResult]:
+    """Answer the safety queries under every persona of one model (cached after the first case), have the
+    judge panel rank them, and check this persona's MRR against the thresholds.
+
+    The panel ranks all personas of a model together, so every case of a model needs every persona's
+    answers: the first case of a model generates them, the others find them in the cache."""
+    condition = pe_safety_condition
+    state = request.config.stash[state_key]
+    runner = pe_runner_for(condition.model)
+    write = None if pe_settings.quiet else _write_progress(request.config)
+    started = time.perf_counter()
+    model_seconds_before = runner.stats.model_seconds
+    responses: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for persona in pe_settings.personas:
+            progress = Progress(f"safety {condition.model.name}/{persona.id}", len(pe_safety_queries), write=write)
+            responses[persona.id] = evaluate_safety(
+                pe_safety_queries, persona, runner, run_id=state.run_id, model=condition.model.name,
+                max_new_tokens=pe_settings.max_new_tokens["safety"], pressure_suffix=pe_settings.pressure_suffix,
+                progress=progress)
+        judges = [(judge.name, pe_runner_for(judge.model)) for judge in pe_settings.judges]
+        progress = Progress(f"safety judges on {condition.model.name}",
+                            len(judges) * len(SAFETY_CRITERIA) * len(pe_safety_queries), write=write)
+        judgments = judge_model_responses(responses, judges, SAFETY_CRITERIA, seed=pe_settings.seed,
+                                          max_new_tokens=pe_settings.judge_max_new_tokens, progress=progress)
+    except PersonaEvalError as exc:
+        pytest.exit(f"persona-eval: {condition.id}: {exc}\nEverything finished before this is in the cache; "
+                    "rerun to continue.", returncode=pytest.ExitCode.TESTS_FAILED)
+    for judgment in judgments:
+        judgment["run_id"] = state.run_id
+    records = responses[condition.persona.id]
+    write_part(state.run_dir, "safety", condition.model.name, condition.persona.id, records)
+    # Every case of a model writes the same judgments (atomically): any subset selected with -k has them.
+    write_part(state.run_dir, "judgments", condition.model.name, "panel", judgments)
+    metrics = persona_safety_metrics(judgments, model=condition.model.name, persona=condition.persona.id,
+                                     personas=[p.id for p in pe_settings.personas])
+    checks = pe_settings.thresholds.check(
+        "safety", {stratum: block["metrics"] for stratum, block in metrics.items()},
+        model=condition.model.name, persona=condition.persona)
+    record_property(PROPERTY, {
+        "task": "safety",
+        "model": condition.model.name,
+        "persona": condition.persona.id,
+        "persona_group": condition.persona.group,
+        "identity": runner.backend.identity(),
+        "model_loaded": bool(getattr(runner.backend, "loaded", False)),
+        "metrics": metrics,
+        "checks": [check.to_json() for check in checks],
+        "n_cases": len(records),
+        "cached": sum(1 for r in records if r["cached"]),
+        "seconds": time.perf_counter() - started,
+        "model_seconds": runner.stats.model_seconds - model_seconds_before,
+        "judges": [judge.name for judge in pe_settings.judges],
+    })
+    yield ConditionResult(condition, records, metrics, checks)
+
+
 # -- the reporter (controller only) --------------------------------------------------------------------
 class Reporter:
     """Collects the cases' results from their test reports and writes the run's summary."""
@@ -403,7 +506,8 @@ class Reporter:
         cases_path = finalize_cases(state.run_dir, [(r["task"], r["model"], r["persona"]) for r in self.results])
         # The comparisons and the gate read the joined cases.jsonl, which holds every condition of the run
         # whichever worker ran it: computed here once, never in a worker.
-        records = read_jsonl(cases_path) if cases_path is not None else []
+        all_records = read_jsonl(cases_path) if cases_path is not None else []
+        records = [r for r in all_records if r["task"] == "triage"]
         comparisons: list[dict[str, Any]] = []
         comparisons_error = None
         try:
@@ -427,6 +531,14 @@ class Reporter:
             cases_path=cases_path, comparisons=comparisons, comparison_settings=settings.comparison.to_json(),
             regressions=[check.to_json() for check in regressions], baseline_comparison=baseline_comparison,
             comparisons_error=comparisons_error)
+        safety_models = [m for m in model_order if any(r["task"] == "safety" and r["model"] == m
+                                                       for r in self.results)]
+        if safety_models:
+            judgments = finalize_cases(state.run_dir, [("judgments", m, "panel") for m in safety_models],
+                                       filename="judgments.jsonl")
+            self.summary["safety"] = safety_summary(
+                [r for r in all_records if r["task"] == "safety"],
+                read_jsonl(judgments) if judgments is not None else [])
         write_json(state.run_dir / "summary.json", self.summary)
         self.report_path = html_report.write_report(state.run_dir)
         update_latest(settings.reports_dir, state.run_dir)

@@ -33,6 +33,7 @@ from persona_eval.errors import ConfigError
 from persona_eval.metrics import METRICS
 from persona_eval.personas import GROUPS, Persona
 from persona_eval.registry import unknown_name_message
+from persona_eval.tasks import safety
 from persona_eval.tasks.triage import METRIC_NAMES, REPORT_STRATA
 
 __all__ = [
@@ -84,6 +85,7 @@ class TaskSchema:
 DEFAULT_TASKS: Mapping[str, TaskSchema] = {
     "triage": TaskSchema(metrics=tuple(METRIC_NAMES), strata=tuple(REPORT_STRATA),
                          compared=tuple(COMPARED_METRICS["triage"])),
+    "safety": TaskSchema(metrics=safety.METRIC_NAMES, strata=safety.REPORT_STRATA),
 }
 
 

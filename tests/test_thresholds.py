@@ -116,16 +116,16 @@ def test_fingerprint_changes_with_the_file(tmp_path: Path) -> None:
 
 
 def test_loader_takes_further_tasks(tmp_path: Path) -> None:
-    tasks = {**DEFAULT_TASKS, "safety": TaskSchema(metrics=("refusal_rate",), strata=("all",))}
+    tasks = {**DEFAULT_TASKS, "summaries": TaskSchema(metrics=("refusal_rate",), strata=("all",))}
     path = write(tmp_path, """\
         version: 1
-        safety:
+        summaries:
           bounds:
             - {metric: refusal_rate, stratum: all, min: 0.95}
         """)
     (bound,) = load_thresholds(path, tasks=tasks).bounds
-    assert (bound.task, bound.metric) == ("safety", "refusal_rate")
-    assert "unknown task 'safety'" in error_of(path)
+    assert (bound.task, bound.metric) == ("summaries", "refusal_rate")
+    assert "unknown task 'summaries'" in error_of(path)
 
 
 # --- the default file -----------------------------------------------------------------------------
@@ -134,8 +134,8 @@ def test_loader_takes_further_tasks(tmp_path: Path) -> None:
 def test_default_file_loads_with_the_documented_bounds() -> None:
     thresholds = load_thresholds()
     assert thresholds.path == default_thresholds_path()
-    by_key = {(b.metric, b.stratum): b for b in thresholds.bounds}
-    assert len(by_key) == len(thresholds.bounds) == 7
+    by_key = {(b.metric, b.stratum): b for b in thresholds.bounds if b.task == "triage"}
+    assert len(by_key) == len([b for b in thresholds.bounds if b.task == "triage"]) == 7
     expected = {
         ("under_triage_rate", "emergency"): (None, 0.10, "fail"),
         ("accuracy", "emergency"): (0.60, None, "record"),

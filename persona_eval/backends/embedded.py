@@ -61,7 +61,12 @@ def prepare_embedded_model(cache_dir: Path) -> Path:
     target = cache_dir / "models" / f"smollm2-135m-instruct-{digest[:12]}"
     if (target / "model.safetensors").exists():
         return target
-    _convert(gguf, target)
+    try:
+        _convert(gguf, target)
+    except PersonaEvalError:
+        raise
+    except Exception as exc:  # transformers raises ValueError/OSError/ImportError kinds of its own
+        raise PersonaEvalError(f"converting the embedded model {gguf} failed: {exc}") from exc
     return target
 
 

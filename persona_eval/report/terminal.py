@@ -95,6 +95,28 @@ def _verdict_lines(verdict: Mapping[str, Any], checks: Sequence[Mapping[str, Any
     return lines
 
 
+_SAFETY_STRATA = ("all", "harmful_advice", "misdiagnosis", "unlicensed_practice", "misinformation", "bias")
+_SAFETY_HEADERS = ("all", "harmful", "misdiag", "unlic.", "misinfo", "bias")
+
+
+def _safety_lines(model: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Persona rows, category columns: the persona's safety MRR minus no_persona's (pooled judges)."""
+    by_persona: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        by_persona.setdefault(row["persona"], {})[row["stratum"]] = row["metrics"].get("safety_mrr_delta")
+    invalid = next((r["metrics"].get("invalid_ranking_share") for r in rows if r["stratum"] == "all"), None)
+    width = max(len(p) for p in by_persona)
+    lines = ["", f"safety / {model}: safety MRR minus no_persona's, pooled over judges (+ judges prefer the persona)",
+             f"  {'persona':<{width}} " + " ".join(f"{h:>7}" for h in _SAFETY_HEADERS)]
+    for persona, cells in by_persona.items():
+        values = [cells.get(stratum) for stratum in _SAFETY_STRATA]
+        lines.append(f"  {persona:<{width}} " + " ".join(
+            f"{'-' if v is None else f'{v:+.2f}':>7}" for v in values))
+    if invalid is not None:
+        lines.append(f"  invalid rankings: {invalid:.0%} of the panel's rankings of {model}")
+    return lines
+
+
 def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
     """Lines for the terminal: verdict, blocking failures (regressions first), then one table per model,
     task and stratum, the significant paired comparisons, and the comparison with an approved baseline."""
@@ -104,6 +126,9 @@ def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
     for row in results:
         groups.setdefault((row["model"], row["task"]), []).append(row)
     for (model, task), rows in groups.items():
+        if task == "safety":
+            lines.extend(_safety_lines(model, rows))
+            continue
         if task != "triage":
             continue
         for stratum in ("all", "emergency", "primary_care"):
@@ -138,10 +163,11 @@ def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
     if notes:
         lines.append("")
         lines.extend(f"n/a: {note}" for note in notes)
-    lines.append("")
-    lines.append("acc accuracy, parsed parse rate, risk share of C answers, over/under over-/under-triage rate, "
-                 "r.sens over/(over+under) errors, consist % generated = most likely label, "
-                 "- not defined on these cases")
+    if any(row["task"] == "triage" for row in results):
+        lines.append("")
+        lines.append("acc accuracy, parsed parse rate, risk share of C answers, over/under over-/under-triage "
+                     "rate, r.sens over/(over+under) errors, consist % generated = most likely label, "
+                     "- not defined on these cases")
     return lines
 
 
