@@ -11,6 +11,7 @@ included).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +71,31 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _review_export(args: argparse.Namespace) -> int:
+    from persona_eval.review import export_review
+
+    paths = export_review(args.run_dir, args.out, per_side=args.per_side, seed=args.seed)
+    manifest = json.loads(Path(paths["manifest"]).read_text(encoding="utf-8"))
+    for note in manifest.get("notes") or []:
+        print(f"note: {note}", file=sys.stderr)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _review_import(args: argparse.Namespace) -> int:
+    from persona_eval.report.html import write_report
+    from persona_eval.review import import_review
+
+    result = import_review(args.run_dir, args.files)
+    preference = result.get("preference", {}).get("all", {}).get("all", {})
+    print(f"clinician review: {preference.get('n', 0)} annotations read; results in "
+          f"{Path(args.run_dir) / 'review_results.json'}")
+    if (Path(args.run_dir) / "summary.json").exists():
+        print(f"report updated: {write_report(Path(args.run_dir))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona-eval", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rebuild a run's report.html from its files (no model is called)")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. reports/latest")
     report.set_defaults(handler=_report)
+
+    review = commands.add_parser("review", help="the clinician review round trip of the judges' consensus cases")
+    review_commands = review.add_subparsers(dest="review_command", required=True)
+    export = review_commands.add_parser(
+        "export", help="write blinded pairs (CSV and JSONL), a separate key and the guideline text")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run folder with judgments.jsonl")
+    export.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/review)")
+    export.add_argument("--per-side", type=int, default=25, metavar="N",
+                        help="consensus cases per side (medical / non-medical preferred) and task (25)")
+    export.add_argument("--seed", type=int, default=0, help="seed of the sampling and the side order (0)")
+    export.set_defaults(handler=_review_export)
+    importer = review_commands.add_parser(
+        "import", help="read filled annotation files; write review_results.json and update the report")
+    importer.add_argument("run_dir", metavar="RUN_DIR")
+    importer.add_argument("files", metavar="FILES", nargs="+", help="annotation files (CSV or JSONL)")
+    importer.set_defaults(handler=_review_import)
     return parser
 
 

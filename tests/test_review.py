@@ -333,3 +333,24 @@ def test_bad_annotation_files(run_dir: Path, tmp_path: Path, exported: Any):
         import_review(run_dir, [])
     with pytest.raises(DataError, match=r"review_key\.jsonl: no review key"):
         import_review(tmp_path, [twice])
+
+
+def test_review_commands_round_trip(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`persona-eval review export` then `persona-eval review import`, as a person runs them."""
+    from persona_eval.cli import main
+
+    assert main(["review", "export", str(run_dir), "--per-side", "3"]) == 0
+    pairs = list(csv.DictReader((run_dir / "review" / "review_pairs.csv").open(encoding="utf-8")))
+    assert pairs and all(row["annotator"] == "" for row in pairs)
+    for row in pairs:
+        row.update(annotator="clinician-1", preferred="left", confidence="80")
+    filled = write_csv(tmp_path / "filled.csv", pairs)
+    assert main(["review", "import", str(run_dir), str(filled)]) == 0
+    results = json.loads((run_dir / "review_results.json").read_text())
+    assert results["preference"]["all"]["all"]["n"] == len(pairs)
+
+    pairs[0]["confidence"] = "high"
+    broken = write_csv(tmp_path / "broken.csv", pairs)
+    assert main(["review", "import", str(run_dir), str(broken)]) == 2
+    error = capsys.readouterr().err
+    assert "broken.csv" in error and "confidence" in error
