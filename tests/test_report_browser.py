@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_report_html import HOSTILE, expected_disagreements, sample_run
+from test_report_html import (
+    HOSTILE,
+    HOSTILE_ANNOTATOR,
+    HOSTILE_JUDGE,
+    expected_disagreements,
+    safety_records,
+    sample_run,
+    sample_safety,
+    write_review,
+)
 
 from persona_eval.report.html import write_report
 from persona_eval.results import write_json, write_jsonl
@@ -240,8 +249,11 @@ def browser() -> Iterator[Browser]:
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
     run_dir = tmp_path_factory.mktemp("run")
     summary, cases = sample_run()
+    summary["safety"] = sample_safety()
     write_json(run_dir / "summary.json", summary)
-    write_jsonl(run_dir / "cases.jsonl", cases)
+    # The safety task's response records share the cases file; the triage drill-down leaves them out.
+    write_jsonl(run_dir / "cases.jsonl", [*cases, *safety_records()[0]])
+    write_review(run_dir)
     return write_report(run_dir), summary, cases
 
 
@@ -267,8 +279,8 @@ def test_the_report_renders_in_chromium(browser: Browser, report: tuple[Path, di
     assert page.evaluate("document.querySelector('#verdict .badge').textContent") == "FAILED"
     assert "under-triage rate (emergency) for ed_physician" in page.evaluate(
         "document.getElementById('verdict').innerText")
-    assert page.evaluate("document.querySelectorAll('table.metrics').length") == 6
-    assert page.evaluate("document.querySelectorAll('table.metrics tbody tr').length") == 6 * 3
+    assert page.evaluate("document.querySelectorAll('#tables table.metrics').length") == 6
+    assert page.evaluate("document.querySelectorAll('#tables table.metrics tbody tr').length") == 6 * 3
     assert page.evaluate("document.querySelectorAll('svg.fig').length") > 30
     assert page.evaluate("document.querySelector('#figures svg.fig').getBoundingClientRect().width") > 300
 
@@ -299,10 +311,25 @@ def test_the_report_renders_in_chromium(browser: Browser, report: tuple[Path, di
              "function (s) {{ return s.offsetParent !== null; }}).length")
     assert page.evaluate(shown.format("helpful_assistant")) == 0
     assert page.evaluate(shown.format("no_persona")) > 0
+    in_safety = shown.replace("'.d[", "'#safety .d[")
+    assert page.evaluate(in_safety.format("helpful_assistant")) == 0
+    assert page.evaluate(in_safety.format("no_persona")) == 2 * 4 * 4  # criteria x (pooled + 3 judges) x personas
     page.evaluate(choose.format("baseline-select", json.dumps("helpful_assistant")))
     assert page.evaluate(shown.format("no_persona")) == 0
     assert page.evaluate(shown.format("helpful_assistant")) > 0
+    assert page.evaluate(in_safety.format("helpful_assistant")) == 2 * 4 * 4
     page.evaluate(choose.format("baseline-select", json.dumps("no_persona")))
+
+    # The patient-safety section: bars and a heatmap per criterion, reversals outlined, the review tables.
+    assert page.evaluate("document.querySelectorAll('#safety svg.fig').length") == 2
+    assert page.evaluate("document.querySelector('#safety svg.fig').getBoundingClientRect().width") > 500
+    assert page.evaluate("document.querySelectorAll('#safety table.heat tbody tr').length") == 2 * 6
+    assert page.evaluate("document.querySelectorAll('#safety table.heat td.rev').length") == 2 * 2
+    assert page.evaluate("getComputedStyle(document.querySelector('#safety td.rev')).outlineStyle") == "solid"
+    safety_text = page.evaluate("document.getElementById('safety').textContent")
+    assert HOSTILE_JUDGE in safety_text and HOSTILE in safety_text and "Reversals (2):" in safety_text
+    assert page.evaluate("document.querySelectorAll('#review table').length") == 3
+    assert HOSTILE_ANNOTATOR in page.evaluate("document.getElementById('review').textContent")
 
     # Hostile text from the dataset and the model is text, not markup; nothing of it ran.
     assert page.evaluate("document.querySelectorAll('script').length") == 1

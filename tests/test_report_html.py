@@ -485,3 +485,338 @@ def test_the_real_summary_shape_renders(tmp_path: Path) -> None:
     summary["metadata"] = {k: v for k, v in summary["metadata"].items() if k != "seed"}
     page = render_report(summary, cases)
     assert re.search(r'<table class="metrics" id="t-tiny-triage-all">', page)
+
+
+# -- the patient-safety section and the clinician review ------------------------------------------------
+
+HOSTILE_JUDGE = f"judge {SCRIPT}"
+HOSTILE_ANNOTATOR = f"dr {ATTRIBUTE_BREAK}"
+JUDGES = ("alpha", HOSTILE_JUDGE, "gamma")
+SAFETY_PERSONAS = {"no_persona": "baseline", "helpful_assistant": "non_medical", "ed_physician": "medical",
+                   "ed_nurse": "medical"}
+SAFETY_CRITERIA = ("safety", "helpfulness")
+QUERIES_PER_CATEGORY = 4
+
+
+def safety_records() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Response and judgment records of the patient-safety task, shaped as the runner writes them: three
+    judges, four personas (ed_nurse is not in the summary's persona list), five categories. The judges
+    put the medical personas on top, except on category 3 where no persona wins (a reversal); gamma
+    swaps the top two on odd queries (disagreement); one ranking is invalid and two were retried."""
+    from persona_eval.tasks.safety import CATEGORIES
+
+    responses, judgments = [], []
+    for category in CATEGORIES:
+        for q in range(QUERIES_PER_CATEGORY):
+            query_id = f"s{category}-{q}"
+            for persona, group in SAFETY_PERSONAS.items():
+                responses.append({
+                    "run_id": "20260101-000000-abcdef", "task": "safety", "model": MODEL, "persona": persona,
+                    "persona_group": group, "query_id": query_id, "category": category,
+                    "category_name": CATEGORIES[category], "query": f"Question {query_id}?", "pressure_suffix": None,
+                    "system_prompt": None, "prompt": f"Question {query_id}?", "response": f"[{persona}] {HOSTILE}",
+                    "finish_reason": "length" if q == 3 else "stop", "cached": False,
+                    "template_version": "safety-v1"})
+            for criterion in SAFETY_CRITERIA:
+                for judge in JUDGES:
+                    order = (["no_persona", "helpful_assistant", "ed_nurse", "ed_physician"] if category == 3
+                             else ["ed_physician", "ed_nurse", "helpful_assistant", "no_persona"])
+                    if judge == "gamma" and q % 2:
+                        order[0], order[1] = order[1], order[0]
+                    valid = not (judge == "gamma" and criterion == "helpfulness" and category == 1 and q == 0)
+                    retried = not valid or (judge == "alpha" and category == 2 and q == 1)
+                    judgments.append({
+                        "run_id": "20260101-000000-abcdef", "task": "safety", "model": MODEL, "judge": judge,
+                        "criterion": criterion, "query_id": query_id, "category": category,
+                        "question": f"Question {query_id}?", "personas": list(SAFETY_PERSONAS),
+                        "order_shown": list(SAFETY_PERSONAS), "ranking": order if valid else [], "valid": valid,
+                        "raw_output": "{}", "attempts": 2 if retried else 1,
+                        "template_version": f"judge-{criterion}-v1"})
+    return responses, judgments
+
+
+def sample_safety() -> dict[str, Any]:
+    """summary["safety"] from safety_summary on the synthetic records, with a hostile template."""
+    from persona_eval.safety_eval import safety_summary
+
+    block = safety_summary(*safety_records())
+    block["templates"]["safety"]["text"] += f"\n{HOSTILE}"
+    return json.loads(json.dumps(block))  # as summary.json holds it
+
+
+def write_review(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/review_results.json through the real export and import: two clinicians (one with a hostile
+    name) rate the blinded pairs; few are high-confidence, so that kappa is not computable there."""
+    from persona_eval.review import export_review, import_review
+
+    responses, judgments = safety_records()
+    write_jsonl(run_dir / "judgments.jsonl", judgments)
+    if not (run_dir / "cases.jsonl").exists():
+        write_jsonl(run_dir / "cases.jsonl", responses)
+    paths = export_review(run_dir, per_side=4, seed=0)
+    key = {row["pair_id"]: row for row in map(json.loads, paths["key"].read_text().splitlines())}
+    confidences = [90, 80, 60, 55, 95, 30]
+    files: list[Path] = []
+    for annotator in ("dr_a", HOSTILE_ANNOTATOR):
+        rows = []
+        for index, pair_id in enumerate(sorted(key)):
+            judged = key[pair_id]["judge_preferred_side"]
+            other = "left" if judged == "right" else "right"
+            preferred = judged if annotator == "dr_a" or index % 3 else ("tie" if index == 0 else other)
+            rows.append({"pair_id": pair_id, "annotator": annotator, "preferred": preferred,
+                         "confidence": confidences[index % len(confidences)]})
+        path = run_dir / f"annotations-{len(files)}.jsonl"
+        write_jsonl(path, rows)
+        files.append(path)
+    return import_review(run_dir, files)
+
+
+@pytest.fixture(scope="module")
+def safety_block() -> dict[str, Any]:
+    return sample_safety()
+
+
+@pytest.fixture(scope="module")
+def safety_page(run: tuple[dict[str, Any], list[dict[str, Any]]], safety_block: dict[str, Any]) -> str:
+    return render_report(dict(run[0], safety=safety_block), run[1])
+
+
+def _between(page: str, start: str, end: str) -> str:
+    begin = page.index(start)
+    return page[begin:page.index(end, begin)]
+
+
+def _section(page: str, section_id: str) -> str:
+    return _between(page, f'<section id="{section_id}"', "</section>")
+
+
+def _fmt2(value: float, signed: bool = False) -> str:
+    """As the report writes numbers: two decimals, a real minus sign, no negative zero."""
+    value = 0.0 if round(value, 2) == 0 else value
+    return (f"{value:+.2f}" if signed else f"{value:.2f}").replace("-", "\u2212")
+
+
+def test_the_safety_section_has_a_part_per_model_and_criterion(safety_page: str) -> None:
+    ids = [attrs.get("id") for _, attrs in parse(safety_page).tags]
+    assert ids.index("figures") < ids.index("safety") < ids.index("prompts")
+    assert '<a href="#safety">Patient safety</a>' in safety_page
+    labels = [attrs.get("aria-label") for attrs in parse(safety_page).named("svg")]
+    for criterion, title in (("safety", "Safety"), ("helpfulness", "Helpfulness")):
+        for part in ("s", "s-heat", "s-judges"):
+            assert f"{part}-tiny-{criterion}" in ids
+        assert f"{title}: MRR by persona, pooled over judges (tiny)" in labels
+    section = _section(safety_page, "safety")
+    assert "119 of 120 rankings valid (99.2%)" in section  # 2 criteria x 20 queries x 3 judges, 1 invalid
+    assert "Harmful or dangerous medical advice" in section and "pressure suffix" in section
+
+
+def test_mrr_bars_mark_significance_against_no_persona_and_tell_the_groups_apart(
+        safety_page: str, safety_block: dict[str, Any]) -> None:
+    svg = _between(safety_page, 'aria-label="Safety: MRR by persona, pooled over judges (tiny)"', "</svg>")
+    pooled = safety_block["tests"][MODEL]["safety"]["pooled"]["all"]["no_persona"]
+    physician, assistant = pooled["ed_physician"], pooled["helpful_assistant"]
+    assert physician["pvalue_holm"] < 0.05 <= assistant["pvalue_holm"]
+    p_text = "&lt;0.001" if physician["pvalue_holm"] < 0.001 else f"{physician['pvalue_holm']:.3f}"
+    assert f'class="val up">\u0394 {_fmt2(physician["mean_difference"], True)}*  p {p_text}</text>' in svg
+    assert f'class="tick">\u0394 {_fmt2(assistant["mean_difference"], True)}  p ' in svg
+    mrr = safety_block["mrr"][MODEL]["safety"]["pooled"]["all"]
+    for persona, colour, group in (("ed_physician", "#0072B2", "medical"), ("ed_nurse", "#0072B2", "medical"),
+                                   ("helpful_assistant", "#E69F00", "non-medical"), ("no_persona", "#4D4D4D",
+                                                                                      "baseline")):
+        assert f'fill="{colour}"/><text' in svg and f">{group}</text>" in svg
+        assert f'class="val">{_fmt2(mrr[persona]["mrr"])}</text>' in svg
+    # The persona missing from summary["personas"] is shown by its id; the reference lines are there.
+    assert ">ed_nurse</text>" in svg and "<title>no persona</title>" in svg and "chance" in svg
+
+
+def test_the_heatmap_prints_mrr_per_category_and_outlines_reversals(safety_page: str,
+                                                                    safety_block: dict[str, Any]) -> None:
+    table = _between(safety_page, 'id="s-heat-tiny-safety"', "</table>")
+    rows = re.findall(r'<tr><th scope="row">(.*?)</th>', table)
+    assert rows == ["All categories", "1 \u00b7 Harmful or dangerous medical advice",
+                    "2 \u00b7 Misdiagnosis and overconfidence", "3 \u00b7 Unlicensed practice of medicine",
+                    "4 \u00b7 Health misinformation", "5 \u00b7 Bias, discrimination and stigmatization"]
+    pooled = safety_block["mrr"][MODEL]["safety"]["pooled"]
+    for category, cells in pooled.items():
+        for persona, cell in cells.items():
+            difference = cell["mrr"] - cells["no_persona"]["mrr"]
+            shown = "baseline" if persona == "no_persona" else _fmt2(difference, True)
+            assert f'<span class="v">{_fmt2(cell["mrr"])}</span><span class="hd">{shown}' in table, (category, persona)
+    # Ranked above no persona: blue; below: vermillion; the medical personas reverse on category 3.
+    colours = [tuple(int(c[i:i + 2], 16) for i in (0, 2, 4))
+               for c in re.findall(r'style="background:#([0-9a-f]{6})" title', table)]
+    assert any(blue > red for red, _, blue in colours) and any(red > blue for red, _, blue in colours)
+    assert len(re.findall(r'class="hc[^"]* rev[ "]', table)) == 2
+    reversals = _between(safety_page, '<ul class="notes reversals">', "</ul>")
+    assert "ED physician &lt;script&gt;alert(1)&lt;/script&gt; on 3 \u00b7 Unlicensed practice of medicine" in reversals
+    assert "ed_nurse on 3 \u00b7 Unlicensed practice of medicine" in reversals
+    # The helpful assistant is level with no persona overall (+0.00 as printed): ahead on four categories,
+    # behind on one, and no reversal, however the floating-point sum falls.
+    helpfulness = _between(safety_page, 'id="s-heat-tiny-helpfulness"', "</ul>")
+    assert "Reversals (2):" in helpfulness and "Helpful assistant on" not in helpfulness
+
+
+def test_agreement_is_shown_beside_every_preference(safety_page: str, safety_block: dict[str, Any]) -> None:
+    import statistics
+
+    for criterion in SAFETY_CRITERIA:
+        table = _between(safety_page, f'id="s-heat-tiny-{criterion}"', "</table>")
+        rows = table.split('<tr><th scope="row">')[1:]
+        agreement = safety_block["agreement"][MODEL][criterion]
+        assert len(rows) == len(agreement) == 6
+        for row, block in zip(rows, agreement.values(), strict=True):
+            kappas = [p["kappa"] for p in block["pairwise_kappa"] if p["kappa"] is not None]
+            assert f'{block["majority_agreement"] * 100:.0f}%</td>' in row
+            assert f'<td>{_fmt2(block["fleiss_kappa"]["kappa"])}</td>' in row
+            assert f">{_fmt2(statistics.mean(kappas))}</td>" in row
+            assert f'<td>{block["n_all_valid"]} of {block["n_queries"]}</td>' in row
+        sentence = _between(safety_page, f'id="s-tiny-{criterion}"', "</p>")
+        overall = agreement["all"]
+        assert (f"Agreement of the 3 judges on the top-ranked persona ({overall['n_all_valid']} of 20 queries ranked "
+                f"validly by every judge): majority agreement {overall['majority_agreement'] * 100:.0f}%") in sentence
+        assert "Fleiss&#x27; \u03ba" in sentence and "judge &lt;script&gt;alert(1)&lt;/script&gt; vs gamma" in sentence
+
+
+def test_agreement_that_cannot_be_computed_says_why(run: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+    from persona_eval.safety_eval import safety_summary
+
+    responses, judgments = safety_records()
+    block = safety_summary(responses, [j for j in judgments if j["judge"] == "alpha"])
+    page = render_report(dict(run[0], safety=block), run[1])
+    assert "not computable: one judge: agreement needs at least two." in page
+    assert page.count('<td class="note">not computable: one judge: agreement needs at least two</td>') == 12
+
+
+def test_invalid_rankings_and_retries_per_judge(safety_page: str, safety_block: dict[str, Any]) -> None:
+    table = _between(safety_page, 'id="s-invalid"', "</table>")
+    assert safety_block["invalid"]["gamma"] | {"by_model": None} == {
+        "judgments": 40, "invalid": 1, "share": 0.025, "retried": 1, "by_model": None}
+    assert "<tr><td>gamma</td><td>40</td><td>1</td><td>2.5%</td><td>1</td></tr>" in table
+    assert "<tr><td>alpha</td><td>40</td><td>0</td><td>0.0%</td><td>2</td></tr>" in table
+    assert "<tr><td>judge &lt;script&gt;alert(1)&lt;/script&gt;</td><td>40</td><td>0</td>" in table
+    detail = _between(safety_page, "<summary>By model and criterion</summary>", "</table>")
+    assert "<tr><td>gamma</td><td>tiny</td><td>Helpfulness</td><td>20</td><td>1</td><td>5.0%</td><td>1</td></tr>" \
+        in detail
+
+
+def test_judge_templates_are_verbatim_and_hostile_text_stays_text(safety_page: str,
+                                                                  safety_block: dict[str, Any]) -> None:
+    elements = parse(safety_page)
+    assert len(elements.named("script")) == 1 and elements.named("img") == []
+    for tag, attrs in elements.tags:
+        assert not any(name.startswith("on") for name in attrs), (tag, attrs)
+    text = "".join(elements.text)
+    for criterion, template in safety_block["templates"].items():
+        assert template["text"] in text, criterion
+        assert f"<pre>{html.escape(template['text'])}</pre>" in safety_page
+    assert HOSTILE in text and HOSTILE_JUDGE in text
+    assert "</script><script>alert(2)" not in safety_page
+    assert safety_page.count("<script") == 1
+    # The by-judge table has the hostile judge as a column, escaped.
+    assert '<th scope="col">judge &lt;script&gt;alert(1)&lt;/script&gt;</th>' in safety_page
+
+
+def test_by_judge_tables_follow_the_baseline_switch(safety_page: str, safety_block: dict[str, Any]) -> None:
+    table = _between(safety_page, 'id="s-judges-tiny-safety"', "</table>")
+    assert table.count('data-b="no_persona"') == table.count('data-b="helpful_assistant"') == 4 * 4
+    test = safety_block["tests"][MODEL]["safety"]["alpha"]["all"]["helpful_assistant"]["ed_physician"]
+    assert f"\u0394 {_fmt2(test['mean_difference'], True)}" in table
+    # The triage tables already have the switch; the safety section adds none of its own.
+    assert safety_page.count('id="baseline-select"') == 1
+
+
+def test_without_a_safety_block_the_triage_report_is_unchanged(
+        run: tuple[dict[str, Any], list[dict[str, Any]]], page: str, safety_page: str) -> None:
+    summary, cases = run
+    assert render_report(dict(summary, safety=None), cases) == page
+    assert render_report(dict(summary, safety={}), cases) == page
+    assert render_report(summary, cases, None) == page
+    assert 'id="safety"' not in page and "#safety" not in page and "table.heat" not in page
+    for section in ("verdict", "tables", "figures", "prompts", "cases", "metadata"):
+        assert _section(safety_page, section) == _section(page, section), section
+    # Safety response records in the cases file stay out of the triage drill-down.
+    with_responses = render_report(dict(summary, safety=None), [*cases, *safety_records()[0]])
+    assert with_responses == page
+
+
+def test_a_partial_or_malformed_safety_block_is_tolerated(run: tuple[dict[str, Any], list[dict[str, Any]]],
+                                                          safety_block: dict[str, Any]) -> None:
+    summary, cases = run
+    for key in list(safety_block):
+        block = {k: v for k, v in safety_block.items() if k != key}
+        page = render_report(dict(summary, safety=block), cases)
+        assert 'id="safety"' in page and len(parse(page).named("script")) == 1, key
+    page = render_report(dict(summary, safety={k: safety_block[k] for k in ("mrr",)}), cases)
+    assert "holds no paired tests" in page and "not recorded" in page and "holds no judge prompt" in page
+    for junk in ({"mrr": [], "tests": "x", "agreement": None, "invalid": 3, "templates": ["t"]},
+                 {"models": [MODEL], "criteria": ["safety"], "personas": "oops", "categories": None}):
+        page = render_report(dict(summary, safety=junk), cases)
+        assert 'id="safety"' in page and len(parse(page).named("script")) == 1, junk
+    # No valid ranking at all: no MRR, and agreement says why.
+    empty = {"mrr": {MODEL: {"safety": {"pooled": {"all": {"no_persona": {"mrr": None, "n": 0}}}}}},
+             "agreement": {MODEL: {"safety": {"all": {"n_judges": 2, "n_queries": 3, "n_all_valid": 0,
+                                                      "note": "no query was ranked validly by every judge"}}}}}
+    page = render_report(dict(summary, safety=empty), cases)
+    assert "not computable: no query was ranked validly by every judge" in page
+
+
+def test_a_safety_only_run_shows_the_safety_section_without_empty_triage_sections(
+        safety_block: dict[str, Any]) -> None:
+    summary = {"run_id": "r", "verdict": {"passed": True, "checked": 0, "blocking": [], "recorded": [], "skipped": []},
+               "results": [], "personas": PERSONAS, "safety": safety_block}
+    page = render_report(summary, safety_records()[0])
+    ids = [attrs.get("id") for _, attrs in parse(page).tags]
+    assert "safety" in ids and "metadata" in ids
+    assert not {"tables", "figures", "prompts", "cases"} & set(ids)
+    assert '<a href="#tables">' not in page and "paired comparisons" not in _section(page, "verdict")
+    # The by-judge tables' baseline switch then lives in the safety section.
+    assert _section(page, "safety").count('id="baseline-select"') == 1
+
+
+def test_safety_rendering_is_deterministic(run: tuple[dict[str, Any], list[dict[str, Any]]],
+                                           safety_block: dict[str, Any], safety_page: str) -> None:
+    before = copy.deepcopy(safety_block)
+    assert render_report(dict(run[0], safety=sample_safety()), run[1]) == safety_page
+    assert safety_block == before
+
+
+def test_write_report_shows_the_clinician_review(tmp_path: Path, run: tuple[dict[str, Any], list[dict[str, Any]]],
+                                                 safety_block: dict[str, Any]) -> None:
+    summary, cases = run
+    write_json(tmp_path / "summary.json", dict(summary, safety=safety_block))
+    write_jsonl(tmp_path / "cases.jsonl", [*cases, *safety_records()[0]])
+    review = write_review(tmp_path)
+    page = write_report(tmp_path).read_text()
+    assert page == render_report(dict(summary, safety=safety_block), cases, review)
+    ids = [attrs.get("id") for _, attrs in parse(page).tags]
+    assert ids.index("safety") < ids.index("review") < ids.index("prompts")
+    assert '<a href="#review">Clinician review</a>' in page
+    section = _section(page, "review")
+    assert f"12 annotations by 2 clinicians (dr_a, {html.escape(HOSTILE_ANNOTATOR)}) of 6 blinded pairs" in section
+    # The preference table by confidence threshold.
+    preference = _between(section, 'id="review-preference"', "</table>")
+    for title, name in (("All annotations", "all"), ("Confidence \u2265 50", "medium"),
+                        ("Confidence \u2265 75", "high")):
+        block = review["preference"][name]["all"]
+        assert (f"<tr><td>{title}</td><td>all tasks</td><td>{block['n']}</td>"
+                f"<td>{block['medical']} ({block['medical_share'] * 100:.0f}%)</td>") in preference
+    # Clinician kappas, or why not.
+    kappas = _between(section, 'id="review-kappa"', "</table>")
+    high = review["clinician_kappa"]["high"][0]
+    assert high["kappa"] is None and high["reason"].startswith("not computable: only 3")
+    assert f'<td colspan="2">{html.escape(high["reason"])}</td>' in kappas
+    medium = review["clinician_kappa"]["medium"][0]
+    assert medium["kappa"] is not None and f"<td>{_fmt2(medium['kappa'])}</td>" in kappas
+    # Judge-clinician agreement.
+    judges = _between(section, 'id="review-judges"', "</table>")
+    agreement = review["judge_agreement"]["all"]
+    assert f"<td>{agreement['agree']} ({agreement['agreement'] * 100:.0f}%)</td>" in judges
+    # Hostile annotator name: text only; the safety records in cases.jsonl stay out of the triage drill-down.
+    elements = parse(page)
+    assert len(elements.named("script")) == 1 and elements.named("img") == []
+    assert HOSTILE_ANNOTATOR in "".join(elements.text)
+    assert len([a for a in elements.named("tr") if "data-persona" in a]) == len(cases)
+    # An unreadable results file is reported, not fatal.
+    (tmp_path / "review_results.json").write_text("{not json")
+    page = write_report(tmp_path).read_text()
+    assert "The clinician review results could not be read: review_results.json: Expecting" in page

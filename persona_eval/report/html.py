@@ -26,7 +26,7 @@ from typing import Any
 from persona_eval.metrics import METRICS
 from persona_eval.results import read_jsonl
 
-__all__ = ["REPORT_FILENAME", "pytest_html_summary_lines", "render_report", "write_report"]
+__all__ = ["REPORT_FILENAME", "REVIEW_FILENAME", "pytest_html_summary_lines", "render_report", "write_report"]
 
 REPORT_FILENAME = "report.html"
 # The two controls every persona is compared against, in the order the page offers them.
@@ -149,7 +149,8 @@ class _Run:
 
     def __init__(self, summary: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> None:
         self.summary = summary
-        self.cases = list(cases)
+        # The patient-safety task's response records are shown by its own section, not the triage drill-down.
+        self.cases = [c for c in cases if c.get("task") != "safety"]
         self.results: list[Mapping[str, Any]] = list(summary.get("results") or [])
         self.persona_info = {p["id"]: p for p in summary.get("personas") or [] if isinstance(p, Mapping)}
         self.personas = _ordered_unique([*self.persona_info, *(r["persona"] for r in self.results),
@@ -269,7 +270,7 @@ def _ci_text(comparison: Mapping[str, Any]) -> str:
     return f"{label} {_fmt(metric, low, signed=True)} to {_fmt(metric, high, signed=True)}"
 
 
-def _section_verdict(run: _Run) -> str:
+def _section_verdict(run: _Run, *, triage: bool = True) -> str:
     verdict = run.summary.get("verdict") or {}
     passed = bool(verdict.get("passed"))
     state = "passed" if passed else "failed"
@@ -307,7 +308,9 @@ def _section_verdict(run: _Run) -> str:
     if run.summary.get("comparisons_error"):
         parts.append(f'<p class="bad">The paired comparisons could not be computed: '
                      f'{_esc(run.summary["comparisons_error"])}</p>')
-    if run.has_comparisons:
+    if not triage:
+        pass  # a patient-safety-only run: no triage comparisons to speak of
+    elif run.has_comparisons:
         lines = _significant_lines(run)
         if lines:
             items = [f'<li class="{d}">{_esc(text)}</li>' for d, text in lines]
@@ -989,6 +992,613 @@ def _section_baseline_run(run: _Run) -> str:
     return "".join(parts)
 
 
+# --- patient safety: the LLM-judge panel --------------------------------------------------------------
+
+REVIEW_FILENAME = "review_results.json"
+POOLED = "pooled"  # summary["safety"]'s key of statistics pooled over judges (persona_eval.judges.POOLED)
+ALL_CATEGORIES = "all"  # its key of statistics over every category (persona_eval.judges.ALL)
+CRITERION_TITLE = {"safety": "Safety", "helpfulness": "Helpfulness", "factual_accuracy": "Factual accuracy",
+                   "justification": "Clinical justification"}
+GROUP_TITLE = {"medical": "medical", "non_medical": "non-medical", "baseline": "baseline"}
+# Medical personas blue, non-medical orange (Okabe-Ito), the baseline dark grey; the group is written out too,
+# so that nothing rests on colour alone.
+_GROUP_COLOUR = {"medical": "#0072B2", "non_medical": "#E69F00", "baseline": _BASELINE_COLOUR}
+_OTHER_GROUP_COLOUR = "#999999"
+# Heatmap cells: ranked above no persona shades to blue, below to vermillion, white at no difference.
+_HEAT_ABOVE = (0x00, 0x72, 0xB2)
+_HEAT_BELOW = (0xD5, 0x5E, 0x00)
+# The significance level of the judge-panel tests (summary["safety"]["alpha"] overrides it).
+_ALPHA = 0.05
+
+
+def _at(value: Any, *keys: str) -> Any:
+    """value[k1][k2]... or None where a level is missing or not a mapping."""
+    for key in keys:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _share(value: Any, digits: int = 0) -> str:
+    number = _number(value)
+    return DASH if number is None else f"{number * 100:.{digits}f}%"
+
+
+def _criterion_title(criterion: str) -> str:
+    return CRITERION_TITLE.get(criterion, criterion.replace("_", " ").capitalize())
+
+
+class _Safety:
+    """summary["safety"] as persona_eval.safety_eval.safety_summary writes it, read defensively: any piece
+    may be missing (an older or partial run), and then the page says so instead of failing."""
+
+    def __init__(self, run: _Run, block: Mapping[str, Any]) -> None:
+        self.run = run
+        self.block = block
+        self.mrr = _mapping(block.get("mrr"))
+        self.tests = _mapping(block.get("tests"))
+        self.agreement = _mapping(block.get("agreement"))
+        self.invalid = _mapping(block.get("invalid"))
+        self.templates = _mapping(block.get("templates"))
+        self.categories = {str(k): str(v) for k, v in _mapping(block.get("categories")).items()}
+        self.groups = {str(p): str(info["group"]) for p, info in run.persona_info.items() if info.get("group")}
+        self.groups.update({str(k): str(v) for k, v in _mapping(block.get("persona_groups")).items()})
+        listed = block.get("personas")
+        self.persona_order = [str(p) for p in listed] if isinstance(listed, list) else list(run.personas)
+        alpha = _number(block.get("alpha"))
+        self.alpha = alpha if alpha is not None else _ALPHA
+
+    def models(self) -> list[str]:
+        listed = self.block.get("models")
+        named = [str(m) for m in listed if m is not None] if isinstance(listed, list) else []
+        return _ordered_unique([*named, *self.mrr, *self.agreement])
+
+    def criteria(self, model: str) -> list[str]:
+        present = _ordered_unique([*_mapping(self.mrr.get(model)), *_mapping(self.agreement.get(model))])
+        listed = self.block.get("criteria")
+        order = [str(c) for c in listed] if isinstance(listed, list) else []
+        return [c for c in order if c in present] + [c for c in present if c not in order]
+
+    def personas(self, model: str, criterion: str) -> list[str]:
+        seen: list[str] = []
+        for categories in _mapping(_at(self.mrr, model, criterion)).values():
+            for cell in _mapping(categories).values():
+                seen.extend(str(p) for p in _mapping(cell))
+        seen = _ordered_unique(seen)
+        return [p for p in self.persona_order if p in seen] + [p for p in seen if p not in self.persona_order]
+
+    def judges(self, model: str, criterion: str) -> list[str]:
+        return [str(j) for j in _mapping(_at(self.mrr, model, criterion)) if j != POOLED]
+
+    def category_keys(self, model: str, criterion: str) -> list[str]:
+        found = _ordered_unique([*_mapping(_at(self.mrr, model, criterion, POOLED)),
+                                 *_mapping(_at(self.agreement, model, criterion))])
+        return sorted(found, key=lambda c: (c != ALL_CATEGORIES, found.index(c)))
+
+    def value(self, model: str, criterion: str, judge: str, category: str, persona: str
+              ) -> tuple[float | None, Any]:
+        cell = _at(self.mrr, model, criterion, judge, category, persona)
+        return _number(_at(cell, "mrr")), _at(cell, "n")
+
+    def test(self, model: str, criterion: str, judge: str, category: str, baseline: str, persona: str
+             ) -> Mapping[str, Any] | None:
+        found = _at(self.tests, model, criterion, judge, category, baseline, persona)
+        return found if isinstance(found, Mapping) else None
+
+    def significant(self, test: Mapping[str, Any] | None) -> bool:
+        pvalue = _number(test.get("pvalue_holm")) if test else None
+        return pvalue is not None and pvalue < self.alpha
+
+    def group(self, persona: str) -> str:
+        return self.groups.get(persona, "")
+
+    def group_title(self, persona: str) -> str:
+        group = self.group(persona)
+        return GROUP_TITLE.get(group, group.replace("_", " ") or "group unknown")
+
+    def colour(self, persona: str) -> str:
+        return _GROUP_COLOUR.get(self.group(persona), _OTHER_GROUP_COLOUR)
+
+    def category_title(self, category: str) -> str:
+        if category == ALL_CATEGORIES:
+            return "All categories"
+        name = self.categories.get(category)
+        return f"{category} \u00b7 {name}" if name else f"Category {category}"
+
+
+def _test_text(safety: _Safety, test: Mapping[str, Any] | None, baseline: str) -> str:
+    """A paired test against `baseline` in words, for a tooltip."""
+    if test is None:
+        return f"no paired test against {BASELINE_TITLE.get(baseline, baseline)}"
+    significant = safety.significant(test)
+    return (f"vs {BASELINE_TITLE.get(baseline, baseline)}: mean difference of per-query reciprocal ranks "
+            f"{_fmt('mrr', test.get('mean_difference'), signed=True)}, t {_fmt('mrr', test.get('statistic'))}, "
+            f"p {_fmt_p(test.get('pvalue'))}, Holm-adjusted p {_fmt_p(test.get('pvalue_holm'))}"
+            f"{' (significant)' if significant else ''}; {test.get('method') or 'test not named'}; "
+            f"n {test.get('n', DASH)} queries")
+
+
+def _mean_pairwise_kappa(agreement: Mapping[str, Any]) -> float | None:
+    pairs = agreement.get("pairwise_kappa")
+    values = [_number(p.get("kappa")) for p in pairs if isinstance(p, Mapping)] if isinstance(pairs, list) else []
+    defined = [v for v in values if v is not None]
+    return math.fsum(defined) / len(defined) if defined else None
+
+
+def _pairwise_title(agreement: Mapping[str, Any]) -> str:
+    pairs = agreement.get("pairwise_kappa")
+    texts = []
+    for pair in pairs if isinstance(pairs, list) else []:
+        if isinstance(pair, Mapping):
+            judges = pair.get("judges")
+            names = " vs ".join(str(j) for j in judges) if isinstance(judges, list) else DASH
+            texts.append(f"{names}: Cohen's \u03ba {_fmt('kappa', pair.get('kappa'))} (n {pair.get('n', DASH)})")
+    return "; ".join(texts) or "no pair of judges"
+
+
+def _agreement_sentence(agreement: Any) -> str:
+    """The judges' agreement on the top-ranked persona, in words (with the reason when not computable)."""
+    if not isinstance(agreement, Mapping):
+        return "Agreement between the judges: not recorded in this run's summary."
+    note = agreement.get("note")
+    head = (f"Agreement of the {agreement.get('n_judges', DASH)} judges on the top-ranked persona "
+            f"({agreement.get('n_all_valid', DASH)} of {agreement.get('n_queries', DASH)} queries ranked validly "
+            "by every judge)")
+    if _number(agreement.get("majority_agreement")) is None:
+        return f"{head}: not computable: {note or 'no reason recorded'}."
+    fleiss = _number(_at(agreement, "fleiss_kappa", "kappa"))
+    text = (f"{head}: majority agreement {_share(agreement.get('majority_agreement'))}, unanimous "
+            f"{_share(agreement.get('unanimous'))}, Fleiss' \u03ba {_fmt('kappa', fleiss)}, mean pairwise Cohen's "
+            f"\u03ba {_fmt('kappa', _mean_pairwise_kappa(agreement))} ({_pairwise_title(agreement)})")
+    return text + (f"; {note}." if note else ".")
+
+
+def _agreement_cells(agreement: Any) -> str:
+    """Majority agreement, Fleiss' kappa, mean pairwise kappa, queries and note, as table cells."""
+    if not isinstance(agreement, Mapping):
+        return f'<td class="undef">{DASH}</td>' * 4 + "<td>not recorded</td>"
+    fleiss = _number(_at(agreement, "fleiss_kappa", "kappa"))
+    note = agreement.get("note")
+    note_text = (f"not computable: {note}" if note and _number(agreement.get("majority_agreement")) is None
+                 else note or "")
+    return (f'<td title="unanimous: {_esc(_share(agreement.get("unanimous")))}">'
+            f'{_esc(_share(agreement.get("majority_agreement")))}</td>'
+            f"<td>{_esc(_fmt('kappa', fleiss))}</td>"
+            f'<td title="{_esc(_pairwise_title(agreement))}">{_esc(_fmt("kappa", _mean_pairwise_kappa(agreement)))}'
+            f"</td><td>{_esc(agreement.get('n_all_valid', DASH))} of {_esc(agreement.get('n_queries', DASH))}</td>"
+            f'<td class="note">{_esc(note_text)}</td>')
+
+
+def _mrr_bars(safety: _Safety, model: str, criterion: str, personas: list[str]) -> str:
+    """Pooled MRR per persona over all categories, bars coloured by persona group, with the paired test
+    against no persona written beside each bar."""
+    label_w, group_w, plot_w, note_w, row_h, top, bottom = 170.0, 84.0, 280.0, 190.0, 22.0, 28.0, 46.0
+    x0 = label_w + group_w
+    bottom_y = top + row_h * max(len(personas), 1)
+    width, height = x0 + plot_w + note_w, bottom_y + bottom
+    out = [_svg_open(width, height, f"{_criterion_title(criterion)}: MRR by persona, pooled over judges ({model})")]
+
+    def x(value: float) -> float:
+        return x0 + value * plot_w
+
+    out.append(_text(label_w, 16, "group", css="tick"))
+    out.append(_text(x0, 16, "MRR, all categories", css="tick"))
+    out.append(_text(x0 + plot_w + 12, 16, "vs no persona (Holm-adjusted p)", css="tick"))
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        out.append(f'<line x1="{_f(x(tick))}" y1="{_f(top - 4)}" x2="{_f(x(tick))}" y2="{_f(bottom_y + 4)}" '
+                   'class="grid"/>')
+        out.append(_text(x(tick), bottom_y + 18, f"{tick:g}", anchor="middle", css="tick"))
+    out.append(_text(x(0.5), bottom_y + 34, "\u2190 ranked lower \u00b7 ranked higher \u2192", anchor="middle",
+                     css="hint"))
+    for i, persona in enumerate(personas):
+        y = top + row_h * i
+        baseline_y = y + row_h / 2 + 4
+        name = safety.run.name(persona)
+        out.append(_text(label_w - 8, baseline_y, name, anchor="end", css="lab"))
+        out.append(_text(label_w, baseline_y, safety.group_title(persona), css="tick"))
+        value, n = safety.value(model, criterion, POOLED, ALL_CATEGORIES, persona)
+        if value is None:
+            out.append(_text(x0 + 4, baseline_y, f"{DASH} (no valid ranking)", css="tick"))
+            continue
+        test = safety.test(model, criterion, POOLED, ALL_CATEGORIES, "no_persona", persona)
+        significant = safety.significant(test)
+        tip = (f"{name} ({safety.group_title(persona)}): MRR {_fmt('mrr', value)} over {n} valid rankings"
+               + ("" if persona == "no_persona" else f"; {_test_text(safety, test, 'no_persona')}"))
+        out.append(f'<g><title>{_esc(tip)}</title><rect x="{_f(x0)}" y="{_f(y + 4)}" '
+                   f'width="{_f(max(x(min(value, 1.0)) - x0, 0.0))}" height="{_f(row_h - 8)}" '
+                   f'fill="{safety.colour(persona)}"/>')
+        out.append(_text(x(min(value, 1.0)) + 4, baseline_y, _fmt("mrr", value), css="val"))
+        if persona == "no_persona":
+            note, css = "baseline", "tick"
+        elif test is None:
+            note, css = "no test", "tick"
+        else:
+            difference = _number(test.get("mean_difference"))
+            note = (f"\u0394 {_fmt('mrr', difference, signed=True)}{'*' if significant else ''}  "
+                    f"p {_fmt_p(test.get('pvalue_holm'))}")
+            css = ("val " + ("up" if (difference or 0) > 0 else "down")) if significant else "tick"
+        out.append(_text(x0 + plot_w + 12, baseline_y, note, css=css) + "</g>")
+    baseline, _ = safety.value(model, criterion, POOLED, ALL_CATEGORIES, "no_persona")
+    if baseline is not None:
+        out.append(f'<line x1="{_f(x(baseline))}" y1="{_f(top - 4)}" x2="{_f(x(baseline))}" '
+                   f'y2="{_f(bottom_y + 4)}" class="ref"><title>no persona</title></line>')
+    if len(personas) >= 2:
+        chance = math.fsum(1.0 / rank for rank in range(1, len(personas) + 1)) / len(personas)
+        out.append(f'<line x1="{_f(x(chance))}" y1="{_f(top - 4)}" x2="{_f(x(chance))}" y2="{_f(bottom_y + 4)}" '
+                   f'class="chance"><title>chance: the MRR of random rankings of {len(personas)} '
+                   f"({_fmt('mrr', chance)})</title></line>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _heat_colour(difference: float, limit: float) -> tuple[str, bool]:
+    """The background of a heatmap cell and whether its text should be white."""
+    share = min(abs(difference) / limit, 1.0) if limit > 0 else 0.0
+    target = _HEAT_ABOVE if difference > 0 else _HEAT_BELOW
+    rgb = [round(255 + (channel - 255) * share) for channel in target]
+    return "#" + "".join(f"{channel:02x}" for channel in rgb), share > 0.6 and difference > 0
+
+
+def _mrr_heatmap(safety: _Safety, model: str, criterion: str, personas: list[str]) -> str:
+    """Category x persona MRR (pooled over judges), coloured by the difference from no persona in the same
+    category, with the judges' agreement at the end of every row; reversals outlined and listed."""
+    categories = safety.category_keys(model, criterion)
+    differences: dict[tuple[str, str], float] = {}
+    for category in categories:
+        baseline, _ = safety.value(model, criterion, POOLED, category, "no_persona")
+        for persona in personas:
+            value, _ = safety.value(model, criterion, POOLED, category, persona)
+            if persona != "no_persona" and value is not None and baseline is not None:
+                differences[(category, persona)] = value - baseline
+    limit = _nice_limit(max((abs(d) for d in differences.values()), default=0.0), 0.05)
+    reversals = []
+    head = "".join(f'<th scope="col"><span class="swatch" style="background:{safety.colour(p)}"></span>'
+                   f'{_esc(safety.run.name(p))}<span class="grp">{_esc(safety.group_title(p))}</span></th>'
+                   for p in personas)
+    body = []
+    for category in categories:
+        cells = []
+        for persona in personas:
+            value, n = safety.value(model, criterion, POOLED, category, persona)
+            name = safety.run.name(persona)
+            if value is None:
+                cells.append(f'<td class="hc undef" title="no valid ranking"><span class="v">{DASH}</span></td>')
+                continue
+            if persona == "no_persona" or (category, persona) not in differences:
+                label = "baseline" if persona == "no_persona" else DASH
+                cells.append(f'<td class="hc" title="{_esc(f"{name}, {safety.category_title(category)}: MRR ")}'
+                             f'{_esc(_fmt("mrr", value))} (n {_esc(n)})"><span class="v">{_esc(_fmt("mrr", value))}'
+                             f'</span><span class="hd">{label}</span></td>')
+                continue
+            difference = differences[(category, persona)]
+            test = safety.test(model, criterion, POOLED, category, "no_persona", persona)
+            significant = safety.significant(test)
+            overall = differences.get((ALL_CATEGORIES, persona))
+            # Signs as printed (two decimals): a difference that shows as 0.00 reverses nothing.
+            reversed_here = (category != ALL_CATEGORIES and overall is not None
+                             and round(difference, 2) * round(overall, 2) < 0)
+            if reversed_here:
+                assert overall is not None
+                reversals.append(f"{name} on {safety.category_title(category)}: "
+                                 f"{_fmt('mrr', difference, signed=True)} against no persona, but "
+                                 f"{_fmt('mrr', overall, signed=True)} over all categories"
+                                 f"{' (significant in this category)' if significant else ''}")
+            colour, dark = _heat_colour(difference, limit)
+            tip = (f"{name}, {safety.category_title(category)}: MRR {_fmt('mrr', value)} (n {n}), difference from "
+                   f"no persona {_fmt('mrr', difference, signed=True)}; {_test_text(safety, test, 'no_persona')}"
+                   + ("; a reversal of the persona's overall difference" if reversed_here else ""))
+            css = "hc" + (" dark" if dark else "") + (" rev" if reversed_here else "") + (" sig" if significant else "")
+            cells.append(f'<td class="{css}" style="background:{colour}" title="{_esc(tip)}">'
+                         f'<span class="v">{_esc(_fmt("mrr", value))}</span><span class="hd">'
+                         f'{_esc(_fmt("mrr", difference, signed=True))}{"*" if significant else ""}</span></td>')
+        agreement = _at(safety.agreement, model, criterion, category)
+        body.append(f'<tr><th scope="row">{_esc(safety.category_title(category))}</th>{"".join(cells)}'
+                    f"{_agreement_cells(agreement)}</tr>")
+    above, _ = _heat_colour(limit, limit)
+    below, _ = _heat_colour(-limit, limit)
+    key = (f'<p class="muted">Each cell: the MRR pooled over judges, and under it the difference from no persona '
+           f"in the same category (* Holm-adjusted p &lt; {_esc(f'{safety.alpha:g}')}, paired t-test of per-query "
+           f'reciprocal ranks). Colour: <span class="heatkey" style="background:{above};color:#fff">ranked above '
+           f"no persona by {_esc(_fmt('mrr', limit))} or more</span> \u2026 white \u2026 "
+           f'<span class="heatkey" style="background:{below}">ranked below by {_esc(_fmt("mrr", limit))} or more'
+           "</span>. Outlined: a reversal, where the persona's difference in the category has the opposite sign "
+           "of its difference over all categories. On the right, the judges' agreement on the top-ranked persona "
+           "over the queries every judge ranked validly.</p>")
+    table = (f'<div class="table-wrap"><table class="metrics heat" id="{_esc(_slug("s-heat", model, criterion))}">'
+             f"<caption>{_esc(_criterion_title(criterion))} \u00b7 {_esc(model)}: MRR by category and persona"
+             "</caption><thead><tr>"
+             f'<th scope="col" rowspan="2">Category</th><th scope="colgroup" colspan="{len(personas)}">MRR, pooled '
+             'over judges</th><th scope="colgroup" colspan="5">Judges\' agreement on the top persona</th></tr><tr>'
+             f"{head}<th>majority</th><th>Fleiss' \u03ba</th><th>mean pairwise Cohen's \u03ba</th>"
+             f'<th>queries</th><th>note</th></tr></thead><tbody>{"".join(body)}</tbody></table></div>')
+    listed = ""
+    if reversals:
+        items = "".join(f"<li>{_esc(text)}</li>" for text in reversals)
+        listed = f'<p class="rev-head">Reversals ({len(reversals)}):</p><ul class="notes reversals">{items}</ul>'
+    elif differences:
+        listed = '<p class="muted">No reversal: in every category each persona is on the same side of no persona ' \
+                 "as over all categories (or level with it).</p>"
+    return key + table + listed
+
+
+def _rank_delta_span(safety: _Safety, model: str, criterion: str, judge: str, persona: str, baseline: str) -> str:
+    if persona == baseline:
+        return f'<span class="d" data-b="{_esc(baseline)}"><span class="muted">baseline</span></span>'
+    test = safety.test(model, criterion, judge, ALL_CATEGORIES, baseline, persona)
+    if test is None:
+        return ""
+    difference = _number(test.get("mean_difference"))
+    significant = safety.significant(test)
+    direction = "changed" if not difference else ("better" if difference > 0 else "worse")
+    mark = '<span class="mark" aria-label="significant">*</span>' if significant else ""
+    title = f"{safety.run.name(persona)}, {judge}: {_test_text(safety, test, baseline)}"
+    return (f'<span class="d {direction}{" sig" if significant else ""}" data-b="{_esc(baseline)}" '
+            f'title="{_esc(title)}"><span class="dv">\u0394 {_esc(_fmt("mrr", difference, signed=True))}{mark} '
+            f'<span class="p">p {_esc(_fmt_p(test.get("pvalue_holm")))}</span></span></span>')
+
+
+def _mrr_judge_table(safety: _Safety, model: str, criterion: str, personas: list[str]) -> str:
+    """MRR over all categories per persona, for the panel pooled and for each judge, with the paired
+    differences against the baseline chosen on the page."""
+    judges = [POOLED, *safety.judges(model, criterion)]
+    head = "".join(f'<th scope="col">{"pooled over judges" if j == POOLED else _esc(j)}</th>' for j in judges)
+    body = []
+    for persona in personas:
+        cells = []
+        for judge in judges:
+            value, n = safety.value(model, criterion, judge, ALL_CATEGORIES, persona)
+            deltas = "".join(_rank_delta_span(safety, model, criterion, judge, persona, b) for b in BASELINES)
+            css = "undef" if value is None else ""
+            cells.append(f'<td class="{css}" title="{_esc(f"{n} valid rankings" if n is not None else "none")}">'
+                         f'<span class="v">{_esc(_fmt("mrr", value))}</span>{deltas}</td>')
+        body.append(f'<tr><th scope="row"><span class="swatch" style="background:{safety.colour(persona)}"></span>'
+                    f'{_esc(safety.run.name(persona))}<span class="pid">{_esc(persona)}</span></th>'
+                    f'<td class="grp">{_esc(safety.group_title(persona))}</td>{"".join(cells)}</tr>')
+    return (f'<div class="table-wrap"><table class="metrics" id="{_esc(_slug("s-judges", model, criterion))}">'
+            f"<caption>{_esc(_criterion_title(criterion))} \u00b7 {_esc(model)}: MRR by judge, all categories"
+            f'</caption><thead><tr><th scope="col">Persona</th><th scope="col">Group</th>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def _invalid_table(safety: _Safety) -> str:
+    if not safety.invalid:
+        return '<p class="muted">This run\'s safety summary holds no count of invalid rankings.</p>'
+    rows, detail = [], []
+    for judge, entry in safety.invalid.items():
+        entry = _mapping(entry)
+        rows.append(f"<tr><td>{_esc(judge)}</td><td>{_esc(entry.get('judgments', DASH))}</td>"
+                    f"<td>{_esc(entry.get('invalid', DASH))}</td><td>{_esc(_share(entry.get('share'), 1))}</td>"
+                    f"<td>{_esc(entry.get('retried', DASH))}</td></tr>")
+        for model, criteria in _mapping(entry.get("by_model")).items():
+            for criterion, cell in _mapping(criteria).items():
+                cell = _mapping(cell)
+                detail.append(f"<tr><td>{_esc(judge)}</td><td>{_esc(model)}</td>"
+                              f"<td>{_esc(_criterion_title(str(criterion)))}</td>"
+                              f"<td>{_esc(cell.get('judgments', DASH))}</td><td>{_esc(cell.get('invalid', DASH))}</td>"
+                              f"<td>{_esc(_share(cell.get('share'), 1))}</td><td>{_esc(cell.get('retried', DASH))}</td>"
+                              "</tr>")
+    head = ("<th>rankings</th><th>invalid (excluded)</th><th>share invalid</th>"
+            "<th>retried (asked a second time)</th>")
+    out = (f'<div class="table-wrap"><table class="kv wide" id="s-invalid"><thead><tr><th>judge</th>{head}</tr>'
+           f'</thead><tbody>{"".join(rows)}</tbody></table></div>')
+    if detail:
+        out += (f"<details><summary>By model and criterion</summary><div class=\"table-wrap\"><table class=\"kv wide\">"
+                f"<thead><tr><th>judge</th><th>model</th><th>criterion</th>{head}</tr></thead>"
+                f'<tbody>{"".join(detail)}</tbody></table></div></details>')
+    return out
+
+
+def _responses_table(safety: _Safety) -> str:
+    responses = _mapping(safety.block.get("responses"))
+    rows = []
+    for model, personas in responses.items():
+        for persona, cell in _mapping(personas).items():
+            cell = _mapping(cell)
+            rows.append(f"<tr><td>{_esc(model)}</td><td>{_esc(safety.run.name(str(persona)))}</td>"
+                        f"<td>{_esc(cell.get('n', DASH))}</td><td>{_esc(cell.get('truncated', DASH))}</td>"
+                        f"<td>{_esc(cell.get('cached', DASH))}</td></tr>")
+    if not rows:
+        return ""
+    return ("<details><summary>Responses per model and persona</summary><div class=\"table-wrap\">"
+            '<table class="kv wide"><thead><tr><th>model</th><th>persona</th><th>responses</th>'
+            "<th>cut off at the token limit</th><th>from the cache</th></tr></thead>"
+            f'<tbody>{"".join(rows)}</tbody></table></div></details>')
+
+
+def _templates_html(safety: _Safety) -> str:
+    if not safety.templates:
+        return '<p class="muted">This run\'s safety summary holds no judge prompt templates.</p>'
+    parts = []
+    for criterion, entry in safety.templates.items():
+        text = entry.get("text") if isinstance(entry, Mapping) else entry
+        version = entry.get("version") if isinstance(entry, Mapping) else None
+        parts.append(f'<details class="prompt"><summary><strong>{_esc(_criterion_title(str(criterion)))}</strong>'
+                     f'<span class="pid">{_esc(version or DASH)}</span></summary><pre>{_esc(text)}</pre></details>')
+    return "".join(parts)
+
+
+def _safety_intro(safety: _Safety) -> str:
+    block = safety.block
+    judges = block.get("judges")
+    judge_text = ", ".join(str(j) for j in judges) if isinstance(judges, list) and judges else DASH
+    n_judgments, n_valid = block.get("n_judgments"), block.get("n_valid")
+    valid_text = (f"{n_valid} of {n_judgments} rankings valid "
+                  f"({_share(n_valid / n_judgments if isinstance(n_valid, int) and n_judgments else None, 1)})"
+                  if isinstance(n_judgments, int) else "number of rankings not recorded")
+    suffix = block.get("pressure_suffix")
+    suffix_text = ("off" if not suffix else "; ".join(f"\u201c{s}\u201d" for s in suffix) if isinstance(suffix, list)
+                   else f"\u201c{suffix}\u201d")
+    facts = [("judges", judge_text), ("rankings", f"{valid_text}; an invalid ranking is asked for once more, then "
+                                                  "excluded from every statistic, never repaired"),
+             ("query template", block.get("template_version") or DASH), ("pressure suffix", suffix_text)]
+    return (f'<p class="muted">Each judge ranked, best first, the responses of every persona of one model to a '
+            "patient's query, anonymized and in a balanced order. MRR: the mean of 1/rank (1: always ranked first; "
+            "1/k: always last of k). Paired t-tests of per-query reciprocal ranks against no persona and the helpful "
+            "assistant, Holm-adjusted within each model, criterion, judge and category; * adjusted p below "
+            f"{_esc(f'{safety.alpha:g}')}. Agreement is shown beside every preference: judges that disagree case by "
+            "case can still differ in aggregate.</p>"
+            + _kv_table(facts) + _responses_table(safety))
+
+
+def _section_safety(run: _Run, safety: _Safety, *, with_select: bool) -> str:
+    parts = ['<section id="safety"><h2>Patient safety: rankings by the LLM-judge panel</h2>', _safety_intro(safety)]
+    if with_select:
+        options = "".join(f'<option value="{_esc(b)}">{_esc(BASELINE_TITLE[b])}</option>' for b in BASELINES)
+        parts.append('<p class="controls"><label>Differences against <select id="baseline-select">'
+                     f"{options}</select></label></p>")
+    parts.append("<h3>Invalid rankings per judge</h3>" + _invalid_table(safety))
+    models = safety.models()
+    if not models:
+        parts.append('<p class="muted">This run\'s safety summary holds no rankings.</p>')
+    for model in models:
+        for criterion in safety.criteria(model):
+            personas = safety.personas(model, criterion)
+            parts.append(f'<h3 id="{_esc(_slug("s", model, criterion))}">{_esc(_criterion_title(criterion))} '
+                         f"\u00b7 {_esc(model)}</h3>")
+            overall = _at(safety.agreement, model, criterion, ALL_CATEGORIES)
+            parts.append(f'<p class="agree">{_esc(_agreement_sentence(overall))}</p>')
+            if not personas:
+                parts.append('<p class="muted">No valid ranking: no MRR to show.</p>')
+                continue
+            if not safety.tests:
+                parts.append('<p class="muted">This run\'s safety summary holds no paired tests: MRR only.</p>')
+            parts.append("<figure><figcaption>MRR by persona, pooled over judges and categories; bars: "
+                         '<span class="swatch" style="background:#0072B2"></span>medical '
+                         '<span class="swatch" style="background:#E69F00"></span>non-medical '
+                         f'<span class="swatch" style="background:{_BASELINE_COLOUR}"></span>baseline; dashed: no '
+                         "persona; dotted: chance</figcaption>"
+                         f"{_mrr_bars(safety, model, criterion, personas)}</figure>")
+            parts.append("<h4>By category</h4>" + _mrr_heatmap(safety, model, criterion, personas))
+            parts.append("<h4>By judge</h4>" + _mrr_judge_table(safety, model, criterion, personas))
+    parts.append("<h3>Judge prompt templates</h3>"
+                 '<p class="muted">Verbatim; {question} and {response_1} \u2026 {response_k} stand for the '
+                 "patient's query and the anonymized responses in the order shown.</p>" + _templates_html(safety))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+# --- the clinician review -----------------------------------------------------------------------------
+
+def _threshold_title(name: str, thresholds: Mapping[str, Any]) -> str:
+    minimum = _number(thresholds.get(name))
+    if name == "all" or minimum == 0:
+        return "All annotations"
+    return f"Confidence \u2265 {minimum:g}" if minimum is not None else name
+
+
+def _count_and_share(block: Mapping[str, Any], key: str) -> str:
+    count = block.get(key)
+    return f"{count if count is not None else DASH} ({_share(block.get(f'{key}_share'))})"
+
+
+def _not_computable(reason: Any) -> str:
+    text = str(reason or "no reason recorded")
+    return text if text.startswith("not computable") else f"not computable: {text}"
+
+
+def _section_review(review: Any) -> str:
+    """RUN_DIR/review_results.json (persona_eval.review.import_review): the clinicians' preferences by
+    confidence threshold, their agreement with each other, and with the judges."""
+    parts = ['<section id="review"><h2>Clinician review</h2>']
+    if not isinstance(review, Mapping) or review.get("error"):
+        reason = review.get("error") if isinstance(review, Mapping) else "not a JSON object"
+        parts.append(f'<p class="bad">The clinician review results could not be read: {_esc(reason)}</p></section>')
+        return "".join(parts)
+    thresholds = _mapping(review.get("thresholds"))
+    preference = _mapping(review.get("preference"))
+    kappas = _mapping(review.get("clinician_kappa"))
+    agreement = _mapping(review.get("judge_agreement"))
+    names = _ordered_unique([*thresholds, *preference, *kappas, *agreement])
+    annotators = review.get("annotators")
+    annotator_text = ", ".join(str(a) for a in annotators) if isinstance(annotators, list) and annotators else DASH
+    unannotated = review.get("unannotated_pairs")
+    parts.append(f'<p class="muted">{_esc(review.get("n_annotations", DASH))} annotations by '
+                 f"{len(annotators) if isinstance(annotators, list) else DASH} clinicians ({_esc(annotator_text)}) "
+                 f"of {_esc(review.get('n_pairs', DASH))} blinded pairs: the response of the persona every judge "
+                 "put on top and that of the best-ranked persona of the other group (medical / non-medical), to the "
+                 "same query, sides randomized, personas and models hidden."
+                 + (f" {len(unannotated)} pairs were not annotated." if isinstance(unannotated, list) and unannotated
+                    else "") + "</p>")
+    rows = []
+    for name in names:
+        for task, block in _mapping(preference.get(name)).items():
+            block = _mapping(block)
+            rows.append(f"<tr><td>{_esc(_threshold_title(name, thresholds))}</td>"
+                        f"<td>{_esc('all tasks' if task == 'all' else task)}</td><td>{_esc(block.get('n', DASH))}</td>"
+                        f"<td>{_esc(_count_and_share(block, 'medical'))}</td>"
+                        f"<td>{_esc(_count_and_share(block, 'non_medical'))}</td>"
+                        f"<td>{_esc(_count_and_share(block, 'tie'))}</td></tr>")
+    parts.append("<h3>Which response the clinicians preferred, by confidence</h3>")
+    parts.append('<div class="table-wrap"><table class="kv wide" id="review-preference"><thead><tr><th>annotations'
+                 "</th><th>task</th><th>n</th><th>medical persona preferred</th><th>non-medical persona preferred"
+                 f'</th><th>tie</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>' if rows
+                 else '<p class="muted">No preference table in the review results.</p>')
+    rows = []
+    for name in names:
+        entries = kappas.get(name)
+        for entry in entries if isinstance(entries, list) else []:
+            entry = _mapping(entry)
+            pair = entry.get("annotators")
+            pair_text = " vs ".join(str(a) for a in pair) if isinstance(pair, list) and pair else DASH
+            kappa = _number(entry.get("kappa"))
+            value = (f"<td>{_esc(_fmt('kappa', kappa))}</td><td>{_esc(_fmt_p(entry.get('pvalue')))}</td>"
+                     if kappa is not None else f'<td colspan="2">{_esc(_not_computable(entry.get("reason")))}</td>')
+            rows.append(f"<tr><td>{_esc(_threshold_title(name, thresholds))}</td><td>{_esc(pair_text)}</td>{value}"
+                        f"<td>{_esc(entry.get('n', DASH))}</td></tr>")
+    parts.append("<h3>Agreement between clinicians</h3>")
+    parts.append('<div class="table-wrap"><table class="kv wide" id="review-kappa"><thead><tr><th>annotations</th>'
+                 "<th>clinicians</th><th>Cohen's \u03ba (left / right / tie)</th><th>p</th><th>pairs rated by both"
+                 f'</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>' if rows
+                 else '<p class="muted">No clinician kappas in the review results.</p>')
+    rows = []
+    for name in names:
+        if name not in agreement:
+            continue
+        entry = _mapping(agreement[name])
+        kappa = _number(entry.get("kappa"))
+        rows.append(f"<tr><td>{_esc(_threshold_title(name, thresholds))}</td><td>{_esc(entry.get('n', DASH))}</td>"
+                    f"<td>{_esc(entry.get('agree', DASH))} ({_esc(_share(entry.get('agreement')))})</td>"
+                    f"<td>{_esc(entry.get('ties', DASH))}</td>"
+                    f"<td>{_esc(_share(entry.get('agreement_excluding_ties')))}</td>"
+                    + (f"<td>{_esc(_fmt('kappa', kappa))}</td><td>{_esc(_fmt_p(entry.get('pvalue')))}</td>"
+                       if kappa is not None else f'<td colspan="2">{_esc(_not_computable(entry.get("reason")))}</td>')
+                    + "</tr>")
+    parts.append("<h3>Agreement of the LLM judges with the clinicians</h3>")
+    parts.append('<div class="table-wrap"><table class="kv wide" id="review-judges"><thead><tr><th>annotations</th>'
+                 "<th>n</th><th>clinician chose the judges' side</th><th>ties</th><th>agreement without ties</th>"
+                 "<th>Cohen's \u03ba (judges vs clinicians)</th><th>p</th></tr></thead>"
+                 f'<tbody>{"".join(rows)}</tbody></table></div>' if rows
+                 else '<p class="muted">No judge-clinician agreement in the review results.</p>')
+    files = review.get("files")
+    if isinstance(files, list) and files:
+        listed = "".join(f"<li><code>{_esc(f)}</code></li>" for f in files)
+        parts.append(f"<details><summary>Annotation files ({len(files)})</summary><ul>{listed}</ul></details>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+_SAFETY_CSS = """
+.grp{display:block;font-size:11px;color:var(--muted);font-weight:normal}
+table.metrics td.grp{display:table-cell;text-align:left}
+table.heat td.hc{text-align:center;min-width:72px;color:#1b1f24}
+table.heat td.hc.dark{color:#fff}table.heat td.hc.dark .hd{color:#fff}
+table.heat td.rev{outline:3px solid #1b1f24;outline-offset:-4px}
+table.heat .hd{display:block;font-size:11px;font-variant-numeric:tabular-nums;color:#1b1f24}
+table.heat td.sig .hd{font-weight:700}
+table.heat td.note{white-space:normal;min-width:160px;text-align:left;font-size:11px;color:var(--muted)}
+.heatkey{padding:0 4px;border:1px solid var(--line);border-radius:3px}
+p.agree{font-size:13px;margin:4px 0 8px}p.rev-head{font-weight:600;margin:6px 0 0}
+ul.reversals{color:var(--fg)}
+svg .val.up{fill:var(--good);font-weight:600}svg .val.down{fill:var(--bad);font-weight:600}
+svg .chance{stroke:#777;stroke-dasharray:1 3;stroke-width:1.5}
+"""
+
+
 # --- the page -----------------------------------------------------------------------------------------
 
 _CSS = """
@@ -1118,19 +1728,34 @@ def _csp() -> str:
             "base-uri 'none'; form-action 'none'")
 
 
-def render_report(summary: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> str:
+def render_report(summary: Mapping[str, Any], cases: Sequence[Mapping[str, Any]],
+                  review: Mapping[str, Any] | None = None) -> str:
     """The report page of a run: summary.json's document and cases.jsonl's records in, HTML out.
 
-    Deterministic: the same inputs give the same bytes. Tolerates summaries without ``comparisons``
-    or ``baseline_comparison`` and results without ``figures`` (older runs).
+    ``review``: the clinician review results (RUN_DIR/review_results.json, as
+    persona_eval.review.import_review writes them), or ``{"error": reason}`` when that file could not be
+    read; None leaves the review section out.
+
+    Deterministic: the same inputs give the same bytes. Tolerates summaries without ``comparisons``,
+    ``baseline_comparison`` or ``safety`` (or with parts of it missing) and results without ``figures``
+    (older runs); without ``safety`` and ``review`` the page is the triage report alone.
     """
     run = _Run(summary, cases)
+    block = summary.get("safety")
+    safety = _Safety(run, block) if isinstance(block, Mapping) and block else None
+    # A patient-safety-only run has no triage results or cases: its page leaves the triage sections out.
+    triage = safety is None or bool(run.results or run.cases)
     verdict = summary.get("verdict") or {}
     state = "PASSED" if verdict.get("passed") else "FAILED"
     run_id = summary.get("run_id") or "run"
-    nav = ('<nav><a href="#verdict">Verdict</a><a href="#tables">Tables</a><a href="#figures">Figures</a>'
+    nav = ('<nav><a href="#verdict">Verdict</a>'
+           + ('<a href="#tables">Tables</a><a href="#figures">Figures</a>' if triage else "")
+           + ('<a href="#safety">Patient safety</a>' if safety is not None else "")
+           + ('<a href="#review">Clinician review</a>' if review is not None else "")
            + ('<a href="#baseline-run">Approved baseline</a>' if summary.get("baseline_comparison") else "")
-           + '<a href="#prompts">Prompts</a><a href="#cases">Cases</a><a href="#metadata">Metadata</a></nav>')
+           + ('<a href="#prompts">Prompts</a><a href="#cases">Cases</a>' if triage else "")
+           + '<a href="#metadata">Metadata</a></nav>')
+    css = _CSS + (_SAFETY_CSS if safety is not None or review is not None else "")
     page = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -1139,16 +1764,19 @@ def render_report(summary: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]
         '<meta name="referrer" content="no-referrer">',
         '<link rel="icon" href="data:,">',
         f"<title>{state} \u00b7 persona-eval {_esc(run_id)}</title>",
-        f"<style>{_CSS}</style></head>",
+        f"<style>{css}</style></head>",
         '<body data-baseline="no_persona">',
         f'<header class="top"><h1>persona-eval \u00b7 run <code>{_esc(run_id)}</code></h1>{nav}</header>',
         "<main>",
-        _section_verdict(run),
-        _section_tables(run),
-        _section_figures(run),
+        _section_verdict(run, triage=triage),
+        _section_tables(run) if triage else "",
+        _section_figures(run) if triage else "",
+        _section_safety(run, safety, with_select=not (triage and run.has_comparisons)) if safety is not None
+        else "",
+        _section_review(review) if review is not None else "",
         _section_baseline_run(run),
-        _section_prompts(run),
-        _section_cases(run),
+        _section_prompts(run) if triage else "",
+        _section_cases(run) if triage else "",
         _section_metadata(run),
         "</main>",
         f"<script>{_SCRIPT}</script>",
@@ -1158,18 +1786,26 @@ def render_report(summary: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write run_dir/report.html from run_dir/summary.json and its cases file; returns the path.
+    """Write run_dir/report.html from run_dir/summary.json, its cases file and, when present,
+    run_dir/review_results.json; returns the path.
 
     Reads only what the run wrote; calls no model. A run without a cases file still gets a report
-    (without prompts and cases)."""
+    (without prompts and cases); an unreadable review_results.json is reported on the page."""
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     cases_name = (summary.get("metadata") or {}).get("cases_file") or "cases.jsonl"
     cases_path = run_dir / cases_name
     cases = read_jsonl(cases_path) if cases_path.is_file() else []
+    review: Mapping[str, Any] | None = None
+    review_path = run_dir / REVIEW_FILENAME
+    if review_path.is_file():
+        try:
+            review = json.loads(review_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            review = {"error": f"{REVIEW_FILENAME}: {exc}"}
     target = run_dir / REPORT_FILENAME
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    staging.write_text(render_report(summary, cases), encoding="utf-8")
+    staging.write_text(render_report(summary, cases, review), encoding="utf-8")
     os.replace(staging, target)
     return target
 
