@@ -30,7 +30,14 @@ from persona_eval.data import load_safety_queries, load_triage_cases
 from persona_eval.errors import PersonaEvalError
 from persona_eval.evaluation import TriageSettings, evaluate_triage, triage_metrics
 from persona_eval.gate import ResultSet, approved_comparison, check_regressions, load_results, save_baseline
-from persona_eval.judges import DEFAULT_PANEL, SAFETY_CRITERIA, JudgeSpec, parse_judge_specs
+from persona_eval.judges import (
+    DEFAULT_PANEL,
+    SAFETY_CRITERIA,
+    TRIAGE_CRITERIA,
+    JudgeSpec,
+    panel_summary,
+    parse_judge_specs,
+)
 from persona_eval.personas import Persona, PersonaRegistry, load_personas
 from persona_eval.report import html as html_report
 from persona_eval.report.summary import build_summary
@@ -72,6 +79,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "default: the embedded model)")
     group.addoption("--pe-judge-max-new-tokens", type=int, default=64, metavar="N",
                     help="generation length of a judge's ranking (64)")
+    group.addoption("--pe-judge-triage", action="store_true",
+                    help="triage: also have the judge panel rank the personas' clinical justifications")
     group.addoption("--pe-pressure-suffix", metavar="TEXT",
                     help="append TEXT to every safety query ('study': the study's sentence about having no "
                          "access to care and wanting a brief answer); off by default")
@@ -109,6 +118,7 @@ class Settings:
     judge_max_new_tokens: int = 64
     pressure_suffix: str | None = None
     seed: int = 0
+    judge_triage: bool = False
 
 
 @dataclass
@@ -186,6 +196,7 @@ def _parse_settings(config: pytest.Config, *, controller: bool = True) -> Settin
         pressure_suffix=(safety.PRESSURE_SUFFIX if option.pe_pressure_suffix == "study"
                          else option.pe_pressure_suffix),
         seed=option.pe_seed,
+        judge_triage=option.pe_judge_triage,
     )
 
 
@@ -390,6 +401,9 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
         pytest.exit(f"persona-eval: {condition.id}: {exc}\nEverything finished before this is in the cache; "
                     "rerun to continue.", returncode=pytest.ExitCode.TESTS_FAILED)
     write_part(state.run_dir, "triage", condition.model.name, condition.persona.id, records)
+    if pe_settings.judge_triage:
+        _judge_triage_justifications(request.config, condition, pe_settings, pe_triage_cases, pe_runner_for,
+                                     settings)
     capabilities = runner.backend.capabilities()
     metrics = triage_metrics(records, logprobs_available=capabilities.logprobs)
     checks = pe_settings.thresholds.check(
@@ -411,6 +425,32 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
         "model_seconds": runner.stats.model_seconds - model_seconds_before,
     })
     yield ConditionResult(condition, records, metrics, checks)
+
+
+def _judge_triage_justifications(config: pytest.Config, condition: Condition, pe_settings: Settings,
+                                 cases: list[triage.TriageCase], runner_for: Callable[[ModelSpec], Runner],
+                                 settings: TriageSettings) -> None:
+    """--pe-judge-triage: the panel ranks every persona's triage answer (its clinical justification) per
+    case. Needs every persona of the model (cached after the first case); writes the model's triage
+    judgments, which the controller adds to judgments.jsonl and summary.json's "triage_judging"."""
+    state = config.stash[state_key]
+    runner = runner_for(condition.model)
+    write = None if pe_settings.quiet else _write_progress(config)
+    try:
+        answers = {persona.id: evaluate_triage(cases, persona, runner, run_id=state.run_id,
+                                               model=condition.model.name, settings=settings)
+                   for persona in pe_settings.personas}
+        judges = [(judge.name, runner_for(judge.model)) for judge in pe_settings.judges]
+        progress = Progress(f"triage judges on {condition.model.name}", len(judges) * len(cases), write=write)
+        judgments = judge_model_responses(answers, judges, TRIAGE_CRITERIA, seed=pe_settings.seed,
+                                          max_new_tokens=pe_settings.judge_max_new_tokens,
+                                          questions={case.id: case.text for case in cases}, progress=progress)
+    except PersonaEvalError as exc:
+        pytest.exit(f"persona-eval: {condition.id}: judging: {exc}\nEverything finished before this is in the "
+                    "cache; rerun to continue.", returncode=pytest.ExitCode.TESTS_FAILED)
+    for judgment in judgments:
+        judgment["run_id"] = state.run_id
+    write_part(state.run_dir, "judgments", condition.model.name, "triage", judgments)
 
 
 @pytest.fixture
@@ -531,14 +571,16 @@ class Reporter:
             cases_path=cases_path, comparisons=comparisons, comparison_settings=settings.comparison.to_json(),
             regressions=[check.to_json() for check in regressions], baseline_comparison=baseline_comparison,
             comparisons_error=comparisons_error)
-        safety_models = [m for m in model_order if any(r["task"] == "safety" and r["model"] == m
-                                                       for r in self.results)]
-        if safety_models:
-            judgments = finalize_cases(state.run_dir, [("judgments", m, "panel") for m in safety_models],
-                                       filename="judgments.jsonl")
-            self.summary["safety"] = safety_summary(
-                [r for r in all_records if r["task"] == "safety"],
-                read_jsonl(judgments) if judgments is not None else [])
+        judged_parts = [("judgments", m, part) for m in model_order for part in ("panel", "triage")]
+        judgments_path = finalize_cases(state.run_dir, judged_parts, filename="judgments.jsonl")
+        judgments = read_jsonl(judgments_path) if judgments_path is not None else []
+        if any(r["task"] == "safety" for r in self.results):
+            self.summary["safety"] = safety_summary([r for r in all_records if r["task"] == "safety"],
+                                                    [j for j in judgments if j["task"] == "safety"])
+        triage_judgments = [j for j in judgments if j["task"] == "triage"]
+        if triage_judgments:
+            self.summary["triage_judging"] = panel_summary(triage_judgments,
+                                                           personas=[p.id for p in settings.personas])
         write_json(state.run_dir / "summary.json", self.summary)
         self.report_path = html_report.write_report(state.run_dir)
         update_latest(settings.reports_dir, state.run_dir)

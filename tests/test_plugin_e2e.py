@@ -256,3 +256,22 @@ def test_report_html_is_written_escaped_and_rebuilt_without_a_model(project, tin
                              capture_output=True, text=True, check=True)
     assert Path(rebuilt.stdout.strip()) == run_dir / "report.html"
     assert (run_dir / "report.html").read_text() == report
+
+
+def test_triage_justification_judging_is_an_option(project, tiny_model, dataset):
+    run_evals(project, tiny_model, dataset, "-k", "triage and (no_persona or ed_nurse)")
+    run_dir = (project.path / "reports" / "latest").resolve()
+    assert not (run_dir / "judgments.jsonl").exists()  # -k triage alone judges nothing
+
+    result = run_evals(project, tiny_model, dataset, "-k", "triage and (no_persona or ed_nurse)",
+                       "--pe-judge-triage", "--pe-judge", f"tiny=hf:{tiny_model}", "--pe-persona", "ed_nurse")
+    result.assert_outcomes(passed=2)
+    run_dir = (project.path / "reports" / "latest").resolve()
+    judgments = read_jsonl(run_dir / "judgments.jsonl")
+    assert {j["criterion"] for j in judgments} == {"justification"}
+    assert {j["task"] for j in judgments} == {"triage"}
+    assert len(judgments) == 2 * N_PER_STRATUM  # one judge, one criterion, every case
+    assert all(set(j["order_shown"]) == {"no_persona", "ed_nurse"} for j in judgments)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["triage_judging"]["criteria"] == ["justification"]
+    assert summary["triage_judging"]["n_judgments"] == len(judgments)

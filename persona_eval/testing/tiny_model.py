@@ -426,7 +426,9 @@ def tiny_model_dir(cache_root: Path | None = None, *,
 
         cache_root = default_cache_dir()
     models = Path(cache_root) / "models"
-    target = models / f"tiny-triage-llama-{planted_persona or 'none'}-{_cache_key(planted_persona)}"
+    # The folder name becomes the model's name in test ids: no task or persona words in it, so that
+    # `-k triage` or `-k ed_physician` select by task and persona only.
+    target = models / f"tiny-llama-{'planted' if planted_persona else 'plain'}-{_cache_key(planted_persona)[:12]}"
     if (target / "model.safetensors").exists():
         return target
     models.mkdir(parents=True, exist_ok=True)
