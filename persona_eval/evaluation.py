@@ -90,15 +90,17 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
     """The per-case records (lines of cases.jsonl) of `persona` on `cases`, in case order."""
     settings = settings or TriageSettings()
     backend = runner.backend
-    capabilities = backend.capabilities()
     policy = backend.system_policy()
     labels = list(settings.scoring.labels)
     requests = [render_messages(triage.user_message(case.text), persona, policy) for case in cases]
-    scoring = settings.scoring if capabilities.logprobs else None
-    generations = runner.generate(requests, settings.generation, scoring, progress=progress)
+    # Scoring is always asked for (one cache key whatever the backend finds out); a backend that learns
+    # during the run that the model gives no log-probabilities reports it in its capabilities.
+    generations = runner.generate(requests, settings.generation, settings.scoring, progress=progress)
+    capabilities = backend.capabilities()
 
     spans = [find_triage_answer(g.generation.text, labels=labels) for g in generations]
-    distributions = [label_distribution(g.generation, span, labels) for g, span in zip(generations, spans, strict=True)]
+    distributions = [label_distribution(g.generation, span, labels) if capabilities.logprobs else (None, False)
+                     for g, span in zip(generations, spans, strict=True)]
     sources: list[str | None] = ["answer" if d[0] is not None else None for d in distributions]
     fallback = [i for i, d in enumerate(distributions) if d[0] is None]
     if fallback and capabilities.logprobs and capabilities.prompt_scoring:

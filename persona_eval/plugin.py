@@ -394,6 +394,7 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
                               scoring=LabelScoring(labels=triage.LABELS))
     started = time.perf_counter()
     model_seconds_before = runner.stats.model_seconds
+    tokens_before = runner.stats.completion_tokens
     try:
         records = evaluate_triage(pe_triage_cases, condition.persona, runner, run_id=state.run_id,
                                   model=condition.model.name, settings=settings, progress=progress)
@@ -423,6 +424,8 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
         "cached": sum(1 for r in records if r["cached"]),
         "seconds": time.perf_counter() - started,
         "model_seconds": runner.stats.model_seconds - model_seconds_before,
+        "completion_tokens": runner.stats.completion_tokens - tokens_before,
+        "max_in_flight": runner.stats.max_in_flight_seen,
     })
     yield ConditionResult(condition, records, metrics, checks)
 
@@ -607,6 +610,11 @@ class Reporter:
         for error in self.errors:
             terminalreporter.write_line(f"persona-eval: {error}", red=True)
         state = self.config.stash[state_key]
+        for model, row in (self.summary["metadata"].get("throughput") or {}).items():
+            speed = f"{row['tokens_per_second']} generated tokens/s" if row["tokens_per_second"] else "no model calls"
+            terminalreporter.write_line(
+                f"{model}: {row['requests']} requests, {row['cached']} from the cache, up to {row['max_in_flight']} "
+                f"in flight, {speed} ({row['model_seconds']:.1f} s in the model)")
         terminalreporter.write_line(f"Results: {state.run_dir}/ (report.html, cases.jsonl, summary.json)")
         if self.saved_baseline is not None:
             terminalreporter.write_line(f"Approved baseline saved: {self.saved_baseline}")

@@ -61,6 +61,25 @@ def _git_revision(root: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _throughput(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per model: requests, cache hits, the most requests seen in flight, and generated tokens per second
+    of model time (the time spent inside the backend's calls)."""
+    table: dict[str, dict[str, Any]] = {}
+    for result in results:
+        row = table.setdefault(result["model"], {"requests": 0, "cached": 0, "model_seconds": 0.0,
+                                                 "completion_tokens": 0, "max_in_flight": 0})
+        row["requests"] += result.get("n_cases", 0)
+        row["cached"] += result.get("cached", 0)
+        row["model_seconds"] += result.get("model_seconds", 0.0)
+        row["completion_tokens"] += result.get("completion_tokens", 0)
+        row["max_in_flight"] = max(row["max_in_flight"], result.get("max_in_flight", 0))
+    for row in table.values():
+        row["model_seconds"] = round(row["model_seconds"], 3)
+        row["tokens_per_second"] = (round(row["completion_tokens"] / row["model_seconds"], 2)
+                                    if row["model_seconds"] > 0 else None)
+    return table
+
+
 def _verdict(results: Sequence[Mapping[str, Any]], regressions: Sequence[Mapping[str, Any]],
              baseline_comparison: Mapping[str, Any] | None, comparisons_error: str | None) -> dict[str, Any]:
     blocking: list[str] = []
@@ -147,6 +166,7 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
             "model_seconds": round(sum(r.get("model_seconds", 0.0) for r in results), 3),
             "cache": {"requests": n_requests, "hits": cached, "enabled": settings.use_cache},
             "models_loaded": sorted({r["model"] for r in results if r.get("model_loaded")}),
+            "throughput": _throughput(results),
             "cases_file": cases_path.name if cases_path else None,
         },
     }

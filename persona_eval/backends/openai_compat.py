@@ -1,0 +1,574 @@
+"""Any OpenAI-compatible endpoint (a vLLM server, a hosted API) through the openai client.
+
+Two halves. The pure half builds request bodies and reads response bodies (plain dicts), so it is
+tested without a network. The transport is the openai client with its own retries turned off: retries
+here are bounded, with exponential backoff and jitter, on timeouts, connection errors, HTTP 429 and
+5xx; after the last try a :class:`~persona_eval.errors.BackendError` names the endpoint and the last
+status.
+
+What the backend sends and reads:
+
+* **Generation**: one chat completion per request (``batch_size`` 1; the runner keeps
+  ``max_in_flight`` requests in flight so that the server batches them). Greedy, at most
+  ``max_new_tokens`` (``max_completion_tokens``, which vLLM and reasoning models both accept). With
+  label scoring it asks for ``logprobs`` and ``top_logprobs`` and reads, at every generated token, each
+  label's log-probability (logsumexp over the label's spellings found in the top-k; None when none is
+  there) and the lowest top-k log-probability, the ``floor`` for an absent label.
+* **The prompt-boundary fallback** (``score_labels``), exact, not top-k: the server's own tokenizer
+  renders the chat with the assistant turn opened and the answer prefix written (vLLM's ``/tokenize``
+  with ``continue_final_message``), each single-token label spelling is appended, and one completions
+  call with ``echo`` + ``logprobs`` + ``max_tokens: 0`` returns the log-probability of that last token.
+  This is what the transformers backend computes from its logits. A server without ``/tokenize`` or
+  prompt echo (hosted APIs) has no fallback: its scores are None ("unavailable"), and
+  ``capabilities().prompt_scoring`` turns False. The OpenAI API itself (no ``base_url``) is never asked.
+* **No log-probabilities** (many hosted reasoning models): set ``logprobs: false`` in the models file.
+  Without it the backend finds out by itself: a 400 that names the ``logprobs`` parameter, or a reply
+  without a ``logprobs`` object, turns ``capabilities().logprobs`` False for the rest of the process and
+  the request is sent again without them; the generation then has no token scores, and the evaluation
+  reports consistency and calibration as not available. A 400 naming ``temperature`` (models that only
+  sample at their default) drops it the same way.
+* **Constrained ranking** (``GenerationConfig.constrained_ranking = k``): ``response_format`` with a
+  JSON schema {"ranking": k integers in 1..k} (vLLM: guided decoding). vLLM's grammar engine rejects
+  ``uniqueItems``, so uniqueness is left to the caller's validation, as GenerationConfig says.
+
+``render_prompt`` is a readable transcript of the messages, not the server's template: the server
+renders the real one, and the transcript is what the cache key and cases.jsonl hold (stable whether or
+not a tokenizer is at hand). The API key is read from the environment when the client is first
+needed and lives in that client only: it is never in ``identity()``, a result, an error or a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from persona_eval.backends.base import (
+    Capabilities,
+    Generation,
+    GenerationConfig,
+    LabelScoring,
+    TokenScores,
+    logsumexp,
+)
+from persona_eval.errors import BackendError, ConfigError, MissingDependencyError
+from persona_eval.prompts import RenderedMessages, SystemPolicy
+
+__all__ = [
+    "OPENAI_API_BASE",
+    "OpenAIBackend",
+    "build_chat_payload",
+    "build_label_tokenize_payload",
+    "build_prompt_scoring_payload",
+    "build_tokenize_payload",
+    "parse_chat_response",
+    "parse_prompt_scoring_response",
+    "parse_tokenize_response",
+    "ranking_schema",
+    "transcript",
+]
+
+OPENAI_API_BASE = "https://api.openai.com/v1"
+# A local server needs no key, but the openai client refuses to start without one.
+PLACEHOLDER_KEY = "EMPTY"
+BASELINE_SYSTEM = {
+    # SmolLM2's and Qwen2.5's templates insert a default system prompt when none is sent: an empty one
+    # keeps the baseline free of an identity that no other condition has (see persona_eval.prompts).
+    "empty": SystemPolicy(system_role_supported=True, baseline_empty_system=True),
+    "omit": SystemPolicy(system_role_supported=True, baseline_empty_system=False),
+}
+_RETRY_STATUSES = frozenset({408, 409, 429})
+_ERROR_TEXT_LIMIT = 300
+
+
+# -- the pure half -------------------------------------------------------------------------------------
+
+
+def transcript(request: RenderedMessages) -> str:
+    """A readable transcript of the chat messages, ending with the opened assistant turn.
+
+    >>> from persona_eval.prompts import RenderedMessages
+    >>> print(transcript(RenderedMessages((("system", ""), ("user", "Hi")), "")))
+    <|system|>
+    <BLANKLINE>
+    <|user|>
+    Hi
+    <|assistant|>
+    <BLANKLINE>
+    """
+    return "".join(f"<|{role}|>\n{content}\n" for role, content in request.messages) + "<|assistant|>\n"
+
+
+def ranking_schema(k: int) -> dict[str, Any]:
+    """The JSON schema of {"ranking": [k integers in 1..k]} (uniqueness is checked by the caller)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"constrained_ranking must be a positive integer, got {k!r}")
+    return {
+        "type": "object",
+        "properties": {"ranking": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": k},
+                                   "minItems": k, "maxItems": k}},
+        "required": ["ranking"],
+        "additionalProperties": False,
+    }
+
+
+def build_chat_payload(request: RenderedMessages, config: GenerationConfig, scoring: LabelScoring | None,
+                       *, model: str) -> dict[str, Any]:
+    """The body of a chat completion for `request`; with `scoring`, log-probabilities are asked for."""
+    payload: dict[str, Any] = {
+        "model": model,
+        "messages": request.as_dicts(),
+        "max_completion_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+    }
+    if scoring is not None:
+        payload["logprobs"] = True
+        payload["top_logprobs"] = scoring.top_logprobs
+    if config.constrained_ranking is not None:
+        payload["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "ranking", "schema": ranking_schema(config.constrained_ranking), "strict": True}}
+    return payload
+
+
+def _first_choice(data: Mapping[str, Any], what: str) -> Mapping[str, Any]:
+    choices = data.get("choices") if isinstance(data, Mapping) else None
+    if not choices or not isinstance(choices[0], Mapping):
+        raise BackendError(f"the {what} response has no choices: {_shorten(json.dumps(data, default=str))}")
+    return choices[0]
+
+
+def _usage(data: Mapping[str, Any]) -> dict[str, int]:
+    usage = data.get("usage") or {}
+    return {name: int(usage[name]) for name in ("prompt_tokens", "completion_tokens")
+            if isinstance(usage.get(name), int)}
+
+
+def _token_bytes(entry: Mapping[str, Any]) -> bytes:
+    raw = entry.get("bytes")
+    if isinstance(raw, list):
+        return bytes(raw)
+    return str(entry.get("token", "")).encode("utf-8")
+
+
+def _spelling_labels(scoring: LabelScoring) -> dict[str, str]:
+    """Each spelling of a label ("A", " A", "\nA") -> the label."""
+    return {spelling: label for label in reversed(scoring.labels) for spelling in scoring.variants(label)}
+
+
+def _label_scores(top: Sequence[Mapping[str, Any]], labels: Sequence[str], spelling_labels: Mapping[str, str]
+                  ) -> dict[str, float | None]:
+    found: dict[str, list[float]] = {}
+    for alternative in top:
+        label = spelling_labels.get(alternative.get("token"))  # type: ignore[arg-type]
+        if label is not None:
+            found.setdefault(label, []).append(float(alternative["logprob"]))
+    return {label: logsumexp(found[label]) if label in found else None for label in labels}
+
+
+def _token_scores(content: Sequence[Mapping[str, Any]], text: str, scoring: LabelScoring) -> list[TokenScores]:
+    """TokenScores for the tokens whose text makes up `text`, at their character offsets.
+
+    Offsets come from the tokens' bytes (a character split over two tokens starts where its first byte
+    is). A token that does not continue the text, such as the end-of-turn token vLLM lists after the
+    last one, is left out, as the transformers backend leaves out its stop token."""
+    spelling_labels = _spelling_labels(scoring)
+    tokens: list[TokenScores] = []
+    consumed = b""
+    for entry in content:
+        piece = _token_bytes(entry)
+        extended = consumed + piece
+        if not text.startswith(extended.decode("utf-8", errors="ignore")):
+            continue
+        top = entry.get("top_logprobs") or []
+        floor = min((float(t["logprob"]) for t in top), default=None)
+        tokens.append(TokenScores(offset=len(consumed.decode("utf-8", errors="replace")),
+                                  token=piece.decode("utf-8", errors="replace"),
+                                  label_logprobs=_label_scores(top, scoring.labels, spelling_labels), floor=floor))
+        consumed = extended
+    return tokens
+
+
+def parse_chat_response(data: Mapping[str, Any], scoring: LabelScoring | None) -> Generation:
+    """The Generation in a chat completion body. ``tokens`` is None without `scoring` or when the
+    server sent no log-probabilities."""
+    choice = _first_choice(data, "chat completion")
+    message = choice.get("message") or {}
+    text = message.get("content") or ""
+    tokens = None
+    logprobs = choice.get("logprobs")
+    if scoring is not None and isinstance(logprobs, Mapping) and logprobs.get("content") is not None:
+        tokens = _token_scores(logprobs["content"], text, scoring)
+    return Generation(text=text, tokens=tokens, finish_reason=choice.get("finish_reason"), usage=_usage(data))
+
+
+def build_tokenize_payload(request: RenderedMessages, scoring: LabelScoring, *, model: str) -> dict[str, Any]:
+    """The body of vLLM's /tokenize for the prompt of `request` with the assistant turn opened and
+    ``scoring.answer_prefix`` written: the tokens the label is read after."""
+    return {
+        "model": model,
+        "messages": [*request.as_dicts(), {"role": "assistant", "content": scoring.answer_prefix}],
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+        "add_special_tokens": False,
+    }
+
+
+def build_label_tokenize_payload(spelling: str, *, model: str) -> dict[str, Any]:
+    """The body of vLLM's /tokenize for one label spelling on its own (as the transformers backend
+    encodes it)."""
+    return {"model": model, "prompt": spelling, "add_special_tokens": False}
+
+
+def parse_tokenize_response(data: Mapping[str, Any]) -> list[int]:
+    tokens = data.get("tokens") if isinstance(data, Mapping) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise BackendError(f"the /tokenize response has no token list: {_shorten(json.dumps(data, default=str))}")
+    return tokens
+
+
+def build_prompt_scoring_payload(prompt_tokens: Sequence[int], label_tokens: Mapping[str, Sequence[int]],
+                                 *, model: str) -> dict[str, Any]:
+    """The body of one completions call that scores every label token after `prompt_tokens`: one prompt
+    per (label, token), in label order, each echoed with its log-probabilities and nothing generated."""
+    prompts = [[*prompt_tokens, token] for label in label_tokens for token in label_tokens[label]]
+    return {"model": model, "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
+
+
+def parse_prompt_scoring_response(data: Mapping[str, Any], label_tokens: Mapping[str, Sequence[int]]
+                                  ) -> dict[str, float | None]:
+    """Each label's log-probability (logsumexp over its tokens) from the completions body that
+    :func:`build_prompt_scoring_payload` asked for; None for a label with no single-token spelling."""
+    choices = data.get("choices") if isinstance(data, Mapping) else None
+    expected = sum(len(tokens) for tokens in label_tokens.values())
+    if not isinstance(choices, list) or len(choices) != expected:
+        raise BackendError(f"the prompt-scoring response has {len(choices) if isinstance(choices, list) else 'no'} "
+                           f"choices, expected {expected}")
+    ordered = sorted(choices, key=lambda c: int(c.get("index", 0)))
+    values: list[float] = []
+    for choice in ordered:
+        logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
+        if not logprobs or logprobs[-1] is None:
+            raise BackendError("the prompt-scoring response has no log-probability for the label token "
+                               "(does the server support echo with logprobs?)")
+        values.append(float(logprobs[-1]))
+    scores: dict[str, float | None] = {}
+    position = 0
+    for label, tokens in label_tokens.items():
+        found = values[position:position + len(tokens)]
+        position += len(tokens)
+        scores[label] = logsumexp(found) if found else None
+    return scores
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _ERROR_TEXT_LIMIT else text[:_ERROR_TEXT_LIMIT] + "..."
+
+
+def _public_url(url: str) -> str:
+    """`url` without user:password@, so it can go into an identity or an error message."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+# -- the transport ---------------------------------------------------------------------------------------
+
+
+class _Rejected(Exception):
+    """A response that retrying will not fix (400, 401, 404, ...)."""
+
+    def __init__(self, status: int, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    def names(self, parameter: str) -> bool:
+        return self.status == 400 and (self.param == parameter or f"'{parameter}'" in self.message
+                                       or f"`{parameter}`" in self.message)
+
+
+class OpenAIBackend:
+    """A model behind an OpenAI-compatible HTTP API (see the module docstring)."""
+
+    def __init__(self, name: str, *, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 max_in_flight: int = 32, timeout: float = 120.0, max_retries: int = 5, logprobs: bool = True,
+                 prompt_scoring: bool = True, baseline_system: str = "empty", http_client: Any = None) -> None:
+        where = f"model {name!r}"
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"{where}: 'model' must be the served model name, got {model!r}")
+        if base_url is not None and (not isinstance(base_url, str)
+                                     or not base_url.startswith(("http://", "https://"))):
+            raise ConfigError(f"{where}: 'base_url' must start with http:// or https://, got {base_url!r}")
+        if not isinstance(api_key_env, str) or not api_key_env:
+            raise ConfigError(f"{where}: 'api_key_env' must name an environment variable, got {api_key_env!r}")
+        for option, value, lowest in (("max_in_flight", max_in_flight, 1), ("max_retries", max_retries, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+                raise ConfigError(f"{where}: '{option}' must be an integer >= {lowest}, got {value!r}")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise ConfigError(f"{where}: 'timeout' must be a positive number of seconds, got {timeout!r}")
+        for option, flag in (("logprobs", logprobs), ("prompt_scoring", prompt_scoring)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{where}: '{option}' must be true or false, got {flag!r}")
+        if baseline_system not in BASELINE_SYSTEM:
+            raise ConfigError(f"{where}: 'baseline_system' must be one of {', '.join(BASELINE_SYSTEM)}, "
+                              f"got {baseline_system!r}")
+        self.name = name
+        # One chat completion per request: the chat API takes one conversation per call. Parallelism is
+        # the number of requests in flight, which the server batches (continuous batching in vLLM).
+        self.batch_size = 1
+        self.max_in_flight = max_in_flight
+        self.model = model
+        self.hosted = base_url is None
+        self.base_url = (base_url or OPENAI_API_BASE).rstrip("/")
+        self.api_key_env = api_key_env
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.baseline_system = baseline_system
+        # Backoff before retry n (0-based): base * 2**n, at most max, times a random factor in [0.5, 1].
+        self.retry_base_delay = 0.5
+        self.retry_max_delay = 30.0
+        self._logprobs = logprobs
+        self._prompt_scoring = prompt_scoring and not self.hosted
+        self._dropped: set[str] = set()
+        self._label_tokens: dict[str, dict[str, list[int]]] = {}
+        self._client: Any = None
+        self._http_client = http_client  # an httpx2.Client to send through (tests, proxies); None: the default
+        self._lock = threading.Lock()
+        # Counters: requests sent (tries included), retries, and seconds spent inside HTTP calls.
+        self.http_requests = 0
+        self.http_retries = 0
+        self.http_seconds = 0.0
+
+    # -- identity and prompts: cheap, no request ----------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "openai", "model": self.model, "base_url": _public_url(self.base_url)}
+
+    def system_policy(self) -> SystemPolicy:
+        return BASELINE_SYSTEM[self.baseline_system]
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(logprobs=self._logprobs, prompt_scoring=self._logprobs and self._prompt_scoring,
+                            constrained_json=True)
+
+    def render_prompt(self, request: RenderedMessages) -> str:
+        return transcript(request)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether this process sent the server any request (a fully cached run sends none)."""
+        return self.http_requests > 0
+
+    # -- inference --------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[RenderedMessages], config: GenerationConfig,
+                 scoring: LabelScoring | None) -> list[Generation]:
+        return [self._generate_one(request, config, scoring) for request in requests]
+
+    def _generate_one(self, request: RenderedMessages, config: GenerationConfig,
+                      scoring: LabelScoring | None) -> Generation:
+        while True:
+            asked = scoring if scoring is not None and self._logprobs else None
+            payload = build_chat_payload(request, config, asked, model=self.model)
+            for parameter in tuple(self._dropped):  # another thread may add to it
+                payload.pop(parameter, None)
+            try:
+                data = self._post("/chat/completions", payload)
+            except _Rejected as rejected:
+                if asked is not None and (rejected.names("logprobs") or rejected.names("top_logprobs")):
+                    self._logprobs = False
+                    continue
+                if "temperature" in payload and rejected.names("temperature"):
+                    self._dropped.add("temperature")
+                    continue
+                raise self._error("the chat completion was rejected", "/chat/completions", rejected) from None
+            try:
+                generation = parse_chat_response(data, asked)
+            except BackendError as error:
+                raise BackendError(f"model {self.name!r}: {error}",
+                                   endpoint=_public_url(self.base_url + "/chat/completions")) from None
+            if asked is not None and generation.tokens is None:
+                self._logprobs = False  # the server ignores the logprobs parameter
+            return generation
+
+    def score_labels(self, requests: Sequence[RenderedMessages], scoring: LabelScoring
+                     ) -> list[dict[str, float | None]]:
+        return [self._score_one(request, scoring) for request in requests]
+
+    def _score_one(self, request: RenderedMessages, scoring: LabelScoring) -> dict[str, float | None]:
+        unavailable: dict[str, float | None] = dict.fromkeys(scoring.labels)
+        if not (self._logprobs and self._prompt_scoring):
+            return unavailable
+        endpoint = self._root_url("/tokenize")
+        try:
+            label_tokens = self._label_token_ids(scoring)
+            if not any(label_tokens.values()):
+                return unavailable  # no label is a single token of this model
+            prompt = parse_tokenize_response(self._post(endpoint, build_tokenize_payload(
+                request, scoring, model=self.model)))
+            endpoint = self.base_url + "/completions"
+            data = self._post(endpoint, build_prompt_scoring_payload(prompt, label_tokens, model=self.model))
+            return parse_prompt_scoring_response(data, label_tokens)
+        except _Rejected as rejected:
+            if rejected.status in (400, 404, 405, 422, 501):
+                # No /tokenize, or no prompt echo, on this server: the fallback is unavailable.
+                self._prompt_scoring = False
+                return unavailable
+            raise self._error("prompt scoring was rejected", endpoint, rejected) from None
+        except BackendError as error:
+            if error.endpoint is not None:
+                raise
+            raise BackendError(f"model {self.name!r}: {error}", endpoint=_public_url(endpoint)) from None
+
+    def _label_token_ids(self, scoring: LabelScoring) -> dict[str, list[int]]:
+        """The token ids of each label's single-token spellings, asked of the server once."""
+        key = json.dumps(scoring.key(), sort_keys=True)
+        if key not in self._label_tokens:
+            found: dict[str, list[int]] = {}
+            for label in scoring.labels:
+                ids: list[int] = []
+                for spelling in scoring.variants(label):
+                    tokens = parse_tokenize_response(self._post(
+                        self._root_url("/tokenize"), build_label_tokenize_payload(spelling, model=self.model)))
+                    if len(tokens) == 1 and tokens[0] not in ids:
+                        ids.append(tokens[0])
+                found[label] = ids
+            self._label_tokens[key] = found
+        return self._label_tokens[key]
+
+    def _root_url(self, path: str) -> str:
+        """vLLM serves /tokenize beside /v1, not under it."""
+        root = self.base_url[:-len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+        return root + path
+
+    # -- HTTP -------------------------------------------------------------------------------------
+    def _client_or_create(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        import openai
+                    except ImportError:
+                        raise MissingDependencyError("openai", "The OpenAI-compatible backend",
+                                                     "pip install openai") from None
+                    key = os.environ.get(self.api_key_env) or None
+                    if key is None:
+                        if self.hosted:
+                            raise ConfigError(f"model {self.name!r}: the OpenAI API needs a key; set the "
+                                              f"environment variable {self.api_key_env}")
+                        key = PLACEHOLDER_KEY
+                    # Retries are ours (bounded, with jitter, and counted); the client's are turned off.
+                    self._client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout,
+                                                 max_retries=0, http_client=self._http_client)
+        return self._client
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST `body` to `path` (relative to base_url, or a full URL) and return the JSON reply.
+
+        Retries timeouts, connection errors, 408, 409, 429 and 5xx up to max_retries times; raises
+        _Rejected for other HTTP errors and BackendError when the tries are used up."""
+        import httpx2
+        import openai
+
+        client = self._client_or_create()
+        endpoint = path if path.startswith(("http://", "https://")) else self.base_url + path
+        last_status: int | str | None = None
+        retry_after: float | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                with self._lock:
+                    self.http_retries += 1
+                time.sleep(self._backoff(attempt - 1, retry_after))
+                retry_after = None
+            started = time.perf_counter()
+            try:
+                response = client.post(path, body=body, cast_to=httpx2.Response)
+            except openai.APIStatusError as error:
+                status = error.status_code
+                if status in _RETRY_STATUSES or status >= 500:
+                    last_status = f"HTTP {status}"
+                    retry_after = _retry_after(error.response)
+                    continue
+                raise _Rejected(status, self._redact(_error_message(error)), _error_param(error)) from None
+            except openai.APITimeoutError:
+                last_status = f"timeout after {self.timeout:g} s"
+                continue
+            except openai.APIConnectionError as error:
+                last_status = f"connection error ({self._redact(str(error.__cause__ or error))})"
+                continue
+            finally:
+                with self._lock:
+                    self.http_requests += 1
+                    self.http_seconds += time.perf_counter() - started
+            try:
+                document = response.json()
+            except ValueError:
+                raise BackendError(f"model {self.name!r}: the server's reply is not JSON: "
+                                   f"{self._redact(_shorten(response.text))}", endpoint=_public_url(endpoint),
+                                   status=response.status_code) from None
+            if not isinstance(document, dict):
+                raise BackendError(f"model {self.name!r}: the server's reply is not a JSON object",
+                                   endpoint=_public_url(endpoint), status=response.status_code)
+            return document
+        tries = self.max_retries + 1
+        raise BackendError(f"model {self.name!r}: no answer after {tries} {'try' if tries == 1 else 'tries'}",
+                           endpoint=_public_url(endpoint), status=last_status)
+
+    def _backoff(self, retry: int, retry_after: float | None) -> float:
+        delay = min(self.retry_max_delay, self.retry_base_delay * 2 ** retry) * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.retry_max_delay))
+        return delay
+
+    def _error(self, what: str, path: str, rejected: _Rejected) -> BackendError:
+        endpoint = path if path.startswith(("http://", "https://")) else self.base_url + path
+        return BackendError(f"model {self.name!r}: {what}: {rejected.message}", endpoint=_public_url(endpoint),
+                            status=f"HTTP {rejected.status}")
+
+    def _redact(self, text: str) -> str:
+        key = os.environ.get(self.api_key_env)
+        if key and len(key) >= 4:
+            text = text.replace(key, "***")
+        return _shorten(text)
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+def _retry_after(response: Any) -> float | None:
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _error_message(error: Any) -> str:
+    body = getattr(error, "body", None)
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping) and inner.get("message"):
+            return str(inner["message"])
+    return str(getattr(error, "message", error))
+
+
+def _error_param(error: Any) -> str | None:
+    body = getattr(error, "body", None)
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping) and isinstance(inner.get("param"), str):
+            return str(inner["param"])
+    return None

@@ -1,0 +1,500 @@
+"""The OpenAI-compatible backend without a network: payloads, response parsing, and the transport's
+retries and capability detection over a mock HTTP transport (the real openai client, no server)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx2
+import pytest
+
+from persona_eval.backends import create_backend, parse_model_spec
+from persona_eval.backends.base import GenerationConfig, LabelScoring, logsumexp
+from persona_eval.backends.openai_compat import (
+    OpenAIBackend,
+    build_chat_payload,
+    build_prompt_scoring_payload,
+    build_tokenize_payload,
+    parse_chat_response,
+    parse_prompt_scoring_response,
+    parse_tokenize_response,
+    ranking_schema,
+    transcript,
+)
+from persona_eval.errors import BackendError, ConfigError
+from persona_eval.evaluation import NOT_AVAILABLE, label_distribution
+from persona_eval.parsing import find_triage_answer
+from persona_eval.personas import STUDY_PERSONAS
+from persona_eval.prompts import RenderedMessages, render_messages
+
+SCORING = LabelScoring()
+NURSE = STUDY_PERSONAS[3]
+BASELINE = STUDY_PERSONAS[0]
+KEY = "sk-test-0123456789abcdef"
+
+
+def request(persona=NURSE, text: str = "Case text") -> RenderedMessages:
+    return render_messages(text, persona, OpenAIBackend("m", model="m", base_url="http://h/v1").system_policy())
+
+
+def top(**logprobs: float) -> list[dict[str, Any]]:
+    return [{"token": token.replace("_", " "), "logprob": value, "bytes": list(token.replace("_", " ").encode())}
+            for token, value in logprobs.items()]
+
+
+def entry(token: str, logprob: float, alternatives: list[dict[str, Any]], raw: bytes | None = None) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(raw if raw is not None else token.encode()),
+            "top_logprobs": alternatives}
+
+
+def chat_response(text: str, content: list[dict[str, Any]] | None, finish: str = "stop") -> dict[str, Any]:
+    return {"id": "x", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None if content is None else {"content": content}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": len(content or []), "total_tokens": 0}}
+
+
+# -- payloads -------------------------------------------------------------------------------------------
+
+
+def test_chat_payload_is_greedy_with_logprobs_only_when_scoring():
+    payload = build_chat_payload(request(), GenerationConfig(max_new_tokens=7), SCORING, model="served")
+    assert payload == {
+        "model": "served",
+        "messages": [{"role": "system", "content": NURSE.declaration}, {"role": "user", "content": "Case text"}],
+        "max_completion_tokens": 7, "temperature": 0.0, "logprobs": True, "top_logprobs": 20}
+    plain = build_chat_payload(request(), GenerationConfig(), None, model="served")
+    assert "logprobs" not in plain and "top_logprobs" not in plain and "response_format" not in plain
+    json.dumps(payload)  # plain JSON types only
+
+
+def test_constrained_ranking_sends_a_json_schema():
+    payload = build_chat_payload(request(), GenerationConfig(constrained_ranking=4), None, model="m")
+    response_format = payload["response_format"]
+    assert response_format["type"] == "json_schema"
+    schema = response_format["json_schema"]["schema"]
+    assert schema == ranking_schema(4)
+    ranking = schema["properties"]["ranking"]
+    assert ranking["minItems"] == ranking["maxItems"] == 4
+    assert ranking["items"] == {"type": "integer", "minimum": 1, "maximum": 4}
+    assert "uniqueItems" not in ranking  # vLLM's grammar engine rejects it; the caller validates
+    with pytest.raises(ConfigError, match="constrained_ranking"):
+        ranking_schema(0)
+
+
+def test_baseline_system_policy_empty_or_omit():
+    empty = OpenAIBackend("m", model="m", base_url="http://h/v1")
+    omit = OpenAIBackend("m", model="m", base_url="http://h/v1", baseline_system="omit")
+    assert render_messages("x", BASELINE, empty.system_policy()).messages == (("system", ""), ("user", "x"))
+    assert render_messages("x", BASELINE, omit.system_policy()).messages == (("user", "x"),)
+    assert render_messages("x", NURSE, omit.system_policy()).messages[0] == ("system", NURSE.declaration)
+
+
+def test_render_prompt_is_a_transcript_that_differs_by_the_declaration_only():
+    backend = OpenAIBackend("m", model="m", base_url="http://h/v1")
+    nurse = backend.render_prompt(request(NURSE))
+    baseline = backend.render_prompt(request(BASELINE))
+    assert nurse == transcript(request(NURSE))
+    assert nurse.startswith("<|system|>\nYou are an Emergency Department nurse.\n<|user|>\nCase text\n")
+    assert nurse.endswith("<|assistant|>\n")
+    assert nurse.replace(NURSE.declaration, "") == baseline
+
+
+# -- parsing chat responses -------------------------------------------------------------------------------
+
+
+def test_token_offsets_label_logsumexp_and_floor():
+    content = [
+        entry("Answer", -0.1, top(Answer=-0.1, The=-3.0)),
+        entry(":", -0.01, top(**{":": -0.01})),
+        entry(" C", -0.3, top(_C=-0.3, _B=-1.6, C=-4.0, _A=-5.0, _D=-7.5)),
+        entry(" because", -0.5, top(_because=-0.5, _as=-2.0)),
+        entry("<|im_end|>", -0.01, top(**{"<|im_end|>": -0.01})),  # listed by vLLM, not part of the text
+    ]
+    generation = parse_chat_response(chat_response("Answer: C because", content), SCORING)
+    assert generation.text == "Answer: C because"
+    assert generation.finish_reason == "stop"
+    assert generation.usage == {"prompt_tokens": 12, "completion_tokens": 5}
+    assert generation.tokens is not None
+    assert [t.offset for t in generation.tokens] == [0, 6, 7, 9]
+    assert [t.token for t in generation.tokens] == ["Answer", ":", " C", " because"]
+    answer = generation.tokens[2]
+    assert answer.label_logprobs["C"] == pytest.approx(logsumexp([-0.3, -4.0]))  # " C" and "C" summed
+    assert answer.label_logprobs["B"] == -1.6
+    assert answer.label_logprobs["A"] == -5.0
+    assert answer.floor == -7.5
+    first = generation.tokens[0]
+    assert first.label_logprobs == {"A": None, "B": None, "C": None}  # absent from the top-k
+    assert first.floor == -3.0
+    # Round trip through the cache's JSON form.
+    assert type(generation).from_json(json.loads(json.dumps(generation.to_json()))) == generation
+
+
+def test_answer_position_distribution_through_the_evaluation():
+    content = [entry("Answer", -0.1, top(Answer=-0.1)), entry(":", -0.01, top(**{":": -0.01})),
+               entry(" B", -0.2, top(_B=-0.2, _C=-2.0, _X=-6.0))]
+    generation = parse_chat_response(chat_response("Answer: B", content), SCORING)
+    span = find_triage_answer(generation.text, labels=["A", "B", "C"])
+    probs, flagged = label_distribution(generation, span, ["A", "B", "C"])
+    assert flagged  # "A" was not in the top-k: it got the floor (-6.0)
+    weights = {"A": math.exp(-6.0), "B": math.exp(-0.2), "C": math.exp(-2.0)}
+    total = sum(weights.values())
+    assert probs == pytest.approx({label: w / total for label, w in weights.items()})
+
+
+def test_multibyte_character_split_over_tokens_keeps_character_offsets():
+    # "é" is two bytes; a byte-level tokenizer may split it over two tokens.
+    content = [entry("caf", -0.1, []), entry("bytes:\\xc3", -0.1, [], b"\xc3"), entry("bytes:\\xa9", -0.1, [], b"\xa9"),
+               entry(" A", -0.1, top(_A=-0.1))]
+    generation = parse_chat_response(chat_response("café A", content), SCORING)
+    assert generation.tokens is not None
+    # As the transformers backend counts them (a decoded half character is one replacement character).
+    assert [t.offset for t in generation.tokens] == [0, 3, 4, 4]
+    assert generation.tokens[3].label_logprobs["A"] == -0.1
+
+
+def test_no_logprobs_in_the_reply_or_none_asked_gives_no_tokens():
+    assert parse_chat_response(chat_response("Answer: A", None), SCORING).tokens is None
+    content = [entry("Answer", -0.1, top(Answer=-0.1))]
+    assert parse_chat_response(chat_response("Answer", content), None).tokens is None
+
+
+def test_a_reply_without_choices_is_a_backend_error():
+    with pytest.raises(BackendError, match="no choices"):
+        parse_chat_response({"choices": []}, SCORING)
+
+
+# -- prompt scoring payloads --------------------------------------------------------------------------------
+
+
+def test_tokenize_payload_opens_the_assistant_turn_with_the_answer_prefix():
+    payload = build_tokenize_payload(request(), SCORING, model="m")
+    assert payload["messages"][-1] == {"role": "assistant", "content": "Answer:"}
+    assert payload["continue_final_message"] is True and payload["add_generation_prompt"] is False
+    assert parse_tokenize_response({"count": 3, "tokens": [1, 2, 3]}) == [1, 2, 3]
+    with pytest.raises(BackendError, match="token list"):
+        parse_tokenize_response({"detail": "Not Found"})
+
+
+def test_prompt_scoring_payload_and_parse():
+    label_tokens = {"A": [49, 330], "B": [389], "C": []}
+    payload = build_prompt_scoring_payload([1, 2], label_tokens, model="m")
+    assert payload["prompt"] == [[1, 2, 49], [1, 2, 330], [1, 2, 389]]
+    assert payload["echo"] is True and payload["max_tokens"] == 0 and payload["logprobs"] == 0
+    choices = [{"index": i, "logprobs": {"token_logprobs": [None, -0.5, value]}}
+               for i, value in enumerate([-9.0, -1.0, -2.0])]
+    scores = parse_prompt_scoring_response({"choices": list(reversed(choices))}, label_tokens)
+    assert scores["A"] == pytest.approx(logsumexp([-9.0, -1.0]))
+    assert scores["B"] == -2.0
+    assert scores["C"] is None
+    with pytest.raises(BackendError, match="expected 3"):
+        parse_prompt_scoring_response({"choices": choices[:2]}, label_tokens)
+
+
+# -- options, identity and the key ----------------------------------------------------------------------------
+
+
+def test_models_file_options_reach_the_backend(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_SERVER_API_KEY", KEY)
+    models = tmp_path / "models.yaml"
+    models.write_text("models:\n  served:\n    backend: openai\n    model: org/Big-Model\n"
+                      "    base_url: http://gpu-host:8000/v1\n    api_key_env: MY_SERVER_API_KEY\n"
+                      "    max_in_flight: 64\n    timeout: 30\n    max_retries: 2\n    logprobs: false\n"
+                      "    baseline_system: omit\n")
+    from persona_eval.backends import load_models_file
+
+    backend = create_backend(load_models_file(models)["served"], cache_dir=tmp_path)
+    assert isinstance(backend, OpenAIBackend)
+    assert (backend.max_in_flight, backend.batch_size, backend.timeout, backend.max_retries) == (64, 1, 30.0, 2)
+    assert backend.capabilities().logprobs is False
+    assert backend.identity() == {"backend": "openai", "model": "org/Big-Model",
+                                  "base_url": "http://gpu-host:8000/v1"}
+    assert KEY not in json.dumps(backend.identity())
+
+
+def test_command_line_spec_and_hosted_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    local = create_backend(parse_model_spec("openai:smollm2@http://127.0.0.1:8000/v1"), cache_dir=tmp_path)
+    assert local.identity()["base_url"] == "http://127.0.0.1:8000/v1"
+    assert local.capabilities().prompt_scoring is True
+    hosted = create_backend(parse_model_spec("openai:gpt-4o"), cache_dir=tmp_path)
+    assert hosted.identity() == {"backend": "openai", "model": "gpt-4o", "base_url": "https://api.openai.com/v1"}
+    assert hosted.capabilities().prompt_scoring is False  # the OpenAI API has no prompt echo
+    # Cheap: a missing key is an error only when a request is made.
+    with pytest.raises(ConfigError, match="set the environment variable OPENAI_API_KEY"):
+        hosted.generate([request()], GenerationConfig(), None)
+
+
+def test_identity_never_holds_credentials():
+    backend = OpenAIBackend("m", model="m", base_url="http://user:secret-pass@host:8000/v1")
+    assert backend.identity()["base_url"] == "http://host:8000/v1"
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"max_in_flight": 0}, "'max_in_flight' must be an integer >= 1"),
+    ({"timeout": -1}, "'timeout' must be a positive number"),
+    ({"max_retries": -1}, "'max_retries' must be an integer >= 0"),
+    ({"logprobs": "no"}, "'logprobs' must be true or false"),
+    ({"baseline_system": "default"}, "'baseline_system' must be one of empty, omit"),
+    ({"base_url": "gpu-host:8000"}, "'base_url' must start with http"),
+])
+def test_bad_options_are_config_errors(options, message):
+    with pytest.raises(ConfigError, match=message):
+        OpenAIBackend("m", **{"model": "m", "base_url": "http://h/v1", **options})
+
+
+# -- the transport over a mock HTTP transport ---------------------------------------------------------------------
+
+Handler = Callable[[httpx2.Request], httpx2.Response]
+
+
+def mock_backend(handler: Handler, **options: Any) -> tuple[OpenAIBackend, list[httpx2.Request]]:
+    seen: list[httpx2.Request] = []
+
+    def record(http_request: httpx2.Request) -> httpx2.Response:
+        seen.append(http_request)
+        return handler(http_request)
+
+    backend = OpenAIBackend("m", **{"model": "m", "base_url": "http://server:8000/v1", "max_retries": 3,
+                                    "http_client": httpx2.Client(transport=httpx2.MockTransport(record)), **options})
+    backend.retry_base_delay = 0.001
+    return backend, seen
+
+
+def ok_reply(text: str = "Answer: A") -> dict[str, Any]:
+    return chat_response(text, [entry("Answer", -0.1, top(Answer=-0.1)), entry(":", -0.1, top(**{":": -0.1})),
+                                entry(" A", -0.1, top(_A=-0.1, _B=-2.0, _C=-3.0))])
+
+
+def test_the_key_from_the_environment_is_sent_and_a_local_server_needs_none(monkeypatch):
+    monkeypatch.setenv("MY_API_KEY", KEY)
+    backend, seen = mock_backend(lambda r: httpx2.Response(200, json=ok_reply()), api_key_env="MY_API_KEY")
+    backend.generate([request()], GenerationConfig(), SCORING)
+    assert seen[0].headers["authorization"] == f"Bearer {KEY}"
+    assert json.loads(seen[0].content)["model"] == "m"
+    monkeypatch.delenv("MY_API_KEY")
+    local, seen = mock_backend(lambda r: httpx2.Response(200, json=ok_reply()), api_key_env="MY_API_KEY")
+    local.generate([request()], GenerationConfig(), SCORING)
+    assert seen[0].headers["authorization"] == "Bearer EMPTY"
+
+
+@pytest.mark.parametrize("failure", ["429", "503", "timeout", "connection"])
+def test_transient_failures_are_retried_then_succeed(failure):
+    calls = {"n": 0}
+
+    def handler(http_request: httpx2.Request) -> httpx2.Response:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            if failure == "timeout":
+                raise httpx2.ReadTimeout("slow", request=http_request)
+            if failure == "connection":
+                raise httpx2.ConnectError("refused", request=http_request)
+            return httpx2.Response(int(failure), json={"error": {"message": "busy"}}, headers={"retry-after": "0"})
+        return httpx2.Response(200, json=ok_reply())
+
+    backend, _ = mock_backend(handler)
+    (generation,) = backend.generate([request()], GenerationConfig(), SCORING)
+    assert generation.text == "Answer: A"
+    assert calls["n"] == 3 and backend.http_retries == 2 and backend.http_requests == 3
+
+
+def test_retries_are_bounded_and_the_error_names_the_endpoint_and_last_status(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    backend, seen = mock_backend(lambda r: httpx2.Response(502, text=f"bad gateway {KEY}"))
+    with pytest.raises(BackendError) as raised:
+        backend.generate([request()], GenerationConfig(), SCORING)
+    assert len(seen) == 4  # one try and max_retries=3 retries
+    message = str(raised.value)
+    assert "endpoint: http://server:8000/v1/chat/completions" in message
+    assert "last status: HTTP 502" in message
+    assert raised.value.endpoint == "http://server:8000/v1/chat/completions"
+    assert KEY not in message
+
+    def refuse(http_request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.ConnectError("[Errno 111] Connection refused", request=http_request)
+
+    backend, seen = mock_backend(refuse, max_retries=0)
+    with pytest.raises(BackendError, match=r"last status: connection error \(\[Errno 111\] Connection refused\)"):
+        backend.generate([request()], GenerationConfig(), SCORING)
+    assert len(seen) == 1
+
+
+def test_backoff_is_exponential_with_jitter_and_capped():
+    backend = OpenAIBackend("m", model="m", base_url="http://h/v1")
+    for retry in range(8):
+        nominal = min(backend.retry_max_delay, backend.retry_base_delay * 2 ** retry)
+        delays = {backend._backoff(retry, None) for _ in range(50)}
+        assert all(nominal / 2 <= d <= nominal for d in delays)
+        assert len(delays) > 1  # jittered
+    assert backend._backoff(0, 5.0) >= 5.0  # Retry-After is honoured
+    assert backend._backoff(0, 1e9) <= backend.retry_max_delay
+
+
+def test_a_rejected_request_is_not_retried_and_quotes_the_server():
+    backend, seen = mock_backend(lambda r: httpx2.Response(
+        404, json={"message": "The model `m` does not exist.", "type": "NotFoundError", "code": 404}))
+    with pytest.raises(BackendError, match=r"does not exist.*last status: HTTP 404"):
+        backend.generate([request()], GenerationConfig(), SCORING)
+    assert len(seen) == 1
+
+
+def test_a_model_that_rejects_logprobs_is_detected_and_asked_again_without():
+    def handler(http_request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(http_request.content)
+        if "logprobs" in body:
+            return httpx2.Response(400, json={"error": {
+                "message": "Unsupported parameter: 'logprobs' is not supported with this model.",
+                "type": "invalid_request_error", "param": "logprobs", "code": "unsupported_parameter"}})
+        return httpx2.Response(200, json=chat_response("Answer: B", None))
+
+    backend, seen = mock_backend(handler)
+    assert backend.capabilities().logprobs is True
+    (generation,) = backend.generate([request()], GenerationConfig(), SCORING)
+    assert generation.text == "Answer: B" and generation.tokens is None
+    assert backend.capabilities().logprobs is False and backend.capabilities().prompt_scoring is False
+    assert len(seen) == 2
+    backend.generate([request()], GenerationConfig(), SCORING)
+    assert len(seen) == 3  # no second rejection
+    assert backend.score_labels([request()], SCORING) == [{"A": None, "B": None, "C": None}]
+    assert len(seen) == 3
+
+
+def test_a_server_that_ignores_logprobs_is_detected():
+    backend, _ = mock_backend(lambda r: httpx2.Response(200, json=chat_response("Answer: A", None)))
+    (generation,) = backend.generate([request()], GenerationConfig(), SCORING)
+    assert generation.tokens is None
+    assert backend.capabilities().logprobs is False
+
+
+def test_a_model_that_rejects_temperature_zero_gets_its_default():
+    def handler(http_request: httpx2.Request) -> httpx2.Response:
+        if "temperature" in json.loads(http_request.content):
+            return httpx2.Response(400, json={"error": {
+                "message": "Unsupported value: 'temperature' does not support 0 with this model.",
+                "param": "temperature", "code": "unsupported_value"}})
+        return httpx2.Response(200, json=ok_reply())
+
+    backend, seen = mock_backend(handler)
+    backend.generate([request(), request()], GenerationConfig(), SCORING)
+    assert len(seen) == 3
+
+
+def test_prompt_scoring_through_tokenize_and_echo():
+    def handler(http_request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(http_request.content)
+        if http_request.url.path == "/tokenize":
+            assert http_request.url.host == "server"  # beside /v1, not under it
+            if "prompt" in body:
+                return httpx2.Response(200, json={"tokens": {"A": [49], " A": [330], "\nA": [198, 49], "B": [50],
+                                                             " B": [389], "\nB": [198, 50], "C": [51], " C": [340],
+                                                             "\nC": [198, 51]}[body["prompt"]]})
+            return httpx2.Response(200, json={"tokens": [1, 2, 3]})
+        assert http_request.url.path == "/v1/completions"
+        assert body["prompt"] == [[1, 2, 3, t] for t in (49, 330, 50, 389, 51, 340)]
+        values = [-9.0, -1.0, -8.0, -2.0, -7.0, -0.5]
+        return httpx2.Response(200, json={"choices": [{"index": i, "logprobs": {"token_logprobs": [None, -1, -1, v]}}
+                                                      for i, v in enumerate(values)]})
+
+    backend, seen = mock_backend(handler)
+    first, second = backend.score_labels([request(), request(NURSE, "other")], SCORING)
+    assert first["A"] == pytest.approx(logsumexp([-9.0, -1.0]))
+    assert first["C"] == pytest.approx(logsumexp([-7.0, -0.5]))
+    assert second == first
+    # The label spellings are tokenized once per process: 9 + 2 x (tokenize + completions).
+    assert len(seen) == 9 + 4
+
+
+def test_prompt_scoring_is_unavailable_on_a_server_without_tokenize():
+    backend, seen = mock_backend(lambda r: httpx2.Response(404, json={"detail": "Not Found"}))
+    assert backend.score_labels([request()], SCORING) == [{"A": None, "B": None, "C": None}]
+    assert backend.capabilities().prompt_scoring is False
+    assert backend.score_labels([request()], SCORING) == [{"A": None, "B": None, "C": None}]
+    assert len(seen) == 1
+
+
+def test_nothing_is_sent_before_the_first_request():
+    backend, seen = mock_backend(lambda r: httpx2.Response(200, json=ok_reply()))
+    backend.identity(), backend.render_prompt(request()), backend.capabilities(), backend.system_policy()
+    assert seen == [] and backend.loaded is False
+    backend.generate([request()], GenerationConfig(), SCORING)
+    assert backend.loaded is True
+    backend.close()
+
+
+# -- through the plugin, against a loopback stand-in for a hosted model without log-probabilities ---------------
+
+
+class _ReasoningModelStandIn(BaseHTTPRequestHandler):
+    """Answers chat completions as hosted reasoning models do: a 400 for `logprobs`, else a reply."""
+
+    requests: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"path": self.path, "body": body, "authorization": self.headers["Authorization"]})
+        if "logprobs" in body:
+            status, reply = 400, {"error": {"message": "Unsupported parameter: 'logprobs' is not supported with "
+                                                       "this model.", "param": "logprobs",
+                                            "code": "unsupported_parameter"}}
+        else:
+            status, reply = 200, chat_response("Answer: C. Go to emergency care now.", None)
+        data = json.dumps(reply).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_a_model_without_logprobs_reports_consistency_and_calibration_as_not_available(pytester, monkeypatch):
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copytree(repo / "evals", pytester.path / "evals")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    _ReasoningModelStandIn.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ReasoningModelStandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = pytester.runpytest_subprocess(
+            "evals", "-p", "no:cacheprovider", "-k", "triage", "--pe-limit", "2", "--pe-persona", "ed_nurse",
+            "--pe-model", f"openai:reasoner@http://127.0.0.1:{server.server_address[1]}/v1",
+            "--pe-dataset", f"triage={repo / 'fixtures/triage/vignettes.jsonl'}",
+            "--pe-cache-dir", str(pytester.path / "cache"), "--pe-reports-dir", str(pytester.path / "reports"),
+            timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), result.stdout.str()
+    run_dir = pytester.path / "reports" / "latest"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cases = [json.loads(line) for line in (run_dir / "cases.jsonl").read_text().splitlines()]
+    assert len(cases) == 2 * 4 and all(c["generated_label"] == "C" for c in cases)
+    assert all(c["label_probs"] is None and c["probs_source"] is None for c in cases)
+    for row in summary["results"]:
+        for name in ("consistency_rate", "expected_calibration_error", "brier_score"):
+            assert row["metrics"][name] is None
+            assert row["notes"][name] == NOT_AVAILABLE
+        assert row["metrics"]["accuracy"] is not None
+    probability_checks = [c for c in summary["checks"]
+                          if c["bound"]["metric"] in ("consistency_rate", "expected_calibration_error")]
+    assert probability_checks and all(c["status"] == "skipped" for c in probability_checks)
+    assert "not available for this model" in result.stdout.str()
+    # The first requests in flight were rejected and taught the backend; each was sent again without
+    # logprobs, and so was everything after them, with the key.
+    sent = _ReasoningModelStandIn.requests
+    rejected = sum("logprobs" in r["body"] for r in sent)
+    assert 1 <= rejected <= 4  # at most the first persona's requests, sent together
+    assert len(sent) == len(cases) + rejected
+    assert {r["authorization"] for r in sent} == {f"Bearer {KEY}"}
+    assert KEY not in (run_dir / "summary.json").read_text() + (run_dir / "cases.jsonl").read_text()
