@@ -46,6 +46,24 @@ def batch_throughput(cache_dir: Path, n_cases: int = 16) -> dict[str, float]:
         result[f"batch_{batch_size}_tokens_per_s"] = round(tokens / seconds, 2)
         result[f"batch_{batch_size}_cases_per_s"] = round(len(requests) / seconds, 3)
     result["speedup_16_vs_1"] = round(result["batch_16_cases_per_s"] / result["batch_1_cases_per_s"], 2)
+    # The triage answers are short (~10 tokens after ~200 prompt tokens), so the figures above are
+    # dominated by reading the prompt. Decode-bound: exactly 64 new tokens per prompt.
+    import torch
+
+    model, tokenizer = backend._load(), backend.tokenizer
+    prompts = [backend.render_prompt(r) for r in requests]
+    for batch_size in (1, 16):
+        started = time.perf_counter()
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False)
+            with torch.inference_mode():
+                model.generate(**batch, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+        seconds = time.perf_counter() - started
+        result[f"decode_batch_{batch_size}_tokens_per_s"] = round(64 * len(prompts) / seconds, 2)
+    result["decode_speedup_16_vs_1"] = round(result["decode_batch_16_tokens_per_s"]
+                                             / result["decode_batch_1_tokens_per_s"], 2)
     return result
 
 
