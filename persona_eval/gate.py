@@ -20,7 +20,6 @@ the run's per-case records exactly as in its cases.jsonl.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any, Literal
 
 from persona_eval.comparisons import APPROVED, ComparisonSettings, compare_to_approved
 from persona_eval.errors import ConfigError, DataError
+from persona_eval.results import json_safe
 from persona_eval.thresholds import RegressionRule, _format_number, _metric_label
 
 __all__ = [
@@ -167,16 +167,6 @@ class ResultSet:
         return f"{self.source} (run {run_id})" if run_id else str(self.source)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def save_baseline(path: str | Path, records: Sequence[Mapping[str, Any]], *, run_id: str,
                   models: Mapping[str, Any], datasets: Mapping[str, Any]) -> Path:
     """Write `records` (a run's cases.jsonl lines) as an approved baseline file at `path`: a header line,
@@ -185,8 +175,8 @@ def save_baseline(path: str | Path, records: Sequence[Mapping[str, Any]], *, run
     header = {_HEADER_KEY: BASELINE_VERSION, "run_id": run_id,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "models": dict(models), "datasets": dict(datasets), "n_records": len(records)}
-    lines = [json.dumps(_plain(header), ensure_ascii=False, allow_nan=False)]
-    lines += [json.dumps(_plain(record), ensure_ascii=False, allow_nan=False) for record in records]
+    lines = [json.dumps(json_safe(header), ensure_ascii=False, allow_nan=False)]
+    lines += [json.dumps(json_safe(record), ensure_ascii=False, allow_nan=False) for record in records]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.name}.tmp")

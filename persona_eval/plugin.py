@@ -380,6 +380,34 @@ class ConditionResult:
         return [check.message for check in self.checks if check.blocking]
 
 
+def _stats_snapshot(runner: Runner) -> tuple[float, float, int]:
+    return time.perf_counter(), runner.stats.model_seconds, runner.stats.completion_tokens
+
+
+def _condition_property(condition: Condition, runner: Runner, records: list[dict[str, Any]],
+                        metrics: dict[str, dict[str, Any]], checks: list[Any],
+                        before: tuple[float, float, int], **extra: Any) -> dict[str, Any]:
+    """What a case sends to the controller (plain JSON types: they cross pytest-xdist)."""
+    started, model_seconds, tokens = before
+    return {
+        "task": condition.task,
+        "model": condition.model.name,
+        "persona": condition.persona.id,
+        "persona_group": condition.persona.group,
+        "identity": runner.backend.identity(),
+        "model_loaded": bool(getattr(runner.backend, "loaded", False)),
+        "metrics": metrics,
+        "checks": [check.to_json() for check in checks],
+        "n_cases": len(records),
+        "cached": sum(1 for r in records if r["cached"]),
+        "seconds": time.perf_counter() - started,
+        "model_seconds": runner.stats.model_seconds - model_seconds,
+        "completion_tokens": runner.stats.completion_tokens - tokens,
+        "max_in_flight": runner.stats.max_in_flight_seen,
+        **extra,
+    }
+
+
 @pytest.fixture
 def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition, pe_settings: Settings,
                   pe_triage_cases: list[triage.TriageCase], pe_runner_for: Callable[[ModelSpec], Runner],
@@ -392,9 +420,7 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
                         write=None if pe_settings.quiet else _write_progress(request.config))
     settings = TriageSettings(generation=GenerationConfig(max_new_tokens=pe_settings.max_new_tokens["triage"]),
                               scoring=LabelScoring(labels=triage.LABELS))
-    started = time.perf_counter()
-    model_seconds_before = runner.stats.model_seconds
-    tokens_before = runner.stats.completion_tokens
+    before = _stats_snapshot(runner)
     try:
         records = evaluate_triage(pe_triage_cases, condition.persona, runner, run_id=state.run_id,
                                   model=condition.model.name, settings=settings, progress=progress)
@@ -410,23 +436,7 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
     checks = pe_settings.thresholds.check(
         "triage", {stratum: block["metrics"] for stratum, block in metrics.items()},
         model=condition.model.name, persona=condition.persona)
-    # Unavailable metrics were checked as None by the thresholds; NaN-undefined ones are None here too.
-    record_property(PROPERTY, {
-        "task": "triage",
-        "model": condition.model.name,
-        "persona": condition.persona.id,
-        "persona_group": condition.persona.group,
-        "identity": runner.backend.identity(),
-        "model_loaded": bool(getattr(runner.backend, "loaded", False)),
-        "metrics": metrics,
-        "checks": [check.to_json() for check in checks],
-        "n_cases": len(records),
-        "cached": sum(1 for r in records if r["cached"]),
-        "seconds": time.perf_counter() - started,
-        "model_seconds": runner.stats.model_seconds - model_seconds_before,
-        "completion_tokens": runner.stats.completion_tokens - tokens_before,
-        "max_in_flight": runner.stats.max_in_flight_seen,
-    })
+    record_property(PROPERTY, _condition_property(condition, runner, records, metrics, checks, before))
     yield ConditionResult(condition, records, metrics, checks)
 
 
@@ -469,8 +479,7 @@ def safety_result(request: pytest.FixtureRequest, pe_safety_condition: Condition
     state = request.config.stash[state_key]
     runner = pe_runner_for(condition.model)
     write = None if pe_settings.quiet else _write_progress(request.config)
-    started = time.perf_counter()
-    model_seconds_before = runner.stats.model_seconds
+    before = _stats_snapshot(runner)
     responses: dict[str, list[dict[str, Any]]] = {}
     try:
         for persona in pe_settings.personas:
@@ -498,21 +507,8 @@ def safety_result(request: pytest.FixtureRequest, pe_safety_condition: Condition
     checks = pe_settings.thresholds.check(
         "safety", {stratum: block["metrics"] for stratum, block in metrics.items()},
         model=condition.model.name, persona=condition.persona)
-    record_property(PROPERTY, {
-        "task": "safety",
-        "model": condition.model.name,
-        "persona": condition.persona.id,
-        "persona_group": condition.persona.group,
-        "identity": runner.backend.identity(),
-        "model_loaded": bool(getattr(runner.backend, "loaded", False)),
-        "metrics": metrics,
-        "checks": [check.to_json() for check in checks],
-        "n_cases": len(records),
-        "cached": sum(1 for r in records if r["cached"]),
-        "seconds": time.perf_counter() - started,
-        "model_seconds": runner.stats.model_seconds - model_seconds_before,
-        "judges": [judge.name for judge in pe_settings.judges],
-    })
+    record_property(PROPERTY, _condition_property(condition, runner, records, metrics, checks, before,
+                                                  judges=[judge.name for judge in pe_settings.judges]))
     yield ConditionResult(condition, records, metrics, checks)
 
 

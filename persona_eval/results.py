@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "finalize_cases",
+    "json_safe",
     "new_run_id",
     "read_jsonl",
     "update_latest",
@@ -30,14 +31,14 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def _plain(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe: NaN and infinities become null (strict JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -49,11 +50,11 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, document: Any) -> None:
-    _atomic_write(path, json.dumps(_plain(document), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    _atomic_write(path, json.dumps(json_safe(document), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    _atomic_write(path, "".join(json.dumps(_plain(r), ensure_ascii=False, allow_nan=False) + "\n"
+    _atomic_write(path, "".join(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n"
                                 for r in records))
 
 
