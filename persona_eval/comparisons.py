@@ -12,8 +12,9 @@ and report stratum ("all", "emergency", "primary_care"), and is a plain dict (JS
 ``ci_low, ci_high, confidence_level, interval_method, n_resamples``
     a paired percentile bootstrap interval of ``delta`` (see below);
 ``pvalue, pvalue_adjusted, significant, test, statistic``
-    the raw two-sided p-value of the paired test, Holm-adjusted within its family (see below), and
-    whether the adjusted p-value is below ``alpha``;
+    the raw two-sided p-value of the paired test, Holm-adjusted within its family (see below), whether
+    the adjusted p-value is below ``alpha``, the name of the test the p-value comes from (below) and
+    its statistic;
 ``n``
     the number of matched cases the comparison uses;
 ``persona_only, baseline_only``
@@ -27,8 +28,12 @@ Tests:
 
 - ``accuracy`` (reference == generated label; an unparsable answer is wrong) and ``consistency_rate``
   (generated label == logit label, in percent, on the cases where both labels exist under both
-  conditions) use McNemar's test with continuity correction (:func:`persona_eval.stats.mcnemar`, as
-  ``statsmodels.stats.contingency_tables.mcnemar(table, exact=False, correction=True)``).
+  conditions) use McNemar's test (:func:`persona_eval.stats.mcnemar`, i.e.
+  ``statsmodels.stats.contingency_tables.mcnemar``): the exact binomial test when the discordant pairs
+  are fewer than 25 (``test`` = "McNemar exact binomial", ``statistic`` = the smaller discordant count),
+  the continuity-corrected chi-square otherwise (``test`` = "McNemar continuity-corrected chi-square",
+  ``statistic`` = the chi-square). No discordant pair gives p = 1 (exact). A comparison whose McNemar
+  test is not defined (no case to pair) has ``test`` = "McNemar" and no p-value.
 - ``risk_propensity``, ``under_triage_rate``, ``over_triage_rate`` and ``expected_calibration_error``
   use the paired bootstrap: cases are resampled with replacement (``numpy.random.default_rng(seed)``,
   one draw of ``n`` indices per resample, exactly the draws of :func:`persona_eval.stats.bootstrap_ci`)
@@ -38,7 +43,8 @@ Tests:
       p = min(1, 2 * min(1 + #{d* <= 0}, 1 + #{d* >= 0}) / (R + 1))
 
   the percentile-interval inversion (0 lies outside the equal-tailed ``1 - p`` interval), with the +1
-  that keeps a finite number of resamples from claiming p = 0 (Davison & Hinkley 1997, ch. 4).
+  that keeps a finite number of resamples from claiming p = 0 (Davison & Hinkley 1997, ch. 4);
+  ``test`` = "paired bootstrap".
 
 Every comparison gets the bootstrap interval of its difference, McNemar ones included, so that each
 delta reads with an interval; the McNemar p-value is the one that decides their significance.
@@ -75,14 +81,16 @@ __all__ = [
     "family_of",
 ]
 
-MCNEMAR_TEST = "McNemar (continuity corrected)"
+# The test families of COMPARED_METRICS; a McNemar comparison's `test` names the variant it used
+# (stats.MCNEMAR_EXACT or stats.MCNEMAR_CHI_SQUARE), a bootstrap comparison's is BOOTSTRAP_TEST.
+MCNEMAR_TEST = "McNemar"
 BOOTSTRAP_TEST = "paired bootstrap"
 INTERVAL_METHOD = "paired percentile bootstrap"
 # The control conditions every persona is compared with, in this order; a control that did not run is
 # skipped, and a control is never compared with itself.
 CONTROLS: tuple[str, ...] = ("no_persona", "helpful_assistant")
 APPROVED = "approved"
-# Per task: the metrics compared, in report order, and the test each uses.
+# Per task: the metrics compared, in report order, and the family of the test each uses.
 COMPARED_METRICS: dict[str, dict[str, str]] = {
     triage.TASK: {
         "accuracy": MCNEMAR_TEST,
@@ -423,13 +431,14 @@ def _comparisons_of_stratum(case_ids: Sequence[str], pairs: Sequence[_Pair], met
     sums = boot.run() if case_ids else np.zeros((0, 0))
     out = []
     for pair, metric, persona_stat, baseline_stat in pending:
-        comparison = _compare(pair, metric, metric_tests[metric], settings)
+        test = metric_tests[metric]
+        comparison = _compare(pair, metric, test, settings)
         if comparison["delta"] is not None:
             with np.errstate(invalid="ignore"):
                 differences = persona_stat(sums) - baseline_stat(sums)
             low, high, boot_p, kept = _interval_and_pvalue(differences, settings)
             comparison.update(ci_low=low, ci_high=high, n_resamples=kept)
-            if comparison["test"] == BOOTSTRAP_TEST:
+            if test == BOOTSTRAP_TEST:
                 comparison["pvalue"] = boot_p
             if low is None:
                 _add_note(comparison, "no bootstrap resample defines the difference")
@@ -442,7 +451,8 @@ def _add_note(comparison: dict[str, Any], note: str) -> None:
 
 
 def _compare(pair: _Pair, metric: str, test: str, settings: ComparisonSettings) -> dict[str, Any]:
-    """The comparison's dict with value, baseline_value, delta, McNemar p; interval filled in later."""
+    """The comparison's dict with value, baseline_value, delta, and the McNemar test and p; the interval
+    (and the bootstrap p) filled in later."""
     persona, baseline = pair.persona, pair.baseline
     result: dict[str, Any] = {
         **pair.labels, "metric": metric, "value": None, "baseline_value": None, "delta": None,
@@ -472,7 +482,7 @@ def _compare(pair: _Pair, metric: str, test: str, settings: ComparisonSettings) 
         value = scale * float(np.mean(persona_outcome)) if len(persona_outcome) else math.nan
         baseline_value = scale * float(np.mean(baseline_outcome)) if len(baseline_outcome) else math.nan
         result.update(value=_value(value), baseline_value=_value(baseline_value),
-                      statistic=test_result.statistic, pvalue=test_result.pvalue,
+                      statistic=test_result.statistic, pvalue=test_result.pvalue, test=test_result.method,
                       persona_only=test_result.n10, baseline_only=test_result.n01,
                       outcome=what)
     else:

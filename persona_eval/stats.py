@@ -9,8 +9,13 @@ from typing import Any
 
 import numpy as np
 from scipy import stats as scipy_stats
+from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
 __all__ = [
+    "MCNEMAR_CHI_SQUARE",
+    "MCNEMAR_CHI_SQUARE_UNCORRECTED",
+    "MCNEMAR_EXACT",
+    "MCNEMAR_EXACT_BELOW",
     "ConfidenceInterval",
     "KappaResult",
     "McNemarResult",
@@ -70,10 +75,16 @@ class StatResult:
 
 @dataclass(frozen=True)
 class McNemarResult(StatResult):
-    """McNemar's test; ``n01`` counts pairs with a false and b true, ``n10`` a true and b false."""
+    """McNemar's test; ``n01`` counts pairs with a false and b true, ``n10`` a true and b false, and
+    ``method`` names the test used (exact binomial or chi-square, see :func:`mcnemar`)."""
 
     n01: int
     n10: int
+
+    @property
+    def discordant(self) -> int:
+        """The number of pairs on which a and b differ, ``n01 + n10``."""
+        return self.n01 + self.n10
 
 
 @dataclass(frozen=True)
@@ -223,62 +234,81 @@ def _check_positive_int(value: Any, name: str) -> int:
 # Paired tests
 # ---------------------------------------------------------------------------------------------------------
 
+MCNEMAR_EXACT = "McNemar exact binomial"
+MCNEMAR_CHI_SQUARE = "McNemar continuity-corrected chi-square"
+MCNEMAR_CHI_SQUARE_UNCORRECTED = "McNemar uncorrected chi-square"
+# Below this many discordant pairs the chi-square approximation is poor and the exact test is used.
+MCNEMAR_EXACT_BELOW = 25
+
+
 def mcnemar(a: Sequence[bool | int] | np.ndarray, b: Sequence[bool | int] | np.ndarray, *,
-            exact: bool = False, correction: bool = True) -> McNemarResult:
+            exact: bool | None = None, correction: bool = True) -> McNemarResult:
     """McNemar's test of paired binary outcomes (e.g. correct under a persona vs under the baseline).
 
     Only the discordant pairs carry information: ``n01`` cases where ``a`` is false and ``b`` true and
-    ``n10`` cases where ``a`` is true and ``b`` false. The chi-square statistic (1 degree of freedom) is::
+    ``n10`` cases where ``a`` is true and ``b`` false, ``discordant = n01 + n10``. The test is
+    ``statsmodels.stats.contingency_tables.mcnemar`` on the 2x2 table of ``a`` by ``b``:
 
-        statistic = (|n01 - n10| - c)^2 / (n01 + n10),   c = 1 if correction else 0
+    - exact binomial (``method`` = ``MCNEMAR_EXACT``), two-sided::
 
-    which is statsmodels' convention: the continuity correction is not floored at zero, so
-    ``n01 == n10 > 0`` gives ``1 / (n01 + n10)``, not 0. With ``exact=True`` the test is the two-sided
-    exact binomial test on the discordant pairs: ``statistic = min(n01, n10)`` and
-    ``pvalue = min(1, 2 * P[Binomial(n01 + n10, 1/2) <= statistic])``; ``correction`` is then ignored.
+          statistic = min(n01, n10),   pvalue = min(1, 2 * P[Binomial(discordant, 1/2) <= statistic])
 
-    When the two never disagree (``n01 + n10 == 0``, including empty input) there is no evidence of a
-    difference: the result is ``statistic = 0.0`` and ``pvalue = 1.0``.
+    - chi-square with 1 degree of freedom (``MCNEMAR_CHI_SQUARE``, or ``MCNEMAR_CHI_SQUARE_UNCORRECTED``
+      when ``correction`` is false)::
+
+          statistic = (|n01 - n10| - c)^2 / discordant,   c = 1 if correction else 0
+
+      statsmodels does not floor the correction at zero: ``n01 == n10 > 0`` gives ``1 / discordant``.
+
+    By default the exact test is used when ``discordant < MCNEMAR_EXACT_BELOW`` (25), where the
+    chi-square approximation is poor, and the chi-square test otherwise; ``result.method`` names the
+    test used. When the two never disagree (``discordant == 0``, including empty input) there is no
+    evidence of a difference: ``statistic = 0.0`` and ``pvalue = 1.0``, whichever test is named
+    (statsmodels' chi-square would divide 0 by 0).
 
     Parameters
     ----------
     a, b : sequences of bool (or 0/1), one entry per matched case, same length.
-    exact : use the exact binomial test instead of the chi-square approximation.
-    correction : apply the continuity correction to the chi-square statistic.
+    exact : True for the exact binomial test, False for the chi-square test, None (default) to choose
+        by the number of discordant pairs as above.
+    correction : apply the continuity correction to the chi-square statistic (ignored by the exact test).
 
     Examples
     --------
     >>> persona = [True, True, False, True, True, True, False, True]
     >>> baseline = [False, True, False, False, True, False, False, True]
     >>> result = mcnemar(persona, baseline)
-    >>> result.n01, result.n10, round(result.statistic, 4)
-    (0, 3, 1.3333)
-    >>> mcnemar(persona, baseline, exact=True).pvalue
-    0.25
+    >>> result.method, result.n01, result.n10, result.statistic, result.pvalue
+    ('McNemar exact binomial', 0, 3, 0.0, 0.25)
+    >>> forced = mcnemar(persona, baseline, exact=False)
+    >>> forced.method, round(forced.statistic, 4), round(forced.pvalue, 4)
+    ('McNemar continuity-corrected chi-square', 1.3333, 0.2482)
     >>> mcnemar([True, False], [True, False]).pvalue
     1.0
     """
     first = _as_booleans(a, "a")
     second = _as_booleans(b, "b")
     _check_same_length(first, second, "a", "b")
+    if exact is not None and not isinstance(exact, (bool, np.bool_)):
+        raise ValueError(f"exact must be True, False or None, got {_describe(exact)}")
+    if not isinstance(correction, (bool, np.bool_)):
+        raise ValueError(f"correction must be True or False, got {_describe(correction)}")
     n01 = int(np.count_nonzero(~first & second))
     n10 = int(np.count_nonzero(first & ~second))
     discordant = n01 + n10
-    if exact:
-        method = "McNemar exact binomial test"
-        statistic = float(min(n01, n10))
-        if discordant == 0:
-            pvalue = 1.0
-        else:
-            pvalue = min(1.0, 2.0 * float(scipy_stats.binom.cdf(min(n01, n10), discordant, 0.5)))
+    use_exact = discordant < MCNEMAR_EXACT_BELOW if exact is None else bool(exact)
+    if use_exact:
+        method = MCNEMAR_EXACT
+    elif correction:
+        method = MCNEMAR_CHI_SQUARE
     else:
-        method = "McNemar chi-square (continuity corrected)" if correction else "McNemar chi-square"
-        if discordant == 0:
-            statistic, pvalue = 0.0, 1.0
-        else:
-            shift = 1 if correction else 0
-            statistic = (abs(n01 - n10) - shift) ** 2 / discordant
-            pvalue = float(scipy_stats.chi2.sf(statistic, 1))
+        method = MCNEMAR_CHI_SQUARE_UNCORRECTED
+    if discordant == 0:
+        statistic, pvalue = 0.0, 1.0
+    else:
+        table = [[int(np.count_nonzero(first & second)), n10], [n01, int(np.count_nonzero(~first & ~second))]]
+        library = sm_mcnemar(table, exact=use_exact, correction=bool(correction))
+        statistic, pvalue = float(library.statistic), float(library.pvalue)
     return McNemarResult(statistic=statistic, pvalue=pvalue, method=method, n=len(first), n01=n01, n10=n10)
 
 

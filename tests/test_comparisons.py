@@ -30,6 +30,7 @@ from persona_eval.comparisons import (
     family_of,
 )
 from persona_eval.errors import ConfigError, DataError
+from persona_eval.stats import MCNEMAR_CHI_SQUARE, MCNEMAR_EXACT
 from persona_eval.tasks.triage import LABELS, REPORT_STRATA
 
 PERSONAS = ("no_persona", "helpful_assistant", "ed_physician", "ed_nurse")
@@ -37,6 +38,7 @@ GROUPS = {"no_persona": "baseline", "helpful_assistant": "non_medical"}
 FIELDS = ("model", "task", "stratum", "metric", "persona", "persona_group", "baseline", "value", "baseline_value",
           "delta", "ci_low", "ci_high", "confidence_level", "pvalue", "pvalue_adjusted", "significant", "test", "n")
 FAST = ComparisonSettings(n_resamples=300)
+MCNEMAR_METRICS = ("accuracy", "consistency_rate")
 
 
 def record(persona: str, case_id: str, stratum: str, reference: str, generated: str | None, *,
@@ -95,8 +97,11 @@ def test_every_persona_against_each_control_on_every_metric_and_stratum() -> Non
     for comparison in comparisons:
         assert set(FIELDS) <= set(comparison)
         assert comparison["persona"] != comparison["baseline"]
-        assert comparison["test"] == (MCNEMAR_TEST if comparison["metric"] in ("accuracy", "consistency_rate")
-                                      else BOOTSTRAP_TEST)
+        if comparison["metric"] in MCNEMAR_METRICS:
+            discordant = comparison["persona_only"] + comparison["baseline_only"]
+            assert comparison["test"] == (MCNEMAR_EXACT if discordant < 25 else MCNEMAR_CHI_SQUARE)
+        else:
+            assert comparison["test"] == BOOTSTRAP_TEST
         assert comparison["delta"] == pytest.approx(comparison["value"] - comparison["baseline_value"])
         assert comparison["ci_low"] <= comparison["ci_high"]
         assert comparison["significant"] == (comparison["pvalue_adjusted"] < 0.05)
@@ -144,7 +149,7 @@ def test_mcnemar_pvalues_equal_statsmodels_recomputed_from_the_records(seed: int
     comparisons = compare_personas(records, settings=FAST)
     checked = 0
     for comparison in comparisons:
-        if comparison["test"] != MCNEMAR_TEST:
+        if comparison["metric"] not in MCNEMAR_METRICS:
             continue
         by_case = {r["case_id"]: r for r in rows_of(records, comparison["baseline"], comparison["stratum"])}
         pairs = []
@@ -159,15 +164,72 @@ def test_mcnemar_pvalues_equal_statsmodels_recomputed_from_the_records(seed: int
                               other["generated_label"] == other["logit_label"]))
         table = [[sum(a and b for a, b in pairs), sum(a and not b for a, b in pairs)],
                  [sum(b and not a for a, b in pairs), sum(not a and not b for a, b in pairs)]]
-        expected = sm_mcnemar(table, exact=False, correction=True).pvalue
-        if table[0][1] + table[1][0] == 0:
-            expected = 1.0  # statsmodels gives NaN (0/0); no discordant pair is no evidence of a difference
+        exact = table[0][1] + table[1][0] < 25
+        assert comparison["test"] == (MCNEMAR_EXACT if exact else MCNEMAR_CHI_SQUARE)
+        expected = sm_mcnemar(table, exact=exact, correction=True).pvalue
         assert comparison["pvalue"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
         assert comparison["persona_only"] == table[0][1]
         assert comparison["baseline_only"] == table[1][0]
         assert comparison["n"] == len(pairs)
         checked += 1
     assert checked == 2 * 3 * 2 * 3  # accuracy and consistency, 3 strata, 2 controls, 3 personas each
+
+
+def planted_accuracy(persona_only: int, baseline_only: int, *, emergency: int, primary_care: int = 4
+                     ) -> list[dict[str, Any]]:
+    """ed_nurse against no_persona: right on `persona_only` emergency cases the baseline gets wrong, wrong on
+    `baseline_only` it gets right, the same answers on every other case."""
+    out = []
+    for i in range(emergency + primary_care):
+        case_id, stratum = f"case-{i:03d}", "emergency" if i < emergency else "primary_care"
+        if i < persona_only:
+            nurse, baseline = "C", "A"
+        elif i < persona_only + baseline_only:
+            nurse, baseline = "A", "C"
+        else:
+            nurse = baseline = "C" if i % 2 else "A"  # both right or both wrong, alternately
+        out += [record("ed_nurse", case_id, stratum, "C", nurse), record("no_persona", case_id, stratum, "C", baseline)]
+    return out
+
+
+def test_a_small_stratum_reports_the_exact_mcnemar_pvalue_and_names_it() -> None:
+    # --pe-limit leaves an emergency stratum of 12 cases; the persona is right on 5 the baseline gets wrong.
+    comparison = find(compare_personas(planted_accuracy(5, 0, emergency=12), settings=FAST), metric="accuracy",
+                      stratum="emergency")
+    assert (comparison["n"], comparison["persona_only"], comparison["baseline_only"]) == (12, 5, 0)
+    assert comparison["test"] == MCNEMAR_EXACT == "McNemar exact binomial"
+    table = [[4, 5], [0, 3]]
+    exact = float(sm_mcnemar(table, exact=True).pvalue)
+    chi_square = float(sm_mcnemar(table, exact=False, correction=True).pvalue)
+    assert exact == pytest.approx(2 / 2**5) and chi_square == pytest.approx(0.0736, abs=1e-4)
+    assert comparison["pvalue"] == pytest.approx(exact, rel=1e-12)
+    assert comparison["statistic"] == 0.0  # the smaller discordant count
+    assert comparison["pvalue_adjusted"] == comparison["pvalue"]  # alone in its family
+
+
+@pytest.mark.parametrize(("persona_only", "baseline_only", "test"), [
+    (20, 4, MCNEMAR_EXACT), (20, 5, MCNEMAR_CHI_SQUARE), (3, 30, MCNEMAR_CHI_SQUARE),
+])
+def test_mcnemar_is_exact_below_25_discordant_pairs_and_chi_square_from_25(persona_only: int, baseline_only: int,
+                                                                         test: str) -> None:
+    records = planted_accuracy(persona_only, baseline_only, emergency=40)
+    comparisons = compare_personas(records, settings=FAST)
+    for stratum in ("all", "emergency"):
+        comparison = find(comparisons, metric="accuracy", stratum=stratum)
+        assert comparison["test"] == test
+        baseline = {r["case_id"]: r["generated_label"] == r["reference"]
+                    for r in rows_of(records, "no_persona", stratum)}
+        pairs = [(r["generated_label"] == r["reference"], baseline[r["case_id"]])
+                 for r in rows_of(records, "ed_nurse", stratum)]
+        table = [[pairs.count((True, True)), pairs.count((True, False))],
+                 [pairs.count((False, True)), pairs.count((False, False))]]
+        assert (table[0][1], table[1][0]) == (persona_only, baseline_only)
+        reference = sm_mcnemar(table, exact=test == MCNEMAR_EXACT, correction=True)
+        assert comparison["pvalue"] == pytest.approx(float(reference.pvalue), rel=1e-12)
+        assert comparison["statistic"] == pytest.approx(float(reference.statistic), rel=1e-12)
+    # Consistency has no discordant pair here: exact, p = 1.
+    consistency = find(comparisons, metric="consistency_rate", stratum="all")
+    assert (consistency["test"], consistency["pvalue"], consistency["statistic"]) == (MCNEMAR_EXACT, 1.0, 0.0)
 
 
 def test_consistency_uses_only_cases_with_both_labels_under_both_conditions() -> None:
@@ -398,6 +460,7 @@ def test_without_label_probabilities_ece_and_consistency_are_not_available() -> 
         for comparison in (c for c in comparisons if c["metric"] == metric):
             assert comparison["value"] is None and comparison["pvalue"] is None
             assert "not available: no label probabilities" in comparison["note"]
+            assert comparison["test"] == (MCNEMAR_TEST if metric == "consistency_rate" else BOOTSTRAP_TEST)
     accuracy = find(comparisons, metric="accuracy", stratum="all", persona="ed_nurse", baseline="no_persona")
     assert accuracy["pvalue"] is not None
 

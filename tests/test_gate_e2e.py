@@ -158,10 +158,14 @@ def assert_mcnemar_matches_statsmodels(comparison: dict, cases: list[dict]) -> N
     table = [[sum(a and b for a, b in pairs), sum(a and not b for a, b in pairs)],
              [sum(b and not a for a, b in pairs), sum(not a and not b for a, b in pairs)]]
     assert (comparison["persona_only"], comparison["baseline_only"]) == (table[0][1], table[1][0])
-    if table[0][1] + table[1][0] == 0:
-        assert comparison["pvalue"] == 1.0  # statsmodels divides 0 by 0 here; no discordant pair, no evidence
+    discordant = table[0][1] + table[1][0]
+    # The exact binomial test below 25 discordant pairs, the continuity-corrected chi-square from 25 on.
+    assert comparison["test"] == ("McNemar exact binomial" if discordant < 25
+                                  else "McNemar continuity-corrected chi-square")
+    if discordant == 0:
+        assert comparison["pvalue"] == 1.0  # no discordant pair, no evidence
     else:
-        expected = sm_mcnemar(table, exact=False, correction=True).pvalue
+        expected = sm_mcnemar(table, exact=discordant < 25, correction=True).pvalue
         assert comparison["pvalue"] == pytest.approx(expected, rel=1e-12)
 
 

@@ -25,6 +25,9 @@ from statsmodels.stats.multitest import multipletests
 
 from persona_eval import stats
 from persona_eval.stats import (
+    MCNEMAR_CHI_SQUARE,
+    MCNEMAR_CHI_SQUARE_UNCORRECTED,
+    MCNEMAR_EXACT,
     ConfidenceInterval,
     benjamini_hochberg,
     bootstrap_ci,
@@ -157,6 +160,10 @@ BAD_CALLS: list[tuple[str, Callable[[], Any], str]] = [
     ("mcnemar 2-D", lambda: loose.mcnemar(np.ones((2, 2), bool), [True, False]),
      r"^a must be one-dimensional"),
     ("mcnemar nan", lambda: loose.mcnemar([1.0, math.nan], [1, 0]), r"^a must contain only booleans.*nan"),
+    ("mcnemar exact", lambda: loose.mcnemar([True], [False], exact="yes"),
+     r"^exact must be True, False or None, got 'yes'"),
+    ("mcnemar correction", lambda: loose.mcnemar([True], [False], correction=1),
+     r"^correction must be True or False, got 1"),
     ("paired_t nan", lambda: loose.paired_t([1.0, math.nan], [1.0, 2.0]), r"^a must contain finite numbers"),
     ("paired_t text", lambda: loose.paired_t([1.0, 2.0], ["x", 2.0]), r"^b must contain numbers.*'x'"),
     ("paired_t lengths", lambda: loose.paired_t([1.0, 2.0, 3.0], [1.0, 2.0]),
@@ -241,33 +248,99 @@ def _table(pairs: list[tuple[bool, bool]]) -> np.ndarray:
     return table
 
 
+exact_options = st.one_of(st.none(), st.booleans())
+
+
+def _split(pairs: list[tuple[bool, bool]]) -> tuple[list[bool], list[bool]]:
+    return [first for first, _ in pairs], [second for _, second in pairs]
+
+
+def _discordant_pairs(n01: int, n10: int, concordant: int = 3) -> list[tuple[bool, bool]]:
+    return [(False, True)] * n01 + [(True, False)] * n10 + [(True, True)] * concordant + [(False, False)]
+
+
 @REFERENCE
-@given(pairs=paired_booleans, exact=st.booleans(), correction=st.booleans())
-def test_mcnemar_matches_statsmodels(pairs: list[tuple[bool, bool]], exact: bool, correction: bool) -> None:
-    a = [first for first, _ in pairs]
-    b = [second for _, second in pairs]
+@given(pairs=paired_booleans, exact=exact_options, correction=st.booleans())
+def test_mcnemar_matches_statsmodels(pairs: list[tuple[bool, bool]], exact: bool | None, correction: bool) -> None:
+    a, b = _split(pairs)
     result = mcnemar(a, b, exact=exact, correction=correction)
     table = _table(pairs)
     assert (result.n01, result.n10, result.n) == (table[0, 1], table[1, 0], len(pairs))
-    if result.n01 + result.n10 == 0:
-        assert (result.statistic, result.pvalue) == (0.0, 1.0)  # statsmodels divides by zero here
+    assert result.discordant == result.n01 + result.n10
+    used_exact = result.discordant < 25 if exact is None else exact
+    chi_square = MCNEMAR_CHI_SQUARE if correction else MCNEMAR_CHI_SQUARE_UNCORRECTED
+    assert result.method == (MCNEMAR_EXACT if used_exact else chi_square)
+    if result.discordant == 0:
+        assert (result.statistic, result.pvalue) == (0.0, 1.0)  # statsmodels' chi-square divides 0 by 0 here
         return
-    reference = sm_mcnemar(table, exact=exact, correction=correction)
+    reference = sm_mcnemar(table, exact=used_exact, correction=correction)
     assert result.statistic == pytest.approx(float(reference.statistic), rel=1e-12)
     assert result.pvalue == pytest.approx(float(reference.pvalue), rel=1e-9, abs=1e-15)
 
 
 @REFERENCE
-@given(pairs=paired_booleans, exact=st.booleans(), correction=st.booleans())
-def test_mcnemar_is_symmetric_and_pvalue_is_a_probability(pairs: list[tuple[bool, bool]], exact: bool,
+@given(pairs=paired_booleans, exact=exact_options, correction=st.booleans())
+def test_mcnemar_is_symmetric_and_pvalue_is_a_probability(pairs: list[tuple[bool, bool]], exact: bool | None,
                                                           correction: bool) -> None:
-    a = [first for first, _ in pairs]
-    b = [second for _, second in pairs]
+    a, b = _split(pairs)
     forward = mcnemar(a, b, exact=exact, correction=correction)
     backward = mcnemar(b, a, exact=exact, correction=correction)
-    assert (forward.statistic, forward.pvalue) == (backward.statistic, backward.pvalue)
+    assert (forward.statistic, forward.pvalue, forward.method) == \
+        (backward.statistic, backward.pvalue, backward.method)
     assert (forward.n01, forward.n10) == (backward.n10, backward.n01)
     assert 0.0 <= forward.pvalue <= 1.0
+
+
+@REFERENCE
+@given(n01=st.integers(0, 40), n10=st.integers(0, 40), exact=exact_options)
+def test_mcnemar_depends_only_on_the_discordant_counts_symmetrically(n01: int, n10: int,
+                                                                    exact: bool | None) -> None:
+    forward = mcnemar(*_split(_discordant_pairs(n01, n10)), exact=exact)
+    swapped = mcnemar(*_split(_discordant_pairs(n10, n01, concordant=11)), exact=exact)
+    assert (forward.statistic, forward.pvalue, forward.method) == (swapped.statistic, swapped.pvalue, swapped.method)
+    assert 0.0 <= forward.pvalue <= 1.0
+
+
+@pytest.mark.parametrize(("n01", "n10", "method"), [
+    (0, 24, MCNEMAR_EXACT), (9, 15, MCNEMAR_EXACT), (12, 12, MCNEMAR_EXACT),
+    (0, 25, MCNEMAR_CHI_SQUARE), (10, 15, MCNEMAR_CHI_SQUARE), (3, 40, MCNEMAR_CHI_SQUARE),
+])
+def test_mcnemar_is_exact_below_25_discordant_pairs_and_chi_square_from_25(n01: int, n10: int,
+                                                                         method: str) -> None:
+    pairs = _discordant_pairs(n01, n10)
+    result = mcnemar(*_split(pairs))
+    assert result.method == method
+    assert result.discordant == n01 + n10
+    reference = sm_mcnemar(_table(pairs), exact=method == MCNEMAR_EXACT, correction=True)
+    assert result.statistic == pytest.approx(float(reference.statistic), rel=1e-12)
+    assert result.pvalue == pytest.approx(float(reference.pvalue), rel=1e-12)
+
+
+def test_mcnemar_can_be_forced_to_either_test() -> None:
+    small = _split(_discordant_pairs(1, 6))
+    large = _split(_discordant_pairs(10, 30))
+    assert mcnemar(*small, exact=False).method == MCNEMAR_CHI_SQUARE
+    assert mcnemar(*small, exact=False, correction=False).method == MCNEMAR_CHI_SQUARE_UNCORRECTED
+    assert mcnemar(*large, exact=True).method == MCNEMAR_EXACT
+    assert mcnemar(*large, exact=True).statistic == 10.0
+    assert mcnemar(*large, exact=True).pvalue == pytest.approx(2 * scipy.stats.binom.cdf(10, 40, 0.5))
+
+
+def test_mcnemar_on_a_small_stratum_gives_the_exact_pvalue_not_the_chi_square() -> None:
+    # An emergency stratum of 12 cases in which the persona is right on 5 cases the baseline gets wrong,
+    # and never the other way round: two-sided exact p = 2 / 2^5 = 0.0625, while the corrected chi-square
+    # (5 - 1)^2 / 5 = 3.2 would claim p = 0.074.
+    persona = [True] * 5 + [True] * 4 + [False] * 3
+    baseline = [False] * 5 + [True] * 4 + [False] * 3
+    result = mcnemar(persona, baseline)
+    assert (result.method, result.n01, result.n10, result.n) == (MCNEMAR_EXACT, 0, 5, 12)
+    assert result.statistic == 0.0
+    assert result.pvalue == pytest.approx(0.0625, rel=1e-12)
+    table = [[4, 5], [0, 3]]
+    assert result.pvalue == pytest.approx(float(sm_mcnemar(table, exact=True).pvalue), rel=1e-12)
+    chi_square = float(sm_mcnemar(table, exact=False, correction=True).pvalue)
+    assert chi_square == pytest.approx(float(scipy.stats.chi2.sf(3.2, 1)))
+    assert abs(result.pvalue - chi_square) > 0.01
 
 
 def test_mcnemar_agresti_presidential_approval() -> None:
@@ -276,38 +349,45 @@ def test_mcnemar_agresti_presidential_approval() -> None:
     # approve/disapprove 150, disapprove/approve 86, disapprove/disapprove 570. By hand:
     # z = (86 - 150) / sqrt(86 + 150) = -4.17, so chi-square = 64^2 / 236 = 4096 / 236 = 17.36;
     # with the continuity correction (64 - 1)^2 / 236 = 3969 / 236 = 16.82; p = 2 P(Z > 4.166) = 3.1e-5.
+    # 236 discordant pairs: the default is the chi-square test.
     first = [True] * 794 + [True] * 150 + [False] * 86 + [False] * 570
     second = [True] * 794 + [False] * 150 + [True] * 86 + [False] * 570
     plain = mcnemar(first, second, correction=False)
-    assert (plain.n10, plain.n01, plain.n) == (150, 86, 1600)
+    assert (plain.n10, plain.n01, plain.n, plain.discordant) == (150, 86, 1600, 236)
+    assert plain.method == MCNEMAR_CHI_SQUARE_UNCORRECTED
     assert round(plain.statistic, 2) == 17.36
     assert plain.statistic == pytest.approx(4096 / 236)
     assert plain.pvalue == pytest.approx(2 * scipy.stats.norm.sf(64 / math.sqrt(236)))
     assert plain.pvalue == pytest.approx(3.1e-5, abs=0.05e-5)
     corrected = mcnemar(first, second)
     assert corrected.statistic == pytest.approx(3969 / 236)
-    assert corrected.method == "McNemar chi-square (continuity corrected)"
+    assert corrected.pvalue == pytest.approx(float(scipy.stats.chi2.sf(3969 / 236, 1)))
+    assert corrected.method == MCNEMAR_CHI_SQUARE == "McNemar continuity-corrected chi-square"
 
 
 def test_mcnemar_without_discordant_pairs_gives_p_one() -> None:
-    for exact in (False, True):
+    for exact in (None, False, True):
         for correction in (False, True):
-            result = mcnemar([True, False, True], [True, False, True], exact=exact, correction=correction)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no division by zero, not even a warning
+                result = mcnemar([True, False, True], [True, False, True], exact=exact, correction=correction)
             assert (result.statistic, result.pvalue, result.n01, result.n10) == (0.0, 1.0, 0, 0)
+    default = mcnemar([True, False], [True, False])
+    assert default.method == MCNEMAR_EXACT == "McNemar exact binomial"
     empty = mcnemar([], [])
-    assert (empty.statistic, empty.pvalue, empty.n) == (0.0, 1.0, 0)
+    assert (empty.statistic, empty.pvalue, empty.n, empty.method) == (0.0, 1.0, 0, MCNEMAR_EXACT)
 
 
 def test_mcnemar_accepts_numpy_booleans_and_zero_one() -> None:
-    from_numpy = mcnemar(np.array([True, False, True]), np.array([1, 1, 0]))
-    from_lists = mcnemar([1, 0, 1], [True, True, False])
+    from_numpy = mcnemar(np.array([True, False, True]), np.array([1, 1, 0]), exact=np.bool_(False))
+    from_lists = mcnemar([1, 0, 1], [True, True, False], exact=False)
     assert from_numpy == from_lists
     assert (from_numpy.n01, from_numpy.n10) == (1, 1)
 
 
 def test_mcnemar_corrected_statistic_follows_statsmodels_when_counts_are_equal() -> None:
     # The correction is not floored at zero: |3 - 3| - 1 squared over 6.
-    result = mcnemar([True] * 3 + [False] * 3, [False] * 3 + [True] * 3)
+    result = mcnemar([True] * 3 + [False] * 3, [False] * 3 + [True] * 3, exact=False)
     assert result.statistic == pytest.approx(1 / 6)
     assert result.pvalue == pytest.approx(float(sm_mcnemar([[0, 3], [3, 0]], exact=False).pvalue))
 
