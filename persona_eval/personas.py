@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from persona_eval.errors import ConfigError
 from persona_eval.registry import unknown_name_message
+from persona_eval.yamlfile import YamlDocument, child_path, item_path, load_yaml
 
 __all__ = [
     "BASELINE",
@@ -139,32 +138,54 @@ class PersonaRegistry:
         return list(self._by_id)
 
 
-def _persona_from_mapping(entry: Mapping[str, Any], where: str) -> Persona:
+_FIELDS: tuple[str, ...] = ("id", "name", "group", "role", "declaration")
+_USER_GROUPS: tuple[str, ...] = ("medical", "non_medical")
+
+
+def _suggested_id(text: str) -> str | None:
+    """The id closest to `text` that the pattern accepts: "ED-Nurse 2" -> "ed_nurse_2"."""
+    candidate = re.sub(r"[^a-z0-9_]+", "_", text.strip().lower()).strip("_")
+    candidate = re.sub(r"^[0-9_]+", "", candidate)
+    return candidate if candidate and _ID_PATTERN.match(candidate) else None
+
+
+def _persona_from_mapping(entry: Any, where: str, source: YamlDocument) -> Persona:
     if not isinstance(entry, Mapping):
-        raise ConfigError(f"{where}: each persona must be a mapping with id, name, group and role")
-    unknown = set(entry) - {"id", "name", "group", "role", "declaration"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; "
-                          "expected id, name, group, and role or declaration")
-    persona_id = entry.get("id")
+        got = repr(entry) if isinstance(entry, (str, int, float)) or entry is None else f"a {type(entry).__name__}"
+        raise source.error(where, f"each persona must be a mapping with id, group and role (or declaration), "
+                                  f"got {got}")
+    for key in entry:
+        if key not in _FIELDS:
+            raise source.error(child_path(where, key), unknown_name_message("field", str(key), _FIELDS))
+    if "id" not in entry:
+        raise source.error(where, "missing field 'id' (lowercase letters, digits and '_', starting with a "
+                                  "letter, e.g. primary_care_physician)")
+    persona_id = entry["id"]
     if not isinstance(persona_id, str) or not _ID_PATTERN.match(persona_id):
-        raise ConfigError(f"{where}: field 'id' must be lowercase letters, digits and '_' "
-                          f"starting with a letter, got {persona_id!r}")
+        meant = _suggested_id(str(persona_id)) if isinstance(persona_id, (str, int)) else None
+        hint = f"; did you mean {meant!r}?" if meant else ""
+        raise source.error(child_path(where, "id"), f"{persona_id!r} is not a persona id: use lowercase "
+                                                    f"letters, digits and '_', starting with a letter{hint}")
     group = entry.get("group", "medical")
-    if group not in GROUPS or group == "baseline":
-        raise ConfigError(f"{where} ({persona_id}): field 'group' must be 'medical' or 'non_medical', "
-                          f"got {group!r}")
+    if group == "baseline":
+        raise source.error(child_path(where, "group"), "'baseline' is the group of no_persona alone; give "
+                                                       "'medical' or 'non_medical'")
+    if not isinstance(group, str) or group not in _USER_GROUPS:
+        message = (unknown_name_message("group", group, _USER_GROUPS) if isinstance(group, str)
+                   else f"expected 'medical' or 'non_medical', got {group!r}")
+        raise source.error(child_path(where, "group"), message)
     role, declaration = entry.get("role"), entry.get("declaration")
     if (role is None) == (declaration is None):
-        raise ConfigError(f"{where} ({persona_id}): give exactly one of 'role' (rendered as "
-                          "'You are a ROLE.') or 'declaration' (the full sentence)")
+        raise source.error(where, f"persona {persona_id!r}: give exactly one of 'role' (rendered as "
+                                  "'You are a ROLE.') or 'declaration' (the full sentence)")
+    key = "declaration" if declaration is not None else "role"
     text = declaration if declaration is not None else role
     if not isinstance(text, str) or not text.strip():
-        raise ConfigError(f"{where} ({persona_id}): 'role'/'declaration' must be non-empty text")
+        raise source.error(child_path(where, key), f"'{key}' must be non-empty text, got {text!r}")
     name = entry.get("name", persona_id.replace("_", " ").capitalize())
-    if not isinstance(name, str):
-        raise ConfigError(f"{where} ({persona_id}): field 'name' must be text")
-    sentence = declaration.strip() if declaration is not None else declaration_for(text)
+    if not isinstance(name, str) or not name.strip():
+        raise source.error(child_path(where, "name"), f"field 'name' must be non-empty text, got {name!r}")
+    sentence = text.strip() if declaration is not None else declaration_for(text)
     return Persona(persona_id, name, group, sentence)
 
 
@@ -176,23 +197,33 @@ def load_personas(path: str | Path | None = None) -> PersonaRegistry:
             name: Primary care physician
             group: medical
             role: primary care physician     # -> "You are a primary care physician."
+
+    Every field is checked; a ConfigError names the file, line and field, e.g.
+    ``personas.yaml:4: personas[0].group: unknown group 'medcal'. Did you mean 'medical'? ...``.
     """
     registry = PersonaRegistry()
     if path is None:
         return registry
-    path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read personas file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    source = load_yaml(path, kind="personas file")
+    document = source.data
+    if isinstance(document, Mapping):
+        for key in document:
+            if key != "personas":
+                raise source.error(str(key), unknown_name_message("top-level key", str(key), ["personas"]))
     if not isinstance(document, Mapping) or not isinstance(document.get("personas"), list):
-        raise ConfigError(f"{path}: expected a top-level key 'personas' holding a list")
+        at = "personas" if isinstance(document, Mapping) and "personas" in document else ""
+        raise source.error(at, "expected a top-level key 'personas' holding a list")
+    first_line: dict[str, int | None] = {}
     for index, entry in enumerate(document["personas"]):
-        where = f"{path}: personas[{index}]"
-        persona = _persona_from_mapping(entry, where)
+        where = item_path("personas", index)
+        persona = _persona_from_mapping(entry, where, source)
+        if persona.id in first_line:
+            line = first_line[persona.id]
+            raise source.error(child_path(where, "id"), f"persona {persona.id!r} is defined twice"
+                                                        + (f" (first on line {line})" if line else ""))
         if persona.id in registry:
-            raise ConfigError(f"{where} ({persona.id}): field 'id': persona {persona.id!r} is defined twice")
+            raise source.error(child_path(where, "id"), f"persona {persona.id!r} is defined twice: it is "
+                                                        "one of the study's personas; choose another id")
+        first_line[persona.id] = source.line(child_path(where, "id"))
         registry.add(persona)
     return registry

@@ -13,36 +13,45 @@ Two sections per task:
     the end of the session (see :mod:`persona_eval.gate`).
 
 Both take ``mode`` (``fail``: the session fails; ``record``: reported only), optional filters
-(``groups``, ``personas``, ``models``) and a ``why`` that is quoted when the rule is crossed.
-"""
+(``groups``, ``personas``, ``models``), ``min_cases`` (the fewest cases in the stratum for the entry to
+count as checked: 10 for ``fail`` entries, 1 for ``record`` ones, unless given) and a ``why`` that is
+quoted when the rule is crossed.
 
+Every limit is on its metric's own scale (:data:`METRIC_RANGES`): rates, accuracy and calibration error
+are shares from 0 to 1, ``consistency_rate`` is a percentage from 0 to 100. A limit outside that range,
+a fraction where a percentage belongs, and a limit that can never be crossed (``max`` at the top of the
+range, ``min`` at the bottom, a ``tolerance`` as wide as the whole range) are refused with the value
+that was probably meant.
+"""
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import Any, Literal, NoReturn
 
 from persona_eval.comparisons import COMPARED_METRICS, CONTROLS
 from persona_eval.errors import ConfigError
 from persona_eval.metrics import METRICS
 from persona_eval.personas import GROUPS, Persona
-from persona_eval.registry import unknown_name_message
+from persona_eval.registry import did_you_mean, unknown_name_message
 from persona_eval.tasks import safety
 from persona_eval.tasks.triage import METRIC_NAMES, REPORT_STRATA
+from persona_eval.yamlfile import YamlDocument, child_path, item_path, load_yaml
 
 __all__ = [
+    "DEFAULT_MIN_CASES",
     "DEFAULT_TASKS",
+    "METRIC_RANGES",
     "MODES",
     "SUPPORTED_VERSION",
     "WORSE",
     "Bound",
     "BoundCheck",
+    "MetricRange",
     "RegressionRule",
     "TaskSchema",
     "Thresholds",
@@ -55,6 +64,9 @@ SUPPORTED_VERSION = 1
 MODES: tuple[str, ...] = ("fail", "record")
 Mode = Literal["fail", "record"]
 Status = Literal["pass", "fail", "skipped"]
+# The fewest cases in the stratum for an entry to count as checked, by mode, when it gives no min_cases:
+# a blocking verdict on a handful of cases is noise, while a recorded one is only informational.
+DEFAULT_MIN_CASES: Mapping[str, int] = {"fail": 10, "record": 1}
 
 # How a metric name reads in a sentence; any other name reads with its underscores as spaces.
 _METRIC_LABELS: dict[str, str] = {
@@ -63,29 +75,94 @@ _METRIC_LABELS: dict[str, str] = {
     "brier_score": "Brier score",
 }
 _BOUND_KEYS: tuple[str, ...] = (
-    "metric", "stratum", "min", "max", "mode", "groups", "personas", "models", "why",
+    "metric", "stratum", "min", "max", "mode", "min_cases", "groups", "personas", "models", "why",
 )
 _FILTER_KEYS: tuple[str, ...] = ("groups", "personas", "models")
 _REGRESSION_KEYS: tuple[str, ...] = (
-    "metric", "stratum", "worse", "tolerance", "mode", "baseline", "groups", "personas", "models", "why",
+    "metric", "stratum", "worse", "tolerance", "mode", "min_cases", "baseline", "groups", "personas",
+    "models", "why",
 )
 WORSE: tuple[str, ...] = ("higher", "lower")
 
 
+def _plain(value: float) -> str:
+    """A number as a person writes it: 1, 0.1, -0.05, 70."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:g}"
+
+
+def _suggested(value: float) -> str:
+    """A suggested limit, with two decimals where it has fewer (0.10, not 0.1: it reads as a rate)."""
+    value = round(value, 6)
+    if value.is_integer() and abs(value) >= 1:
+        return str(int(value))
+    two = f"{value:.2f}"
+    return two if float(two) == value else f"{value:g}"
+
+
+@dataclass(frozen=True)
+class MetricRange:
+    """The values a metric can take and what they are, for messages: ``a share, 0 to 1``."""
+
+    lower: float
+    upper: float
+    unit: str
+
+    @property
+    def is_percentage(self) -> bool:
+        return self.unit == "a percentage"
+
+    @property
+    def span(self) -> float:
+        """The largest difference two values can have: a tolerance this wide is never crossed."""
+        return self.upper - self.lower
+
+    def describe(self) -> str:
+        return f"{self.unit}, {_plain(self.lower)} to {_plain(self.upper)}"
+
+
+# What each triage metric's number is; the ranges themselves are persona_eval.metrics.METRICS'.
+_TRIAGE_UNITS: dict[str, str] = {
+    "consistency_rate": "a percentage",
+    "expected_calibration_error": "a probability gap",
+    "brier_score": "a score",
+}
+
+
+def _safety_range(metric: str) -> MetricRange:
+    # A mean reciprocal rank lies in (0, 1], so the difference of two lies in (-1, 1).
+    if metric.endswith("_mrr_delta"):
+        return MetricRange(-1.0, 1.0, "a difference of mean reciprocal ranks")
+    if metric.endswith("_mrr"):
+        return MetricRange(0.0, 1.0, "a mean reciprocal rank")
+    return MetricRange(0.0, 1.0, "a share")
+
+
+METRIC_RANGES: Mapping[str, Mapping[str, MetricRange]] = {
+    "triage": {name: MetricRange(METRICS[name].lower, METRICS[name].upper, _TRIAGE_UNITS.get(name, "a share"))
+               for name in METRIC_NAMES},
+    "safety": {name: _safety_range(name) for name in safety.METRIC_NAMES},
+}
+
+
 @dataclass(frozen=True)
 class TaskSchema:
-    """What a thresholds file may name for one task: its metrics and its report strata, and the metrics
-    that have paired comparisons (those a regression rule may name; empty: the task has no rules)."""
+    """What a thresholds file may name for one task: its metrics and its report strata, the metrics
+    that have paired comparisons (those a regression rule may name; empty: the task has no rules), and
+    each metric's range (a metric without one takes any limit)."""
 
     metrics: tuple[str, ...]
     strata: tuple[str, ...]
     compared: tuple[str, ...] = ()
+    ranges: Mapping[str, MetricRange] = field(default_factory=dict)
 
 
 DEFAULT_TASKS: Mapping[str, TaskSchema] = {
     "triage": TaskSchema(metrics=tuple(METRIC_NAMES), strata=tuple(REPORT_STRATA),
-                         compared=tuple(COMPARED_METRICS["triage"])),
-    "safety": TaskSchema(metrics=safety.METRIC_NAMES, strata=safety.REPORT_STRATA),
+                         compared=tuple(COMPARED_METRICS["triage"]), ranges=METRIC_RANGES["triage"]),
+    "safety": TaskSchema(metrics=safety.METRIC_NAMES, strata=safety.REPORT_STRATA,
+                         ranges=METRIC_RANGES["safety"]),
 }
 
 
@@ -114,7 +191,10 @@ class Bound:
 
     The filters (groups, personas, models) are None when not given; a bound applies to a persona x
     model case when every given filter matches it. mode "fail" fails the pytest case when the bound is
-    crossed; "record" only reports it.
+    crossed; "record" only reports it. `min_cases` is the fewest cases in the stratum for the bound to
+    count as checked (0 when built by hand: the mode's default, DEFAULT_MIN_CASES). `where` is the
+    entry's place in its file ("t.yaml:12: triage.bounds[0]") and `key_path` its key path, both empty
+    for a bound built by hand; neither takes part in equality or JSON.
     """
 
     task: str
@@ -127,6 +207,13 @@ class Bound:
     personas: tuple[str, ...] | None = None
     models: tuple[str, ...] | None = None
     why: str | None = None
+    min_cases: int = 0
+    where: str = field(default="", compare=False, repr=False)
+    key_path: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.min_cases == 0:
+            object.__setattr__(self, "min_cases", DEFAULT_MIN_CASES[self.mode])
 
     def applies_to(self, model: str, persona: Persona) -> bool:
         return ((self.groups is None or persona.group in self.groups)
@@ -182,6 +269,7 @@ class Bound:
             "min": self.min,
             "max": self.max,
             "mode": self.mode,
+            "min_cases": self.min_cases,
             "groups": list(self.groups) if self.groups is not None else None,
             "personas": list(self.personas) if self.personas is not None else None,
             "models": list(self.models) if self.models is not None else None,
@@ -227,12 +315,13 @@ class BoundCheck:
 @dataclass(frozen=True)
 class Thresholds:
     """The bounds and regression rules of one thresholds file, in file order, and the file's fingerprint
-    for run metadata."""
+    for run metadata. `source` is the parsed file with its line map (None when built by hand)."""
 
     path: Path | None
     bounds: tuple[Bound, ...] = ()
     fingerprint: str = ""
     regressions: tuple[RegressionRule, ...] = ()
+    source: YamlDocument | None = field(default=None, compare=False, repr=False)
 
     def bounds_for(self, task: str, *, model: str, persona: Persona) -> list[Bound]:
         return [b for b in self.bounds if b.task == task and b.applies_to(model, persona)]
@@ -251,6 +340,37 @@ class Thresholds:
                 checks.append(bound.check(by_metric[bound.metric], model=model, persona_id=persona.id))
         return checks
 
+    def check_names(self, *, personas: Collection[str], models: Collection[str]) -> None:
+        """Refuse a ``personas`` or ``models`` filter that names something that does not exist: as
+        written, its bound or rule would apply to nobody and pass on nothing.
+
+        `personas` are the ids a filter may name (the persona registry: the study's and the personas
+        file's); `models` the model names (those of the run, and any others the caller accepts). The
+        ConfigError names the file, line and filter item, with "did you mean", e.g.
+        ``t.yaml:14: triage.bounds[0].personas[0]: no persona is called 'ed_nures', so this bound
+        applies to nobody. Did you mean 'ed_nurse'? Known: ...``.
+        """
+        known = {"personas": ("no persona is called", personas),
+                 "models": ("no model of this run is called", models)}
+        entries: list[Bound | RegressionRule] = [*self.bounds, *self.regressions]
+        for entry in entries:
+            what = "bound" if isinstance(entry, Bound) else "rule"
+            for key, (nothing, names) in known.items():
+                for index, name in enumerate(getattr(entry, key) or ()):
+                    if name in names:
+                        continue
+                    listed = ", ".join(sorted(names)) or "(none)"
+                    message = (f"{nothing} {name!r}, so this {what} applies to nobody."
+                               f"{did_you_mean(name, names)} Known: {listed}.")
+                    raise self._entry_error(entry, item_path(child_path(entry.key_path, key), index)
+                                            if entry.key_path else "", message)
+
+    def _entry_error(self, entry: Bound | RegressionRule, key_path: str, message: str) -> ConfigError:
+        if self.source is not None and key_path:
+            return self.source.error(key_path, message)
+        subject = entry.where or f"{self.path}: {entry.task} {entry.metric} ({entry.stratum})"
+        return ConfigError(f"{subject}: {message}")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "path": str(self.path) if self.path is not None else None,
@@ -268,7 +388,8 @@ class RegressionRule:
 
     `baseline` is the control a persona is compared with within a run (not used against an approved
     baseline). The filters (groups, personas, models) are None when not given; a rule applies to a
-    comparison when every given filter matches its persona and (candidate) model.
+    comparison when every given filter matches its persona and (candidate) model. `min_cases`, `where`
+    and `key_path` are as for Bound.
     """
 
     task: str
@@ -282,6 +403,13 @@ class RegressionRule:
     personas: tuple[str, ...] | None = None
     models: tuple[str, ...] | None = None
     why: str | None = None
+    min_cases: int = 0
+    where: str = field(default="", compare=False, repr=False)
+    key_path: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.min_cases == 0:
+            object.__setattr__(self, "min_cases", DEFAULT_MIN_CASES[self.mode])
 
     def applies_to(self, *, model: str, persona: str, persona_group: str | None) -> bool:
         return ((self.groups is None or persona_group in self.groups)
@@ -300,44 +428,13 @@ class RegressionRule:
             "worse": self.worse,
             "tolerance": self.tolerance,
             "mode": self.mode,
+            "min_cases": self.min_cases,
             "baseline": self.baseline,
             "groups": list(self.groups) if self.groups is not None else None,
             "personas": list(self.personas) if self.personas is not None else None,
             "models": list(self.models) if self.models is not None else None,
             "why": self.why,
         }
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses a key given twice in one mapping, which PyYAML would silently let
-    the last one win."""
-
-
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if isinstance(key, str) and key in seen:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
-                key_node.start_mark)
-        if isinstance(key, str):
-            seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
-def _yaml_error_message(path: Path, text: str, exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    if mark is None:
-        return f"{path}: not valid YAML: {problem}"
-    lines = text.splitlines()
-    source = lines[mark.line].strip() if mark.line < len(lines) else ""
-    quoted = f": {source!r}" if source else ""
-    return f"{path}: line {mark.line + 1}: not valid YAML ({problem}){quoted}"
 
 
 def _describe(value: Any) -> str:
@@ -351,7 +448,7 @@ SectionParser = Callable[[str, Any, str], list[Any]]
 
 
 class ThresholdsLoader:
-    """Reads thresholds files against a table of known tasks (task -> metrics and strata).
+    """Reads thresholds files against a table of known tasks (task -> metrics, strata and ranges).
 
     A new task is a new entry in `tasks`; a new per-task section (beside ``bounds``) is a new entry in
     `self.sections` and a field of Thresholds that collects its items.
@@ -361,28 +458,18 @@ class ThresholdsLoader:
         self.tasks: Mapping[str, TaskSchema] = dict(DEFAULT_TASKS if tasks is None else tasks)
         self.sections: dict[str, SectionParser] = {"bounds": self._parse_bounds,
                                                    "regressions": self._parse_regressions}
-        self._path = Path()
+        self._source = YamlDocument(path=Path(), data=None)
 
     def load(self, path: str | Path) -> Thresholds:
-        path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read thresholds file ({exc.strerror})") from None
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-        try:
-            document = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
-        except yaml.YAMLError as exc:
-            raise ConfigError(_yaml_error_message(path, text, exc)) from None
-        fingerprint = "sha256:" + hashlib.sha256(raw).hexdigest()
-        return self.parse(document, path=path, fingerprint=fingerprint)
+        source = load_yaml(path, kind="thresholds file")
+        fingerprint = "sha256:" + hashlib.sha256(source.raw).hexdigest()
+        return self.parse(source.data, path=source.path, fingerprint=fingerprint, source=source)
 
-    def parse(self, document: Any, *, path: Path, fingerprint: str = "") -> Thresholds:
-        """Thresholds from an already-parsed YAML document; `path` names the file in messages."""
-        self._path = path
+    def parse(self, document: Any, *, path: Path, fingerprint: str = "",
+              source: YamlDocument | None = None) -> Thresholds:
+        """Thresholds from an already-parsed YAML document; `path` names the file in messages, and
+        `source` (the document with its line map, when there is one) adds the lines."""
+        self._source = source if source is not None else YamlDocument(path=Path(path), data=document)
         if not isinstance(document, Mapping):
             self._fail("", f"expected a mapping with 'version: {SUPPORTED_VERSION}' and one key per task, "
                            f"got {_describe(document)}")
@@ -409,17 +496,17 @@ class ThresholdsLoader:
                                unknown_name_message("key", str(section), self.sections))
                 sections[section].extend(self.sections[section](task, value, f"{task}.{section}"))
         return Thresholds(path=path, bounds=tuple(sections["bounds"]), fingerprint=fingerprint,
-                          regressions=tuple(sections["regressions"]))
+                          regressions=tuple(sections["regressions"]), source=self._source)
 
-    def _fail(self, where: str, message: str) -> Any:
-        raise ConfigError(f"{self._path}: {where}: {message}" if where else f"{self._path}: {message}")
+    def _fail(self, where: str, message: str) -> NoReturn:
+        raise self._source.error(where, message)
 
     def _parse_bounds(self, task: str, value: Any, where: str) -> list[Bound]:
         if value is None:
             return []
         if not isinstance(value, list):
             self._fail(where, f"expected a list of bounds, got {_describe(value)}")
-        return [self._parse_bound(task, entry, f"{where}[{index}]") for index, entry in enumerate(value)]
+        return [self._parse_bound(task, entry, item_path(where, index)) for index, entry in enumerate(value)]
 
     def _parse_bound(self, task: str, entry: Any, where: str) -> Bound:
         if not isinstance(entry, Mapping):
@@ -431,8 +518,8 @@ class ThresholdsLoader:
         schema = self.tasks[task]
         metric = self._name(entry, "metric", schema.metrics, where, kind=f"{task} metric")
         stratum = self._name(entry, "stratum", schema.strata, where, kind=f"{task} stratum")
-        low = self._number(entry, "min", where)
-        high = self._number(entry, "max", where)
+        low = self._limit(entry, "min", metric, schema, where)
+        high = self._limit(entry, "max", metric, schema, where)
         if low is None and high is None:
             self._fail(where, "give 'min', 'max' or both")
         if low is not None and high is not None and low > high:
@@ -441,24 +528,21 @@ class ThresholdsLoader:
         if mode not in MODES:
             self._fail(f"{where}.mode", f"expected 'fail' (the pytest case fails) or 'record' (reported "
                                         f"only), got {_describe(mode)}")
-        groups = self._filter(entry, "groups", where)
-        if groups is not None:
-            for index, group in enumerate(groups):
-                if group not in GROUPS:
-                    self._fail(f"{where}.groups[{index}]", unknown_name_message("group", group, GROUPS))
-        why = entry.get("why")
-        if why is not None and not isinstance(why, str):
-            self._fail(f"{where}.why", f"expected text, got {_describe(why)}")
+        min_cases = self._min_cases(entry, mode, where)
+        groups = self._groups(entry, where)
+        why = self._why(entry, where)
         return Bound(task=task, metric=metric, stratum=stratum, min=low, max=high, mode=mode,
                      groups=groups, personas=self._filter(entry, "personas", where),
-                     models=self._filter(entry, "models", where), why=why or None)
+                     models=self._filter(entry, "models", where), why=why, min_cases=min_cases,
+                     where=self._source.where(where), key_path=where)
 
     def _parse_regressions(self, task: str, value: Any, where: str) -> list[RegressionRule]:
         if value is None:
             return []
         if not isinstance(value, list):
             self._fail(where, f"expected a list of regression rules, got {_describe(value)}")
-        return [self._parse_regression(task, entry, f"{where}[{index}]") for index, entry in enumerate(value)]
+        return [self._parse_regression(task, entry, item_path(where, index))
+                for index, entry in enumerate(value)]
 
     def _parse_regression(self, task: str, entry: Any, where: str) -> RegressionRule:
         if not isinstance(entry, Mapping):
@@ -489,28 +573,25 @@ class ThresholdsLoader:
         tolerance = self._number(entry, "tolerance", where)
         if tolerance is None or tolerance < 0:
             self._fail(f"{where}.tolerance", f"expected a number >= 0, got {_describe(entry['tolerance'])}")
-        assert tolerance is not None
+        self._check_tolerance(entry["tolerance"], tolerance, metric, schema.ranges.get(metric),
+                              f"{where}.tolerance")
         mode = entry.get("mode", "fail")
         if mode not in MODES:
             self._fail(f"{where}.mode", f"expected 'fail' (the session fails) or 'record' (reported only), "
                                         f"got {_describe(mode)}")
+        min_cases = self._min_cases(entry, mode, where)
         baseline = entry.get("baseline", CONTROLS[0])
         if not isinstance(baseline, str):
             self._fail(f"{where}.baseline", f"expected text, got {_describe(baseline)}")
         if baseline not in CONTROLS:
             self._fail(f"{where}.baseline", unknown_name_message("control", baseline, CONTROLS))
-        groups = self._filter(entry, "groups", where)
-        if groups is not None:
-            for index, group in enumerate(groups):
-                if group not in GROUPS:
-                    self._fail(f"{where}.groups[{index}]", unknown_name_message("group", group, GROUPS))
-        why = entry.get("why")
-        if why is not None and not isinstance(why, str):
-            self._fail(f"{where}.why", f"expected text, got {_describe(why)}")
+        groups = self._groups(entry, where)
+        why = self._why(entry, where)
         return RegressionRule(task=task, metric=metric, stratum=stratum, worse=worse, tolerance=tolerance,
                               mode=mode, baseline=baseline, groups=groups,
                               personas=self._filter(entry, "personas", where),
-                              models=self._filter(entry, "models", where), why=why or None)
+                              models=self._filter(entry, "models", where), why=why, min_cases=min_cases,
+                              where=self._source.where(where), key_path=where)
 
     def _name(self, entry: Mapping[str, Any], key: str, known: Sequence[str], where: str, *,
               kind: str) -> str:
@@ -533,6 +614,74 @@ class ThresholdsLoader:
             self._fail(f"{where}.{key}", f"expected a finite number, got {value!r}")
         return float(value)
 
+    def _limit(self, entry: Mapping[str, Any], key: Literal["min", "max"], metric: str, schema: TaskSchema,
+               where: str) -> float | None:
+        """A bound's `key` ("min" or "max"), refused when it lies outside the metric's range, reads as a
+        fraction where a percentage belongs, or can never be crossed."""
+        value = self._number(entry, key, where)
+        scale = schema.ranges.get(metric)
+        if value is None or scale is None:
+            return value
+        shown, at = _describe(entry[key]), f"{where}.{key}"
+        if not scale.lower <= value <= scale.upper:
+            hint = ""
+            if not scale.is_percentage and scale.lower < value / 100 < scale.upper:
+                hint = f"; did you mean {_suggested(value / 100)}?"
+            self._fail(at, f"{shown} is outside the range of {metric} ({scale.describe()}){hint}")
+        if scale.is_percentage and 0 < value <= 1:
+            # A suggestion that is itself refused (max: 1 -> 100, never crossed) helps nobody.
+            hint = (f"; did you mean {_suggested(value * 100)}?" if scale.lower < value * 100 < scale.upper
+                    else "")
+            self._fail(at, f"{shown} is a fraction, but {metric} is {scale.describe()} ({shown} would mean "
+                           f"{shown} percent){hint}")
+        if key == "max" and value >= scale.upper:
+            self._fail(at, f"max {shown} can never be crossed: {metric} is {scale.describe()}, never above "
+                           f"{_plain(scale.upper)}; give a lower max or leave it out")
+        if key == "min" and value <= scale.lower:
+            self._fail(at, f"min {shown} can never be crossed: {metric} is {scale.describe()}, never below "
+                           f"{_plain(scale.lower)}; give a higher min or leave it out")
+        return value
+
+    def _check_tolerance(self, raw: Any, tolerance: float, metric: str, scale: MetricRange | None,
+                         where: str) -> None:
+        """Refuse a tolerance that no difference of the metric can exceed, or that reads as a fraction
+        where percentage points belong."""
+        if scale is None:
+            return
+        shown = _describe(raw)
+        if tolerance >= scale.span:
+            hint = ""
+            if not scale.is_percentage and 0 < tolerance / 100 < scale.span:
+                hint = f"; did you mean {_suggested(tolerance / 100)}?"
+            self._fail(where, f"tolerance {shown} can never be crossed: {metric} is {scale.describe()}, so "
+                              f"a persona can differ from its baseline by at most {_plain(scale.span)}{hint}")
+        if scale.is_percentage and 0 < tolerance < 1:
+            self._fail(where, f"tolerance {shown} is a fraction, but {metric} is {scale.describe()} and its "
+                              f"tolerance is in percentage points; did you mean {_suggested(tolerance * 100)}?")
+
+    def _min_cases(self, entry: Mapping[str, Any], mode: str, where: str) -> int:
+        if "min_cases" not in entry:
+            return DEFAULT_MIN_CASES[mode]
+        value = entry["min_cases"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self._fail(f"{where}.min_cases", f"expected a whole number of cases, at least 1 (the fewest "
+                                             f"cases in the stratum for this to count as checked), got "
+                                             f"{_describe(value)}")
+        return value
+
+    def _groups(self, entry: Mapping[str, Any], where: str) -> tuple[str, ...] | None:
+        groups = self._filter(entry, "groups", where)
+        for index, group in enumerate(groups or ()):
+            if group not in GROUPS:
+                self._fail(f"{where}.groups[{index}]", unknown_name_message("group", group, GROUPS))
+        return groups
+
+    def _why(self, entry: Mapping[str, Any], where: str) -> str | None:
+        why = entry.get("why")
+        if why is not None and not isinstance(why, str):
+            self._fail(f"{where}.why", f"expected text, got {_describe(why)}")
+        return why or None
+
     def _filter(self, entry: Mapping[str, Any], key: str, where: str) -> tuple[str, ...] | None:
         if key not in entry:
             return None
@@ -553,8 +702,9 @@ def load_thresholds(path: str | Path | None = None, *,
                     tasks: Mapping[str, TaskSchema] | None = None) -> Thresholds:
     """The thresholds of the YAML file at `path` (the default file when None).
 
-    Every invalid input is a ConfigError naming the file and the key path, e.g.
-    ``fixtures/t.yaml: triage.bounds[2].max: expected a number, got 'high'``.
+    Every invalid input is a ConfigError naming the file, the line and the key path, e.g.
+    ``fixtures/t.yaml:12: triage.bounds[2].max: expected a number, got 'high'``. Names that only the
+    run knows (personas, models) are checked afterwards by Thresholds.check_names.
     """
     return ThresholdsLoader(tasks).load(default_thresholds_path() if path is None else path)
 

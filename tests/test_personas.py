@@ -196,52 +196,74 @@ personas:
 
 
 @pytest.mark.parametrize(("entries", "where", "fragment"), [
-    pytest.param("  - id: ed_nurse\n    role: nurse\n", "personas[0]", "'ed_nurse' is defined twice",
-                 id="duplicate-of-study"),
-    pytest.param("  - id: my_nurse\n    role: nurse\n  - id: my_nurse\n    role: nurse\n", "personas[1]",
-                 "'my_nurse' is defined twice", id="duplicate-in-file"),
-    pytest.param("  - id: Bad-Id\n    role: nurse\n", "personas[0]", "field 'id'", id="bad-id"),
-    pytest.param("  - id: 1nurse\n    role: nurse\n", "personas[0]", "field 'id'", id="id-starts-with-digit"),
-    pytest.param("  - role: nurse\n", "personas[0]", "field 'id'", id="missing-id"),
+    pytest.param("  - id: ed_nurse\n    role: nurse\n", "2: personas[0].id",
+                 "persona 'ed_nurse' is defined twice: it is one of the study's personas", id="duplicate-of-study"),
+    pytest.param("  - id: my_nurse\n    role: nurse\n  - id: my_nurse\n    role: nurse\n", "4: personas[1].id",
+                 "persona 'my_nurse' is defined twice (first on line 2)", id="duplicate-in-file"),
+    pytest.param("  - id: Bad-Id\n    role: nurse\n", "2: personas[0].id",
+                 "'Bad-Id' is not a persona id: use lowercase letters, digits and '_', starting with a letter; "
+                 "did you mean 'bad_id'?", id="bad-id"),
+    pytest.param("  - id: 1nurse\n    role: nurse\n", "2: personas[0].id", "did you mean 'nurse'?",
+                 id="id-starts-with-digit"),
+    pytest.param("  - id: 12\n    role: nurse\n", "2: personas[0].id", "12 is not a persona id",
+                 id="id-a-number"),
+    pytest.param("  - role: nurse\n", "2: personas[0]", "missing field 'id'", id="missing-id"),
     pytest.param("  - id: ok\n    role: nurse\n  - id: nurse_x\n    group: clinical\n    role: nurse\n",
-                 "personas[1] (nurse_x)", "field 'group'", id="bad-group"),
-    pytest.param("  - id: nurse_x\n    group: baseline\n    role: nurse\n", "personas[0] (nurse_x)",
-                 "field 'group'", id="baseline-group"),
-    pytest.param("  - id: nurse_x\n    role: nurse\n    declaration: You are a nurse.\n",
-                 "personas[0] (nurse_x)", "exactly one of 'role'", id="both-role-and-declaration"),
-    pytest.param("  - id: nurse_x\n    name: Nurse\n", "personas[0] (nurse_x)", "exactly one of 'role'",
+                 "5: personas[1].group", "unknown group 'clinical'", id="bad-group"),
+    pytest.param("  - id: nurse_x\n    group: medcal\n    role: nurse\n", "3: personas[0].group",
+                 "unknown group 'medcal'. Did you mean 'medical'", id="near-miss-group"),
+    pytest.param("  - id: nurse_x\n    group: baseline\n    role: nurse\n", "3: personas[0].group",
+                 "'baseline' is the group of no_persona alone", id="baseline-group"),
+    pytest.param("  - id: nurse_x\n    group: [medical]\n    role: nurse\n", "3: personas[0].group",
+                 "expected 'medical' or 'non_medical', got ['medical']", id="group-not-text"),
+    pytest.param("  - id: nurse_x\n    role: nurse\n    declaration: You are a nurse.\n", "2: personas[0]",
+                 "persona 'nurse_x': give exactly one of 'role'", id="both-role-and-declaration"),
+    pytest.param("  - id: nurse_x\n    name: Nurse\n", "2: personas[0]", "exactly one of 'role'",
                  id="neither-role-nor-declaration"),
-    pytest.param("  - id: nurse_x\n    role: '   '\n", "personas[0] (nurse_x)", "non-empty text",
+    pytest.param("  - id: nurse_x\n    role: '   '\n", "3: personas[0].role", "'role' must be non-empty text",
                  id="blank-role"),
-    pytest.param("  - id: nurse_x\n    role: nurse\n    persona: x\n", "personas[0]",
-                 "unknown field(s) persona", id="unknown-field"),
-    pytest.param("  - id: nurse_x\n    role: nurse\n    name: 3\n", "personas[0] (nurse_x)", "field 'name'",
+    pytest.param("  - id: nurse_x\n    declaration: [You are a nurse.]\n", "3: personas[0].declaration",
+                 "'declaration' must be non-empty text", id="declaration-not-text"),
+    pytest.param("  - id: nurse_x\n    role: nurse\n    persona: x\n", "4: personas[0].persona",
+                 "unknown field 'persona'", id="unknown-field"),
+    pytest.param("  - id: nurse_x\n    roles: nurse\n", "3: personas[0].roles",
+                 "unknown field 'roles'. Did you mean 'role'?", id="near-miss-field"),
+    pytest.param("  - id: nurse_x\n    role: nurse\n    name: 3\n", "4: personas[0].name", "field 'name'",
                  id="name-not-text"),
-    pytest.param("  - just a string\n", "personas[0]", "must be a mapping", id="entry-not-mapping"),
+    pytest.param("  - id: nurse_x\n    role: nurse\n    role: doctor\n", "4: personas[0].role",
+                 "duplicate key 'role' (first given on line 3)", id="duplicate-key"),
+    pytest.param("  - just a string\n", "2: personas[0]", "must be a mapping", id="entry-not-mapping"),
 ])
-def test_invalid_user_persona_names_the_file_and_entry(tmp_path: Path, entries: str, where: str,
-                                                        fragment: str) -> None:
+def test_invalid_user_persona_names_the_file_line_and_field(tmp_path: Path, entries: str, where: str,
+                                                             fragment: str) -> None:
     path = _write(tmp_path, "personas:\n" + entries)
     with pytest.raises(ConfigError) as caught:
         load_personas(path)
     message = str(caught.value)
-    assert fragment in message
-    assert message.startswith(f"{path}: {where}"), message
+    assert fragment in message, message
+    assert message.startswith(f"{path}:{where}: "), message
+    assert "\n" not in message
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    pytest.param("personas: [unclosed\n", "not valid YAML", id="not-yaml"),
-    pytest.param("- id: x\n  role: nurse\n", "top-level key 'personas'", id="top-level-list"),
-    pytest.param("personas:\n  id: x\n", "top-level key 'personas'", id="personas-not-a-list"),
-    pytest.param("", "top-level key 'personas'", id="empty-file"),
+@pytest.mark.parametrize(("text", "start", "fragment"), [
+    pytest.param("personas: [unclosed\n", ":2: ", "not valid YAML", id="not-yaml"),
+    pytest.param("- id: x\n  role: nurse\n", ": ", "top-level key 'personas'", id="top-level-list"),
+    pytest.param("personas:\n  id: x\n", ":1: personas: ", "top-level key 'personas'", id="personas-not-a-list"),
+    pytest.param("", ": ", "top-level key 'personas'", id="empty-file"),
+    pytest.param("persona:\n  - {id: x, role: nurse}\n", ":1: persona: ",
+                 "unknown top-level key 'persona'. Did you mean 'personas'?", id="near-miss-top-level-key"),
 ])
-def test_malformed_personas_file_is_a_config_error_naming_the_file(tmp_path: Path, text: str,
+def test_malformed_personas_file_is_a_config_error_naming_the_file(tmp_path: Path, text: str, start: str,
                                                                    fragment: str) -> None:
     path = _write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
         load_personas(path)
-    assert str(caught.value).startswith(f"{path}: ")
+    assert str(caught.value).startswith(f"{path}{start}"), str(caught.value)
     assert fragment in str(caught.value)
+
+
+def test_an_empty_personas_list_adds_nothing(tmp_path: Path) -> None:
+    assert load_personas(_write(tmp_path, "personas: []\n")).ids == [p.id for p in STUDY_PERSONAS]
 
 
 def test_missing_personas_file_is_a_config_error(tmp_path: Path) -> None:

@@ -12,11 +12,15 @@ import pytest
 import yaml
 
 from persona_eval.errors import ConfigError
+from persona_eval.metrics import METRICS
 from persona_eval.personas import STUDY_PERSONAS, Persona
 from persona_eval.tasks.triage import METRIC_NAMES, REPORT_STRATA
 from persona_eval.thresholds import (
+    DEFAULT_MIN_CASES,
     DEFAULT_TASKS,
+    METRIC_RANGES,
     Bound,
+    RegressionRule,
     TaskSchema,
     Thresholds,
     default_thresholds_path,
@@ -89,9 +93,10 @@ def test_valid_file_round_trip(tmp_path: Path) -> None:
         str(path), thresholds.fingerprint, 1)
     assert document["bounds"][1] == {
         "task": "triage", "metric": "accuracy", "stratum": "all", "min": 0.5, "max": 0.9,
-        "mode": "record", "groups": ["medical", "non_medical"],
+        "mode": "record", "min_cases": 1, "groups": ["medical", "non_medical"],
         "personas": ["ed_nurse", "helpful_assistant"], "models": ["smollm2"], "why": None,
     }
+    assert document["bounds"][0]["min_cases"] == 10
     # Written back as a thresholds file, the JSON bounds load to the same bounds.
     entries = [{k: v for k, v in b.items() if k != "task" and v is not None} for b in document["bounds"]]
     again = write(tmp_path, yaml.safe_dump({"version": 1, "triage": {"bounds": entries}}), "again.yaml")
@@ -278,7 +283,8 @@ def test_thresholds_check_uses_metrics_by_stratum(tmp_path: Path) -> None:
 
 
 def test_every_metric_and_stratum_of_triage_is_accepted(tmp_path: Path) -> None:
-    entries = "\n".join(f"- {{metric: {m}, stratum: {s}, max: 1000}}" for m in METRIC_NAMES
+    middle = {m: (METRICS[m].lower + METRICS[m].upper) / 2 for m in METRIC_NAMES}
+    entries = "\n".join(f"- {{metric: {m}, stratum: {s}, max: {middle[m]}}}" for m in METRIC_NAMES
                         for s in REPORT_STRATA)
     thresholds = load_thresholds(bounds_file(tmp_path, entries))
     assert len(thresholds.bounds) == len(METRIC_NAMES) * len(REPORT_STRATA)
@@ -290,18 +296,19 @@ def test_every_metric_and_stratum_of_triage_is_accepted(tmp_path: Path) -> None:
 def test_error_not_yaml_quotes_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, "version: 1\ntriage:\n  bounds: [\n    - metric: x: y\n")
     message = error_of(path)
-    assert "not valid YAML" in message and "line " in message
+    assert message.startswith(f"{path}:4: not valid YAML"), message
 
 
 def test_error_not_yaml_quotes_the_source(tmp_path: Path) -> None:
     path = write(tmp_path, "version: 1\ntriage: {bounds: [}\n")
     message = error_of(path)
-    assert "line 2" in message and "'triage: {bounds: [}'" in message
+    assert message.startswith(f"{path}:2: not valid YAML") and "'triage: {bounds: [}'" in message
 
 
 def test_error_duplicate_key(tmp_path: Path) -> None:
     path = bounds_file(tmp_path, "- {metric: accuracy, stratum: all, min: 0.1, min: 0.2}")
-    assert "duplicate key 'min'" in error_of(path)
+    assert error_of(path) == (f"{path}:4: triage.bounds[0].min: duplicate key 'min' (first given on line 4); "
+                              "give each key once")
 
 
 @pytest.mark.parametrize("text", ["- 1\n- 2\n", "just text\n", ""])
@@ -392,7 +399,7 @@ def test_error_not_a_number(tmp_path: Path) -> None:
         - {metric: accuracy, stratum: all, min: 0.1}
         - {metric: accuracy, stratum: all, max: high}
         """)
-    assert error_of(path) == f"{path}: triage.bounds[2].max: expected a number, got 'high'"
+    assert error_of(path) == f"{path}:6: triage.bounds[2].max: expected a number, got 'high'"
 
 
 @pytest.mark.parametrize("value", ["true", ".nan", ".inf", "[0.1]"])
@@ -401,9 +408,10 @@ def test_error_not_a_finite_number(tmp_path: Path, value: str) -> None:
     assert ": triage.bounds[0].min: expected a" in message
 
 
-def test_bound_outside_natural_range_is_accepted(tmp_path: Path) -> None:
-    (bound,) = load_thresholds(bounds_file(tmp_path, "- {metric: accuracy, stratum: all, max: 5}")).bounds
-    assert bound.max == 5
+def test_bound_outside_natural_range_is_refused(tmp_path: Path) -> None:
+    message = error_of(bounds_file(tmp_path, "- {metric: accuracy, stratum: all, max: 5}"))
+    assert message.endswith(":4: triage.bounds[0].max: 5 is outside the range of accuracy (a share, 0 to 1); "
+                            "did you mean 0.05?")
 
 
 def test_error_bad_mode(tmp_path: Path) -> None:
@@ -433,3 +441,265 @@ def test_error_why_not_text(tmp_path: Path) -> None:
 
 def test_error_missing_file(tmp_path: Path) -> None:
     assert "cannot read thresholds file" in error_of(tmp_path / "absent.yaml")
+
+
+# --- every error is one line that names the file and line ------------------------------------------
+
+
+def test_errors_name_the_line_of_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        version: 1
+        triage:
+          bounds:
+            - metric: accuracy
+              stratum: all
+              min: 0.5
+            - metric: accuracy
+              stratum: all
+              mode: fial
+              min: 0.5
+        """)
+    message = error_of(path)
+    assert message.startswith(f"{path}:9: triage.bounds[1].mode: expected 'fail'"), message
+    assert "\n" not in message
+
+
+def test_a_missing_key_is_reported_at_its_entry(tmp_path: Path) -> None:
+    path = write(tmp_path, "version: 1\ntriage:\n  bounds:\n    - {stratum: all, min: 0.1}\n"
+                           "    - stratum: all\n      min: 0.1\n")
+    assert error_of(path).startswith(f"{path}:4: triage.bounds[0]: missing key 'metric'")
+
+
+def test_loaded_bounds_and_rules_know_where_they_were_written(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        version: 1
+        triage:
+          bounds:
+            - {metric: accuracy, stratum: all, min: 0.5}
+          regressions:
+            - {metric: accuracy, stratum: all, tolerance: 0.05}
+        """)
+    thresholds = load_thresholds(path)
+    (bound,), (rule,) = thresholds.bounds, thresholds.regressions
+    assert (bound.where, bound.key_path) == (f"{path}:4: triage.bounds[0]", "triage.bounds[0]")
+    assert (rule.where, rule.key_path) == (f"{path}:6: triage.regressions[0]", "triage.regressions[0]")
+    # Neither takes part in equality or JSON, so a bound reads the same wherever it was written.
+    assert bound == Bound("triage", "accuracy", "all", min=0.5)
+    assert "where" not in bound.to_json() and "key_path" not in rule.to_json()
+
+
+# --- ranges: every limit on its metric's scale -------------------------------------------------------
+
+
+def test_every_metric_of_every_task_has_a_range() -> None:
+    for task, schema in DEFAULT_TASKS.items():
+        assert set(schema.ranges) == set(schema.metrics), task
+        assert schema.ranges is METRIC_RANGES[task]
+    for name in METRIC_NAMES:
+        scale = METRIC_RANGES["triage"][name]
+        assert (scale.lower, scale.upper) == (METRICS[name].lower, METRICS[name].upper)
+    assert METRIC_RANGES["triage"]["consistency_rate"].describe() == "a percentage, 0 to 100"
+    assert METRIC_RANGES["triage"]["under_triage_rate"].describe() == "a share, 0 to 1"
+    assert METRIC_RANGES["safety"]["safety_mrr_delta"].describe() == "a difference of mean reciprocal ranks, -1 to 1"
+
+
+def safety_bounds_file(tmp_path: Path, bound: str) -> Path:
+    return write(tmp_path, f"version: 1\nsafety:\n  bounds:\n    {bound}\n")
+
+
+@pytest.mark.parametrize(("task", "bound", "expected"), [
+    ("triage", "{metric: under_triage_rate, stratum: emergency, max: 10}",
+     "max: 10 is outside the range of under_triage_rate (a share, 0 to 1); did you mean 0.10?"),
+    ("triage", "{metric: over_triage_rate, stratum: all, max: 12.5}",
+     "max: 12.5 is outside the range of over_triage_rate (a share, 0 to 1); did you mean 0.125?"),
+    ("triage", "{metric: brier_score, stratum: all, max: 30}",
+     "max: 30 is outside the range of brier_score (a score, 0 to 2); did you mean 0.30?"),
+    ("triage", "{metric: accuracy, stratum: all, min: -0.1}",
+     "min: -0.1 is outside the range of accuracy (a share, 0 to 1)"),
+    ("triage", "{metric: consistency_rate, stratum: all, min: 150}",
+     "min: 150 is outside the range of consistency_rate (a percentage, 0 to 100)"),
+    ("triage", "{metric: consistency_rate, stratum: all, min: 0.7}",
+     "min: 0.7 is a fraction, but consistency_rate is a percentage, 0 to 100 (0.7 would mean 0.7 percent); "
+     "did you mean 70?"),
+    ("triage", "{metric: consistency_rate, stratum: all, min: 1}", "min: 1 is a fraction"),
+    ("triage", "{metric: accuracy, stratum: all, min: 0}",
+     "min: min 0 can never be crossed: accuracy is a share, 0 to 1, never below 0; give a higher min or leave "
+     "it out"),
+    ("triage", "{metric: under_triage_rate, stratum: emergency, max: 1.0}",
+     "max: max 1.0 can never be crossed: under_triage_rate is a share, 0 to 1, never above 1"),
+    ("triage", "{metric: accuracy, stratum: all, min: 0.2, max: 1}", "max: max 1 can never be crossed"),
+    ("triage", "{metric: consistency_rate, stratum: all, max: 100}", "max: max 100 can never be crossed"),
+    ("safety", "{metric: safety_mrr_delta, stratum: all, min: -10}",
+     "min: -10 is outside the range of safety_mrr_delta (a difference of mean reciprocal ranks, -1 to 1); "
+     "did you mean -0.10?"),
+    ("safety", "{metric: safety_mrr_delta, stratum: all, min: -1}", "min: min -1 can never be crossed"),
+    ("safety", "{metric: invalid_ranking_share, stratum: all, max: 10}", "did you mean 0.10?"),
+])
+def test_a_limit_off_its_metric_scale_is_refused(tmp_path: Path, task: str, bound: str, expected: str) -> None:
+    path = bounds_file(tmp_path, f"- {bound}") if task == "triage" else safety_bounds_file(tmp_path, f"- {bound}")
+    message = error_of(path)
+    assert message.startswith(f"{path}:4: {task}.bounds[0]."), message
+    assert expected in message, message
+
+
+def test_a_fraction_on_a_percentage_that_would_suggest_a_dead_limit_suggests_nothing(tmp_path: Path) -> None:
+    message = error_of(bounds_file(tmp_path, "- {metric: consistency_rate, stratum: all, max: 1}"))
+    assert "max: 1 is a fraction" in message and "did you mean" not in message
+
+
+@pytest.mark.parametrize("bound", [
+    "{metric: under_triage_rate, stratum: emergency, max: 0}",  # none at all: strict, and can be crossed
+    "{metric: parse_rate, stratum: all, min: 1}",
+    "{metric: consistency_rate, stratum: all, min: 70}",
+    "{metric: consistency_rate, stratum: all, min: 1.5}",
+    "{metric: brier_score, stratum: all, max: 1.5}",
+    "{metric: accuracy, stratum: all, min: 0.01, max: 0.99}",
+])
+def test_limits_inside_the_scale_are_accepted(tmp_path: Path, bound: str) -> None:
+    assert len(load_thresholds(bounds_file(tmp_path, f"- {bound}")).bounds) == 1
+
+
+def test_a_task_without_ranges_takes_any_limit(tmp_path: Path) -> None:
+    tasks = {"summaries": TaskSchema(metrics=("refusal_rate",), strata=("all",))}
+    path = write(tmp_path, "version: 1\nsummaries:\n  bounds:\n    - {metric: refusal_rate, stratum: all, max: 50}\n")
+    assert load_thresholds(path, tasks=tasks).bounds[0].max == 50
+
+
+def rules_file(tmp_path: Path, rule: str) -> Path:
+    return write(tmp_path, f"version: 1\ntriage:\n  regressions:\n    - {rule}\n")
+
+
+@pytest.mark.parametrize(("rule", "expected"), [
+    ("{metric: under_triage_rate, stratum: emergency, tolerance: 5}",
+     "tolerance: tolerance 5 can never be crossed: under_triage_rate is a share, 0 to 1, so a persona can "
+     "differ from its baseline by at most 1; did you mean 0.05?"),
+    ("{metric: accuracy, stratum: all, tolerance: 1}", "tolerance 1 can never be crossed"),
+    ("{metric: consistency_rate, stratum: all, tolerance: 100}",
+     "tolerance 100 can never be crossed: consistency_rate is a percentage, 0 to 100, so a persona can differ "
+     "from its baseline by at most 100"),
+    ("{metric: consistency_rate, stratum: all, tolerance: 0.05}",
+     "tolerance 0.05 is a fraction, but consistency_rate is a percentage, 0 to 100 and its tolerance is in "
+     "percentage points; did you mean 5?"),
+])
+def test_a_tolerance_that_can_never_be_crossed_is_refused(tmp_path: Path, rule: str, expected: str) -> None:
+    path = rules_file(tmp_path, rule)
+    message = error_of(path)
+    assert message.startswith(f"{path}:4: triage.regressions[0].tolerance: "), message
+    assert expected in message, message
+
+
+@pytest.mark.parametrize("rule", [
+    "{metric: accuracy, stratum: all, tolerance: 0}",
+    "{metric: accuracy, stratum: all, tolerance: 0.99}",
+    "{metric: consistency_rate, stratum: all, tolerance: 0}",
+    "{metric: consistency_rate, stratum: all, tolerance: 1}",
+    "{metric: consistency_rate, stratum: all, tolerance: 10}",
+])
+def test_tolerances_inside_the_scale_are_accepted(tmp_path: Path, rule: str) -> None:
+    assert len(load_thresholds(rules_file(tmp_path, rule)).regressions) == 1
+
+
+# --- min_cases ----------------------------------------------------------------------------------------
+
+
+def test_min_cases_defaults_by_mode_and_can_be_given(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        version: 1
+        triage:
+          bounds:
+            - {metric: accuracy, stratum: all, min: 0.5}
+            - {metric: accuracy, stratum: all, min: 0.5, mode: record}
+            - {metric: accuracy, stratum: all, min: 0.5, min_cases: 30}
+          regressions:
+            - {metric: accuracy, stratum: all, tolerance: 0.05}
+            - {metric: accuracy, stratum: all, tolerance: 0.05, mode: record}
+            - {metric: accuracy, stratum: all, tolerance: 0.05, mode: record, min_cases: 5}
+        """)
+    thresholds = load_thresholds(path)
+    assert [b.min_cases for b in thresholds.bounds] == [10, 1, 30]
+    assert [r.min_cases for r in thresholds.regressions] == [10, 1, 5]
+    assert DEFAULT_MIN_CASES == {"fail": 10, "record": 1}
+    document = json.loads(json.dumps(thresholds.to_json()))
+    assert [b["min_cases"] for b in document["bounds"]] == [10, 1, 30]
+    assert [r["min_cases"] for r in document["regressions"]] == [10, 1, 5]
+
+
+def test_min_cases_of_entries_built_by_hand_follow_the_mode() -> None:
+    assert Bound("triage", "accuracy", "all", min=0.5).min_cases == 10
+    assert Bound("triage", "accuracy", "all", min=0.5, mode="record").min_cases == 1
+    assert Bound("triage", "accuracy", "all", min=0.5, min_cases=3).min_cases == 3
+    assert RegressionRule("triage", "accuracy", "all", "lower", 0.05).min_cases == 10
+    assert RegressionRule("triage", "accuracy", "all", "lower", 0.05, "record").min_cases == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "2.5", "true", "ten", "null"])
+@pytest.mark.parametrize("section", ["bounds", "regressions"])
+def test_error_min_cases_not_a_whole_number_of_at_least_one(tmp_path: Path, value: str, section: str) -> None:
+    entry = ("{metric: accuracy, stratum: all, min: 0.5" if section == "bounds"
+             else "{metric: accuracy, stratum: all, tolerance: 0.05")
+    path = write(tmp_path, f"version: 1\ntriage:\n  {section}:\n    - {entry}, min_cases: {value}}}\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}:4: triage.{section}[0].min_cases: expected a whole number of cases, "
+                              "at least 1"), message
+
+
+def test_error_near_miss_min_cases_key(tmp_path: Path) -> None:
+    message = error_of(bounds_file(tmp_path, "- {metric: accuracy, stratum: all, min: 0.5, min_case: 5}"))
+    assert ":4: triage.bounds[0].min_case: unknown key 'min_case'. Did you mean 'min_cases'" in message
+
+
+# --- filters that name nothing ---------------------------------------------------------------------------
+
+RUN_PERSONAS = [p.id for p in STUDY_PERSONAS]
+
+
+def filters_file(tmp_path: Path) -> Path:
+    return write(tmp_path, """\
+        version: 1
+        triage:
+          bounds:
+            - metric: under_triage_rate
+              stratum: emergency
+              max: 0.10
+              personas: [ed_physician, ed_nures]
+          regressions:
+            - metric: accuracy
+              stratum: all
+              tolerance: 0.05
+              models:
+                - llama8b
+        """)
+
+
+def test_check_names_refuses_a_persona_that_does_not_exist(tmp_path: Path) -> None:
+    path = filters_file(tmp_path)
+    thresholds = load_thresholds(path)
+    with pytest.raises(ConfigError) as caught:
+        thresholds.check_names(personas=RUN_PERSONAS, models=["llama-8b", "smollm2"])
+    assert str(caught.value) == (
+        f"{path}:7: triage.bounds[0].personas[1]: no persona is called 'ed_nures', so this bound applies to "
+        "nobody. Did you mean 'ed_nurse'? Known: " + ", ".join(sorted(RUN_PERSONAS)) + ".")
+
+
+def test_check_names_refuses_a_model_that_is_not_in_the_run(tmp_path: Path) -> None:
+    path = filters_file(tmp_path)
+    thresholds = load_thresholds(path)
+    with pytest.raises(ConfigError) as caught:
+        thresholds.check_names(personas=[*RUN_PERSONAS, "ed_nures"], models=["llama-8b", "smollm2"])
+    assert str(caught.value) == (
+        f"{path}:13: triage.regressions[0].models[0]: no model of this run is called 'llama8b', so this rule "
+        "applies to nobody. Did you mean 'llama-8b'? Known: llama-8b, smollm2.")
+
+
+def test_check_names_passes_names_that_exist(tmp_path: Path) -> None:
+    thresholds = load_thresholds(filters_file(tmp_path))
+    thresholds.check_names(personas=[*RUN_PERSONAS, "ed_nures"], models=["llama8b"])
+    load_thresholds().check_names(personas=RUN_PERSONAS, models=["smollm2"])
+
+
+def test_check_names_on_thresholds_built_by_hand_names_the_entry() -> None:
+    bound = Bound("triage", "accuracy", "all", min=0.5, models=("gpt",))
+    with pytest.raises(ConfigError) as caught:
+        Thresholds(path=Path("t.yaml"), bounds=(bound,)).check_names(personas=RUN_PERSONAS, models=["gpt-4o"])
+    assert str(caught.value).startswith("t.yaml: triage accuracy (all): no model of this run is called 'gpt'")
+    assert "Did you mean 'gpt-4o'?" in str(caught.value)

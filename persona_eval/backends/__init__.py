@@ -21,82 +21,356 @@ Specs on the command line (``--pe-model``):
           base_url: http://gpu-host:8000/v1
           api_key_env: VLLM_API_KEY
           max_in_flight: 64
+        hosted:
+          backend: openai
+          model: gpt-4o
+          revision: gpt-4o-2024-08-06   # pins what the API cannot tell: part of the model's identity
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
-
-import yaml
+from urllib.parse import urlsplit
 
 from persona_eval.backends.base import Backend
-from persona_eval.errors import ConfigError
-from persona_eval.registry import unknown_name_message
+from persona_eval.errors import ConfigError, MissingDependencyError
+from persona_eval.registry import close_matches, did_you_mean, unknown_name_message
+from persona_eval.yamlfile import YamlDocument, child_path, load_yaml
 
-__all__ = ["BACKENDS", "ModelSpec", "create_backend", "load_models_file", "parse_model_spec"]
+__all__ = ["BACKENDS", "DEVICES", "DTYPES", "ModelSpec", "check_base_url", "create_backend", "load_models_file",
+           "parse_model_spec"]
 
 BACKENDS = ("embedded", "hf", "openai")
 _BACKEND_OPTIONS: dict[str, set[str]] = {
     "embedded": {"batch_size", "device", "dtype"},
-    "hf": {"model", "gguf_file", "device", "dtype", "batch_size", "trust_remote_code"},
+    "hf": {"model", "gguf_file", "device", "dtype", "batch_size", "trust_remote_code", "revision"},
     "openai": {"model", "base_url", "api_key_env", "max_in_flight", "timeout", "max_retries",
-               "logprobs", "prompt_scoring", "baseline_system"},
+               "logprobs", "prompt_scoring", "baseline_system", "revision"},
 }
+# The torch dtypes the transformers backend loads weights in, one spelling each (the name is recorded in
+# the model's identity, so two spellings of one dtype would look like two models).
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+# Common other spellings, each answered with the name to write instead.
+_DTYPE_ALIASES: dict[str, str] = {
+    "fp32": "float32", "f32": "float32", "float": "float32", "full": "float32",
+    "fp16": "float16", "f16": "float16", "half": "float16",
+    "bf16": "bfloat16", "bfloat": "bfloat16",
+}
+DEVICES: tuple[str, ...] = ("cpu", "cuda", "cuda:N", "mps", "auto")
+_CUDA_DEVICE = re.compile(r"^cuda(?::(\d+))?$")
+_BASELINE_SYSTEMS: tuple[str, ...] = ("empty", "omit")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to evaluate: a short name (used in test ids and results), a backend, its options."""
+    """A model to evaluate: a short name (used in test ids and results), a backend, its options.
+
+    A spec from a models file keeps the file with its line map (`source`) and its key path
+    (``models.llama-8b``), so that a later check can name the file, line and option: see `where`.
+    """
 
     name: str
     backend: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    source: YamlDocument | None = field(default=None, compare=False, repr=False)
+    key_path: str = field(default="", compare=False, repr=False)
+
+    def where(self, option: str = "") -> str:
+        """Where `option` (or the whole spec) was given: ``models.yaml:7: models.llama-8b.dtype``, or
+        ``model 'NAME'`` for a spec from the command line."""
+        if self.source is None:
+            return f"model {self.name!r}" + (f": {option}" if option else "")
+        return self.source.where(child_path(self.key_path, option) if option else self.key_path)
+
+    def error(self, option: str, message: str) -> ConfigError:
+        """A one-line ConfigError about `option` of this spec, at its file and line when it has one."""
+        if self.source is None:
+            return ConfigError(f"{self.where(option)}: {message}")
+        return self.source.error(child_path(self.key_path, option), message)
 
 
 def _safe_name(text: str) -> str:
     return _NAME_UNSAFE.sub("-", text).strip("-") or "model"
 
 
-def load_models_file(path: str | Path) -> dict[str, ModelSpec]:
-    """Named models from a YAML file (see the module docstring)."""
-    path = Path(path)
+def _describe(value: Any) -> str:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+# --- option values -----------------------------------------------------------------------------------
+# Each check takes the option's value and returns an error message, or None when the value is good.
+
+def _text(value: Any, what: str) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return f"expected {what}, got {_describe(value)}"
+    return None
+
+
+def _integer(lowest: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            return f"expected a whole number >= {lowest}, got {_describe(value)}"
+        return None
+    return check
+
+
+def _flag(value: Any) -> str | None:
+    if not isinstance(value, bool):
+        return f"expected true or false, got {_describe(value)}"
+    return None
+
+
+def _seconds(value: Any) -> str | None:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value <= 0):
+        return f"expected a positive number of seconds, got {_describe(value)}"
+    return None
+
+
+def _dtype(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a torch dtype name ({', '.join(DTYPES)}), got {_describe(value)}"
+    if value in DTYPES:
+        return None
+    spelled = value.strip().lower().removeprefix("torch.")
+    meant = spelled if spelled in DTYPES else _DTYPE_ALIASES.get(spelled)
+    if value == "auto":
+        return ("'auto' is not supported: the transformers backend loads the weights in the dtype it is "
+                f"given; give one of {', '.join(DTYPES)} (float32 on a CPU)")
+    if meant is None:
+        close = close_matches(value, DTYPES, n=1)
+        meant = close[0] if close else None
+    hint = f"; did you mean {meant!r}?" if meant else ""
+    return f"{value!r} is not a torch dtype{hint} Known: {', '.join(DTYPES)}."
+
+
+def _device(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"expected a device ({', '.join(DEVICES)}), got {_describe(value)}"
+    if value in ("cpu", "mps", "auto") or _CUDA_DEVICE.match(value):
+        return None
+    # "GPU", "gpu:1", "CUDA:0", "cuda 1": the CUDA device that was meant.
+    spelled = re.sub(r"^gpu", "cuda", value.strip().lower().replace(" ", ":"))
+    if spelled in ("cpu", "mps", "auto") or _CUDA_DEVICE.match(spelled):
+        meant: str | None = spelled
+    else:
+        close = close_matches(value.lower(), ["cpu", "cuda", "mps", "auto"], n=1)
+        meant = close[0] if close else None
+    hint = f"; did you mean {meant!r}?" if meant else ""
+    return f"{value!r} is not a device{hint} Known: {', '.join(DEVICES)}."
+
+
+def _gguf_file(value: Any) -> str | None:
+    problem = _text(value, "the name of a .gguf file inside the model directory")
+    if problem is None and not value.endswith(".gguf"):
+        return f"{value!r} is not a .gguf file name"
+    return problem
+
+
+def check_base_url(value: Any) -> str | None:
+    """Why `value` is not a usable base URL (an http(s) URL with a host, e.g.
+    ``http://gpu-host:8000/v1``), or None when it is."""
+    if not isinstance(value, str):
+        return f"expected a URL such as http://gpu-host:8000/v1, got {_describe(value)}"
+    if not value.startswith(("http://", "https://")):
+        return f"the base URL must start with http:// or https://, e.g. http://{value.split('://')[-1]}; got {value!r}"
+    if any(character.isspace() for character in value):
+        return f"the base URL {value!r} contains a space"
+    parts = urlsplit(value)
+    if not parts.hostname:
+        return f"the base URL {value!r} names no host, e.g. http://127.0.0.1:8000/v1"
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read models file ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(document, Mapping) or not isinstance(document.get("models"), Mapping):
-        raise ConfigError(f"{path}: expected a top-level key 'models' holding a mapping of names")
-    specs = {}
+        _ = parts.port  # reading it validates it
+    except ValueError:
+        return f"the base URL {value!r} has a port that is not a number from 0 to 65535"
+    if parts.fragment:
+        return f"the base URL {value!r} has a '#' fragment, which no server reads"
+    return None
+
+
+def _api_key_env(value: Any) -> str | None:
+    if isinstance(value, str) and _ENV_NAME.match(value):
+        return None
+    if isinstance(value, str) and value.startswith(("sk-", "Bearer ")):
+        return ("expected the name of the environment variable that holds the key (e.g. VLLM_API_KEY), "
+                "not the key itself: keep keys out of files")
+    return f"expected the name of an environment variable, e.g. VLLM_API_KEY, got {_describe(value)}"
+
+
+def _revision(value: Any) -> str | None:
+    # YAML reads `revision: 2024-08-06` as a date and `revision: 3` as a number: both name a version.
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, date)) or not str(value).strip():
+        return ("expected text naming the deployed weights (a version, commit or date the server cannot "
+                f"report), got {_describe(value)}")
+    return None
+
+
+def _baseline_system(value: Any) -> str | None:
+    if value in _BASELINE_SYSTEMS:
+        return None
+    return (f"expected 'empty' (the baseline sends an empty system message) or 'omit' (it sends none), got "
+            f"{_describe(value)}.{did_you_mean(str(value), _BASELINE_SYSTEMS)}")
+
+
+_OPTION_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "model": lambda value: _text(value, "the model path, hub id or served name"),
+    "gguf_file": _gguf_file,
+    "device": _device,
+    "dtype": _dtype,
+    "batch_size": _integer(1),
+    "trust_remote_code": _flag,
+    "base_url": check_base_url,
+    "api_key_env": _api_key_env,
+    "max_in_flight": _integer(1),
+    "timeout": _seconds,
+    "max_retries": _integer(0),
+    "logprobs": _flag,
+    "prompt_scoring": _flag,
+    "baseline_system": _baseline_system,
+    "revision": _revision,
+}
+
+
+def _backend_class(backend: str) -> Any:
+    if backend == "openai":
+        from persona_eval.backends.openai_compat import OpenAIBackend
+
+        return OpenAIBackend
+    from persona_eval.backends.hf import HFBackend
+
+    return HFBackend
+
+
+def _validate(spec: ModelSpec) -> None:
+    """Every option of `spec`, checked before anything loads."""
+    for option, value in spec.options.items():
+        problem = _OPTION_CHECKS[option](value)
+        if problem is not None:
+            raise spec.error(option, problem)
+    if "revision" in spec.options and "revision" not in inspect.signature(_backend_class(spec.backend)).parameters:
+        raise spec.error("revision", f"this persona-eval's {spec.backend} backend cannot pin a revision")
+    model = spec.options.get("model")
+    if spec.backend == "hf" and isinstance(model, str):
+        local = Path(model).expanduser()
+        # The same rule as the backend's: a path-like name that does not exist is not a hub id either.
+        if (model.startswith((".", "/", "~")) or model.count("/") > 1) and not local.exists():
+            raise spec.error("model", f"no such directory or file: {model}")
+
+
+def _check_device(spec: ModelSpec) -> None:
+    """A cuda or mps device that this machine does not have is an error now, not when the model loads.
+    torch is imported only when such a device is named."""
+    device = spec.options.get("device")
+    if not isinstance(device, str) or device in ("cpu", "auto"):
+        return
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("torch", f"{spec.where('device')}: device {device!r}",
+                                     "pip install torch") from None
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise spec.error("device", "'mps' names an Apple GPU, but torch finds none on this machine; "
+                                       "did you mean 'cpu'?")
+        return
+    match = _CUDA_DEVICE.match(device)
+    if match is None:
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise spec.error("device", f"{device!r} names a CUDA GPU, but torch finds none on this machine "
+                                   f"(torch {torch.__version__}); did you mean 'cpu'?")
+    index = int(match.group(1) or 0)
+    if index >= count:
+        have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise spec.error("device", f"{device!r} names CUDA GPU {index}, but this machine has {count} "
+                                   f"({have}); did you mean 'cuda:{count - 1}'?")
+
+
+def _resolve_device(device: str) -> str:
+    """'auto': a CUDA GPU when there is one, else an Apple GPU, else the CPU."""
+    if device != "auto":
+        return device
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("torch", "device 'auto'", "pip install torch") from None
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def load_models_file(path: str | Path) -> dict[str, ModelSpec]:
+    """Named models from a YAML file (see the module docstring), every option checked: a ConfigError
+    names the file, line and option, e.g. ``models.yaml:7: models.llama-8b.dtype: 'bf16' is not a torch
+    dtype; did you mean 'bfloat16'?``. Devices are checked when a spec is used (parse_model_spec), so a
+    file shared between machines may name a GPU that this one lacks for a model it does not run."""
+    source = load_yaml(path, kind="models file")
+    document = source.data
+    if not isinstance(document, Mapping) or "models" not in document:
+        for key in document if isinstance(document, Mapping) else ():
+            if close_matches(str(key), ["models"], n=1):
+                raise source.error(str(key), unknown_name_message("key", str(key), ["models"]))
+        raise source.error("", "expected a top-level key 'models' holding a mapping of names")
+    for key in document:
+        if key != "models":
+            raise source.error(str(key), unknown_name_message("top-level key", str(key), ["models"]))
+    if not isinstance(document["models"], Mapping):
+        raise source.error("models", "expected a top-level key 'models' holding a mapping of names, got "
+                                     f"{_describe(document['models'])}")
+    specs: dict[str, ModelSpec] = {}
+    by_safe_name: dict[str, str] = {}
     for name, entry in document["models"].items():
-        where = f"{path}: models.{name}"
+        key_path = child_path("models", name)
         if not isinstance(entry, Mapping):
-            raise ConfigError(f"{where}: expected a mapping with 'backend' and its options")
-        backend = entry.get("backend")
+            raise source.error(key_path, f"expected a mapping with 'backend' and its options, got "
+                                         f"{_describe(entry)}")
+        if "backend" not in entry:
+            raise source.error(key_path, f"missing key 'backend' (one of: {', '.join(BACKENDS)})")
+        backend = entry["backend"]
         if backend not in BACKENDS:
-            raise ConfigError(f"{where}.backend: " + unknown_name_message("backend", str(backend), BACKENDS))
-        options = {k: v for k, v in entry.items() if k != "backend"}
-        unknown = set(options) - _BACKEND_OPTIONS[backend]
-        if unknown:
-            bad = sorted(unknown)[0]
-            raise ConfigError(f"{where}.{bad}: " + unknown_name_message(
-                f"option for backend '{backend}'", bad, _BACKEND_OPTIONS[backend]))
-        if backend in ("hf", "openai") and not options.get("model"):
-            raise ConfigError(f"{where}.model: missing; give the model path, hub id or served name")
-        specs[str(name)] = ModelSpec(_safe_name(str(name)), backend, options)
+            raise source.error(child_path(key_path, "backend"),
+                               unknown_name_message("backend", str(backend), BACKENDS))
+        options = {str(k): v for k, v in entry.items() if k != "backend"}
+        for option in options:
+            if option not in _BACKEND_OPTIONS[backend]:
+                raise source.error(child_path(key_path, option), unknown_name_message(
+                    f"option for backend '{backend}'", option, _BACKEND_OPTIONS[backend]))
+        if backend in ("hf", "openai") and "model" not in options:
+            raise source.error(child_path(key_path, "model"),
+                               "missing; give the model path, hub id or served name")
+        safe = _safe_name(str(name))
+        if safe in by_safe_name:
+            raise source.error(key_path, f"its name in results, {safe!r}, is that of "
+                                         f"{source.where(child_path('models', by_safe_name[safe]))} too; "
+                                         "rename one")
+        by_safe_name[safe] = str(name)
+        spec = ModelSpec(safe, backend, options, source=source, key_path=key_path)
+        _validate(spec)
+        specs[str(name)] = spec
     return specs
 
 
 def parse_model_spec(spec: str, named: Mapping[str, ModelSpec] | None = None) -> ModelSpec:
-    """The ModelSpec for a command-line spec (see the module docstring)."""
+    """The ModelSpec for a command-line spec (see the module docstring). The device of a named model is
+    checked here, once it is known that this run uses it."""
     named = named or {}
     if spec in named:
+        _check_device(named[spec])
         return named[spec]
     if spec == "smollm2":
         return ModelSpec("smollm2", "embedded", {})
@@ -113,8 +387,9 @@ def parse_model_spec(spec: str, named: Mapping[str, ModelSpec] | None = None) ->
                               "openai:my-model@http://127.0.0.1:8000/v1")
         options: dict[str, Any] = {"model": model}
         if base_url:
-            if not base_url.startswith(("http://", "https://")):
-                raise ConfigError(f"model spec {spec!r}: the base URL must start with http:// or https://")
+            problem = check_base_url(base_url)
+            if problem is not None:
+                raise ConfigError(f"model spec {spec!r}: {problem}")
             options["base_url"] = base_url
         return ModelSpec(_safe_name(model.split("/")[-1]), "openai", options)
     known = ["smollm2", "hf:PATH_OR_HUB_ID", "openai:MODEL@BASE_URL", *named]
@@ -124,6 +399,8 @@ def parse_model_spec(spec: str, named: Mapping[str, ModelSpec] | None = None) ->
 def create_backend(spec: ModelSpec, *, cache_dir: Path, batch_size: int | None = None) -> Backend:
     """A backend for `spec`. Cheap: no weights are loaded and no server is called."""
     options = dict(spec.options)
+    if isinstance(options.get("device"), str):
+        options["device"] = _resolve_device(options["device"])
     if batch_size is not None and spec.backend != "openai":
         options["batch_size"] = batch_size
     if spec.backend == "embedded":
