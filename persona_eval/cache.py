@@ -10,6 +10,11 @@ database stays locked, and a process holds one connection guarded by a lock. A b
 whole or not at all, so Ctrl-C or ``kill -9`` loses at most the batch being written and never corrupts
 the file.
 
+Beside the results, a small ``notes`` table holds facts about models that the runner compares across
+runs (:meth:`ResultCache.get_note` / :meth:`ResultCache.put_note`): the identity last seen at a model's
+address, and the parameters a model refused. It is created in older cache files when they are opened;
+readers that do not know it ignore it.
+
 Secrets: keys and values must never contain API keys or other credentials. Nothing here needs one (a
 model identity names the model, not the account that serves it), and :meth:`ResultCache.put_many`
 refuses a value that contains the value of any ``*_API_KEY`` environment variable, as a last line of
@@ -53,6 +58,9 @@ _APPLICATION_ID = 0x50455643  # "PEVC": marks a SQLite file as a persona-eval ca
 _SCHEMA_VERSION = 1
 _TABLE = "results"
 _COLUMNS = ("key", "value", "created_at")
+_NOTES = "notes"
+_CREATE_NOTES = (f"CREATE TABLE IF NOT EXISTS {_NOTES} (name TEXT PRIMARY KEY, value TEXT NOT NULL, "
+                 "updated_at REAL NOT NULL)")
 
 _BUSY_TIMEOUT_S = 60.0
 # SQLite waits up to the busy timeout by itself; these retries cover the cases where it returns
@@ -154,6 +162,10 @@ class Cache(Protocol):
 
     def put(self, key: str, value: Mapping[str, Any]) -> None: ...
 
+    def get_note(self, name: str) -> dict[str, Any] | None: ...
+
+    def put_note(self, name: str, value: Mapping[str, Any]) -> None: ...
+
     def close(self) -> None: ...
 
     def __len__(self) -> int: ...
@@ -220,6 +232,13 @@ class NullCache(_CacheBase):
     def put_many(self, items: Mapping[str, Mapping[str, Any]]) -> None:
         """Drop `items`."""
 
+    def get_note(self, name: str) -> dict[str, Any] | None:
+        """No memory: always None."""
+        return None
+
+    def put_note(self, name: str, value: Mapping[str, Any]) -> None:
+        """Drop the note."""
+
     def close(self) -> None:
         """Nothing to close."""
 
@@ -285,24 +304,34 @@ class ResultCache(_CacheBase):
         _check_keys(list(items))
         secrets = _environment_secrets()
         now = time.time()
-        rows: list[tuple[str, str, float]] = []
-        for key, value in items.items():
-            if not isinstance(value, Mapping):
-                raise TypeError(f"cache value for key {key} must be a mapping, got {type(value).__name__}")
-            try:
-                # NaN and infinities are allowed: a log-probability can be -inf, and json reads them back.
-                text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-            except (TypeError, ValueError) as error:
-                raise TypeError(f"cache value for key {key} is not JSON-serializable: {error}") from error
-            for name, secret in secrets:
-                if secret in text:
-                    raise ValueError(f"refusing to cache a value containing the secret from ${name} "
-                                     f"(cache key {key})")
-            rows.append((key, text, now))
+        rows = [(key, _encode_value(f"key {key}", value, secrets), now) for key, value in items.items()]
 
         def write(connection: sqlite3.Connection) -> None:
             connection.executemany(
                 f"INSERT OR REPLACE INTO {_TABLE} (key, value, created_at) VALUES (?, ?, ?)", rows)
+
+        self._run(write, write=True)
+
+    def get_note(self, name: str) -> dict[str, Any] | None:
+        """The note stored under `name`, or None (not counted as a hit or a miss)."""
+        if not isinstance(name, str):
+            raise TypeError(f"note names are strings, got {type(name).__name__}: {name!r}")
+
+        def read(connection: sqlite3.Connection) -> dict[str, Any] | None:
+            row = connection.execute(f"SELECT value FROM {_NOTES} WHERE name = ?", (name,)).fetchone()
+            return None if row is None else dict(json.loads(row[0]))
+
+        return self._run(read, write=False)
+
+    def put_note(self, name: str, value: Mapping[str, Any]) -> None:
+        """Store (or replace) the note `name`: a JSON object, held to the same secret guard as results."""
+        if not isinstance(name, str):
+            raise TypeError(f"note names are strings, got {type(name).__name__}: {name!r}")
+        text = _encode_value(f"note {name}", value)
+
+        def write(connection: sqlite3.Connection) -> None:
+            connection.execute(f"INSERT OR REPLACE INTO {_NOTES} (name, value, updated_at) VALUES (?, ?, ?)",
+                               (name, text, time.time()))
 
         self._run(write, write=True)
 
@@ -374,6 +403,8 @@ class ResultCache(_CacheBase):
                     connection.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
                     connection.execute(f"CREATE TABLE {_TABLE} (key TEXT PRIMARY KEY, "
                                        "value TEXT NOT NULL, created_at REAL NOT NULL)")
+                # Also in a file written before the notes existed: the results table is untouched.
+                connection.execute(_CREATE_NOTES)
                 connection.execute("COMMIT")
             except BaseException:
                 _rollback(connection)
@@ -480,6 +511,21 @@ def _check_keys(keys: Sequence[str]) -> None:
     for key in keys:
         if not isinstance(key, str):
             raise TypeError(f"cache keys are strings (see cache_key()), got {type(key).__name__}: {key!r}")
+
+
+def _encode_value(what: str, value: Mapping[str, Any], secrets: list[tuple[str, str]] | None = None) -> str:
+    """`value` as stored: compact JSON, refused when it is not a JSON mapping or holds a secret."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"cache value for {what} must be a mapping, got {type(value).__name__}")
+    try:
+        # NaN and infinities are allowed: a log-probability can be -inf, and json reads them back.
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"cache value for {what} is not JSON-serializable: {error}") from error
+    for name, secret in _environment_secrets() if secrets is None else secrets:
+        if secret in text:
+            raise ValueError(f"refusing to cache a value containing the secret from ${name} (cache {what})")
+    return text
 
 
 def _environment_secrets() -> list[tuple[str, str]]:

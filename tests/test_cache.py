@@ -537,3 +537,46 @@ def test_default_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.Monkey
     assert default_cache_path() == tmp_path / "home" / "pe-cache" / "results.sqlite3"
     monkeypatch.setenv("PERSONA_EVAL_CACHE_DIR", "")
     assert default_cache_dir() == tmp_path / "xdg" / "persona-eval"
+
+
+# --- notes -------------------------------------------------------------------------------------------
+
+
+def test_notes_round_trip_across_opens_apart_from_the_results(cache_path: Path) -> None:
+    with ResultCache(cache_path) as cache:
+        assert cache.get_note("identity/abc") is None
+        cache.put_note("identity/abc", {"identity": {"root": "/models/X"}})
+        cache.put_note("identity/abc", {"identity": {"root": "/models/Y"}})
+        cache.put("k", {"n": 1})
+    with ResultCache(cache_path) as cache:
+        assert cache.get_note("identity/abc") == {"identity": {"root": "/models/Y"}}
+        assert len(cache) == 1  # notes are not results
+        assert cache.get_many(["identity/abc"]) == {}
+        assert (cache.hits, cache.misses) == (0, 1)
+
+
+def test_a_cache_file_from_before_the_notes_gets_them_and_keeps_its_results(cache_path: Path) -> None:
+    with ResultCache(cache_path) as cache:
+        cache.put("k", {"n": 1})
+    connection = sqlite3.connect(cache_path)
+    connection.execute("DROP TABLE notes")
+    connection.commit()
+    connection.close()
+    with ResultCache(cache_path) as cache:
+        assert cache.get("k") == {"n": 1}
+        cache.put_note("dropped/x", {"dropped": {"temperature": "HTTP 400: refused"}})
+        assert cache.get_note("dropped/x") == {"dropped": {"temperature": "HTTP 400: refused"}}
+
+
+def test_notes_are_held_to_the_secret_guard_and_null_cache_keeps_none(cache_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789abcdef")
+    with ResultCache(cache_path) as cache:
+        with pytest.raises(ValueError, match=r"\$OPENAI_API_KEY"):
+            cache.put_note("dropped/x", {"dropped": {"temperature": "key sk-test-0123456789abcdef"}})
+        assert cache.get_note("dropped/x") is None
+        with pytest.raises(TypeError, match="must be a mapping"):
+            cache.put_note("n", ["not", "a", "mapping"])  # type: ignore[arg-type]
+    null = NullCache()
+    null.put_note("n", {"a": 1})
+    assert null.get_note("n") is None

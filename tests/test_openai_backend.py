@@ -3,19 +3,22 @@ retries and capability detection over a mock HTTP transport (the real openai cli
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import shutil
+import sys
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx2
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
-from persona_eval.backends import create_backend, parse_model_spec
+from persona_eval.backends import create_backend, openai_compat, parse_model_spec
 from persona_eval.backends.base import GenerationConfig, LabelScoring, logsumexp
 from persona_eval.backends.openai_compat import (
     OpenAIBackend,
@@ -33,11 +36,18 @@ from persona_eval.evaluation import NOT_AVAILABLE, label_distribution
 from persona_eval.parsing import find_triage_answer
 from persona_eval.personas import STUDY_PERSONAS
 from persona_eval.prompts import RenderedMessages, render_messages
+from persona_eval.testing.standin import RecordedRequest, StandInServer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest itself installs tomli before 3.11
+    import tomli as tomllib
 
 SCORING = LabelScoring()
 NURSE = STUDY_PERSONAS[3]
 BASELINE = STUDY_PERSONAS[0]
 KEY = "sk-test-0123456789abcdef"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def request(persona=NURSE, text: str = "Case text") -> RenderedMessages:
@@ -207,37 +217,47 @@ def test_models_file_options_reach_the_backend(tmp_path, monkeypatch):
     models.write_text("models:\n  served:\n    backend: openai\n    model: org/Big-Model\n"
                       "    base_url: http://gpu-host:8000/v1\n    api_key_env: MY_SERVER_API_KEY\n"
                       "    max_in_flight: 64\n    timeout: 30\n    max_retries: 2\n    logprobs: false\n"
-                      "    baseline_system: omit\n")
+                      "    baseline_system: omit\n    revision: 2024-08-06\n")
     from persona_eval.backends import load_models_file
 
     backend = create_backend(load_models_file(models)["served"], cache_dir=tmp_path)
     assert isinstance(backend, OpenAIBackend)
     assert (backend.max_in_flight, backend.batch_size, backend.timeout, backend.max_retries) == (64, 1, 30.0, 2)
     assert backend.capabilities().logprobs is False
-    assert backend.identity() == {"backend": "openai", "model": "org/Big-Model",
-                                  "base_url": "http://gpu-host:8000/v1"}
-    assert KEY not in json.dumps(backend.identity())
+    assert backend.revision == "2024-08-06"  # YAML reads it as a date; it names a version
+    assert backend.address() == {"backend": "openai", "model": "org/Big-Model", "base_url": "http://gpu-host:8000/v1"}
 
 
 def test_command_line_spec_and_hosted_default(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     local = create_backend(parse_model_spec("openai:smollm2@http://127.0.0.1:8000/v1"), cache_dir=tmp_path)
-    assert local.identity()["base_url"] == "http://127.0.0.1:8000/v1"
+    assert isinstance(local, OpenAIBackend)
+    assert local.address()["base_url"] == "http://127.0.0.1:8000/v1"
     assert local.capabilities().prompt_scoring is True
     hosted = create_backend(parse_model_spec("openai:gpt-4o"), cache_dir=tmp_path)
-    assert hosted.identity() == {"backend": "openai", "model": "gpt-4o", "base_url": "https://api.openai.com/v1"}
+    # The OpenAI API reports neither weights nor process: it is not asked, so no key is needed yet.
+    assert hosted.identity() == {"backend": "openai", "model": "gpt-4o", "base_url": "https://api.openai.com/v1",
+                                 "root": None, "max_model_len": None, "process_started": None, "revision": None,
+                                 "identified_by": ["served name", "base_url"]}
     assert hosted.capabilities().prompt_scoring is False  # the OpenAI API has no prompt echo
     # Cheap: a missing key is an error only when a request is made.
     with pytest.raises(ConfigError, match="set the environment variable OPENAI_API_KEY"):
         hosted.generate([request()], GenerationConfig(), None)
 
 
-def test_identity_never_holds_credentials():
-    backend = OpenAIBackend("m", model="m", base_url="http://user:secret-pass@host:8000/v1")
-    assert backend.identity()["base_url"] == "http://host:8000/v1"
+def test_identity_never_holds_credentials(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    backend, seen = mock_backend(lambda r: httpx2.Response(200, json={"data": [{"id": "m", "root": "/models/m"}]}),
+                                 base_url="http://user:secret-pass@server:8000/v1")
+    identity = backend.identity()
+    assert identity["base_url"] == "http://server:8000/v1" and identity["root"] == "/models/m"
+    assert "secret-pass" not in json.dumps(identity) and KEY not in json.dumps(identity)
+    assert seen  # it asked the server
 
 
 @pytest.mark.parametrize(("options", "message"), [
+    ({"revision": ""}, "'revision' must be a non-empty string"),
+    ({"revision": ["a"]}, "'revision' must be a non-empty string"),
     ({"max_in_flight": 0}, "'max_in_flight' must be an integer >= 1"),
     ({"timeout": -1}, "'timeout' must be a positive number"),
     ({"max_retries": -1}, "'max_retries' must be an integer >= 0"),
@@ -382,8 +402,14 @@ def test_a_model_that_rejects_temperature_zero_gets_its_default():
         return httpx2.Response(200, json=ok_reply())
 
     backend, seen = mock_backend(handler)
-    backend.generate([request(), request()], GenerationConfig(), SCORING)
+    first, second = backend.generate([request(), request()], GenerationConfig(), SCORING)
     assert len(seen) == 3
+    # What was sent is recorded with each generation, and the refusal with the server's words.
+    assert first.sent is not None and second.sent is not None
+    assert first.sent["temperature"] is None and first.sent["logprobs"] is True
+    assert backend.dropped_parameters() == {
+        "temperature": "HTTP 400: Unsupported value: 'temperature' does not support 0 with this model."}
+    assert backend.decoding(GenerationConfig(), SCORING)["dropped"] == backend.dropped_parameters()
 
 
 def test_prompt_scoring_through_tokenize_and_echo():
@@ -419,41 +445,202 @@ def test_prompt_scoring_is_unavailable_on_a_server_without_tokenize():
     assert len(seen) == 1
 
 
-def test_nothing_is_sent_before_the_first_request():
+def test_nothing_is_sent_before_the_first_request_and_the_identity_is_asked_once():
     backend, seen = mock_backend(lambda r: httpx2.Response(200, json=ok_reply()))
-    backend.identity(), backend.render_prompt(request()), backend.capabilities(), backend.system_policy()
+    backend.render_prompt(request()), backend.capabilities(), backend.system_policy(), backend.address()
+    backend.decoding(GenerationConfig(), SCORING), backend.dropped_parameters()
     assert seen == [] and backend.loaded is False
+    backend.identity(), backend.identity()
+    assert [(r.method, r.url.path) for r in seen] == [("GET", "/v1/models"), ("GET", "/metrics")]
+    assert backend.loaded is False  # asking who the model is is not running it
     backend.generate([request()], GenerationConfig(), SCORING)
-    assert backend.loaded is True
+    assert backend.loaded is True and len(seen) == 3
     backend.close()
 
 
+# -- identity and the decoding record against the stand-in server ---------------------------------------------
+
+
+def standin_backend(server: StandInServer, **options: Any) -> OpenAIBackend:
+    backend = OpenAIBackend(server.served_name, **{"model": server.served_name, "base_url": server.base_url,
+                                                   "max_retries": 0, **options})
+    backend.retry_base_delay = 0.001
+    return backend
+
+
+def test_identity_holds_what_the_server_reports_about_weights_and_process():
+    with StandInServer(served_name="m", root="/models/X", max_model_len=4096, started=1796119200.0) as server:
+        identity = standin_backend(server).identity()
+        pinned = standin_backend(server, revision="r7").identity()
+        server.swap(root="/models/X", started=1796119200.0 + 60)  # a restart of the same deployment
+        restarted = standin_backend(server, revision="r7").identity()
+    assert identity == {
+        "backend": "openai", "model": "m", "base_url": server.base_url, "root": "/models/X",
+        "max_model_len": 4096, "process_started": "2026-12-01T10:00:00.000Z", "revision": None,
+        "identified_by": ["served name", "base_url", "/v1/models root", "/v1/models max_model_len",
+                          "/metrics process start"]}
+    # A pinned revision vouches for the weights: the process start is not asked, so a restart keeps the cache.
+    assert pinned == {**identity, "process_started": None, "revision": "r7",
+                      "identified_by": ["served name", "base_url", "/v1/models root", "/v1/models max_model_len",
+                                        "revision"]}
+    assert restarted == pinned
+
+
+@pytest.mark.parametrize("change", ["root", "started", "max_model_len"])
+def test_another_model_behind_the_same_name_and_url_is_another_identity(change):
+    with StandInServer(served_name="m", root="/models/X", started=1796119200.0, created=1) as server:
+        before = standin_backend(server).identity()
+        server.created = 2  # vLLM writes the time of the request here: it must not count
+        assert standin_backend(server).identity() == before
+        server.swap(root="/models/Y" if change == "root" else "/models/X",
+                    started=1796119200.0 + (60 if change == "started" else 0),
+                    max_model_len=8192 if change == "max_model_len" else None)
+        after = standin_backend(server).identity()
+    assert after != before
+    assert after["base_url"] == before["base_url"] and after["model"] == before["model"]
+
+
+def test_a_server_without_models_list_or_metrics_is_identified_by_what_it_has():
+    with StandInServer(served_name="m", serve_models=False, serve_metrics=False) as server:
+        bare = standin_backend(server).identity()
+    assert bare["identified_by"] == ["served name", "base_url"]
+    assert (bare["root"], bare["max_model_len"], bare["process_started"]) == (None, None, None)
+    with StandInServer(served_name="m", root=None, max_model_len=None, serve_metrics=False) as hosted_like:
+        card_without_root = standin_backend(hosted_like, revision="2024-08-06").identity()
+    assert card_without_root["identified_by"] == ["served name", "base_url", "revision"]
+
+
+def test_an_unreachable_server_is_a_backend_error_naming_the_models_endpoint():
+    with StandInServer() as server:
+        base_url = server.base_url
+    backend = OpenAIBackend("m", model="m", base_url=base_url, max_retries=1)
+    backend.retry_base_delay = 0.001
+    with pytest.raises(BackendError) as raised:
+        backend.identity()
+    message = str(raised.value)
+    assert message.startswith("model 'm': cannot ask the server which model it serves: no answer after 2 tries")
+    assert f"endpoint: {base_url}/models" in message and "last status: connection error" in message
+    assert "Traceback" not in message
+
+
+def test_identity_is_asked_once_even_from_many_threads():
+    with StandInServer(latency=0.05) as server:
+        backend = standin_backend(server)
+        identities: list[dict[str, Any]] = []
+        threads = [threading.Thread(target=lambda: identities.append(backend.identity())) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(server.requests_to("/v1/models")) == 1 and len(server.requests_to("/metrics")) == 1
+    assert len(identities) == 8 and all(i == identities[0] for i in identities)
+    assert backend.identity_requests == 2 and backend.http_requests == 0
+
+
+def test_the_decoding_record_says_what_is_sent_and_what_was_refused(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+    def refuse_with_the_key_in_the_message(recorded: RecordedRequest) -> tuple[int, dict[str, Any]] | None:
+        if recorded.path == "/v1/chat/completions" and "temperature" in (recorded.body or {}):
+            return 400, {"error": {"message": f"'temperature' is not supported (key {KEY})",
+                                   "param": "temperature"}}
+        return None
+
+    asked = GenerationConfig(max_new_tokens=16, constrained_ranking=3)
+    with StandInServer(served_name="m", inject=refuse_with_the_key_in_the_message) as server:
+        backend = standin_backend(server)
+        assert backend.decoding(asked, SCORING) == {
+            "temperature": 0.0, "top_p": None, "max_tokens": 16, "stop": None, "logprobs": True,
+            "top_logprobs": 20, "constrained_ranking": 3, "dropped": {}}
+        assert backend.decoding(GenerationConfig(), None)["logprobs"] is False
+        (generation,) = backend.generate([request()], asked, SCORING)
+        bodies = [r.body for r in server.requests_to("/v1/chat/completions")]
+    assert "temperature" in bodies[0] and "temperature" not in bodies[1]
+    record = backend.decoding(asked, SCORING)
+    assert record["temperature"] is None and set(record["dropped"]) == {"temperature"}
+    assert record["dropped"]["temperature"].startswith("HTTP 400: 'temperature' is not supported")
+    assert KEY not in json.dumps(record) and "***" in record["dropped"]["temperature"]
+    assert generation.sent == {name: value for name, value in record.items() if name != "dropped"}
+
+
+def test_parameters_refused_in_an_earlier_run_are_not_sent():
+    with StandInServer(served_name="m", reject_temperature=True) as server:
+        backend = standin_backend(server)
+        backend.learn_dropped_parameters({"temperature": "HTTP 400: refused", "seed": "not ours to drop"})
+        assert backend.dropped_parameters() == {"temperature": "HTTP 400: refused"}
+        backend.generate([request()], GenerationConfig(), SCORING)
+        assert [("temperature" in (r.body or {})) for r in server.requests_to("/v1/chat/completions")] == [False]
+        logprobs_refused = standin_backend(server)
+        logprobs_refused.learn_dropped_parameters({"logprobs": "HTTP 400: refused"})
+        assert logprobs_refused.capabilities().logprobs is False
+
+
+# -- the stand-in server itself ----------------------------------------------------------------------------------
+
+
+def test_the_stand_in_serves_models_metrics_and_chat_with_label_alternatives():
+    with StandInServer(served_name="m", root="/models/X", answer=lambda messages: "Answer: C. Go now",
+                       started=1796119200.0) as server:
+        client = httpx2.Client(base_url=server.root_url)
+        card = client.get("/v1/models").json()["data"][0]
+        assert (card["id"], card["root"], card["max_model_len"]) == ("m", "/models/X", 2048)
+        assert "process_start_time_seconds 1796119200.0" in client.get("/metrics").text
+        reply = client.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2,
+            "logprobs": True, "top_logprobs": 20}, headers={"Authorization": "Bearer x"}).json()
+        assert client.post("/v1/chat/completions", json={"model": "other", "messages": []}).status_code == 404
+        assert client.get("/tokenize").status_code == 404
+        client.close()
+        assert server.chat_completions == 2
+        assert server.requests_to("/v1/chat/completions")[0].headers["authorization"] == "Bearer x"
+    choice = reply["choices"][0]
+    assert choice["message"]["content"] == "Answer: C." and choice["finish_reason"] == "length"
+    second = choice["logprobs"]["content"][1]
+    assert second["token"] == " C." and len(second["top_logprobs"]) == 20
+    assert {"A", " A", "B", " B", "C", " C"} <= {t["token"] for t in second["top_logprobs"]}
+    assert sum(math.exp(t["logprob"]) for t in second["top_logprobs"]) < 1
+
+
+def test_the_stand_in_counts_requests_in_flight_and_injects_faults():
+    with StandInServer(latency=0.1, fail_status=503, fail_first=1, echo_headers=True,
+                       answer=lambda messages: "B") as server:
+        def ask() -> httpx2.Response:
+            return httpx2.post(server.base_url + "/chat/completions", json={"model": "standin", "messages": []},
+                               headers={"Authorization": "Bearer leaked"})
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert server.max_in_flight >= 2 and server.chat_completions == 4
+        assert ask().json()["choices"][0]["message"]["content"] == "B Bearer leaked"
+        port = server.port
+    with StandInServer(port=port, reject_temperature=True) as again:  # the same port, another model
+        refused = httpx2.post(again.base_url + "/chat/completions",
+                              json={"model": "standin", "messages": [], "temperature": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "temperature"
+
+
+# -- the declared openai version can run this backend ------------------------------------------------------------
+
+# The first openai release whose client is built on httpx2 (2.x depends on httpx, with httpx2 only as an
+# optional extra that its client does not use): read from the wheels' METADATA.
+FIRST_OPENAI_ON_HTTPX2 = Version("3.0.0")
+
+
+def test_the_declared_openai_lower_bound_installs_the_http_client_the_backend_imports():
+    source = Path(openai_compat.__file__).read_text(encoding="utf-8")
+    assert "import httpx2" in source  # what the transport imports; change the bound with it
+    document = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    (declared,) = [Requirement(r) for r in document["project"]["dependencies"] if Requirement(r).name == "openai"]
+    lower = [Version(spec.version) for spec in declared.specifier if spec.operator in (">=", "==", "~=")]
+    assert lower and min(lower) >= FIRST_OPENAI_ON_HTTPX2, f"{declared} allows an openai without httpx2"
+    installed = [Requirement(r) for r in importlib.metadata.requires("openai") or []]
+    assert any(r.name == "httpx2" and r.marker is None for r in installed)
+    assert declared.specifier.contains(importlib.metadata.version("openai"))
+
+
 # -- through the plugin, against a loopback stand-in for a hosted model without log-probabilities ---------------
-
-
-class _ReasoningModelStandIn(BaseHTTPRequestHandler):
-    """Answers chat completions as hosted reasoning models do: a 400 for `logprobs`, else a reply."""
-
-    requests: ClassVar[list[dict[str, Any]]] = []
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append({"path": self.path, "body": body, "authorization": self.headers["Authorization"]})
-        if "logprobs" in body:
-            status, reply = 400, {"error": {"message": "Unsupported parameter: 'logprobs' is not supported with "
-                                                       "this model.", "param": "logprobs",
-                                            "code": "unsupported_parameter"}}
-        else:
-            status, reply = 200, chat_response("Answer: C. Go to emergency care now.", None)
-        data = json.dumps(reply).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @pytest.mark.slow
@@ -461,20 +648,15 @@ def test_a_model_without_logprobs_reports_consistency_and_calibration_as_not_ava
     repo = Path(__file__).resolve().parent.parent
     shutil.copytree(repo / "evals", pytester.path / "evals")
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    _ReasoningModelStandIn.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ReasoningModelStandIn)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    # Answers as hosted reasoning models do: a 400 for `logprobs`, else a reply; no weights path.
+    with StandInServer(served_name="reasoner", root=None, reject_logprobs=True,
+                       answer=lambda messages: "Answer: C. Go to emergency care now.") as server:
         result = pytester.runpytest_subprocess(
             "evals", "-p", "no:cacheprovider", "-k", "triage", "--pe-limit", "2", "--pe-persona", "ed_nurse",
-            "--pe-model", f"openai:reasoner@http://127.0.0.1:{server.server_address[1]}/v1",
+            "--pe-model", f"openai:reasoner@{server.base_url}",
             "--pe-dataset", f"triage={repo / 'fixtures/triage/vignettes.jsonl'}",
             "--pe-cache-dir", str(pytester.path / "cache"), "--pe-reports-dir", str(pytester.path / "reports"),
             timeout=300)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), result.stdout.str()
     run_dir = pytester.path / "reports" / "latest"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -492,9 +674,9 @@ def test_a_model_without_logprobs_reports_consistency_and_calibration_as_not_ava
     assert "not available for this model" in result.stdout.str()
     # The first requests in flight were rejected and taught the backend; each was sent again without
     # logprobs, and so was everything after them, with the key.
-    sent = _ReasoningModelStandIn.requests
-    rejected = sum("logprobs" in r["body"] for r in sent)
+    sent = server.requests_to("/v1/chat/completions")
+    rejected = sum("logprobs" in (r.body or {}) for r in sent)
     assert 1 <= rejected <= 4  # at most the first persona's requests, sent together
     assert len(sent) == len(cases) + rejected
-    assert {r["authorization"] for r in sent} == {f"Bearer {KEY}"}
+    assert {r.headers["authorization"] for r in server.requests} == {f"Bearer {KEY}"}
     assert KEY not in (run_dir / "summary.json").read_text() + (run_dir / "cases.jsonl").read_text()

@@ -1,6 +1,9 @@
-"""Tests of persona_eval.runner: order, cache, batching, concurrency, failures and progress.
+"""Tests of persona_eval.runner: order, cache, batching, concurrency, failures and progress, and the
+model identity and decoding record that its cache keys hold.
 
-The backend is the scripted one of conftest.py: it answers "reply to <prompt>" and records every call.
+The backend is mostly the scripted one of conftest.py: it answers "reply to <prompt>" and records every
+call. Identity and decoding are tested with the OpenAI-compatible backend against the loopback stand-in
+server (persona_eval.testing.standin), and with the transformers backend on files that are not loaded.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from persona_eval.backends.base import GenerationConfig, LabelScoring
+from persona_eval.backends.hf import HFBackend
+from persona_eval.backends.openai_compat import OpenAIBackend
 from persona_eval.cache import NullCache, ResultCache
 from persona_eval.errors import BackendError
 from persona_eval.prompts import RenderedMessages
 from persona_eval.runner import Progress, Runner, RunnerStats
+from persona_eval.testing.standin import TEMPERATURE_REFUSAL, StandInServer
 
 CONFIG = GenerationConfig(max_new_tokens=8)
 SCORING = LabelScoring()
@@ -298,3 +304,142 @@ def test_progress_reports_the_end_even_for_a_tiny_total() -> None:
     assert lines == []
     progress.advance(1)
     assert len(lines) == 1 and " 1/1 cases " in lines[0]
+
+
+# --- the model under test is the model that answered -------------------------------------------------
+
+
+def _served(server: StandInServer, *, max_in_flight: int = 4) -> OpenAIBackend:
+    return OpenAIBackend(server.served_name, model=server.served_name, base_url=server.base_url, max_retries=0,
+                         max_in_flight=max_in_flight)
+
+
+def test_another_model_behind_the_same_name_and_url_misses_the_cache_and_says_why(cache: ResultCache) -> None:
+    contents = ["case one", "case two", "case three"]
+    with StandInServer(served_name="m", root="/models/X", started=1796119200.0,
+                       answer=lambda messages: "Answer: C") as server:
+        first = Runner(_served(server), cache)
+        assert [r.generation.text for r in first.generate(_requests(contents), CONFIG, SCORING)] == ["Answer: C"] * 3
+        assert first.identity_change is None  # nothing was cached at this address before
+        server.swap(root="/models/Y", started=1796122800.0, answer=lambda messages: "Answer: A")
+        asked_before = server.chat_completions
+        second = Runner(_served(server), cache)
+        results = second.generate(_requests(contents), CONFIG, SCORING)
+        assert server.chat_completions - asked_before == 3
+        third = Runner(_served(server), cache)
+        again = third.generate(_requests(contents), CONFIG, SCORING)
+        assert server.chat_completions - asked_before == 3  # the same model again: all from the cache
+    assert [r.generation.text for r in results] == ["Answer: A"] * 3 and not any(r.cached for r in results)
+    assert second.identity_change == (
+        f"model 'm' at {server.base_url} is not the model cached before (the server now reports root "
+        "/models/Y, was /models/X; process started 2026-12-01T11:00:00.000Z, was 2026-12-01T10:00:00.000Z): "
+        "its cached answers are not used")
+    assert third.identity_change is None and all(r.cached for r in again)
+    assert [r.generation.text for r in again] == ["Answer: A"] * 3
+
+
+def test_a_restart_alone_is_named_as_such(cache: ResultCache) -> None:
+    with StandInServer(served_name="m", root="/models/X", started=1796119200.0) as server:
+        Runner(_served(server), cache).generate(_requests(["x"]), CONFIG, None)
+        server.swap(root="/models/X", started=1796119260.0)
+        runner = Runner(_served(server), cache)
+        runner.generate(_requests(["x"]), CONFIG, None)
+    assert runner.identity_change is not None
+    assert "(the server now reports process started 2026-12-01T10:01:00.000Z, was 2026-12-01T10:00:00.000Z)" \
+        in runner.identity_change
+    assert "root" not in runner.identity_change
+
+
+def test_the_null_cache_remembers_no_identity(make_backend: Any) -> None:
+    with StandInServer(served_name="m", root="/models/X") as server:
+        Runner(_served(server), NullCache()).generate(_requests(["x"]), CONFIG, None)
+        server.swap(root="/models/Y")
+        runner = Runner(_served(server), NullCache())
+        runner.generate(_requests(["x"]), CONFIG, None)
+    assert runner.identity_change is None
+
+
+def test_an_identity_change_of_a_local_model_names_its_weights(tmp_path: Path, cache: ResultCache) -> None:
+    model = tmp_path / "Tiny-Instruct"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights one")
+    first = Runner(HFBackend("tiny", str(model)), cache)
+    before = first.identity()["weights"]
+    (model / "model.safetensors").write_bytes(b"weights two, longer")
+    second = Runner(HFBackend("tiny", str(model)), cache)
+    after = second.identity()["weights"]
+    assert first.identity_change is None
+    assert second.identity_change == (f"model 'tiny' at {model.resolve()} is not the model cached before "
+                                      f"(weights {after}, was {before}): its cached answers are not used")
+
+
+def test_a_refused_temperature_is_recorded_and_keys_follow_what_was_sent(cache: ResultCache) -> None:
+    contents = ["case one", "case two"]
+    with StandInServer(served_name="m", root="/models/X", reject_temperature=True) as server:
+        backend = _served(server, max_in_flight=1)
+        runner = Runner(backend, cache)
+        first = runner.generate(_requests(contents), CONFIG, SCORING)
+        refusals = server.chat_completions - len(contents)
+        assert refusals == 1  # one request in flight at a time here: the first taught the backend
+        record = runner.decoding_record(CONFIG, SCORING)
+        assert record["temperature"] is None and record["max_tokens"] == 8 and record["logprobs"] is True
+        assert record["dropped"] == {"temperature": "HTTP 400: " + TEMPERATURE_REFUSAL}
+        # No result is stored under the key of a request that sent temperature 0.
+        with_temperature = {**record, "temperature": 0.0}
+        del with_temperature["dropped"]
+        prompts = [r.prompt for r in first]
+        assert all(cache.get(runner._generate_key(p, CONFIG, SCORING, with_temperature)) is None for p in prompts)
+        assert all(cache.get(runner._generate_key(p, CONFIG, SCORING, first[0].generation.sent)) is not None
+                   for p in prompts)
+
+        # Another process, the same model: it knows before sending, and everything comes from the cache.
+        asked_before = server.chat_completions
+        later_backend = _served(server)
+        later = Runner(later_backend, cache)
+        assert later.decoding_record(CONFIG, SCORING)["dropped"] == record["dropped"]
+        again = later.generate(_requests(contents), CONFIG, SCORING)
+        assert all(r.cached for r in again) and server.chat_completions == asked_before
+        # And what it does send, it sends without temperature.
+        later.generate(_requests(["case three"]), CONFIG, SCORING)
+        assert [("temperature" in (r.body or {})) for r in server.requests_to("/v1/chat/completions")][
+            asked_before:] == [False]
+
+
+def test_refused_parameters_belong_to_one_model_identity(cache: ResultCache) -> None:
+    with StandInServer(served_name="m", root="/models/X", reject_temperature=True) as server:
+        Runner(_served(server), cache).generate(_requests(["x"]), CONFIG, None)
+        server.swap(root="/models/Y")
+        server.reject_temperature = False
+        runner = Runner(_served(server), cache)
+        assert runner.decoding_record(CONFIG, None)["dropped"] == {}
+        runner.generate(_requests(["x"]), CONFIG, None)
+        assert "temperature" in (server.requests_to("/v1/chat/completions")[-1].body or {})
+
+
+def test_a_backend_without_a_decoding_record_reports_what_was_asked(make_backend: Any, cache: ResultCache) -> None:
+    runner = Runner(make_backend(), cache)
+    assert runner.decoding_record(GenerationConfig(max_new_tokens=5, constrained_ranking=4), SCORING) == {
+        "temperature": 0.0, "top_p": None, "max_tokens": 5, "stop": None, "logprobs": True, "top_logprobs": 20,
+        "constrained_ranking": 4, "dropped": {}}
+    runner.generate(_requests(["x"]), CONFIG, None)
+    assert runner.identity_change is None
+
+
+def test_the_transformers_backend_reports_greedy_decoding_whatever_was_asked() -> None:
+    backend = HFBackend("smol", "HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id: nothing is loaded
+    record = Runner(backend, NullCache()).decoding_record(GenerationConfig(max_new_tokens=12, temperature=0.7),
+                                                          SCORING)
+    assert record == {"temperature": 0.0, "do_sample": False, "top_p": None, "max_tokens": 12, "stop": None,
+                      "logprobs": True, "top_logprobs": None, "constrained_ranking": None, "dropped": {}}
+    assert backend.loaded is False
+
+
+def test_requests_in_flight_when_temperature_is_refused_are_all_stored_as_sent(cache: ResultCache) -> None:
+    contents = [f"case {i}" for i in range(8)]
+    with StandInServer(served_name="m", reject_temperature=True, latency=0.02) as server:
+        Runner(_served(server, max_in_flight=4), cache).generate(_requests(contents), CONFIG, SCORING)
+        refusals = server.chat_completions - len(contents)
+        assert 1 <= refusals <= 4
+        asked_before = server.chat_completions
+        again = Runner(_served(server, max_in_flight=4), cache).generate(_requests(contents), CONFIG, SCORING)
+        assert all(r.cached for r in again) and server.chat_completions == asked_before

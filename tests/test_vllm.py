@@ -199,7 +199,8 @@ def test_the_api_key_never_reaches_the_cache_results_or_logs(project, vllm_serve
 def test_a_server_killed_mid_run_stops_the_run_and_the_rerun_asks_only_for_the_rest(project, vllm_server):
     """Kill the server after a few answers: the run stops with an error naming the endpoint; after a
     restart on the same port the rerun asks the server for exactly the cases not yet done."""
-    models = write_models_file(project, vllm_server, max_in_flight=4, max_retries=1)
+    # A pinned revision vouches for the weights, so the restarted server keeps the cached answers.
+    models = write_models_file(project, vllm_server, max_in_flight=4, max_retries=1, revision="smollm2-q4-1")
     args = eval_args(project, "--pe-models-file", str(models), "--pe-model", "vllm", "--pe-limit", "8",
                      "--pe-persona", "ed_nurse")
     total = 2 * 16

@@ -21,6 +21,7 @@ __all__ = [
     "LabelScoring",
     "TokenScores",
     "logsumexp",
+    "requested_decoding",
 ]
 
 
@@ -75,12 +76,18 @@ class TokenScores:
 
 @dataclass
 class Generation:
-    """The output of one request. ``tokens`` is None when the backend gives no log-probabilities."""
+    """The output of one request. ``tokens`` is None when the backend gives no log-probabilities.
+
+    ``sent`` is the decoding actually sent for it, in the shape of :func:`requested_decoding` without
+    ``dropped``, from a backend that may send less than was planned (a server refused a parameter while
+    the request was in flight); None from a backend that always sends what :meth:`Backend.decoding`
+    said. The runner stores the generation under the cache key of what was sent."""
 
     text: str
     tokens: list[TokenScores] | None = None
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
+    sent: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +100,7 @@ class Generation:
             tokens=None if tokens is None else [TokenScores(**t) for t in tokens],
             finish_reason=data.get("finish_reason"),
             usage=dict(data.get("usage") or {}),
+            sent=data.get("sent"),
         )
 
 
@@ -118,8 +126,32 @@ class Backend(Protocol):
     max_in_flight: int
 
     def identity(self) -> dict[str, Any]:
-        """What identifies the model's outputs: backend kind, model, weights fingerprint. Cheap: it must
-        not load the model, and it never holds a secret (it is part of every cache key)."""
+        """What identifies the model's outputs: backend kind, model, weights fingerprint (for a served
+        model: what the server reports about its weights and process). Plain JSON, memoized: it must not
+        load the model, it may ask a server once, and it never holds a secret (it is part of every cache
+        key)."""
+        ...
+
+    def address(self) -> dict[str, Any]:
+        """Where the model is found (backend kind, served name and URL, or model path), whatever is
+        behind it: the runner compares the identity found at an address with the one cached before.
+        Optional: without it the address is the identity's backend, model and base_url."""
+        ...
+
+    def decoding(self, config: GenerationConfig, scoring: LabelScoring | None) -> dict[str, Any]:
+        """What a request with `config` and `scoring` sends now, in the shape of
+        :func:`requested_decoding`, with ``dropped`` naming each parameter the model refused and why.
+        Optional: without it the runner reports :func:`requested_decoding`."""
+        ...
+
+    def dropped_parameters(self) -> dict[str, str]:
+        """Each parameter this backend no longer sends because the model refused it -> the reason.
+        Optional, with :meth:`learn_dropped_parameters`."""
+        ...
+
+    def learn_dropped_parameters(self, known: dict[str, str]) -> None:
+        """Parameters recorded as refused by this model in an earlier run: not sent from now on, so
+        that the cache keys computed before sending are those of what is sent."""
         ...
 
     def system_policy(self) -> SystemPolicy: ...
@@ -140,6 +172,25 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def requested_decoding(config: GenerationConfig, scoring: LabelScoring | None) -> dict[str, Any]:
+    """The decoding record of what `config` and `scoring` ask for (plain JSON): a backend that sends
+    something else says so in its own :meth:`Backend.decoding`.
+
+    >>> requested_decoding(GenerationConfig(max_new_tokens=8), None)["max_tokens"]
+    8
+    """
+    return {
+        "temperature": config.temperature,
+        "top_p": None,
+        "max_tokens": config.max_new_tokens,
+        "stop": None,
+        "logprobs": scoring is not None,
+        "top_logprobs": scoring.top_logprobs if scoring is not None else None,
+        "constrained_ranking": config.constrained_ranking,
+        "dropped": {},
+    }
 
 
 def logsumexp(values: Sequence[float]) -> float:

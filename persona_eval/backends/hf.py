@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from persona_eval.backends.base import Capabilities, Generation, GenerationConfig, LabelScoring, TokenScores
+from persona_eval.backends.base import (
+    Capabilities,
+    Generation,
+    GenerationConfig,
+    LabelScoring,
+    TokenScores,
+    requested_decoding,
+)
 from persona_eval.errors import BackendError, ConfigError, MissingDependencyError
 from persona_eval.prompts import RenderedMessages, SystemPolicy
 
@@ -100,6 +107,24 @@ class HFBackend:
                 self._fingerprint = f"hub:{self._model_ref}"
         return {"backend": "hf", "model": self._model_ref if not self._local else Path(self._model_ref).name,
                 "gguf_file": self._gguf_file, "dtype": self._dtype, "weights": self._fingerprint}
+
+    def address(self) -> dict[str, Any]:
+        """The model path (resolved) or hub id: what is loaded from there is what identity() names."""
+        where = str(Path(self._model_ref).resolve()) if self._local else self._model_ref
+        return {"backend": "hf", "model": where, "gguf_file": self._gguf_file}
+
+    def decoding(self, config: GenerationConfig, scoring: LabelScoring | None) -> dict[str, Any]:
+        """Greedy whatever the config's temperature (do_sample false), at most max_new_tokens, stopping
+        at the model's end-of-turn tokens only; label log-probabilities come from the full logits at
+        each step (no top-k), and nothing is ever dropped."""
+        return {**requested_decoding(config, scoring), "temperature": 0.0, "do_sample": False,
+                "top_logprobs": None}
+
+    def dropped_parameters(self) -> dict[str, str]:
+        return {}
+
+    def learn_dropped_parameters(self, known: dict[str, str]) -> None:
+        """Nothing to learn: this process runs the model itself and sends no parameter anywhere."""
 
     @property
     def tokenizer(self) -> Any:

@@ -26,10 +26,25 @@ What the backend sends and reads:
   without a ``logprobs`` object, turns ``capabilities().logprobs`` False for the rest of the process and
   the request is sent again without them; the generation then has no token scores, and the evaluation
   reports consistency and calibration as not available. A 400 naming ``temperature`` (models that only
-  sample at their default) drops it the same way.
+  sample at their default) drops it the same way. Each dropped parameter is kept with its reason (the
+  server's message, redacted; :meth:`OpenAIBackend.dropped_parameters`), every generation records what
+  was actually sent for it (``Generation.sent``, which the runner's cache key follows), and
+  :meth:`OpenAIBackend.decoding` reports it.
 * **Constrained ranking** (``GenerationConfig.constrained_ranking = k``): ``response_format`` with a
   JSON schema {"ranking": k integers in 1..k} (vLLM: guided decoding). vLLM's grammar engine rejects
   ``uniqueItems``, so uniqueness is left to the caller's validation, as GenerationConfig says.
+
+**Identity**: the served name and the public base URL say where a model is, not which model it is (a
+blue/green redeploy keeps both). So ``identity()`` also holds what the server reports about the weights
+and the process serving them, asked once per process on first need: ``GET /v1/models`` (the card of
+the served name: ``root``, the weights path or repository, and ``max_model_len``) and ``GET /metrics``
+at the server root (``process_start_time_seconds``, as ``process_started`` in UTC), plus the models
+file's ``revision``, which pins what a hosted API cannot tell. With a pinned revision the process start
+is not asked: the revision vouches for the weights, so a restarted server keeps its cached answers;
+without one a restart counts as a new deployment. ``identified_by`` lists what it rests on. The card's ``created`` is left out: vLLM writes the time of the request there, which would make
+every process a different model. A server without /v1/models or /metrics is identified by what it
+has; one that cannot be reached is a BackendError naming the endpoint. The OpenAI API itself (no
+``base_url``) is not asked: it reports neither.
 
 ``render_prompt`` is a readable transcript of the messages, not the server's template: the server
 renders the real one, and the transcript is what the cache key and cases.jsonl hold (stable whether or
@@ -43,9 +58,11 @@ import json
 import math
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from datetime import date, datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -56,6 +73,7 @@ from persona_eval.backends.base import (
     LabelScoring,
     TokenScores,
     logsumexp,
+    requested_decoding,
 )
 from persona_eval.errors import BackendError, ConfigError, MissingDependencyError
 from persona_eval.prompts import RenderedMessages, SystemPolicy
@@ -67,7 +85,10 @@ __all__ = [
     "build_label_tokenize_payload",
     "build_prompt_scoring_payload",
     "build_tokenize_payload",
+    "decoding_sent",
     "parse_chat_response",
+    "parse_model_card",
+    "parse_process_start",
     "parse_prompt_scoring_response",
     "parse_tokenize_response",
     "ranking_schema",
@@ -85,6 +106,10 @@ BASELINE_SYSTEM = {
 }
 _RETRY_STATUSES = frozenset({408, 409, 429})
 _ERROR_TEXT_LIMIT = 300
+# The parameters a server may refuse that the backend then stops sending (the request still means the
+# same thing to the evaluation: greedy where the model allows it, log-probabilities where it gives them).
+DROPPABLE = ("temperature", "logprobs")
+_PROCESS_START = re.compile(r"^process_start_time_seconds(?:\{[^}]*\})?\s+(\S+)\s*$", re.MULTILINE)
 
 
 # -- the pure half -------------------------------------------------------------------------------------
@@ -134,6 +159,50 @@ def build_chat_payload(request: RenderedMessages, config: GenerationConfig, scor
         payload["response_format"] = {"type": "json_schema", "json_schema": {
             "name": "ranking", "schema": ranking_schema(config.constrained_ranking), "strict": True}}
     return payload
+
+
+def decoding_sent(payload: Mapping[str, Any], config: GenerationConfig) -> dict[str, Any]:
+    """The decoding record (see :func:`~persona_eval.backends.base.requested_decoding`, without
+    ``dropped``) of a chat completion body as it is sent."""
+    return {
+        "temperature": payload.get("temperature"),
+        "top_p": payload.get("top_p"),
+        "max_tokens": payload.get("max_completion_tokens"),
+        "stop": payload.get("stop"),
+        "logprobs": bool(payload.get("logprobs", False)),
+        "top_logprobs": payload.get("top_logprobs"),
+        "constrained_ranking": config.constrained_ranking if "response_format" in payload else None,
+    }
+
+
+def parse_model_card(data: Any, model: str) -> dict[str, Any] | None:
+    """The card of `model` in a /v1/models body, or None when it is not listed there."""
+    cards = data.get("data") if isinstance(data, Mapping) else None
+    if not isinstance(cards, list):
+        return None
+    for card in cards:
+        if isinstance(card, Mapping) and card.get("id") == model:
+            return dict(card)
+    return None
+
+
+def parse_process_start(metrics: str) -> str | None:
+    """``process_start_time_seconds`` of a Prometheus text body, as an ISO 8601 UTC time, or None.
+
+    >>> parse_process_start("# TYPE process_start_time_seconds gauge\\nprocess_start_time_seconds 1.7961192e+09\\n")
+    '2026-12-01T10:00:00.000Z'
+    """
+    match = _PROCESS_START.search(metrics)
+    if match is None:
+        return None
+    try:
+        seconds = float(match.group(1))
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None
+    moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _first_choice(data: Mapping[str, Any], what: str) -> Mapping[str, Any]:
@@ -303,7 +372,8 @@ class OpenAIBackend:
 
     def __init__(self, name: str, *, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  max_in_flight: int = 32, timeout: float = 120.0, max_retries: int = 5, logprobs: bool = True,
-                 prompt_scoring: bool = True, baseline_system: str = "empty", http_client: Any = None) -> None:
+                 prompt_scoring: bool = True, baseline_system: str = "empty", revision: object = None,
+                 http_client: Any = None) -> None:
         where = f"model {name!r}"
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{where}: 'model' must be the served model name, got {model!r}")
@@ -323,6 +393,10 @@ class OpenAIBackend:
         if baseline_system not in BASELINE_SYSTEM:
             raise ConfigError(f"{where}: 'baseline_system' must be one of {', '.join(BASELINE_SYSTEM)}, "
                               f"got {baseline_system!r}")
+        if revision is not None and (not isinstance(revision, (str, int, float, date))
+                                     or isinstance(revision, bool) or not str(revision)):
+            raise ConfigError(f"{where}: 'revision' must be a non-empty string naming the model's version, "
+                              f"got {revision!r}")
         self.name = name
         # One chat completion per request: the chat API takes one conversation per call. Parallelism is
         # the number of requests in flight, which the server batches (continuous batching in vLLM).
@@ -335,24 +409,117 @@ class OpenAIBackend:
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.baseline_system = baseline_system
+        # YAML reads `revision: 2024-08-06` as a date and `revision: 3` as a number: both name a version.
+        self.revision: str | None = None if revision is None else str(revision)
         # Backoff before retry n (0-based): base * 2**n, at most max, times a random factor in [0.5, 1].
         self.retry_base_delay = 0.5
         self.retry_max_delay = 30.0
         self._logprobs = logprobs
         self._prompt_scoring = prompt_scoring and not self.hosted
-        self._dropped: set[str] = set()
+        self._dropped: dict[str, str] = {}  # parameter -> why it is no longer sent
+        self._identity: dict[str, Any] | None = None
+        self._identity_lock = threading.Lock()  # apart from _lock, which creating the client takes
         self._label_tokens: dict[str, dict[str, list[int]]] = {}
         self._client: Any = None
         self._http_client = http_client  # an httpx2.Client to send through (tests, proxies); None: the default
         self._lock = threading.Lock()
-        # Counters: requests sent (tries included), retries, and seconds spent inside HTTP calls.
+        # Counters: requests sent (tries included), retries, and seconds spent inside HTTP calls; the
+        # identity's requests are counted apart, so that a fully cached run still reports no model call.
         self.http_requests = 0
         self.http_retries = 0
         self.http_seconds = 0.0
+        self.identity_requests = 0
 
-    # -- identity and prompts: cheap, no request ----------------------------------------------------
+    # -- identity, decoding and prompts --------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
+        """What identifies this model (see the module docstring). The server is asked on the first
+        call only; constructing the backend sends nothing."""
+        if self._identity is None:
+            with self._identity_lock:
+                if self._identity is None:
+                    self._identity = self._server_identity()
+        return dict(self._identity)
+
+    def address(self) -> dict[str, Any]:
         return {"backend": "openai", "model": self.model, "base_url": _public_url(self.base_url)}
+
+    def _server_identity(self) -> dict[str, Any]:
+        identity: dict[str, Any] = {**self.address(), "root": None, "max_model_len": None,
+                                    "process_started": None, "revision": self.revision}
+        identified_by = ["served name", "base_url"]
+        if not self.hosted:
+            card = self._model_card()
+            if card is not None and isinstance(card.get("root"), str) and card["root"]:
+                identity["root"] = card["root"]
+                identified_by.append("/v1/models root")
+            if card is not None and isinstance(card.get("max_model_len"), int):
+                identity["max_model_len"] = card["max_model_len"]
+                identified_by.append("/v1/models max_model_len")
+            if self.revision is None:
+                # Without a pinned revision a restart counts as a new deployment: the same path may hold
+                # new weights. A pinned revision vouches for the weights, so a restarted server (a crash,
+                # a rolling restart) keeps its cached answers.
+                identity["process_started"] = self._process_started()
+                if identity["process_started"] is not None:
+                    identified_by.append("/metrics process start")
+        if self.revision is not None:
+            identified_by.append("revision")
+        identity["identified_by"] = identified_by
+        return identity
+
+    def _model_card(self) -> dict[str, Any] | None:
+        """The /v1/models card of the served name; None when the server has no such list or card."""
+        endpoint = self.base_url + "/models"
+        try:
+            response = self._request("get", endpoint, None, counted=False,
+                                     what="cannot ask the server which model it serves")
+        except _Rejected:
+            return None  # no /v1/models here: the identity rests on what else there is
+        try:
+            return parse_model_card(response.json(), self.model)
+        except ValueError:
+            return None
+
+    def _process_started(self) -> str | None:
+        """When the serving process started (/metrics), or None. One try: it is optional, and a server
+        that answers /v1/models but hangs on /metrics must not hold the run."""
+        try:
+            response = self._request("get", self._root_url("/metrics"), None, counted=False, tries=1,
+                                     what="cannot read the server's metrics")
+        except (_Rejected, BackendError):
+            return None
+        return parse_process_start(response.text)
+
+    def decoding(self, config: GenerationConfig, scoring: LabelScoring | None) -> dict[str, Any]:
+        """What a chat completion with `config` and `scoring` sends now, and what was dropped and why."""
+        asked = scoring if scoring is not None and self._logprobs else None
+        payload = build_chat_payload(RenderedMessages((), None), config, asked, model=self.model)
+        with self._lock:
+            dropped = dict(self._dropped)
+        for parameter in dropped:
+            payload.pop(parameter, None)
+        record = {**requested_decoding(config, scoring), **decoding_sent(payload, config)}
+        record["dropped"] = {parameter: reason for parameter, reason in dropped.items()
+                             if parameter != "logprobs" or scoring is not None}
+        return record
+
+    def dropped_parameters(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._dropped)
+
+    def learn_dropped_parameters(self, known: Mapping[str, str]) -> None:
+        with self._lock:
+            for parameter, reason in known.items():
+                if parameter in DROPPABLE and parameter not in self._dropped:
+                    self._dropped[parameter] = str(reason)
+                    if parameter == "logprobs":
+                        self._logprobs = False
+
+    def _drop(self, parameter: str, reason: str) -> None:
+        with self._lock:
+            self._dropped.setdefault(parameter, reason)
+            if parameter == "logprobs":
+                self._logprobs = False
 
     def system_policy(self) -> SystemPolicy:
         return BASELINE_SYSTEM[self.baseline_system]
@@ -366,7 +533,8 @@ class OpenAIBackend:
 
     @property
     def loaded(self) -> bool:
-        """Whether this process sent the server any request (a fully cached run sends none)."""
+        """Whether this process sent the server any inference request (a fully cached run sends none;
+        the identity's requests do not count)."""
         return self.http_requests > 0
 
     # -- inference --------------------------------------------------------------------------------
@@ -379,16 +547,17 @@ class OpenAIBackend:
         while True:
             asked = scoring if scoring is not None and self._logprobs else None
             payload = build_chat_payload(request, config, asked, model=self.model)
-            for parameter in tuple(self._dropped):  # another thread may add to it
+            for parameter in self.dropped_parameters():  # a snapshot: another thread may add to it
                 payload.pop(parameter, None)
             try:
                 data = self._post("/chat/completions", payload)
             except _Rejected as rejected:
+                refusal = f"HTTP {rejected.status}: {rejected.message}"
                 if asked is not None and (rejected.names("logprobs") or rejected.names("top_logprobs")):
-                    self._logprobs = False
+                    self._drop("logprobs", refusal)
                     continue
                 if "temperature" in payload and rejected.names("temperature"):
-                    self._dropped.add("temperature")
+                    self._drop("temperature", refusal)
                     continue
                 raise self._error("the chat completion was rejected", "/chat/completions", rejected) from None
             try:
@@ -397,7 +566,9 @@ class OpenAIBackend:
                 raise BackendError(f"model {self.name!r}: {error}",
                                    endpoint=_public_url(self.base_url + "/chat/completions")) from None
             if asked is not None and generation.tokens is None:
-                self._logprobs = False  # the server ignores the logprobs parameter
+                # The server ignores the parameter: this reply was asked with it, the next ones are not.
+                self._drop("logprobs", "the server's replies carry no log-probabilities")
+            generation.sent = decoding_sent(payload, config)
             return generation
 
     def score_labels(self, requests: Sequence[RenderedMessages], scoring: LabelScoring
@@ -472,26 +643,47 @@ class OpenAIBackend:
         return self._client
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST `body` to `path` (relative to base_url, or a full URL) and return the JSON reply.
+        """POST `body` to `path` (relative to base_url, or a full URL) and return the JSON reply."""
+        response = self._request("post", path, body)
+        endpoint = path if path.startswith(("http://", "https://")) else self.base_url + path
+        try:
+            document = response.json()
+        except ValueError:
+            raise BackendError(f"model {self.name!r}: the server's reply is not JSON: "
+                               f"{self._redact(_shorten(response.text))}", endpoint=_public_url(endpoint),
+                               status=response.status_code) from None
+        if not isinstance(document, dict):
+            raise BackendError(f"model {self.name!r}: the server's reply is not a JSON object",
+                               endpoint=_public_url(endpoint), status=response.status_code)
+        return document
 
-        Retries timeouts, connection errors, 408, 409, 429 and 5xx up to max_retries times; raises
-        _Rejected for other HTTP errors and BackendError when the tries are used up."""
+    def _request(self, method: str, path: str, body: dict[str, Any] | None, *, counted: bool = True,
+                 tries: int | None = None, what: str | None = None) -> Any:
+        """Send one request (`body` for a POST) and return the httpx2 response of the first success.
+
+        Retries timeouts, connection errors, 408, 409, 429 and 5xx up to max_retries times (or makes
+        `tries` tries); raises _Rejected for other HTTP errors and BackendError when the tries are used
+        up, its message starting with `what` when given. `counted`: it counts as an inference request."""
         import httpx2
         import openai
 
         client = self._client_or_create()
         endpoint = path if path.startswith(("http://", "https://")) else self.base_url + path
+        tries = self.max_retries + 1 if tries is None else tries
         last_status: int | str | None = None
         retry_after: float | None = None
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(tries):
             if attempt:
-                with self._lock:
-                    self.http_retries += 1
+                if counted:
+                    with self._lock:
+                        self.http_retries += 1
                 time.sleep(self._backoff(attempt - 1, retry_after))
                 retry_after = None
             started = time.perf_counter()
             try:
-                response = client.post(path, body=body, cast_to=httpx2.Response)
+                if method == "get":
+                    return client.get(path, cast_to=httpx2.Response)
+                return client.post(path, body=body, cast_to=httpx2.Response)
             except openai.APIStatusError as error:
                 status = error.status_code
                 if status in _RETRY_STATUSES or status >= 500:
@@ -507,20 +699,13 @@ class OpenAIBackend:
                 continue
             finally:
                 with self._lock:
-                    self.http_requests += 1
-                    self.http_seconds += time.perf_counter() - started
-            try:
-                document = response.json()
-            except ValueError:
-                raise BackendError(f"model {self.name!r}: the server's reply is not JSON: "
-                                   f"{self._redact(_shorten(response.text))}", endpoint=_public_url(endpoint),
-                                   status=response.status_code) from None
-            if not isinstance(document, dict):
-                raise BackendError(f"model {self.name!r}: the server's reply is not a JSON object",
-                                   endpoint=_public_url(endpoint), status=response.status_code)
-            return document
-        tries = self.max_retries + 1
-        raise BackendError(f"model {self.name!r}: no answer after {tries} {'try' if tries == 1 else 'tries'}",
+                    if counted:
+                        self.http_requests += 1
+                        self.http_seconds += time.perf_counter() - started
+                    else:
+                        self.identity_requests += 1
+        attempts = f"no answer after {tries} {'try' if tries == 1 else 'tries'}"
+        raise BackendError(f"model {self.name!r}: " + (f"{what}: {attempts}" if what else attempts),
                            endpoint=_public_url(endpoint), status=last_status)
 
     def _backoff(self, retry: int, retry_after: float | None) -> float:

@@ -1,0 +1,295 @@
+"""A stand-in OpenAI-compatible server on 127.0.0.1, so served-model behaviour is testable in seconds.
+
+It answers what the suite asks of a vLLM server, the way vLLM shapes it:
+
+* ``GET /v1/models``: one model card, ``id`` (the served name), ``root`` (the weights path),
+  ``max_model_len`` and ``created`` (by default the time of the request, as vLLM writes it);
+* ``GET /metrics``: Prometheus text with ``process_start_time_seconds``;
+* ``POST /v1/chat/completions``: the reply is ``answer(messages)``, cut to ``max_completion_tokens``
+  (or ``max_tokens``) whitespace tokens with ``finish_reason`` "length" when it was longer; with
+  ``logprobs`` it lists each token with ``top_logprobs`` alternatives that include the label spellings
+  ("A", " A", "B", ...), the generated token being the most likely;
+* anything else: 404 ``{"detail": "Not Found"}`` (so prompt scoring through ``/tokenize`` is
+  unavailable, as on a hosted API).
+
+Every request is recorded (method, path, headers, JSON body); ``max_in_flight`` is the most requests
+seen being answered at once. Knobs for faults: ``latency`` (seconds of sleep per request),
+``reject_temperature`` (a 400 naming the parameter, as hosted reasoning models answer),
+``reject_logprobs``, ``echo_headers`` (the Authorization header written into the reply, as a
+misbehaving proxy would), ``fail_status`` with ``fail_first`` (the first n chat completions answered
+with that status; None: all), and ``inject``, a hook that may answer any request itself. ``swap()``
+puts another model behind the same name and port (a blue/green redeploy); a second server can also be
+started on the port of a stopped one.
+
+    with StandInServer(served_name="m", root="/models/X", answer=lambda messages: "C") as server:
+        ... --pe-model openai:m@{server.base_url} ...
+
+Bounded: loopback only, request bodies up to 1 MiB, and the server stops by itself after
+``lifetime`` seconds if nobody stopped it; its thread is a daemon, so it never holds a process open.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+__all__ = ["RecordedRequest", "StandInServer"]
+
+Messages = Sequence[Mapping[str, Any]]
+_MAX_BODY = 1 << 20
+_LABELS = "ABCDE"
+_FILLERS = ("the", " the", "I", " I", "Answer", ":", ".", "\n", " is", " to", " a", " care", " now", " go")
+TEMPERATURE_REFUSAL = ("Unsupported value: 'temperature' does not support 0 with this model. Only the "
+                       "default (1) value is supported.")
+LOGPROBS_REFUSAL = "Unsupported parameter: 'logprobs' is not supported with this model."
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the stand-in received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any] | None
+
+
+def _refusal(param: str, message: str, code: str) -> tuple[int, dict[str, Any]]:
+    return 400, {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+
+
+class StandInServer:
+    """An OpenAI-compatible server in a daemon thread (see the module docstring)."""
+
+    def __init__(self, *, served_name: str = "standin", root: str | None = "/models/standin",
+                 max_model_len: int | None = 2048, started: float | None = None, created: int | None = None,
+                 answer: Callable[[Messages], str] = lambda messages: "Answer: A", latency: float = 0.0,
+                 reject_temperature: bool = False, reject_logprobs: bool = False, echo_headers: bool = False,
+                 fail_status: int | None = None, fail_first: int | None = None,
+                 inject: Callable[[RecordedRequest], tuple[int, dict[str, Any]] | None] | None = None,
+                 serve_models: bool = True, serve_metrics: bool = True, port: int = 0,
+                 lifetime: float = 600.0) -> None:
+        self.served_name = served_name
+        self.root = root  # None: the model card has no root, as on hosted APIs
+        self.max_model_len = max_model_len
+        self.started = time.time() if started is None else started
+        self.created = created  # None: the time of each request, as vLLM writes it
+        self.answer = answer
+        self.latency = latency
+        self.reject_temperature = reject_temperature
+        self.reject_logprobs = reject_logprobs
+        self.echo_headers = echo_headers
+        self.fail_status = fail_status
+        self.fail_first = fail_first
+        self.inject = inject
+        self.serve_models = serve_models
+        self.serve_metrics = serve_metrics
+        self.lifetime = lifetime
+        self.requests: list[RecordedRequest] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._failed = 0
+        self._port = port
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._watchdog: threading.Timer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> StandInServer:
+        if self._server is not None:
+            return self
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), _handler_for(self))
+        self._server.daemon_threads = True
+        self._port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"standin-{self._port}",
+                                        daemon=True)
+        self._thread.start()
+        self._watchdog = threading.Timer(self.lifetime, self.stop)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and free the port (idempotent)."""
+        server, self._server = self._server, None
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.cancel()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def __enter__(self) -> StandInServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.root_url + "/v1"
+
+    def swap(self, *, root: str | None, answer: Callable[[Messages], str] | None = None,
+             started: float | None = None, max_model_len: int | None = None) -> None:
+        """Put another model behind the same name and port: new weights path, new process start time
+        (now unless given), and optionally new answers and context length."""
+        with self._lock:
+            self.root = root
+            self.started = time.time() if started is None else started
+            if answer is not None:
+                self.answer = answer
+            if max_model_len is not None:
+                self.max_model_len = max_model_len
+
+    # -- what was asked ----------------------------------------------------------------------------
+    def requests_to(self, path: str, method: str | None = None) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path and (method is None or r.method == method)]
+
+    @property
+    def chat_completions(self) -> int:
+        """How many chat completions were asked (answered or refused)."""
+        return len(self.requests_to("/v1/chat/completions", "POST"))
+
+    # -- answers -----------------------------------------------------------------------------------
+    def respond(self, request: RecordedRequest) -> tuple[int, dict[str, Any] | str]:
+        """The status and body (JSON object, or text for /metrics) for `request`."""
+        if self.inject is not None:
+            injected = self.inject(request)
+            if injected is not None:
+                return injected
+        if request.method == "GET" and request.path == "/v1/models" and self.serve_models:
+            return 200, self._model_list()
+        if request.method == "GET" and request.path == "/metrics" and self.serve_metrics:
+            return 200, ("# HELP process_start_time_seconds Start time of the process since unix epoch.\n"
+                         "# TYPE process_start_time_seconds gauge\n"
+                         f"process_start_time_seconds {self.started!r}\n"
+                         f'vllm:num_requests_running{{model_name="{self.served_name}"}} {self.in_flight}.0\n')
+        if request.method == "POST" and request.path == "/v1/chat/completions" and request.body is not None:
+            return self._chat(request)
+        return 404, {"detail": "Not Found"}
+
+    def _model_list(self) -> dict[str, Any]:
+        card: dict[str, Any] = {"id": self.served_name, "object": "model", "owned_by": "vllm",
+                                "created": int(time.time()) if self.created is None else self.created}
+        if self.root is not None:
+            card.update(root=self.root, parent=None)
+        if self.max_model_len is not None:
+            card["max_model_len"] = self.max_model_len
+        return {"object": "list", "data": [card]}
+
+    def _chat(self, request: RecordedRequest) -> tuple[int, dict[str, Any]]:
+        body = request.body or {}
+        if body.get("model") != self.served_name:
+            return 404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                   "type": "NotFoundError", "param": None, "code": 404}}
+        if self.fail_status is not None:
+            with self._lock:
+                failing = self.fail_first is None or self._failed < self.fail_first
+                self._failed += failing
+            if failing:
+                return self.fail_status, {"error": {"message": f"injected failure {self.fail_status}"}}
+        if self.reject_temperature and "temperature" in body:
+            return _refusal("temperature", TEMPERATURE_REFUSAL, "unsupported_value")
+        if self.reject_logprobs and ("logprobs" in body or "top_logprobs" in body):
+            return _refusal("logprobs", LOGPROBS_REFUSAL, "unsupported_parameter")
+        text = self.answer(body.get("messages") or [])
+        if self.echo_headers:
+            text += " " + request.headers.get("authorization", "")
+        tokens = re.findall(r"\s*\S+", text) or [text]
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        finish = "stop"
+        if isinstance(limit, int) and len(tokens) > limit:
+            tokens, finish = tokens[:limit], "length"
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": "".join(tokens)},
+                                  "logprobs": None, "finish_reason": finish}
+        if body.get("logprobs"):
+            top = min(int(body.get("top_logprobs") or 0), 20)
+            choice["logprobs"] = {"content": [_token_entry(token, top) for token in tokens]}
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages") or [])
+        return 200, {"id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "model": self.served_name,
+                     "created": int(time.time()), "choices": [choice],
+                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
+                               "total_tokens": prompt_tokens + len(tokens)}}
+
+
+def _token_entry(token: str, top: int) -> dict[str, Any]:
+    """`token` with its most likely alternatives: itself first (-0.1), then label spellings and fillers
+    at decreasing log-probabilities that sum, with it, to less than one."""
+    alternatives = [token]
+    for candidate in [spelling for label in _LABELS for spelling in (label, " " + label)] + list(_FILLERS):
+        if len(alternatives) >= top:
+            break
+        if candidate not in alternatives:
+            alternatives.append(candidate)
+    listed = [{"token": t, "logprob": -0.1 if i == 0 else -4.0 - 0.25 * i, "bytes": list(t.encode())}
+              for i, t in enumerate(alternatives[:top])]
+    return {"token": token, "logprob": -0.1, "bytes": list(token.encode()), "top_logprobs": listed}
+
+
+def _handler_for(server: StandInServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
+
+        def do_GET(self) -> None:
+            self._answer(None)
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > _MAX_BODY:
+                self._send(413, {"detail": "request body too large"})
+                return
+            raw = self.rfile.read(length)
+            try:
+                body = json.loads(raw) if raw else {}
+            except ValueError:
+                self._send(400, {"detail": "the body is not JSON"})
+                return
+            self._answer(body if isinstance(body, dict) else {})
+
+        def _answer(self, body: dict[str, Any] | None) -> None:
+            recorded = RecordedRequest(self.command, self.path.split("?", 1)[0],
+                                       {k.lower(): v for k, v in self.headers.items()}, body)
+            with server._lock:
+                server.requests.append(recorded)
+                server.in_flight += 1
+                server.max_in_flight = max(server.max_in_flight, server.in_flight)
+            try:
+                if server.latency:
+                    time.sleep(server.latency)
+                status, reply = server.respond(recorded)
+            finally:
+                with server._lock:
+                    server.in_flight -= 1
+            self._send(status, reply)
+
+        def _send(self, status: int, reply: dict[str, Any] | str) -> None:
+            text = reply if isinstance(reply, str) else json.dumps(reply)
+            data = text.encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; version=0.0.4" if isinstance(reply, str)
+                             else "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # the tests read the recorded requests, not a log on stderr
+
+    return Handler
