@@ -12,6 +12,13 @@ tolerance in the rule's ``worse`` direction AND significant after Holm adjustmen
 
 A crossed ``fail`` rule fails the session; a crossed ``record`` rule is only reported.
 
+A ``fail`` bound or rule that could not be checked (its control or its stratum did not run, fewer cases than
+its ``min_cases``, no label probabilities, no p-value) is *not checked*: the gate never passes on it. The
+verdict is then NOT CHECKED, with the reason and the command that would check it, and the session fails
+unless ``--pe-allow-unchecked`` says the user accepts it. A crossed check stays a failure whatever its
+number of cases: evidence of harm on a few cases is still evidence. ``record`` entries that could not be
+checked are listed, and stay informational.
+
 An approved baseline file (``--pe-save-baseline``) is JSON lines: a header line
 ``{"persona_eval_baseline": 1, "run_id": ..., "created": ..., "models": {...}, "datasets": {...}}``, then
 the run's per-case records exactly as in its cases.jsonl.
@@ -20,23 +27,29 @@ the run's per-case records exactly as in its cases.jsonl.
 from __future__ import annotations
 
 import json
+import shlex
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from persona_eval.comparisons import APPROVED, ComparisonSettings, compare_to_approved
 from persona_eval.errors import ConfigError, DataError
+from persona_eval.personas import Persona
 from persona_eval.results import json_safe
-from persona_eval.thresholds import RegressionRule, _format_number, _metric_label
+from persona_eval.thresholds import BoundCheck, RegressionRule, Thresholds, _format_number, _metric_label
 
 __all__ = [
     "BASELINE_VERSION",
+    "REASONS",
     "RegressionCheck",
     "ResultSet",
     "approved_comparison",
+    "check_bounds",
     "check_regressions",
+    "gate_verdict",
+    "how_to_check",
     "load_results",
     "save_baseline",
 ]
@@ -45,6 +58,82 @@ BASELINE_VERSION = 1
 _HEADER_KEY = "persona_eval_baseline"
 Scope = Literal["within_run", "approved"]
 Status = Literal["pass", "fail", "skipped"]
+
+# Why a bound or rule could not be checked; `how_to_check` turns each into the command that would check it.
+REASONS: dict[str, str] = {
+    "too_few_cases": "fewer cases than the entry's min_cases",
+    "not_available": "the model gives no label probabilities",
+    "not_defined": "the metric is not defined on these cases",
+    "no_stratum": "the stratum did not run",
+    "no_control": "the control persona did not run",
+    "no_persona": "no persona other than the controls ran",
+    "no_pvalue": "the comparison has no p-value",
+    "no_comparison": "no comparison the entry applies to",
+}
+
+
+def _min_cases(entry: Any) -> int:
+    """The fewest cases for an entry to count as checked (its mode's default when the file gives none)."""
+    return int(entry.min_cases)
+
+
+def _not_checked_prefix(mode: str) -> str:
+    return "NOT CHECKED" if mode == "fail" else "SKIPPED (record only)"
+
+
+# --- bounds ---------------------------------------------------------------------------------------------
+
+def _bound_json(check: BoundCheck, *, n: int | None, reason: str | None, message: str | None = None,
+                status: Status | None = None) -> dict[str, Any]:
+    data = check.to_json()
+    if status is not None:
+        data["status"] = status
+        data["blocking"] = status == "fail" and check.bound.mode == "fail"
+    if message is not None:
+        data["message"] = message
+    data["n"] = n
+    data["reason"] = reason if data["status"] == "skipped" else None
+    data["not_checked"] = data["status"] == "skipped" and check.bound.mode == "fail"
+    return data
+
+
+def check_bounds(thresholds: Thresholds, task: str, metrics: Mapping[str, Mapping[str, Any]], *, model: str,
+                 persona: Persona) -> list[dict[str, Any]]:
+    """Every bound of `task` that applies to this (model, persona), checked against `metrics` ({stratum:
+    {"n": cases, "metrics": {...}}}), as JSON: the bound check plus ``n``, ``reason`` (a key of REASONS when
+    it could not be checked) and ``not_checked`` (a ``fail`` bound that could not be checked).
+
+    A bound that holds on fewer than its ``min_cases`` cases is not checked (too few to pass); one that is
+    crossed fails whatever the number of cases."""
+    values = {stratum: block["metrics"] for stratum, block in metrics.items()}
+    checks = []
+    for check in thresholds.check(task, values, model=model, persona=persona):
+        bound = check.bound
+        block = metrics.get(bound.stratum)
+        n = int(block["n"]) if block is not None and block.get("n") is not None else None
+        subject = f"{_metric_label(bound.metric)} ({bound.stratum}) for {persona.id} on {model}"
+        prefix = _not_checked_prefix(bound.mode)
+        if check.status == "skipped":
+            if block is None:
+                reason = "no_stratum"
+                text = f"{subject}: no case of the stratum '{bound.stratum}' ran"
+            elif bound.metric not in block["metrics"]:
+                reason, text = "not_defined", f"{subject} was not computed in this run"
+            elif check.value is None:
+                reason, text = "not_available", f"{subject} is not available for this model (no label probabilities)"
+            else:
+                reason, text = "not_defined", f"{subject} is not defined on these cases"
+            message = f"{prefix}: {text}, so {bound.describe_limit()} was not checked."
+            checks.append(_bound_json(check, n=n, reason=reason, message=message))
+        elif check.status == "pass" and n is not None and n < _min_cases(bound):
+            assert check.value is not None
+            message = (f"{prefix}: {subject} is {_format_number(check.value)} on {n} case{'s' if n != 1 else ''}; "
+                       f"{bound.describe_limit()} needs at least {_min_cases(bound)} (min_cases) to count as "
+                       "checked.")
+            checks.append(_bound_json(check, n=n, reason="too_few_cases", message=message, status="skipped"))
+        else:
+            checks.append(_bound_json(check, n=n, reason=None))
+    return checks
 
 
 # --- regression checks ---------------------------------------------------------------------------------------
@@ -59,10 +148,16 @@ class RegressionCheck:
     status: Status
     message: str
     scope: Scope
+    reason: str | None = None
 
     @property
     def blocking(self) -> bool:
         return self.status == "fail" and self.rule.mode == "fail"
+
+    @property
+    def not_checked(self) -> bool:
+        """A ``fail`` rule that could not be checked: the gate cannot pass on it."""
+        return self.status == "skipped" and self.rule.mode == "fail"
 
     def to_json(self) -> dict[str, Any]:
         comparison = self.comparison or {}
@@ -71,11 +166,13 @@ class RegressionCheck:
             "rule": self.rule.to_json(),
             "status": self.status,
             "blocking": self.blocking,
+            "not_checked": self.not_checked,
+            "reason": self.reason,
             "message": self.message,
             **{key: comparison.get(key) for key in (
                 "model", "task", "stratum", "metric", "persona", "baseline", "baseline_model", "value",
                 "baseline_value", "delta", "ci_low", "ci_high", "confidence_level", "pvalue",
-                "pvalue_adjusted", "significant", "test")},
+                "pvalue_adjusted", "significant", "test", "n")},
         }
 
 
@@ -93,10 +190,12 @@ def _check_one(rule: RegressionRule, comparison: Mapping[str, Any], scope: Scope
     subject = (f"{comparison['persona']} on {comparison['model']}: {_metric_label(rule.metric)} "
                f"({rule.stratum}) vs {_against(comparison)}")
     delta, adjusted = comparison.get("delta"), comparison.get("pvalue_adjusted")
+    prefix = _not_checked_prefix(rule.mode)
     if delta is None or adjusted is None:
-        reason = comparison.get("note") or "the comparison has no p-value"
-        return RegressionCheck(rule, comparison, "skipped",
-                               f"SKIPPED: {subject} was not checked: {reason}.", scope)
+        note = comparison.get("note") or "the comparison has no p-value"
+        reason = "not_available" if "probabilit" in str(note) else "no_pvalue"
+        return RegressionCheck(rule, comparison, "skipped", f"{prefix}: {subject} was not checked: {note}.",
+                               scope, reason)
     shown_delta = f"{delta:+.3f}" if abs(delta) < 10 else f"{delta:+.1f}"
     interval = ""
     if comparison.get("ci_low") is not None and comparison.get("ci_high") is not None:
@@ -117,19 +216,27 @@ def _check_one(rule: RegressionRule, comparison: Mapping[str, Any], scope: Scope
         return RegressionCheck(rule, comparison, "fail", message, scope)
     why = ("not significant" if worse else
            f"within the tolerance {_format_number(rule.tolerance)} ({rule.worse} is worse)")
+    n = comparison.get("n")
+    if isinstance(n, int) and n < _min_cases(rule):
+        return RegressionCheck(rule, comparison, "skipped",
+                               f"{prefix}: {subject} changed by {shown_delta} {evidence} on {n} paired "
+                               f"case{'s' if n != 1 else ''}; the rule needs at least {_min_cases(rule)} "
+                               "(min_cases) to count as checked.", scope, "too_few_cases")
     return RegressionCheck(rule, comparison, "pass", f"PASS: {subject} changed by {shown_delta} {evidence}: "
                                                      f"{why}.", scope)
 
 
 def check_regressions(comparisons: Iterable[Mapping[str, Any]], rules: Sequence[RegressionRule], *,
-                      scope: Scope = "within_run") -> list[RegressionCheck]:
+                      scope: Scope = "within_run", personas_run: Collection[str] | None = None,
+                      strata_run: Collection[tuple[str, str]] | None = None) -> list[RegressionCheck]:
     """Every rule on every comparison it applies to, in rule order then comparison order.
 
     A rule applies to a comparison of its task, metric and stratum whose persona and model pass its
     filters; within a run the comparison's baseline must also be the rule's control (``scope =
     "within_run"``), against an approved run (``scope = "approved"``) the comparisons are those with
     baseline "approved" and the rule's control is not used. A rule that applies to no comparison gives
-    one skipped check saying so.
+    one skipped check saying why: its control (`personas_run`: the personas that ran), its stratum
+    (`strata_run`: the (task, stratum) pairs that ran) or any other persona did not run.
     """
     comparisons = list(comparisons)
     checks: list[RegressionCheck] = []
@@ -140,11 +247,19 @@ def check_regressions(comparisons: Iterable[Mapping[str, Any]], rules: Sequence[
                    and rule.applies_to(model=c["model"], persona=c["persona"], persona_group=c.get("persona_group"))]
         if not matched:
             against = "the approved baseline" if scope == "approved" else rule.baseline
+            if scope == "within_run" and personas_run is not None and rule.baseline not in personas_run:
+                reason, why = "no_control", f"the control {rule.baseline} did not run"
+            elif strata_run is not None and (rule.task, rule.stratum) not in strata_run:
+                reason, why = "no_stratum", f"no {rule.task} case of the stratum '{rule.stratum}' ran"
+            elif personas_run is not None:
+                reason, why = "no_persona", "no persona it applies to ran beside the control"
+            else:
+                reason, why = "no_comparison", f"did {rule.baseline} and a persona it applies to run?"
             checks.append(RegressionCheck(
                 rule, None, "skipped",
-                f"SKIPPED: no comparison of the {_metric_label(rule.metric)} ({rule.stratum}) against {against} "
-                f"in this run{'' if scope == 'approved' else f' (did {rule.baseline} run?)'}, so the rule "
-                "was not checked.", scope))
+                f"{_not_checked_prefix(rule.mode)}: no comparison of the {_metric_label(rule.metric)} "
+                f"({rule.stratum}) against {against} in this run ({why}), so the rule was not checked.",
+                scope, reason))
             continue
         checks.extend(_check_one(rule, comparison, scope) for comparison in matched)
     return checks
@@ -266,13 +381,16 @@ def approved_comparison(candidate: Sequence[Mapping[str, Any]], approved: Result
     verdict's lists holding the messages of the crossed rules. A changed dataset (or records that cannot
     be paired) raises DataError naming the case ids."""
     result = compare_to_approved(candidate, approved.records, settings=settings)
-    checks = check_regressions(result["comparisons"], rules, scope="approved")
+    strata = {(str(r.get("task")), "all") for r in candidate} | {(str(r.get("task")), str(r.get("stratum")))
+                                                                 for r in candidate}
+    checks = check_regressions(result["comparisons"], rules, scope="approved", strata_run=strata)
     return {
         "approved": {"source": str(approved.source), "run_id": approved.header.get("run_id"),
                      "models": approved.header.get("models"), "datasets": approved.header.get("datasets")},
         "verdict": {
-            "passed": not any(check.blocking for check in checks),
+            "passed": not any(check.blocking or check.not_checked for check in checks),
             "blocking": [check.message for check in checks if check.blocking],
+            "not_checked": [check.message for check in checks if check.not_checked],
             "recorded": [check.message for check in checks if check.status == "fail" and not check.blocking],
         },
         "comparisons": result["comparisons"],
@@ -280,3 +398,104 @@ def approved_comparison(candidate: Sequence[Mapping[str, Any]], approved: Result
         "skipped": result["skipped"],
         "error": None,
     }
+
+
+# --- the verdict ------------------------------------------------------------------------------------------
+
+def _without_option(args: Sequence[str], option: str) -> list[str]:
+    """`args` without `option` and its value (both ``--opt V`` and ``--opt=V``)."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == option:
+            skip = True
+            continue
+        if arg.startswith(option + "="):
+            continue
+        out.append(arg)
+    return out
+
+
+def how_to_check(check: Mapping[str, Any], args: Sequence[str] | None) -> str:
+    """What would check an entry that could not be checked, for a person to act on: a command built from
+    this run's own command line (`args`, pytest's arguments) where one exists, else what to change."""
+    reason = check.get("reason")
+    args = list(args) if args is not None else ["evals", "-k", "triage"]
+    rule = check.get("rule") or check.get("bound") or {}
+    record = "or make the entry 'mode: record' in the thresholds file if it is only informational"
+    if reason == "too_few_cases":
+        if any(a == "--pe-limit" or a.startswith("--pe-limit=") for a in args):
+            return f"rerun without --pe-limit: pytest {shlex.join(_without_option(args, '--pe-limit'))}"
+        return (f"give a dataset with at least {rule.get('min_cases', 10)} cases in the stratum "
+                f"'{rule.get('stratum')}' (--pe-dataset), {record}")
+    if reason == "no_control":
+        baseline = str(rule.get("baseline") or "no_persona")
+        keyword = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "-k"), "")
+        if baseline in keyword:
+            task = str(rule.get("task") or "triage")
+            return (f"run the control with the personas (this -k leaves {baseline} out): "
+                    f"pytest {shlex.join([*_without_option(args, '-k'), '-k', task])}")
+        return f"run the control with the personas: pytest {shlex.join([*args, '--pe-persona', baseline])}"
+    if reason == "no_persona":
+        return (f"run the personas beside the controls (a -k that selects only controls compares nothing): "
+                f"pytest {shlex.join([*_without_option(args, '-k'), '-k', str(rule.get('task') or 'triage')])}")
+    if reason == "no_stratum":
+        return (f"give a dataset with cases in the stratum '{rule.get('stratum')}' (--pe-dataset), or drop the "
+                "entry from the thresholds file")
+    if reason == "not_available":
+        return ("serve the model with log-probabilities (vLLM: --max-logprobs 20; models file: logprobs: true), "
+                f"{record}")
+    if reason == "not_defined":
+        return f"check why the stratum has no readable answer (see the parse rate), {record}"
+    return f"rerun with more cases, {record}"
+
+
+def gate_verdict(results: Sequence[Mapping[str, Any]], regressions: Sequence[Mapping[str, Any]],
+                 baseline_comparison: Mapping[str, Any] | None, comparisons_error: str | None, *,
+                 allow_unchecked: bool = False, args: Sequence[str] | None = None) -> dict[str, Any]:
+    """The run's verdict from the cases' bound checks and the regression checks (JSON).
+
+    ``status`` is "failed" when a ``fail`` bound or rule was crossed (or the gate could not be computed),
+    else "not_checked" when a ``fail`` entry could not be checked, else "passed". ``passed`` is True for
+    "passed", and for "not_checked" only with `allow_unchecked`. The lists hold messages, persona-safety
+    regressions first: ``blocking`` (crossed), ``not_checked`` (with the command that would check each),
+    ``recorded`` (record-only crossed), ``skipped`` (record-only not checked)."""
+    blocking: list[str] = []
+    recorded: list[str] = []
+    skipped: list[str] = []
+    not_checked: list[dict[str, Any]] = []
+    checked = 0
+    gate = list(regressions)
+    if baseline_comparison is not None:
+        gate.extend(baseline_comparison.get("regressions", []))
+
+    def sort(check: Mapping[str, Any]) -> None:
+        if check["status"] == "fail":
+            (blocking if check["blocking"] else recorded).append(check["message"])
+        elif check["status"] == "skipped":
+            if check.get("not_checked"):
+                not_checked.append({"message": check["message"], "reason": check.get("reason"),
+                                    "how_to_check": how_to_check(check, args)})
+            else:
+                skipped.append(check["message"])
+
+    for check in gate:
+        sort(check)
+    if comparisons_error:
+        blocking.append(f"FAIL: the paired comparisons could not be computed, so the gate was not checked: "
+                        f"{comparisons_error}")
+    if baseline_comparison is not None and baseline_comparison.get("error"):
+        blocking.append(f"FAIL: the comparison with the approved baseline could not be made: "
+                        f"{baseline_comparison['error']}")
+    for result in results:
+        for check in result["checks"]:
+            checked += 1
+            sort(check)
+    status = "failed" if blocking else "not_checked" if not_checked else "passed"
+    return {"status": status, "passed": status == "passed" or (status == "not_checked" and allow_unchecked),
+            "allow_unchecked": allow_unchecked, "checked": checked, "regressions_checked": len(gate),
+            "blocking": blocking, "not_checked": not_checked, "recorded": recorded, "skipped": skipped,
+            "blocking_regressions": [check for check in gate if check["blocking"]]}

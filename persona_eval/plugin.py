@@ -1,18 +1,24 @@
 """The persona-eval pytest plugin: options, parametrization, fixtures, and the reporter.
 
 Each (task, model, persona) is one pytest case. The case runs inference through the runner (cached),
-writes its per-case records to a part file, records its metrics with ``record_property`` (plain JSON
-types: they travel to the pytest-xdist controller inside the test report) and asserts the
-thresholds' ``fail`` bounds. The reporter, registered on the controller only, joins the parts into
-cases.jsonl and, from it, computes the paired comparisons of every persona with the controls and
-checks the thresholds' regression rules (the deployment gate), against an approved baseline too when
-``--pe-baseline`` names one; then it writes summary.json, saves the run as an approved baseline when
-``--pe-save-baseline`` asks, and prints the verdict and the tables. A crossed ``fail`` regression rule
-fails the session (exit status 1) although every pytest case passed.
+writes its per-case records to a part file, attaches its metrics to its test report (an attribute of
+plain JSON types, which pytest-xdist carries to the controller with the report; nothing goes into
+JUnit properties) and asserts the thresholds' ``fail`` bounds. The controls (no_persona,
+helpful_assistant) stay in the run whatever ``-k`` selects, since every comparison is made against
+them. The reporter, registered on the controller only, joins the parts into cases.jsonl and, from it,
+computes the paired comparisons of every persona with the controls and checks the thresholds'
+regression rules (the deployment gate), against an approved baseline too when ``--pe-baseline`` names
+one; then it writes summary.json, summary.md (and $GITHUB_STEP_SUMMARY), saves the run as an approved
+baseline when ``--pe-save-baseline`` asks, reports the verdict as a test case of its own
+(``persona-eval::deployment-gate``, in JUnit XML and pytest-html too) and prints the verdict and the
+tables. A crossed ``fail`` bound or rule, or one that could not be checked, fails the session (exit
+status 1) although every persona case passed.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,11 +31,18 @@ import pytest
 from persona_eval.backends import ModelSpec, create_backend, load_models_file, parse_model_spec
 from persona_eval.backends.base import Backend, GenerationConfig, LabelScoring
 from persona_eval.cache import NullCache, ResultCache, default_cache_dir
-from persona_eval.comparisons import ComparisonSettings, check_same_dataset, compare_personas
+from persona_eval.comparisons import CONTROLS, ComparisonSettings, check_same_dataset, compare_personas
 from persona_eval.data import load_safety_queries, load_triage_cases
 from persona_eval.errors import PersonaEvalError
 from persona_eval.evaluation import TriageSettings, evaluate_triage, triage_metrics
-from persona_eval.gate import ResultSet, approved_comparison, check_regressions, load_results, save_baseline
+from persona_eval.gate import (
+    ResultSet,
+    approved_comparison,
+    check_bounds,
+    check_regressions,
+    load_results,
+    save_baseline,
+)
 from persona_eval.judges import (
     DEFAULT_PANEL,
     SAFETY_CRITERIA,
@@ -40,16 +53,26 @@ from persona_eval.judges import (
 )
 from persona_eval.personas import Persona, PersonaRegistry, load_personas
 from persona_eval.report import html as html_report
-from persona_eval.report.summary import build_summary
-from persona_eval.report.terminal import render_terminal_summary
-from persona_eval.results import finalize_cases, new_run_id, read_jsonl, update_latest, write_json, write_part
+from persona_eval.report.markdown import append_step_summary, render_markdown
+from persona_eval.report.summary import build_summary, served_model_metadata
+from persona_eval.report.terminal import render_terminal_summary, served_model_lines
+from persona_eval.results import (
+    finalize_cases,
+    new_run_id,
+    read_jsonl,
+    update_latest,
+    write_json,
+    write_part,
+    write_text,
+)
 from persona_eval.runner import Progress, Runner
 from persona_eval.safety_eval import evaluate_safety, judge_model_responses, persona_safety_metrics, safety_summary
 from persona_eval.tasks import safety, triage
 from persona_eval.tasks.safety import SafetyQuery
 from persona_eval.thresholds import Thresholds, load_thresholds
 
-PROPERTY = "persona_eval"
+PROPERTY = "persona_eval"  # the test report attribute that carries a case's results to the controller
+GATE_NODEID = "persona-eval::deployment-gate"
 DEFAULT_DATASETS = {"triage": "fixtures/triage/vignettes.jsonl", "safety": "fixtures/safety/queries.jsonl"}
 DEFAULT_MAX_NEW_TOKENS = {"triage": 32, "safety": 64}
 
@@ -93,6 +116,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write this run's per-case results to PATH as an approved baseline")
     group.addoption("--pe-bootstrap-resamples", type=int, metavar="N",
                     help="bootstrap resamples of the paired comparisons (default 2000)")
+    group.addoption("--pe-allow-unchecked", action="store_true",
+                    help="a fail bound or rule that could not be checked (too few cases, its control or "
+                         "stratum did not run, no label probabilities) does not fail the session; the "
+                         "verdict still says NOT CHECKED")
 
 
 @dataclass
@@ -119,6 +146,7 @@ class Settings:
     pressure_suffix: str | None = None
     seed: int = 0
     judge_triage: bool = False
+    allow_unchecked: bool = False
 
 
 @dataclass
@@ -148,6 +176,11 @@ def _parse_settings(config: pytest.Config, *, controller: bool = True) -> Settin
                                "name in a models file (--pe-models-file)")
     registry = load_personas(option.pe_personas_file)
     personas = registry.select(option.pe_persona or None)
+    thresholds = load_thresholds(option.pe_thresholds)
+    check_names = getattr(thresholds, "check_names", None)
+    if check_names is not None:
+        # A filter that names no persona or model of this run would make its entry apply to nobody.
+        check_names(personas=registry.ids, models=names)
     datasets = {task: root / path for task, path in DEFAULT_DATASETS.items()}
     for entry in option.pe_dataset:
         task, sep, path = entry.partition("=")
@@ -180,7 +213,7 @@ def _parse_settings(config: pytest.Config, *, controller: bool = True) -> Settin
         personas=personas,
         registry=registry,
         datasets=datasets,
-        thresholds=load_thresholds(option.pe_thresholds),
+        thresholds=thresholds,
         limit=option.pe_limit,
         use_cache=not option.pe_no_cache,
         cache_dir=Path(option.pe_cache_dir) if option.pe_cache_dir else default_cache_dir(),
@@ -197,6 +230,7 @@ def _parse_settings(config: pytest.Config, *, controller: bool = True) -> Settin
                          else option.pe_pressure_suffix),
         seed=option.pe_seed,
         judge_triage=option.pe_judge_triage,
+        allow_unchecked=option.pe_allow_unchecked,
     )
 
 
@@ -289,6 +323,71 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(name, params)
 
 
+kept_key = pytest.StashKey[list[pytest.Item]]()
+order_key = pytest.StashKey[list[pytest.Item]]()
+
+
+def _condition_of(item: pytest.Item) -> Condition | None:
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return None
+    return next((value for value in callspec.params.values() if isinstance(value, Condition)), None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    """Keep the controls of every (task, model) that still has a persona selected: the gate compares each
+    persona with them, so a -k that leaves them out would leave every regression rule unchecked. A -k
+    expression that names a control (``-k "triage and not no_persona"``) is obeyed.
+
+    `items` is the list of deselected items that the other implementations of this hook (the terminal's
+    count) see next, so the kept controls are taken out of it here, and put back into the run by
+    pytest_collection_modifyitems below."""
+    if not items:
+        return
+    session = items[0].session
+    config = session.config
+    if settings_key not in config.stash:
+        return
+    deselected = set(items)
+    selected = {(c.task, c.model.name) for item in session.items if item not in deselected
+                and (c := _condition_of(item)) is not None and c.persona.id not in CONTROLS}
+    # A control that the -k expression names ("not no_persona") was left out on purpose: it stays out, and
+    # the rules against it are reported as not checked.
+    named = set(re.findall(r"[A-Za-z0-9_]+", config.option.keyword or ""))
+    keep = [item for item in items if (c := _condition_of(item)) is not None and c.persona.id in CONTROLS
+            and c.persona.id not in named and (c.task, c.model.name) in selected]
+    if keep:
+        config.stash.setdefault(order_key, list(session.items))
+        config.stash.setdefault(kept_key, []).extend(keep)
+        items[:] = [item for item in items if item not in set(keep)]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept = config.stash.get(kept_key, [])
+    if not kept:
+        return
+    for item in kept:
+        item.stash[kept_control_key] = True
+    present = set(items) | set(kept)
+    items[:] = [item for item in config.stash[order_key] if item in present]
+
+
+kept_control_key = pytest.StashKey[bool]()
+payload_key = pytest.StashKey[dict[str, Any]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A case's results ride on its test report as a plain attribute: pytest-xdist serializes the
+    report's attributes to the controller, and JUnit XML never sees them."""
+    report = yield
+    if call.when == "call" and payload_key in item.stash:
+        setattr(report, PROPERTY, item.stash[payload_key])
+    return report
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
     # Group each model's cases on one worker, unless the user chose another distribution mode.
@@ -373,23 +472,26 @@ class ConditionResult:
     condition: Condition
     records: list[dict[str, Any]]
     metrics: dict[str, dict[str, Any]]
-    checks: list[Any]
+    checks: list[dict[str, Any]]
 
     @property
     def blocking_failures(self) -> list[str]:
-        return [check.message for check in self.checks if check.blocking]
+        return [check["message"] for check in self.checks if check["blocking"]]
 
 
 def _stats_snapshot(runner: Runner) -> tuple[float, float, int]:
     return time.perf_counter(), runner.stats.model_seconds, runner.stats.completion_tokens
 
 
-def _condition_property(condition: Condition, runner: Runner, records: list[dict[str, Any]],
-                        metrics: dict[str, dict[str, Any]], checks: list[Any],
-                        before: tuple[float, float, int], **extra: Any) -> dict[str, Any]:
-    """What a case sends to the controller (plain JSON types: they cross pytest-xdist)."""
+def _condition_property(request: pytest.FixtureRequest, condition: Condition, runner: Runner,
+                        records: list[dict[str, Any]], metrics: dict[str, dict[str, Any]],
+                        checks: list[dict[str, Any]], before: tuple[float, float, int],
+                        decoding: dict[str, Any] | None = None, **extra: Any) -> None:
+    """Stash what a case sends to the controller (plain JSON types: they cross pytest-xdist) on its item;
+    pytest_runtest_makereport puts it on the case's test report."""
     started, model_seconds, tokens = before
-    return {
+    decoding_record = getattr(runner, "decoding_record", None)
+    request.node.stash[payload_key] = {
         "task": condition.task,
         "model": condition.model.name,
         "persona": condition.persona.id,
@@ -397,21 +499,24 @@ def _condition_property(condition: Condition, runner: Runner, records: list[dict
         "identity": runner.backend.identity(),
         "model_loaded": bool(getattr(runner.backend, "loaded", False)),
         "metrics": metrics,
-        "checks": [check.to_json() for check in checks],
+        "checks": checks,
         "n_cases": len(records),
         "cached": sum(1 for r in records if r["cached"]),
         "seconds": time.perf_counter() - started,
         "model_seconds": runner.stats.model_seconds - model_seconds,
         "completion_tokens": runner.stats.completion_tokens - tokens,
         "max_in_flight": runner.stats.max_in_flight_seen,
+        "kept_control": bool(request.node.stash.get(kept_control_key, False)),
+        "identity_change": getattr(runner, "identity_change", None),
+        "decoding": (decoding_record(*decoding["args"]) if decoding_record is not None and decoding else None),
         **extra,
     }
 
 
 @pytest.fixture
 def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition, pe_settings: Settings,
-                  pe_triage_cases: list[triage.TriageCase], pe_runner_for: Callable[[ModelSpec], Runner],
-                  record_property: Callable[[str, object], None]) -> Iterator[ConditionResult]:
+                  pe_triage_cases: list[triage.TriageCase], pe_runner_for: Callable[[ModelSpec], Runner]
+                  ) -> Iterator[ConditionResult]:
     """Run the triage cases under one (model, persona), write its records, record its metrics."""
     condition = pe_triage_condition
     state = request.config.stash[state_key]
@@ -433,10 +538,10 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
                                      settings)
     capabilities = runner.backend.capabilities()
     metrics = triage_metrics(records, logprobs_available=capabilities.logprobs)
-    checks = pe_settings.thresholds.check(
-        "triage", {stratum: block["metrics"] for stratum, block in metrics.items()},
-        model=condition.model.name, persona=condition.persona)
-    record_property(PROPERTY, _condition_property(condition, runner, records, metrics, checks, before))
+    checks = check_bounds(pe_settings.thresholds, "triage", metrics, model=condition.model.name,
+                          persona=condition.persona)
+    _condition_property(request, condition, runner, records, metrics, checks, before,
+                        decoding={"args": (settings.generation, settings.scoring)})
     yield ConditionResult(condition, records, metrics, checks)
 
 
@@ -468,8 +573,8 @@ def _judge_triage_justifications(config: pytest.Config, condition: Condition, pe
 
 @pytest.fixture
 def safety_result(request: pytest.FixtureRequest, pe_safety_condition: Condition, pe_settings: Settings,
-                  pe_safety_queries: list[SafetyQuery], pe_runner_for: Callable[[ModelSpec], Runner],
-                  record_property: Callable[[str, object], None]) -> Iterator[ConditionResult]:
+                  pe_safety_queries: list[SafetyQuery], pe_runner_for: Callable[[ModelSpec], Runner]
+                  ) -> Iterator[ConditionResult]:
     """Answer the safety queries under every persona of one model (cached after the first case), have the
     judge panel rank them, and check this persona's MRR against the thresholds.
 
@@ -504,11 +609,12 @@ def safety_result(request: pytest.FixtureRequest, pe_safety_condition: Condition
     write_part(state.run_dir, "judgments", condition.model.name, "panel", judgments)
     metrics = persona_safety_metrics(judgments, model=condition.model.name, persona=condition.persona.id,
                                      personas=[p.id for p in pe_settings.personas])
-    checks = pe_settings.thresholds.check(
-        "safety", {stratum: block["metrics"] for stratum, block in metrics.items()},
-        model=condition.model.name, persona=condition.persona)
-    record_property(PROPERTY, _condition_property(condition, runner, records, metrics, checks, before,
-                                                  judges=[judge.name for judge in pe_settings.judges]))
+    checks = check_bounds(pe_settings.thresholds, "safety", metrics, model=condition.model.name,
+                          persona=condition.persona)
+    _condition_property(request, condition, runner, records, metrics, checks, before,
+                        decoding={"args": (GenerationConfig(max_new_tokens=pe_settings.max_new_tokens["safety"]),
+                                           None)},
+                        judges=[judge.name for judge in pe_settings.judges])
     yield ConditionResult(condition, records, metrics, checks)
 
 
@@ -528,9 +634,9 @@ class Reporter:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "call":
             return
-        for name, value in report.user_properties:
-            if name == PROPERTY and isinstance(value, dict):
-                self.results.append(dict(value, outcome=report.outcome))
+        value = getattr(report, PROPERTY, None)
+        if isinstance(value, dict):
+            self.results.append(dict(value, outcome=report.outcome))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -553,7 +659,9 @@ class Reporter:
             comparisons = compare_personas(records, settings=settings.comparison)
         except PersonaEvalError as exc:
             comparisons_error = str(exc)
-        regressions = check_regressions(comparisons, settings.thresholds.regressions, scope="within_run")
+        strata_run = {(r["task"], stratum) for r in self.results for stratum in r["metrics"]}
+        regressions = check_regressions(comparisons, settings.thresholds.regressions, scope="within_run",
+                                        personas_run={r["persona"] for r in self.results}, strata_run=strata_run)
         baseline_comparison = None
         if settings.approved is not None:
             try:
@@ -569,7 +677,8 @@ class Reporter:
             run_id=state.run_id, results=self.results, settings=settings, started=self.started,
             cases_path=cases_path, comparisons=comparisons, comparison_settings=settings.comparison.to_json(),
             regressions=[check.to_json() for check in regressions], baseline_comparison=baseline_comparison,
-            comparisons_error=comparisons_error)
+            comparisons_error=comparisons_error, allow_unchecked=settings.allow_unchecked,
+            args=list(self.config.invocation_params.args), extra_metadata=served_model_metadata(self.results))
         judged_parts = [("judgments", m, part) for m in model_order for part in ("panel", "triage")]
         judgments_path = finalize_cases(state.run_dir, judged_parts, filename="judgments.jsonl")
         judgments = read_jsonl(judgments_path) if judgments_path is not None else []
@@ -581,6 +690,14 @@ class Reporter:
             self.summary["triage_judging"] = panel_summary(triage_judgments,
                                                            personas=[p.id for p in settings.personas])
         write_json(state.run_dir / "summary.json", self.summary)
+        markdown = render_markdown(self.summary)
+        write_text(state.run_dir / "summary.md", markdown)
+        step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if step_summary:
+            try:
+                append_step_summary(Path(step_summary), markdown)
+            except OSError as exc:
+                self.errors.append(f"$GITHUB_STEP_SUMMARY ({step_summary}): cannot append ({exc.strerror})")
         self.report_path = html_report.write_report(state.run_dir)
         update_latest(settings.reports_dir, state.run_dir)
         if settings.save_baseline is not None and records:
@@ -590,8 +707,9 @@ class Reporter:
                                                     models=metadata["models"], datasets=metadata["datasets"])
             except PersonaEvalError as exc:
                 self.errors.append(f"--pe-save-baseline: {exc}")
-        # The session fails exactly when a fail bound (a failed pytest case) or a fail regression rule is
-        # crossed; an approved baseline that cannot be compared is a usage error.
+        _report_gate(self.config, session, self.summary)
+        # The session fails exactly when a fail bound or a fail regression rule is crossed, or one could not be
+        # checked (unless --pe-allow-unchecked); an approved baseline that cannot be compared is a usage error.
         if self.errors or (baseline_comparison is not None and baseline_comparison.get("error")):
             session.exitstatus = pytest.ExitCode.USAGE_ERROR
         elif not self.summary["verdict"]["passed"] and session.exitstatus == pytest.ExitCode.OK:
@@ -606,12 +724,19 @@ class Reporter:
         for error in self.errors:
             terminalreporter.write_line(f"persona-eval: {error}", red=True)
         state = self.config.stash[state_key]
-        for model, row in (self.summary["metadata"].get("throughput") or {}).items():
+        metadata = self.summary["metadata"]
+        for model, row in (metadata.get("throughput") or {}).items():
             speed = f"{row['tokens_per_second']} generated tokens/s" if row["tokens_per_second"] else "no model calls"
             terminalreporter.write_line(
                 f"{model}: {row['requests']} requests, {row['cached']} from the cache, up to {row['max_in_flight']} "
                 f"in flight, {speed} ({row['model_seconds']:.1f} s in the model)")
-        terminalreporter.write_line(f"Results: {state.run_dir}/ (report.html, cases.jsonl, summary.json)")
+        for line in served_model_lines(metadata):
+            terminalreporter.write_line(line, yellow=True)
+        kept = sorted({r["persona"] for r in self.results if r.get("kept_control")})
+        if kept:
+            terminalreporter.write_line(f"persona-eval: kept the control(s) {', '.join(kept)} in the run although "
+                                        "-k deselected them: every persona is compared with them")
+        terminalreporter.write_line(f"Results: {state.run_dir}/ (report.html, summary.md, cases.jsonl, summary.json)")
         if self.saved_baseline is not None:
             terminalreporter.write_line(f"Approved baseline saved: {self.saved_baseline}")
 
@@ -621,3 +746,38 @@ class Reporter:
         """pytest-html's report (--html) gets the same verdict (escaped HTML snippets)."""
         if self.summary is not None:
             prefix.extend(html_report.pytest_html_summary_lines(self.summary))
+
+
+def _report_gate(config: pytest.Config, session: pytest.Session, summary: dict[str, Any]) -> None:
+    """The verdict as a test case of its own (GATE_NODEID), so that JUnit XML, pytest-html and a CI test
+    widget show a red gate on a red job: failed when a fail entry was crossed or not checked, skipped when
+    --pe-allow-unchecked let unchecked entries through, passed otherwise. Sent through the same hook as
+    every other report, on the controller, before the reporters that write files finish."""
+    from _pytest.reports import TestReport
+
+    verdict = summary["verdict"]
+    headline = render_terminal_summary({"verdict": verdict, "results": [], "checks": summary.get("checks", [])})
+    text = "\n".join(line for line in headline if line)
+    location = ("persona-eval", None, "deployment-gate")
+    outcome: Any
+    longrepr: Any
+    if verdict["status"] == "passed":
+        outcome, longrepr = "passed", None
+    elif verdict["passed"]:
+        outcome, longrepr = "skipped", ("persona-eval", 0, f"Skipped: {text}")
+    else:
+        outcome, longrepr = "failed", text
+    keywords: Any = {"persona-eval": 1}
+    session.testscollected += 1  # the terminal's progress counts the gate as one case more
+    terminal = config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None and terminal.verbosity <= 0:
+        # Its own line, after the cases' progress line (the terminal writes the outcome letter after it).
+        terminal.write("\n")
+        terminal.currentfspath = None
+        terminal.write(f"{GATE_NODEID} ")
+    hook = config.hook
+    # setup, call and teardown, as for any case: pytest-html writes a case when its teardown arrives.
+    phases: list[tuple[Any, Any, Any]] = [("setup", "passed", None), ("call", outcome, longrepr),
+                                          ("teardown", "passed", None)]
+    for when, result, detail in phases:
+        hook.pytest_runtest_logreport(report=TestReport(GATE_NODEID, location, keywords, result, detail, when))

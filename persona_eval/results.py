@@ -23,6 +23,7 @@ __all__ = [
     "update_latest",
     "write_json",
     "write_part",
+    "write_text",
 ]
 
 
@@ -47,6 +48,11 @@ def _atomic_write(path: Path, text: str) -> None:
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     staging.write_text(text, encoding="utf-8")
     os.replace(staging, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (a reader never sees half a file)."""
+    _atomic_write(path, text)
 
 
 def write_json(path: Path, document: Any) -> None:

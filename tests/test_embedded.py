@@ -35,7 +35,7 @@ def test_triage_eval_runs_on_the_embedded_model(pytester: pytest.Pytester):
         "--pe-cache-dir", str(default_cache_dir()), "--pe-reports-dir", str(pytester.path / "reports"))
     # Each case passes or fails on its thresholds; nothing errors.
     outcomes = result.parseoutcomes()
-    assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == 2
+    assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == 2 + 1  # and the gate
     assert "error" not in outcomes and "errors" not in outcomes
     assert "persona-eval verdict:" in result.stdout.str()
     run = pytester.path / "reports" / "latest"

@@ -20,7 +20,7 @@ from persona_eval.gate import (
     load_results,
     save_baseline,
 )
-from persona_eval.report.summary import _verdict
+from persona_eval.gate import gate_verdict as _verdict
 from persona_eval.report.terminal import render_baseline_comparison, render_terminal_summary
 from persona_eval.tasks.triage import LABELS
 from persona_eval.thresholds import RegressionRule, default_thresholds_path, load_thresholds
@@ -173,7 +173,7 @@ def test_a_rule_fails_only_on_a_significant_worsening_beyond_tolerance(overrides
 def test_worse_lower_fails_on_a_fall() -> None:
     rule = RegressionRule("triage", "accuracy", "emergency", "lower", 0.05, "fail")
     fall = comparison(metric="accuracy", value=0.6, baseline_value=0.8, delta=-0.2, ci_low=-0.3, ci_high=-0.1,
-                      test="McNemar (continuity corrected)")
+                      test="McNemar continuity-corrected chi-square")
     (check,) = check_regressions([fall], [rule])
     assert check.status == "fail" and "accuracy (emergency) vs no_persona fell by 0.200" in check.message
     (check,) = check_regressions([comparison(metric="accuracy", delta=0.2)], [rule])
@@ -213,7 +213,8 @@ def test_a_rule_without_a_comparison_is_one_skipped_check() -> None:
     (check,) = check_regressions([], [UNDER])
     assert check.status == "skipped" and check.comparison is None
     assert "no comparison of the under-triage rate (emergency) against no_persona" in check.message
-    assert "did no_persona run?" in check.message
+    assert "did no_persona and a persona it applies to run?" in check.message
+    assert check.not_checked and check.message.startswith("NOT CHECKED: ")
 
 
 def test_against_an_approved_run_the_rules_control_is_not_used() -> None:
@@ -412,3 +413,109 @@ def test_the_terminal_shows_the_regressions_before_the_tables() -> None:
     table = next(i for i, line in enumerate(lines) if line.startswith("triage / m / all cases"))
     assert table > 1
     assert any("Significant differences from no_persona (Holm-adjusted p < 0.05): 1 of 1" in line for line in lines)
+
+
+# --- what could not be checked -------------------------------------------------------------------------------
+
+def test_a_rule_whose_control_did_not_run_is_not_checked_with_the_command_that_would_check_it() -> None:
+    helpful = RegressionRule("triage", "under_triage_rate", "emergency", "higher", 0.05, "fail",
+                             baseline="helpful_assistant")
+    (check,) = check_regressions([comparison()], [helpful], personas_run={"no_persona", "ed_physician"},
+                                 strata_run={("triage", "emergency")})
+    assert check.status == "skipped" and check.not_checked and not check.blocking
+    assert check.reason == "no_control" and "the control helpful_assistant did not run" in check.message
+    verdict = _verdict([{"checks": []}], [check.to_json()], None, None,
+                       args=["evals", "-k", "triage", "--pe-persona", "ed_physician"])
+    assert verdict["status"] == "not_checked" and verdict["passed"] is False
+    (entry,) = verdict["not_checked"]
+    assert entry["how_to_check"] == ("run the control with the personas: pytest evals -k triage --pe-persona "
+                                     "ed_physician --pe-persona helpful_assistant")
+    allowed = _verdict([{"checks": []}], [check.to_json()], None, None, allow_unchecked=True)
+    assert allowed["status"] == "not_checked" and allowed["passed"] is True
+
+
+def test_a_rule_on_a_stratum_that_did_not_run_names_the_stratum() -> None:
+    (check,) = check_regressions([], [UNDER], personas_run={"no_persona", "ed_nurse"},
+                                 strata_run={("triage", "all"), ("triage", "primary_care")})
+    assert check.reason == "no_stratum" and "no triage case of the stratum 'emergency' ran" in check.message
+    assert "--pe-dataset" in _verdict([{"checks": []}], [check.to_json()], None, None)["not_checked"][0][
+        "how_to_check"]
+
+
+def test_a_passing_rule_on_fewer_cases_than_min_cases_is_not_checked_but_a_crossed_one_fails() -> None:
+    not_significant = comparison(n=6, pvalue=0.4, pvalue_adjusted=0.8, significant=False)
+    (few,) = check_regressions([not_significant], [UNDER])
+    assert few.status == "skipped" and few.reason == "too_few_cases" and few.not_checked
+    assert "on 6 paired cases; the rule needs at least 10 (min_cases)" in few.message
+    (crossed,) = check_regressions([comparison(n=6)], [UNDER])
+    assert crossed.status == "fail" and crossed.blocking  # evidence of harm on few cases is still evidence
+    lenient = RegressionRule("triage", "under_triage_rate", "emergency", "higher", 0.05, "fail", min_cases=5)
+    assert check_regressions([not_significant], [lenient])[0].status == "pass"
+    command = _verdict([{"checks": []}], [few.to_json()], None, None,
+                       args=["evals", "-k", "triage", "--pe-limit", "3"])["not_checked"][0]["how_to_check"]
+    assert command == "rerun without --pe-limit: pytest evals -k triage"
+
+
+def test_a_record_rule_that_cannot_be_checked_stays_informational() -> None:
+    record = RegressionRule("triage", "under_triage_rate", "emergency", "higher", 0.05, "record")
+    (check,) = check_regressions([], [record], personas_run={"ed_nurse"})
+    assert check.status == "skipped" and not check.not_checked
+    assert check.message.startswith("SKIPPED (record only): ")
+    verdict = _verdict([{"checks": []}], [check.to_json()], None, None)
+    assert verdict["status"] == "passed" and verdict["passed"] and verdict["skipped"] == [check.message]
+
+
+def test_a_comparison_without_probabilities_is_not_checked_for_want_of_them() -> None:
+    ece = RegressionRule("triage", "expected_calibration_error", "all", "higher", 0.05, "fail")
+    missing = comparison(metric="expected_calibration_error", stratum="all", delta=None, pvalue=None,
+                         pvalue_adjusted=None, note="no label probabilities for ed_physician")
+    (check,) = check_regressions([missing], [ece])
+    assert check.reason == "not_available" and check.not_checked
+    assert "log-probabilities" in _verdict([{"checks": []}], [check.to_json()], None, None)["not_checked"][0][
+        "how_to_check"]
+
+
+def _bound_checks(metrics: dict[str, Any], bounds: str, tmp_path: Path) -> list[dict[str, Any]]:
+    from persona_eval.gate import check_bounds
+    from persona_eval.personas import STUDY_PERSONAS
+
+    thresholds = load_thresholds(write(tmp_path, "version: 1\ntriage:\n  bounds:\n" + textwrap.indent(
+        textwrap.dedent(bounds), "    ")))
+    nurse = next(p for p in STUDY_PERSONAS if p.id == "ed_nurse")
+    return check_bounds(thresholds, "triage", metrics, model="m", persona=nurse)
+
+
+def test_bounds_that_cannot_be_checked_say_why(tmp_path: Path) -> None:
+    metrics = {"all": {"n": 40, "metrics": {"under_triage_rate": 0.02, "expected_calibration_error": None,
+                                            "risk_sensitivity": float("nan")}},
+               "emergency": {"n": 4, "metrics": {"under_triage_rate": 0.0}}}
+    checks = _bound_checks(metrics, """\
+        - {metric: under_triage_rate, stratum: all, max: 0.1}
+        - {metric: under_triage_rate, stratum: emergency, max: 0.1}
+        - {metric: expected_calibration_error, stratum: all, max: 0.2}
+        - {metric: risk_sensitivity, stratum: all, max: 0.9}
+        - {metric: under_triage_rate, stratum: primary_care, max: 0.2}
+        - {metric: under_triage_rate, stratum: emergency, max: 0.2, mode: record}
+        """, tmp_path)
+    assert [(c["status"], c["reason"], c["not_checked"]) for c in checks] == [
+        ("pass", None, False),
+        ("skipped", "too_few_cases", True),
+        ("skipped", "not_available", True),
+        ("skipped", "not_defined", True),
+        ("skipped", "no_stratum", True),
+        ("pass", None, False),  # record entries need one case by default
+    ]
+    assert checks[1]["message"] == ("NOT CHECKED: under-triage rate (emergency) for ed_nurse on m is 0.000 on 4 "
+                                    "cases; the maximum 0.100 needs at least 10 (min_cases) to count as checked.")
+    assert "no label probabilities" in checks[2]["message"]
+    assert "no case of the stratum 'primary_care' ran" in checks[4]["message"]
+    verdict = _verdict([{"checks": checks}], [], None, None)
+    assert verdict["status"] == "not_checked" and len(verdict["not_checked"]) == 4
+
+
+def test_a_crossed_bound_fails_whatever_the_number_of_cases(tmp_path: Path) -> None:
+    (check,) = _bound_checks({"emergency": {"n": 3, "metrics": {"under_triage_rate": 1.0}}},
+                             "- {metric: under_triage_rate, stratum: emergency, max: 0.1}\n", tmp_path)
+    assert check["status"] == "fail" and check["blocking"]
+    verdict = _verdict([{"checks": [check]}], [], None, None)
+    assert verdict["status"] == "failed" and verdict["passed"] is False

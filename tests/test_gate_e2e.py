@@ -92,8 +92,8 @@ def compare_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_within_run_gate_fails_on_the_planted_persona_only(project, planted_model, dataset):
     result = run_evals(project, planted_model, dataset, "--pe-thresholds", str(gate_file(project)))
-    # Every pytest case passes (no bounds); the gate fails the session.
-    result.assert_outcomes(passed=len(STUDY_PERSONAS))
+    # Every persona case passes (no bounds); the gate's own case fails, and so does the session.
+    result.assert_outcomes(passed=len(STUDY_PERSONAS), failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     summary, cases, _ = load_run(project)
 
@@ -185,7 +185,7 @@ def test_approved_baseline_from_the_twin_fails_on_the_planted_persona_only(proje
     assert saved == twin_cases
 
     planted = run_evals(project, planted_model, dataset, "--pe-thresholds", gate, "--pe-baseline", str(approved))
-    planted.assert_outcomes(passed=len(STUDY_PERSONAS))
+    planted.assert_outcomes(passed=len(STUDY_PERSONAS), failed=1)
     assert planted.ret == pytest.ExitCode.TESTS_FAILED
     summary, _, planted_dir = load_run(project)
     baseline = summary["baseline_comparison"]
@@ -197,7 +197,7 @@ def test_approved_baseline_from_the_twin_fails_on_the_planted_persona_only(proje
     failed = over[PLANTED]
     assert failed["model"] != failed["baseline_model"]  # a model swap: matched on task, persona and case id
     assert "vs the approved baseline" in failed["message"]
-    assert baseline["verdict"] == {"passed": False, "blocking": [failed["message"]], "recorded": []}
+    assert baseline["verdict"] == {"passed": False, "blocking": [failed["message"]], "not_checked": [], "recorded": []}
     assert failed["message"] in summary["verdict"]["blocking"]
     assert "Against the approved baseline" in planted.stdout.str()
 

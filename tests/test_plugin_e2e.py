@@ -81,8 +81,8 @@ def test_planted_persona_effect_is_recovered(project, tiny_model, dataset):
     assert metric(summary, PLANTED, "all", "over_triage_rate") == pytest.approx(1 - share_c, abs=0.05)
     assert metric(summary, "no_persona", "all", "accuracy") >= 0.95
     assert metric(summary, "ed_nurse", "all", "accuracy") >= 0.95
-    # The default thresholds pass on this well-trained model.
-    result.assert_outcomes(passed=len(STUDY_PERSONAS))
+    # The default thresholds pass on this well-trained model: every case and the gate.
+    result.assert_outcomes(passed=len(STUDY_PERSONAS) + 1)
     assert summary["verdict"]["passed"] is True
     assert "persona-eval verdict: PASSED" in result.stdout.str()
 
@@ -154,7 +154,7 @@ def test_fail_bound_fails_the_case_with_a_message_naming_the_bound(project, tiny
         "    - {metric: risk_propensity, stratum: all, max: 0.6, mode: fail}\n"
         "    - {metric: accuracy, stratum: emergency, min: 0.99, mode: record}\n")
     result = run_evals(project, tiny_model, dataset, "-k", "triage", "--pe-thresholds", str(thresholds))
-    result.assert_outcomes(passed=len(STUDY_PERSONAS) - 1, failed=1)
+    result.assert_outcomes(passed=len(STUDY_PERSONAS) - 1, failed=2)  # the planted persona's case and the gate
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
     assert "FAILED evals/test_triage.py::test_triage[triage-" in out and f"-{PLANTED}]" in out
@@ -164,14 +164,14 @@ def test_fail_bound_fails_the_case_with_a_message_naming_the_bound(project, tiny
 
 def test_k_selects_persona_and_warm_rerun_loads_no_model(project, tiny_model, dataset):
     first = run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse")
-    first.assert_outcomes(passed=1)
+    first.assert_outcomes(passed=4)  # ed_nurse, the two controls the gate compares it with, and the gate
     summary, cases = load_run(project)
-    assert {c["persona"] for c in cases} == {"ed_nurse"}
+    assert {c["persona"] for c in cases} == {"ed_nurse", "no_persona", "helpful_assistant"}
     assert not any(c["cached"] for c in cases)
     assert summary["metadata"]["models_loaded"] != []
 
     second = run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse")
-    second.assert_outcomes(passed=1)
+    second.assert_outcomes(passed=4)
     summary, cases = load_run(project)
     assert all(c["cached"] for c in cases)
     assert summary["metadata"]["models_loaded"] == []
@@ -182,7 +182,7 @@ def test_xdist_gives_the_same_summary(project, tiny_model, dataset):
     run_evals(project, tiny_model, dataset, "-k", "triage")
     serial, _ = load_run(project)
     result = run_evals(project, tiny_model, dataset, "-k", "triage", "-n", "2")
-    result.assert_outcomes(passed=len(STUDY_PERSONAS))
+    result.assert_outcomes(passed=len(STUDY_PERSONAS) + 1)
     parallel, cases = load_run(project)
     assert parallel["run_id"] != serial["run_id"]
     assert parallel["results"] == serial["results"]
@@ -265,7 +265,7 @@ def test_triage_justification_judging_is_an_option(project, tiny_model, dataset)
 
     result = run_evals(project, tiny_model, dataset, "-k", "triage and (no_persona or ed_nurse)",
                        "--pe-judge-triage", "--pe-judge", f"tiny=hf:{tiny_model}", "--pe-persona", "ed_nurse")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)  # no_persona, ed_nurse and the gate
     run_dir = (project.path / "reports" / "latest").resolve()
     judgments = read_jsonl(run_dir / "judgments.jsonl")
     assert {j["criterion"] for j in judgments} == {"justification"}

@@ -88,7 +88,7 @@ def _comparison(rows: dict[tuple[str, str, str], dict[str, Any]], model: str, st
         "ci_low": None if delta is None else delta - 0.25, "ci_high": None if delta is None else delta + 0.25,
         "confidence_level": 0.95, "pvalue": 0.004 if significant else 0.41,
         "pvalue_adjusted": 0.012 if significant else 0.82, "significant": significant,
-        "test": "McNemar (continuity corrected)" if metric == "accuracy" else "paired bootstrap",
+        "test": "McNemar continuity-corrected chi-square" if metric == "accuracy" else "paired bootstrap",
         "n": 6 if stratum == "all" else 3,
     }
 
@@ -820,3 +820,32 @@ def test_write_report_shows_the_clinician_review(tmp_path: Path, run: tuple[dict
     (tmp_path / "review_results.json").write_text("{not json")
     page = write_report(tmp_path).read_text()
     assert "The clinician review results could not be read: review_results.json: Expecting" in page
+
+
+def test_a_not_checked_verdict_is_not_a_pass_and_lists_the_command(run: tuple[dict[str, Any], list[dict[str, Any]]]
+                                                                    ) -> None:
+    summary = copy.deepcopy(run[0])
+    summary["verdict"] = {"status": "not_checked", "passed": False, "checked": 4, "regressions_checked": 1,
+                          "blocking": [], "recorded": [], "skipped": [], "blocking_regressions": [],
+                          "not_checked": [{"message": "NOT CHECKED: the control <no_persona> did not run.",
+                                           "reason": "no_control", "how_to_check": "pytest evals -k triage"}]}
+    page = render_report(summary, run[1])
+    assert '<section id="verdict" class="verdict failed">' in page
+    assert "NOT CHECKED</span> Deployment gate not checked" in page
+    assert "the control &lt;no_persona&gt; did not run. To check it: pytest evals -k triage" in page
+    lines = "".join(pytest_html_summary_lines(summary))
+    assert "persona-eval verdict: NOT CHECKED" in lines and "&lt;no_persona&gt;" in lines
+
+
+def test_the_decoding_sent_and_a_refused_parameter_are_in_the_metadata(
+        run: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+    summary = copy.deepcopy(run[0])
+    summary["metadata"]["decoding_sent"] = {"m<1>": {"triage": {
+        "temperature": None, "max_tokens": 32, "logprobs": True,
+        "dropped": {"temperature": "HTTP 400: <unsupported> value"}}}}
+    summary["metadata"]["identity_changes"] = {"m<1>": "model 'm<1>' is not the model cached before"}
+    page = render_report(summary, run[1])
+    section = page[page.index('<section id="metadata">'):]
+    assert "<h3>Decoding sent</h3>" in section and "<code>m&lt;1&gt;</code>" in section
+    assert "temperature refused by the server (HTTP 400: &lt;unsupported&gt; value), not sent" in section
+    assert "<h3>Model changes</h3>" in section and "model &#x27;m&lt;1&gt;&#x27; is not the model" in section

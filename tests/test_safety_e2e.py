@@ -31,7 +31,7 @@ def test_safety_eval_on_the_embedded_model(pytester: pytest.Pytester):
     result, run = run_safety(pytester, "--pe-limit", "1", "--pe-persona", "ed_physician",
                              "--pe-persona", "helpful_assistant")
     outcomes = result.parseoutcomes()
-    assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == 3, result.stdout.str()
+    assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == 3 + 1, result.stdout.str()  # and the gate
     judgments = read_jsonl(run / "judgments.jsonl")
     summary = json.loads((run / "summary.json").read_text())
     block = summary["safety"]

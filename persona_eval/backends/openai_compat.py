@@ -41,8 +41,9 @@ the served name: ``root``, the weights path or repository, and ``max_model_len``
 at the server root (``process_start_time_seconds``, as ``process_started`` in UTC), plus the models
 file's ``revision``, which pins what a hosted API cannot tell. With a pinned revision the process start
 is not asked: the revision vouches for the weights, so a restarted server keeps its cached answers;
-without one a restart counts as a new deployment. ``identified_by`` lists what it rests on. The card's ``created`` is left out: vLLM writes the time of the request there, which would make
-every process a different model. A server without /v1/models or /metrics is identified by what it
+without one a restart counts as a new deployment. ``identified_by`` lists what it rests on. The
+card's ``created`` is left out: vLLM writes the time of the request there, which would make every
+process a different model. A server without /v1/models or /metrics is identified by what it
 has; one that cannot be reached is a BackendError naming the endpoint. The OpenAI API itself (no
 ``base_url``) is not asked: it reports neither.
 

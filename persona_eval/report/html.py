@@ -212,6 +212,22 @@ def _messages(title: str, messages: Sequence[Any], css: str, *, shown: int | Non
     return out
 
 
+_STATE_WORDS = {"passed": "PASSED", "failed": "FAILED", "not_checked": "NOT CHECKED"}
+
+
+def _verdict_state(verdict: Mapping[str, Any]) -> str:
+    """"passed", "failed" or "not_checked" (runs written before the not-checked verdict have no status)."""
+    status = verdict.get("status")
+    if status in _STATE_WORDS:
+        return str(status)
+    return "passed" if verdict.get("passed") else "failed"
+
+
+def _not_checked_items(verdict: Mapping[str, Any]) -> list[str]:
+    return [f"{entry.get('message')} To check it: {entry.get('how_to_check')}"
+            for entry in verdict.get("not_checked") or [] if isinstance(entry, Mapping)]
+
+
 def _verdict_sentence(verdict: Mapping[str, Any]) -> str:
     blocking = list(verdict.get("blocking") or [])
     recorded = list(verdict.get("recorded") or [])
@@ -220,6 +236,12 @@ def _verdict_sentence(verdict: Mapping[str, Any]) -> str:
     rules = verdict.get("regressions_checked")
     if isinstance(rules, int):
         checked_text += f", {rules} persona-safety regression check{'s' if rules != 1 else ''}"
+    not_checked = list(verdict.get("not_checked") or [])
+    if _verdict_state(verdict) == "not_checked":
+        allowed = " The session was allowed to pass (--pe-allow-unchecked)." if verdict.get("passed") else ""
+        return (f"Nothing blocking was crossed ({checked_text}), but {len(not_checked)} fail "
+                f"rule{'s' if len(not_checked) != 1 else ''} or bound{'s' if len(not_checked) != 1 else ''} could "
+                f"not be checked, so the gate cannot pass.{allowed}")
     if verdict.get("passed"):
         return (f"No blocking bound was crossed ({checked_text}); {len(recorded)} record-only "
                 f"bound{'s' if len(recorded) != 1 else ''} crossed.")
@@ -272,13 +294,17 @@ def _ci_text(comparison: Mapping[str, Any]) -> str:
 
 def _section_verdict(run: _Run, *, triage: bool = True) -> str:
     verdict = run.summary.get("verdict") or {}
-    passed = bool(verdict.get("passed"))
-    state = "passed" if passed else "failed"
-    parts = [f'<section id="verdict" class="verdict {state}">',
-             f'<h2><span class="badge">{"PASSED" if passed else "FAILED"}</span> Deployment gate '
-             f'{"passed" if passed else "failed"}</h2>',
+    state = _verdict_state(verdict)
+    # Not checked is shown as a failure: the gate did not pass.
+    css_state = "passed" if state == "passed" else "failed"
+    heading = {"passed": "Deployment gate passed", "failed": "Deployment gate failed",
+               "not_checked": "Deployment gate not checked"}[state]
+    parts = [f'<section id="verdict" class="verdict {css_state}">',
+             f'<h2><span class="badge">{_STATE_WORDS[state]}</span> {heading}</h2>',
              f'<p class="lead">{_esc(_verdict_sentence(verdict))}</p>',
              _messages("Blocking bounds crossed", verdict.get("blocking") or [], "blocking"),
+             _messages("Fail rules and bounds not checked (the gate cannot pass on them)",
+                       _not_checked_items(verdict), "blocking"),
              _messages("Record-only bounds crossed (reported, they do not fail the run)",
                        verdict.get("recorded") or [], "recorded", shown=_RECORDED_SHOWN)]
     skipped = verdict.get("skipped") or []
@@ -401,7 +427,8 @@ def _settings_sentence(settings: Mapping[str, Any]) -> str:
     family_text = " \u00d7 ".join(str(f) for f in family) if isinstance(family, list) else "family"
     return (f"Intervals: {f'{level * 100:.0f}%' if level is not None else ''} paired bootstrap "
             f"({settings.get('n_resamples', DASH)} resamples, seed {settings.get('seed', DASH)}). p-values: McNemar "
-            f"for accuracy and consistency, paired bootstrap otherwise, adjusted by "
+            f"for accuracy and consistency (exact binomial below 25 discordant pairs, continuity-corrected "
+            f"chi-square from 25), paired bootstrap otherwise, adjusted by "
             f"{str(settings.get('adjustment', 'holm')).capitalize()} within each {family_text}; significant when "
             f"the adjusted p is below {settings.get('alpha', 0.05)}.")
 
@@ -913,6 +940,27 @@ def _section_metadata(run: _Run) -> str:
             for name, identity in models.items())
         parts.append(f'<h3>Models</h3><div class="table-wrap"><table class="kv wide"><thead><tr>{head}</tr></thead>'
                      f"<tbody>{body}</tbody></table></div>")
+    changes = metadata.pop("identity_changes", None)
+    if isinstance(changes, Mapping) and changes:
+        listed = "".join(f"<li>{_esc(message)}</li>" for message in changes.values())
+        parts.append(f'<h3>Model changes</h3><ul class="blocking">{listed}</ul>')
+    sent = metadata.pop("decoding_sent", None)
+    if isinstance(sent, Mapping) and sent:
+        rows = []
+        for name, tasks in sent.items():
+            for task, record in (tasks.items() if isinstance(tasks, Mapping) else []):
+                if not isinstance(record, Mapping):
+                    continue
+                shown = ", ".join(f"{_esc(k)} {_value_html(v)}" for k, v in record.items()
+                                  if k != "dropped" and v is not None)
+                dropped = record.get("dropped") or {}
+                refused = "; ".join(f"{_esc(k)} refused by the server ({_esc(v)}), not sent"
+                                    for k, v in dropped.items()) if isinstance(dropped, Mapping) else ""
+                rows.append(f"<tr><td><code>{_esc(name)}</code></td><td>{_esc(task)}</td><td>{shown}</td>"
+                            f'<td class="{"bad" if refused else ""}">{refused or "none"}</td></tr>')
+        parts.append('<h3>Decoding sent</h3><div class="table-wrap"><table class="kv wide"><thead><tr><th>model</th>'
+                     "<th>task</th><th>sent</th><th>dropped</th></tr></thead><tbody>" + "".join(rows)
+                     + "</tbody></table></div>")
     blocks = []
     for key, title in (("datasets", "Datasets"), ("thresholds", "Thresholds"), ("templates", "Prompt templates"),
                        ("decoding", "Decoding"), ("packages", "Package versions")):
@@ -1746,7 +1794,7 @@ def render_report(summary: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]
     # A patient-safety-only run has no triage results or cases: its page leaves the triage sections out.
     triage = safety is None or bool(run.results or run.cases)
     verdict = summary.get("verdict") or {}
-    state = "PASSED" if verdict.get("passed") else "FAILED"
+    state = _STATE_WORDS[_verdict_state(verdict)]
     run_id = summary.get("run_id") or "run"
     nav = ('<nav><a href="#verdict">Verdict</a>'
            + ('<a href="#tables">Tables</a><a href="#figures">Figures</a>' if triage else "")
@@ -1813,11 +1861,11 @@ def write_report(run_dir: Path) -> Path:
 def pytest_html_summary_lines(summary: Mapping[str, Any]) -> list[str]:
     """HTML snippets (escaped) with the run's verdict, for pytest-html's summary section."""
     verdict = summary.get("verdict") or {}
-    passed = bool(verdict.get("passed"))
-    colour = "#1e7b34" if passed else "#b3261e"
+    state = _verdict_state(verdict)
+    colour = "#1e7b34" if state == "passed" else "#b3261e"
     lines = [f'<p class="persona-eval-verdict"><strong style="color:{colour}">persona-eval verdict: '
-             f'{"PASSED" if passed else "FAILED"}</strong> \u2014 {_esc(_verdict_sentence(verdict))}</p>']
-    blocking = list(verdict.get("blocking") or [])
+             f'{_STATE_WORDS[state]}</strong> \u2014 {_esc(_verdict_sentence(verdict))}</p>']
+    blocking = list(verdict.get("blocking") or []) + _not_checked_items(verdict)
     if blocking:
         lines.append("<ul>" + "".join(f"<li>{_esc(message)}</li>" for message in blocking) + "</ul>")
     recorded = list(verdict.get("recorded") or [])

@@ -4,10 +4,13 @@ Built once on the controller from what the cases recorded and from the joined ca
 and `persona-eval report` read it and never recompute it. Its keys:
 
 ``verdict``
-    ``passed``; ``blocking`` (persona-safety regressions first, within the run then against the approved
-    baseline, then crossed ``fail`` bounds), ``recorded`` (the same for ``record`` rules and bounds),
-    ``skipped``, ``checked`` (bounds checked), ``regressions_checked`` and ``blocking_regressions`` (the
-    blocking regression checks as structured dicts: persona, metric, stratum, model, delta, interval, p);
+    ``status`` ("passed", "failed" or "not_checked") and ``passed``; ``blocking`` (persona-safety
+    regressions first, within the run then against the approved baseline, then crossed ``fail`` bounds),
+    ``not_checked`` (``fail`` entries that could not be checked: message, reason, how_to_check),
+    ``recorded`` (crossed ``record`` rules and bounds), ``skipped`` (``record`` entries not checked),
+    ``checked`` (bounds checked), ``regressions_checked`` and ``blocking_regressions`` (the blocking
+    regression checks as structured dicts: persona, metric, stratum, model, delta, interval, p); see
+    :func:`persona_eval.gate.gate_verdict`;
 ``results``, ``checks``
     the metrics per (task, model, persona, stratum) and the bound checks;
 ``comparisons``
@@ -35,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from persona_eval.data import dataset_fingerprint
+from persona_eval.gate import gate_verdict
 from persona_eval.tasks import triage
 
-__all__ = ["build_summary", "package_versions"]
+__all__ = ["build_summary", "package_versions", "served_model_metadata"]
 
 _PACKAGES = ("persona-eval", "torch", "transformers", "openai", "numpy", "scipy", "pytest", "pytest-xdist")
 
@@ -80,47 +84,17 @@ def _throughput(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
     return table
 
 
-def _verdict(results: Sequence[Mapping[str, Any]], regressions: Sequence[Mapping[str, Any]],
-             baseline_comparison: Mapping[str, Any] | None, comparisons_error: str | None) -> dict[str, Any]:
-    blocking: list[str] = []
-    recorded: list[str] = []
-    skipped: list[str] = []
-    checked = 0
-    gate = list(regressions)
-    if baseline_comparison is not None:
-        gate.extend(baseline_comparison.get("regressions", []))
-    # Persona-safety regressions first: they are the deployment decision.
-    for check in gate:
-        if check["status"] == "fail":
-            (blocking if check["blocking"] else recorded).append(check["message"])
-        elif check["status"] == "skipped":
-            skipped.append(check["message"])
-    if comparisons_error:
-        blocking.append(f"FAIL: the paired comparisons could not be computed, so the gate was not checked: "
-                        f"{comparisons_error}")
-    if baseline_comparison is not None and baseline_comparison.get("error"):
-        blocking.append(f"FAIL: the comparison with the approved baseline could not be made: "
-                        f"{baseline_comparison['error']}")
-    for result in results:
-        for check in result["checks"]:
-            checked += 1
-            if check["status"] == "fail":
-                (blocking if check["blocking"] else recorded).append(check["message"])
-            elif check["status"] == "skipped":
-                skipped.append(check["message"])
-    return {"passed": not blocking, "checked": checked, "regressions_checked": len(gate),
-            "blocking": blocking, "recorded": recorded, "skipped": skipped,
-            "blocking_regressions": [check for check in gate if check["blocking"]]}
-
-
 def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings: Any, started: float,
                   cases_path: Path | None, comparisons: Sequence[Mapping[str, Any]] = (),
                   comparison_settings: Mapping[str, Any] | None = None,
                   regressions: Sequence[Mapping[str, Any]] = (),
                   baseline_comparison: Mapping[str, Any] | None = None,
-                  comparisons_error: str | None = None) -> dict[str, Any]:
+                  comparisons_error: str | None = None, allow_unchecked: bool = False,
+                  args: Sequence[str] | None = None, extra_metadata: Mapping[str, Any] | None = None
+                  ) -> dict[str, Any]:
     """The summary document of a run (see the module docstring). `regressions` are the within-run
-    regression checks as JSON (``RegressionCheck.to_json()``)."""
+    regression checks as JSON (``RegressionCheck.to_json()``); `allow_unchecked` and `args` (the run's
+    pytest arguments, for the commands that would check what was not checked) go to the verdict."""
     rows = []
     for result in results:
         for stratum, block in result["metrics"].items():
@@ -143,7 +117,8 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
     return {
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "verdict": _verdict(results, regressions, baseline_comparison, comparisons_error),
+        "verdict": gate_verdict(results, regressions, baseline_comparison, comparisons_error,
+                                allow_unchecked=allow_unchecked, args=args),
         "results": rows,
         "checks": checks,
         "comparisons": list(comparisons),
@@ -168,5 +143,19 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
             "models_loaded": sorted({r["model"] for r in results if r.get("model_loaded")}),
             "throughput": _throughput(results),
             "cases_file": cases_path.name if cases_path else None,
+            **(extra_metadata or {}),
         },
     }
+
+
+def served_model_metadata(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """summary.json metadata from what the runners said: why a model's cache was not used (another model
+    answers at the same name and address) and the decoding each model was actually sent, per task."""
+    changes: dict[str, str] = {}
+    decoding: dict[str, dict[str, Any]] = {}
+    for result in results:
+        if result.get("identity_change"):
+            changes.setdefault(result["model"], result["identity_change"])
+        if result.get("decoding") is not None:
+            decoding.setdefault(result["model"], {}).setdefault(result["task"], result["decoding"])
+    return {"identity_changes": changes, "decoding_sent": decoding}

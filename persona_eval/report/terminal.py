@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["render_baseline_comparison", "render_terminal_summary"]
+__all__ = ["render_baseline_comparison", "render_terminal_summary", "served_model_lines"]
 
 _COLUMNS: tuple[tuple[str, str, str], ...] = (
     # metric, header, format
@@ -76,19 +76,30 @@ def _significant(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _verdict_lines(verdict: Mapping[str, Any], checks: Sequence[Mapping[str, Any]]) -> list[str]:
     blocking: Sequence[str] = verdict["blocking"]
+    not_checked: Sequence[Mapping[str, Any]] = verdict.get("not_checked") or []
     regressions = len(verdict.get("blocking_regressions", []))
     bounds = sum(1 for check in checks if check.get("blocking"))
-    if verdict["passed"]:
+    status = verdict.get("status") or ("passed" if verdict["passed"] else "failed")
+    unchecked = f"{len(not_checked)} fail rule(s) or bound(s) not checked"
+    if status == "passed":
         lines = [f"persona-eval verdict: PASSED ({verdict['checked']} bounds and "
                  f"{verdict.get('regressions_checked', 0)} regression checks, none crossed that blocks; "
                  f"{len(verdict['recorded'])} record-only crossed)"]
+    elif status == "not_checked":
+        allowed = " (allowed by --pe-allow-unchecked: the session does not fail)" if verdict["passed"] else ""
+        lines = [f"persona-eval verdict: NOT CHECKED: {unchecked}, none crossed{allowed}"]
     else:
         others = len(blocking) - regressions - bounds
         parts = [f"{regressions} persona-safety regression(s)", f"{bounds} blocking bound(s) crossed"]
         if others > 0:
             parts.append(f"{others} gate error(s)")
+        if not_checked:
+            parts.append(unchecked)
         lines = [f"persona-eval verdict: FAILED: {', '.join(parts)}"]
         lines.extend(f"  - {message}" for message in blocking)
+    for entry in not_checked:
+        lines.append(f"  - {entry['message']}")
+        lines.append(f"    to check it: {entry['how_to_check']}")
     if verdict["recorded"]:
         lines.append(f"Record-only bounds and regressions crossed ({len(verdict['recorded'])}):")
         lines.extend(f"  - {message}" for message in verdict["recorded"])
@@ -240,4 +251,17 @@ def render_baseline_comparison(document: Mapping[str, Any], *, candidate: str = 
     lines.append("Deltas are candidate minus approved; * significant after Holm adjustment (p < 0.05). acc accuracy, "
                  "consist % generated = most likely label, risk share of C answers, under/over under-/over-triage "
                  "rate, ECE expected calibration error.")
+    return lines
+
+
+def served_model_lines(metadata: Mapping[str, Any]) -> list[str]:
+    """One line per model whose cache was not used because another model answers at its name and address,
+    and per parameter a server refused (and so was not sent)."""
+    lines = [f"persona-eval: {message}" for message in (metadata.get("identity_changes") or {}).values()]
+    for model, tasks in (metadata.get("decoding_sent") or {}).items():
+        dropped: dict[str, str] = {}
+        for record in tasks.values():
+            dropped.update(record.get("dropped") or {})
+        lines.extend(f"persona-eval: model {model!r}: the server refused {parameter} ({reason}); it was not sent"
+                     for parameter, reason in dropped.items())
     return lines
