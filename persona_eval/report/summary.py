@@ -133,7 +133,8 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
             "datasets": datasets,
             "thresholds": {"path": str(settings.thresholds.path), "fingerprint": settings.thresholds.fingerprint},
             "templates": {"triage": triage.TEMPLATE_VERSION, "intake": triage.INTAKE_TEMPLATE_VERSION},
-            "decoding": {"max_new_tokens": settings.max_new_tokens, "temperature": 0.0},
+            # What the suite asked for; what each model was actually sent is `decoding_sent`.
+            "decoding": {"requested": {"max_new_tokens": settings.max_new_tokens, "temperature": 0.0}},
             "packages": package_versions(),
             "git_revision": _git_revision(Path(__file__).resolve().parent.parent),
             "duration_seconds": round(time.time() - started, 3),
