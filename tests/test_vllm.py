@@ -108,8 +108,13 @@ def test_triage_through_vllm_writes_every_field_and_metric(project, vllm_server)
     assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), result.stdout.str()
     summary, cases = load_run(project)
     assert "persona-eval verdict" in result.stdout.str()
-    assert summary["metadata"]["models"][SERVED] == {"backend": "openai", "model": SERVED,
-                                                      "base_url": vllm_server.base_url}
+    # The model is identified by what the real server reports about its weights and its process.
+    identity = summary["metadata"]["models"][SERVED]
+    assert {k: identity[k] for k in ("backend", "model", "base_url", "root", "max_model_len", "revision")} == {
+        "backend": "openai", "model": SERVED, "base_url": vllm_server.base_url, "root": str(vllm_server.model_dir),
+        "max_model_len": vllm_server.max_model_len, "revision": None}
+    assert identity["process_started"] and identity["identified_by"] == [
+        "served name", "base_url", "/v1/models root", "/v1/models max_model_len", "/metrics process start"]
     personas = {c["persona"] for c in cases}
     assert len(personas) == 6 and len(cases) == 6 * 8
     for case in cases:
