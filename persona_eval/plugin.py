@@ -190,8 +190,11 @@ def _parse_settings(config: pytest.Config, *, controller: bool = True) -> Settin
             raise PersonaEvalError(f"--pe-dataset {entry!r}: unknown task {task!r}; "
                                    f"known: {', '.join(DEFAULT_DATASETS)}")
         datasets[task] = Path(path)
-    if option.pe_limit is not None and option.pe_limit < 1:
-        raise PersonaEvalError(f"--pe-limit must be at least 1, got {option.pe_limit}")
+    for flag, value, lowest in (("--pe-limit", option.pe_limit, 1), ("--pe-batch-size", option.pe_batch_size, 1),
+                                ("--pe-judge-max-new-tokens", option.pe_judge_max_new_tokens, 1),
+                                ("--pe-seed", option.pe_seed, 0)):
+        if value is not None and value < lowest:
+            raise PersonaEvalError(f"{flag} must be at least {lowest}, got {value}")
     max_new_tokens = dict(DEFAULT_MAX_NEW_TOKENS)
     if option.pe_max_new_tokens is not None:
         if option.pe_max_new_tokens < 1:

@@ -15,10 +15,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from persona_eval.errors import DataError
+
 __all__ = [
     "finalize_cases",
     "json_safe",
     "new_run_id",
+    "read_json",
     "read_jsonl",
     "update_latest",
     "write_json",
@@ -65,8 +68,30 @@ def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file; a damaged line (a run killed while writing, an edit) is a
+    DataError naming the file and line."""
+    records = []
     with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno}); the file is damaged",
+                                path=str(path), line=number) from None
+    return records
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document at `path`; a damaged one is a DataError naming the file, line and column."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno}); the file is damaged or truncated",
+                        path=str(path), line=exc.lineno) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text (byte {exc.start})", path=str(path)) from None
 
 
 def part_path(run_dir: Path, task: str, model: str, persona: str) -> Path:

@@ -222,6 +222,9 @@ def test_bad_dataset_stops_with_one_clear_message(project, tiny_model, content, 
     (["--pe-model", "smolm2"], "unknown model spec 'smolm2'"),
     (["--pe-dataset", "triage"], "expected TASK=PATH"),
     (["--pe-limit", "0"], "--pe-limit must be at least 1"),
+    (["--pe-batch-size", "0"], "--pe-batch-size must be at least 1, got 0"),
+    (["--pe-judge-max-new-tokens", "0"], "--pe-judge-max-new-tokens must be at least 1, got 0"),
+    (["--pe-seed", "-1"], "--pe-seed must be at least 0, got -1"),
 ])
 def test_bad_options_are_usage_errors(project, tiny_model, dataset, args, expected):
     result = project.runpytest_subprocess("evals", "-p", "no:cacheprovider", "-k", "triage", *args)

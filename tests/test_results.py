@@ -153,3 +153,32 @@ def test_update_latest_writes_a_text_file_where_links_fail(tmp_path: Path, monke
     run_dir.mkdir()
     update_latest(tmp_path, run_dir)
     assert (tmp_path / "latest.txt").read_text(encoding="utf-8") == run_dir.name + "\n"
+
+
+def test_a_damaged_jsonl_line_names_the_file_and_line(tmp_path: Path) -> None:
+    from persona_eval.errors import DataError
+
+    path = tmp_path / "cases.jsonl"
+    path.write_text('{"a": 1}\n\n{"b": 2\n')
+    with pytest.raises(DataError, match=r"cases\.jsonl:3: not valid JSON .*the file is damaged"):
+        read_jsonl(path)
+
+
+def test_a_truncated_summary_is_a_data_error_for_report_and_the_cli(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from persona_eval.errors import DataError
+    from persona_eval.report.html import write_report
+    from persona_eval.results import read_json
+
+    (tmp_path / "summary.json").write_text('{"run_id": "r1",\n "verdict": {"passed": tr')
+    with pytest.raises(DataError, match=r"summary\.json:2: not valid JSON .*damaged or truncated"):
+        read_json(tmp_path / "summary.json")
+    cli = subprocess.run([sys.executable, "-m", "persona_eval.cli", "report", str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert cli.returncode == 2
+    assert f"{tmp_path / 'summary.json'}:2: not valid JSON" in cli.stderr and "Traceback" not in cli.stderr
+    (tmp_path / "summary.json").write_text('["not", "a", "summary"]')
+    with pytest.raises(DataError, match="not a persona-eval summary"):
+        write_report(tmp_path)

@@ -23,8 +23,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from persona_eval.errors import DataError
 from persona_eval.metrics import METRICS
-from persona_eval.results import read_jsonl
+from persona_eval.results import read_json, read_jsonl
 
 __all__ = ["REPORT_FILENAME", "REVIEW_FILENAME", "pytest_html_summary_lines", "render_report", "write_report"]
 
@@ -1840,7 +1841,10 @@ def write_report(run_dir: Path) -> Path:
     Reads only what the run wrote; calls no model. A run without a cases file still gets a report
     (without prompts and cases); an unreadable review_results.json is reported on the page."""
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary = read_json(run_dir / "summary.json")
+    if not isinstance(summary, Mapping) or not isinstance(summary.get("verdict"), Mapping):
+        raise DataError("not a persona-eval summary (no verdict); give a run folder such as reports/latest",
+                        path=str(run_dir / "summary.json"))
     cases_name = (summary.get("metadata") or {}).get("cases_file") or "cases.jsonl"
     cases_path = run_dir / cases_name
     cases = read_jsonl(cases_path) if cases_path.is_file() else []
