@@ -265,10 +265,24 @@ def _check_approved_dataset(settings: Settings) -> None:
     check_same_dataset(planned, settings.approved.records, tasks=[triage.TASK])
 
 
+def _check_given_datasets(config: pytest.Config, settings: Settings) -> None:
+    """Load every dataset the user named with --pe-dataset once on the controller, before any worker
+    starts: a malformed line is then one usage error, with or without pytest-xdist (raised in a worker,
+    it would end in xdist's INTERNALERROR)."""
+    for entry in config.option.pe_dataset:
+        task = entry.partition("=")[0]
+        if task == "triage":
+            load_triage_cases(settings.datasets[task])
+        else:
+            load_safety_queries(settings.datasets[task])
+
+
 def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     try:
         settings = _parse_settings(config, controller=workerinput is None)
+        if workerinput is None:
+            _check_given_datasets(config, settings)
         _check_approved_dataset(settings)
     except PersonaEvalError as exc:
         raise pytest.UsageError(f"persona-eval: {exc}") from None

@@ -207,14 +207,15 @@ def test_xdist_gives_the_same_summary(project, tiny_model, dataset):
     ('{"id": "x1", "stratum": "emergency", "reference": "C", "text": "t"}\n', "cases.jsonl:1: field 'rationale'"),
     ("", "cases.jsonl"),
 ])
-def test_bad_dataset_stops_with_one_clear_message(project, tiny_model, content, expected):
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_bad_dataset_stops_with_one_clear_message(project, tiny_model, content, expected, workers):
     bad = project.path / "cases.jsonl"
     bad.write_text(content)
-    result = run_evals(project, tiny_model, bad, "-k", "triage")
+    result = run_evals(project, tiny_model, bad, "-k", "triage", *workers)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     out = result.stdout.str() + result.stderr.str()
     assert expected in out
-    assert "Traceback" not in out
+    assert "Traceback" not in out and "INTERNALERROR" not in out
 
 
 @pytest.mark.parametrize(("args", "expected"), [
