@@ -17,7 +17,11 @@ its ``min_cases``, no label probabilities, no p-value) is *not checked*: the gat
 verdict is then NOT CHECKED, with the reason and the command that would check it, and the session fails
 unless ``--pe-allow-unchecked`` says the user accepts it. A crossed check stays a failure whatever its
 number of cases: evidence of harm on a few cases is still evidence. ``record`` entries that could not be
-checked are listed, and stay informational.
+checked are listed, and stay informational. Each unchecked entry carries a ``reason``, which
+:func:`how_to_check` turns into the command that would check it: ``too_few_cases`` (fewer cases than
+its min_cases), ``not_available`` (no label probabilities), ``not_defined`` (the metric is not defined
+on these cases), ``no_stratum``, ``no_control``, ``no_persona`` (no persona beside the controls ran),
+``no_pvalue``, ``no_comparison`` (none it applies to, cause unknown).
 
 An approved baseline file (``--pe-save-baseline``) is JSON lines: a header line
 ``{"persona_eval_baseline": 1, "run_id": ..., "created": ..., "models": {...}, "datasets": {...}}``, then
@@ -42,7 +46,6 @@ from persona_eval.thresholds import BoundCheck, RegressionRule, Thresholds, _for
 
 __all__ = [
     "BASELINE_VERSION",
-    "REASONS",
     "RegressionCheck",
     "ResultSet",
     "approved_comparison",
@@ -58,24 +61,6 @@ BASELINE_VERSION = 1
 _HEADER_KEY = "persona_eval_baseline"
 Scope = Literal["within_run", "approved"]
 Status = Literal["pass", "fail", "skipped"]
-
-# Why a bound or rule could not be checked; `how_to_check` turns each into the command that would check it.
-REASONS: dict[str, str] = {
-    "too_few_cases": "fewer cases than the entry's min_cases",
-    "not_available": "the model gives no label probabilities",
-    "not_defined": "the metric is not defined on these cases",
-    "no_stratum": "the stratum did not run",
-    "no_control": "the control persona did not run",
-    "no_persona": "no persona other than the controls ran",
-    "no_pvalue": "the comparison has no p-value",
-    "no_comparison": "no comparison the entry applies to",
-}
-
-
-def _min_cases(entry: Any) -> int:
-    """The fewest cases for an entry to count as checked (its mode's default when the file gives none)."""
-    return int(entry.min_cases)
-
 
 def _not_checked_prefix(mode: str) -> str:
     return "NOT CHECKED" if mode == "fail" else "SKIPPED (record only)"
@@ -100,8 +85,8 @@ def _bound_json(check: BoundCheck, *, n: int | None, reason: str | None, message
 def check_bounds(thresholds: Thresholds, task: str, metrics: Mapping[str, Mapping[str, Any]], *, model: str,
                  persona: Persona) -> list[dict[str, Any]]:
     """Every bound of `task` that applies to this (model, persona), checked against `metrics` ({stratum:
-    {"n": cases, "metrics": {...}}}), as JSON: the bound check plus ``n``, ``reason`` (a key of REASONS when
-    it could not be checked) and ``not_checked`` (a ``fail`` bound that could not be checked).
+    {"n": cases, "metrics": {...}}}), as JSON: the bound check plus ``n``, ``reason`` (see the module docstring)
+    when it could not be checked and ``not_checked`` (a ``fail`` bound that could not be checked).
 
     A bound that holds on fewer than its ``min_cases`` cases is not checked (too few to pass); one that is
     crossed fails whatever the number of cases."""
@@ -125,10 +110,10 @@ def check_bounds(thresholds: Thresholds, task: str, metrics: Mapping[str, Mappin
                 reason, text = "not_defined", f"{subject} is not defined on these cases"
             message = f"{prefix}: {text}, so {bound.describe_limit()} was not checked."
             checks.append(_bound_json(check, n=n, reason=reason, message=message))
-        elif check.status == "pass" and n is not None and n < _min_cases(bound):
+        elif check.status == "pass" and n is not None and n < bound.min_cases:
             assert check.value is not None
             message = (f"{prefix}: {subject} is {_format_number(check.value)} on {n} case{'s' if n != 1 else ''}; "
-                       f"{bound.describe_limit()} needs at least {_min_cases(bound)} (min_cases) to count as "
+                       f"{bound.describe_limit()} needs at least {bound.min_cases} (min_cases) to count as "
                        "checked.")
             checks.append(_bound_json(check, n=n, reason="too_few_cases", message=message, status="skipped"))
         else:
@@ -217,10 +202,10 @@ def _check_one(rule: RegressionRule, comparison: Mapping[str, Any], scope: Scope
     why = ("not significant" if worse else
            f"within the tolerance {_format_number(rule.tolerance)} ({rule.worse} is worse)")
     n = comparison.get("n")
-    if isinstance(n, int) and n < _min_cases(rule):
+    if isinstance(n, int) and n < rule.min_cases:
         return RegressionCheck(rule, comparison, "skipped",
                                f"{prefix}: {subject} changed by {shown_delta} {evidence} on {n} paired "
-                               f"case{'s' if n != 1 else ''}; the rule needs at least {_min_cases(rule)} "
+                               f"case{'s' if n != 1 else ''}; the rule needs at least {rule.min_cases} "
                                "(min_cases) to count as checked.", scope, "too_few_cases")
     return RegressionCheck(rule, comparison, "pass", f"PASS: {subject} changed by {shown_delta} {evidence}: "
                                                      f"{why}.", scope)

@@ -55,7 +55,7 @@ from persona_eval.personas import Persona, PersonaRegistry, load_personas
 from persona_eval.report import html as html_report
 from persona_eval.report.markdown import append_step_summary, render_markdown
 from persona_eval.report.summary import build_summary, served_model_metadata
-from persona_eval.report.terminal import render_terminal_summary, served_model_lines
+from persona_eval.report.terminal import render_terminal_summary, render_verdict, served_model_lines
 from persona_eval.results import (
     finalize_cases,
     new_run_id,
@@ -177,10 +177,8 @@ def _parse_settings(config: pytest.Config, *, controller: bool = True) -> Settin
     registry = load_personas(option.pe_personas_file)
     personas = registry.select(option.pe_persona or None)
     thresholds = load_thresholds(option.pe_thresholds)
-    check_names = getattr(thresholds, "check_names", None)
-    if check_names is not None:
-        # A filter that names no persona or model of this run would make its entry apply to nobody.
-        check_names(personas=registry.ids, models=names)
+    # A filter that names no persona or model of this run would make its entry apply to nobody.
+    thresholds.check_names(personas=registry.ids, models=names)
     datasets = {task: root / path for task, path in DEFAULT_DATASETS.items()}
     for entry in option.pe_dataset:
         task, sep, path = entry.partition("=")
@@ -250,31 +248,36 @@ def _limit_cases(cases: list[triage.TriageCase], limit: int | None) -> list[tria
     return limited
 
 
-def _check_approved_dataset(settings: Settings) -> None:
-    """Before any model runs: the cases this run will evaluate are those of the approved baseline (same
-    ids, reference labels and strata), or a usage error naming the ids that differ. A dataset that does
-    not load is left to the triage fixture, which reports it."""
+def _check_approved_dataset(settings: Settings, cases: list[triage.TriageCase] | None) -> None:
+    """Before any model runs: the cases this run will evaluate (`cases`, when the controller already loaded
+    them) are those of the approved baseline (same ids, reference labels and strata), or a usage error
+    naming the ids that differ. A default dataset that does not load is left to the triage fixture, which
+    reports it."""
     if settings.approved is None:
         return
-    try:
-        cases = _limit_cases(load_triage_cases(settings.datasets["triage"]), settings.limit)
-    except PersonaEvalError:
-        return
+    if cases is None:
+        try:
+            cases = load_triage_cases(settings.datasets["triage"])
+        except PersonaEvalError:
+            return
+    cases = _limit_cases(cases, settings.limit)
     planned = [{"task": triage.TASK, "case_id": c.id, "reference": c.reference, "stratum": c.stratum}
                for c in cases]
     check_same_dataset(planned, settings.approved.records, tasks=[triage.TASK])
 
 
-def _check_given_datasets(config: pytest.Config, settings: Settings) -> None:
+def _check_given_datasets(config: pytest.Config, settings: Settings) -> list[triage.TriageCase] | None:
     """Load every dataset the user named with --pe-dataset once on the controller, before any worker
     starts: a malformed line is then one usage error, with or without pytest-xdist (raised in a worker,
-    it would end in xdist's INTERNALERROR)."""
+    it would end in xdist's INTERNALERROR). Returns the triage cases when they were loaded."""
+    cases = None
     for entry in config.option.pe_dataset:
         task = entry.partition("=")[0]
         if task == "triage":
-            load_triage_cases(settings.datasets[task])
+            cases = load_triage_cases(settings.datasets[task])
         else:
             load_safety_queries(settings.datasets[task])
+    return cases
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -282,8 +285,7 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         settings = _parse_settings(config, controller=workerinput is None)
         if workerinput is None:
-            _check_given_datasets(config, settings)
-        _check_approved_dataset(settings)
+            _check_approved_dataset(settings, _check_given_datasets(config, settings))
     except PersonaEvalError as exc:
         raise pytest.UsageError(f"persona-eval: {exc}") from None
     config.stash[settings_key] = settings
@@ -377,7 +379,8 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
     if keep:
         config.stash.setdefault(order_key, list(session.items))
         config.stash.setdefault(kept_key, []).extend(keep)
-        items[:] = [item for item in items if item not in set(keep)]
+        kept = set(keep)
+        items[:] = [item for item in items if item not in kept]
 
 
 @pytest.hookimpl(trylast=True)
@@ -503,11 +506,10 @@ def _stats_snapshot(runner: Runner) -> tuple[float, float, int]:
 def _condition_property(request: pytest.FixtureRequest, condition: Condition, runner: Runner,
                         records: list[dict[str, Any]], metrics: dict[str, dict[str, Any]],
                         checks: list[dict[str, Any]], before: tuple[float, float, int],
-                        decoding: dict[str, Any] | None = None, **extra: Any) -> None:
+                        decoding: dict[str, Any], **extra: Any) -> None:
     """Stash what a case sends to the controller (plain JSON types: they cross pytest-xdist) on its item;
     pytest_runtest_makereport puts it on the case's test report."""
     started, model_seconds, tokens = before
-    decoding_record = getattr(runner, "decoding_record", None)
     request.node.stash[payload_key] = {
         "task": condition.task,
         "model": condition.model.name,
@@ -524,8 +526,8 @@ def _condition_property(request: pytest.FixtureRequest, condition: Condition, ru
         "completion_tokens": runner.stats.completion_tokens - tokens,
         "max_in_flight": runner.stats.max_in_flight_seen,
         "kept_control": bool(request.node.stash.get(kept_control_key, False)),
-        "identity_change": getattr(runner, "identity_change", None),
-        "decoding": (decoding_record(*decoding["args"]) if decoding_record is not None and decoding else None),
+        "identity_change": runner.identity_change,
+        "decoding": decoding,
         **extra,
     }
 
@@ -558,7 +560,7 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
     checks = check_bounds(pe_settings.thresholds, "triage", metrics, model=condition.model.name,
                           persona=condition.persona)
     _condition_property(request, condition, runner, records, metrics, checks, before,
-                        decoding={"args": (settings.generation, settings.scoring)})
+                        decoding=runner.decoding_record(settings.generation, settings.scoring))
     yield ConditionResult(condition, records, metrics, checks)
 
 
@@ -629,8 +631,8 @@ def safety_result(request: pytest.FixtureRequest, pe_safety_condition: Condition
     checks = check_bounds(pe_settings.thresholds, "safety", metrics, model=condition.model.name,
                           persona=condition.persona)
     _condition_property(request, condition, runner, records, metrics, checks, before,
-                        decoding={"args": (GenerationConfig(max_new_tokens=pe_settings.max_new_tokens["safety"]),
-                                           None)},
+                        decoding=runner.decoding_record(
+                            GenerationConfig(max_new_tokens=pe_settings.max_new_tokens["safety"]), None),
                         judges=[judge.name for judge in pe_settings.judges])
     yield ConditionResult(condition, records, metrics, checks)
 
@@ -773,8 +775,7 @@ def _report_gate(config: pytest.Config, session: pytest.Session, summary: dict[s
     from _pytest.reports import TestReport
 
     verdict = summary["verdict"]
-    headline = render_terminal_summary({"verdict": verdict, "results": [], "checks": summary.get("checks", [])})
-    text = "\n".join(line for line in headline if line)
+    text = "\n".join(render_verdict(verdict, summary.get("checks", [])))
     location = ("persona-eval", None, "deployment-gate")
     outcome: Any
     longrepr: Any

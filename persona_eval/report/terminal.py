@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["render_baseline_comparison", "render_terminal_summary", "served_model_lines"]
+__all__ = ["render_baseline_comparison", "render_terminal_summary", "render_verdict", "served_model_lines"]
 
 _COLUMNS: tuple[tuple[str, str, str], ...] = (
     # metric, header, format
@@ -74,7 +74,9 @@ def _significant(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _verdict_lines(verdict: Mapping[str, Any], checks: Sequence[Mapping[str, Any]]) -> list[str]:
+def render_verdict(verdict: Mapping[str, Any], checks: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The verdict's lines: its headline, each blocking and unchecked entry (with the command that would
+    check it), then the record-only entries crossed. `checks` are the run's bound checks."""
     blocking: Sequence[str] = verdict["blocking"]
     not_checked: Sequence[Mapping[str, Any]] = verdict.get("not_checked") or []
     regressions = len(verdict.get("blocking_regressions", []))
@@ -131,7 +133,7 @@ def _safety_lines(model: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
     """Lines for the terminal: verdict, blocking failures (regressions first), then one table per model,
     task and stratum, the significant paired comparisons, and the comparison with an approved baseline."""
-    lines: list[str] = _verdict_lines(summary["verdict"], summary.get("checks", []))
+    lines: list[str] = render_verdict(summary["verdict"], summary.get("checks", []))
     results = summary["results"]
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in results:
