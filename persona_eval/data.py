@@ -13,19 +13,33 @@ Triage cases come in two layouts, each as JSON lines (``.jsonl``) or CSV with a 
 Conventions shared by every loader here: blank lines (and all-empty CSV rows) are skipped, but line
 numbers stay those of the file, 1-based (a CSV header is line 1; a CSV record that spans lines is
 numbered by its first line). A field whose value is null or blank text counts as absent, so an empty
-CSV cell is an absent field. Surrounding whitespace is removed from text values. Fields a layout does
-not know are ignored. Every problem raises DataError naming the file, the line and the field.
+CSV cell is an absent field. Surrounding whitespace is removed from text values. Every problem raises
+DataError naming the file, the line and the field.
+
+Fields a layout does not know: one that looks like a mistake for a field of the layout (another case,
+``-`` or a space for ``_``, singular for plural, or a close spelling: ``Presenting Symptoms``,
+``medication``, ``medicatons`` for ``medications``) is a DataError that says "did you mean ...?", unless
+the field it resembles is given on the same line too, since otherwise its value would silently not reach
+the model. Any other unknown field (``annotator``, ``source_url``) is ignored; pass a DatasetReport as
+``report=`` to learn which were, on how many lines (lines where the field has a value).
+
+Size: a file is read one line at a time, so memory holds one line beyond what is kept of the cases. A
+file over MAX_FILE_BYTES is refused before it is read, a line over MAX_LINE_BYTES (a CSV record: all its
+lines) when it is reached, and a field over MAX_FIELD_CHARS when its line is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import difflib
 import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +50,11 @@ from persona_eval.tasks.triage import INTAKE_FIELDS, LABELS, STRATA, TriageCase,
 
 __all__ = [
     "FORMATS",
+    "MAX_FIELD_CHARS",
+    "MAX_FILE_BYTES",
+    "MAX_LINE_BYTES",
     "URGENCY_LEVELS",
+    "DatasetReport",
     "dataset_fingerprint",
     "load_safety_queries",
     "load_triage_cases",
@@ -48,6 +66,32 @@ URGENCY_LEVELS: dict[str, str] = {"em": "C", "ne": "B", "sc": "A"}
 _TRIAGE_SUFFIXES = (".jsonl", ".csv")
 _SAFETY_SUFFIXES = (".jsonl",)
 _VIGNETTE_FIELDS = ("case_description", "urgency_level")
+
+# The most characters one field may hold. A clinical vignette is a few thousand characters and the
+# longest benchmark query a few hundred; 100,000 leaves room for any real case while keeping a pasted
+# document (or a corrupt line) away from the model, whose context it would overflow anyway.
+MAX_FIELD_CHARS = 100_000
+# The most bytes one line (one CSV record) may hold: room for a few fields at their limit, with JSON
+# escapes, and still a bounded amount of memory per line (the line, its text, its parsed fields).
+MAX_LINE_BYTES = 16 * 1024 * 1024
+# The largest dataset file read at all: the study's datasets are well under a megabyte, and ten thousand
+# vignettes under 50 MiB.
+MAX_FILE_BYTES = 512 * 1024 * 1024
+
+# The fields each layout reads; anything else on a line is unknown to it.
+_LAYOUT_FIELDS: dict[str, tuple[str, ...]] = {
+    "project": ("id", "stratum", "reference", "rationale", "text", *INTAKE_FIELDS),
+    "vignette": ("id", "stratum", "rationale", *_VIGNETTE_FIELDS),
+    "safety query": ("id", "content", "category"),
+}
+# A known field of at least this many characters is matched by spelling as well (difflib ratio at
+# least _NEAR_MISS_CUTOFF); shorter ones ("id", "age", "sex", "text") only by case, separators and
+# plural, since one letter off them is often another word ("page", "set").
+_NEAR_MISS_MIN_CHARS = 5
+_NEAR_MISS_CUTOFF = 0.8
+_IRREGULAR_PLURALS = {"strata": "stratum"}
+# How the size error names a field's value.
+_FIELD_NOUNS = {"text": "case text", "case_description": "case text", "content": "query text"}
 
 Record = dict[str, Any]
 
@@ -65,6 +109,113 @@ class _Where:
 
     def error(self, message: str, field: str | None = None) -> DataError:
         return DataError(message, path=self.path, line=self.line, field=field)
+
+
+@dataclass
+class DatasetReport:
+    """What a loader ignored in a file: each field no layout field matches -> on how many lines it has a
+    value (``unknown_fields``) and the first of them (``first_lines``). Pass one as ``report=``; the
+    loader fills it in (and sets ``path``) when the file loads."""
+
+    path: str = ""
+    unknown_fields: dict[str, int] = field(default_factory=dict)
+    first_lines: dict[str, int] = field(default_factory=dict)
+
+    def message(self) -> str | None:
+        """One line for people, or None when nothing was ignored.
+
+        >>> DatasetReport("cases.jsonl", {"source_url": 104, "annotator": 1}, {}).message()
+        'cases.jsonl: fields not used by persona-eval (ignored): annotator (1 line), source_url (104 lines)'
+        """
+        if not self.unknown_fields:
+            return None
+        listed = ", ".join(f"{name} ({count:,} line{'' if count == 1 else 's'})"
+                           for name, count in sorted(self.unknown_fields.items()))
+        return f"{self.path}: fields not used by persona-eval (ignored): {listed}"
+
+
+def _field_key(name: str) -> str:
+    """A field name with case and separators folded: "Presenting Symptoms" -> "presenting_symptoms"."""
+    return re.sub(r"[\s_.-]+", "_", name.strip().lower()).strip("_")
+
+
+def _spellings(key: str) -> Iterator[str]:
+    """`key` and its singular and plural forms."""
+    yield key
+    yield _IRREGULAR_PLURALS.get(key, key)
+    yield key + "s"
+    yield key + "es"
+    if key.endswith("s"):
+        yield key[:-1]
+    if key.endswith("es"):
+        yield key[:-2]
+    if key.endswith("ies"):
+        yield key[:-3] + "y"
+    if key.endswith("y"):
+        yield key[:-1] + "ies"
+
+
+def _near_miss(name: str, known: Mapping[str, str]) -> str | None:
+    """The field of `known` (folded key -> field) that `name` looks like a mistake for, if any."""
+    key = _field_key(name)
+    for spelling in _spellings(key):
+        if spelling in known:
+            return known[spelling]
+    candidates = [k for k in known if len(k) >= _NEAR_MISS_MIN_CHARS]
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=_NEAR_MISS_CUTOFF)
+    return known[close[0]] if close else None
+
+
+def _text_size(value: Any) -> int:
+    """The characters of text a field's value holds (a list's items, an object's names and values)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(len(item) for item in value if isinstance(item, str))
+    if isinstance(value, Mapping):
+        return sum(len(str(name)) + (len(item) if isinstance(item, str) else 0) for name, item in value.items())
+    return 0
+
+
+class _LayoutFields:
+    """The field names on each line checked against one layout: a near miss of a field is an error, any
+    other unknown field is counted for the DatasetReport, and a known field over MAX_FIELD_CHARS is an
+    error."""
+
+    def __init__(self, layout: str) -> None:
+        self.layout = layout
+        self.known = frozenset(_LAYOUT_FIELDS[layout])
+        self._folded = {_field_key(name): name for name in _LAYOUT_FIELDS[layout]}
+        self._suggestions: dict[str, str | None] = {}  # one difflib call per distinct name, not per line
+        self.unknown: dict[str, int] = {}
+        self.first_lines: dict[str, int] = {}
+
+    def check(self, record: Mapping[str, Any], where: _Where) -> None:
+        for name in record:
+            if not _present(record, name):
+                continue
+            if name in self.known:
+                size = _text_size(record[name])
+                if size > MAX_FIELD_CHARS:
+                    noun = _FIELD_NOUNS.get(name, "the value")
+                    raise where.error(f"{noun} is {size:,} characters; at most {MAX_FIELD_CHARS:,} are "
+                                      "accepted (a vignette is a few thousand)", name)
+                continue
+            if name not in self._suggestions:
+                self._suggestions[name] = _near_miss(name, self._folded)
+            suggestion = self._suggestions[name]
+            if suggestion is not None and not _present(record, suggestion):
+                raise where.error(f"not a field of the {self.layout} layout; did you mean {suggestion!r}? "
+                                  "(a field persona-eval does not know is ignored, so this value would not "
+                                  "be used)", name)
+            self.unknown[name] = self.unknown.get(name, 0) + 1
+            self.first_lines.setdefault(name, where.line)
+
+    def fill(self, report: DatasetReport | None, path: str) -> None:
+        if report is not None:
+            report.path = path
+            report.unknown_fields = dict(sorted(self.unknown.items()))
+            report.first_lines = {name: self.first_lines[name] for name in report.unknown_fields}
 
 
 def _describe(value: Any) -> str:
@@ -249,9 +400,11 @@ def _vignette_case(record: Record, where: _Where, stratum: str | None, stem: str
 
 
 def _detect_format(record: Mapping[str, Any]) -> str:
-    """``vignette`` when the record has both benchmark fields, or one of them and no ``reference``."""
-    marked = [name in record for name in _VIGNETTE_FIELDS]
-    if all(marked) or (any(marked) and "reference" not in record):
+    """``vignette`` when the record has both benchmark fields, or one of them and no ``reference``
+    (names compared with case and separators folded, so that a misspelled header is reported as such)."""
+    keys = {_field_key(name) for name in record}
+    marked = [name in keys for name in _VIGNETTE_FIELDS]
+    if all(marked) or (any(marked) and "reference" not in keys):
         return "vignette"
     return "project"
 
@@ -264,15 +417,69 @@ def _check_suffix(path: Path, shown: str, supported: tuple[str, ...]) -> str:
     return suffix
 
 
-def _read_text(path: Path, shown: str) -> str:
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):,.0f} MiB" if size >= 1 << 20 else f"{size:,} bytes"
+
+
+def _too_large(size: int, shown: str) -> DataError:
+    return DataError(f"the file is {_mib(size)}; at most {_mib(MAX_FILE_BYTES)} are read (ten thousand "
+                     "vignettes are under 50 MiB)", path=shown)
+
+
+def _open(path: Path, shown: str) -> io.BufferedReader:
+    """`path` opened for reading, after its size is checked."""
     try:
-        data = path.read_bytes()
+        handle = path.open("rb")
     except FileNotFoundError:
         raise DataError("no such file", path=shown) from None
     except IsADirectoryError:
         raise DataError("is a directory, not a data file", path=shown) from None
     except OSError as exc:
         raise DataError(f"cannot read the file ({exc.strerror})", path=shown) from None
+    size = os.fstat(handle.fileno()).st_size
+    if size > MAX_FILE_BYTES:
+        handle.close()
+        raise _too_large(size, shown)
+    return handle
+
+
+def _line_too_long() -> str:
+    return (f"the line is longer than {MAX_LINE_BYTES:,} bytes and is not read; a line holds one case, "
+            f"and a field at most {MAX_FIELD_CHARS:,} characters (a vignette is a few thousand)")
+
+
+def _file_lines(path: Path, shown: str) -> Generator[tuple[int, str], None, None]:
+    """(line number, text) of each line of `path`, read and decoded one at a time, each with its "\n".
+
+    Lines end at "\n" only (as JSON lines do: a JSON string may hold other line separators). Raises
+    DataError for a line over MAX_LINE_BYTES (before holding more of it), a line that is not UTF-8, and,
+    once every line is read, a file with nothing but blank lines.
+    """
+    with _open(path, shown) as handle:
+        number, read, content = 0, 0, False
+        while chunk := handle.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            read += len(chunk)
+            if len(chunk) - chunk.endswith(b"\n") > MAX_LINE_BYTES:
+                raise DataError(_line_too_long(), path=shown, line=number)
+            if read > MAX_FILE_BYTES:  # a file that grows while read, or a device
+                raise _too_large(read, shown)
+            try:
+                line = chunk.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"not valid UTF-8 ({exc.reason})", path=shown, line=number) from None
+            content = content or bool(line.strip())
+            yield number, line
+    if not content:
+        raise DataError("the file is empty", path=shown)
+
+
+def _read_text(path: Path, shown: str) -> str:
+    """The whole text of a small file (persona_eval.review reads annotation files with it)."""
+    with _open(path, shown) as handle:
+        data = handle.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise _too_large(len(data), shown)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -283,31 +490,102 @@ def _read_text(path: Path, shown: str) -> str:
     return text
 
 
-def _jsonl_records(text: str, shown: str) -> Iterator[tuple[int, Record]]:
-    # split("\n"), not splitlines(): the latter also splits on characters JSON allows inside strings,
-    # which would shift every line number after them.
-    for number, line in enumerate(text.split("\n"), start=1):
+def _parse_jsonl(lines: Iterable[tuple[int, str]], shown: str) -> Iterator[tuple[int, Record]]:
+    for number, line in lines:
         if not line.strip():
             continue
+        if line.endswith("\n"):
+            line = line[:-1]  # so that the column of an error at the end of the line is on the line
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=shown,
                             line=number) from None
+        except RecursionError:
+            raise DataError("malformed JSON: nested too deeply", path=shown, line=number) from None
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            raise DataError(f"malformed JSON: {exc}", path=shown, line=number) from None
         if not isinstance(value, dict):
             raise DataError(f"expected a JSON object, got {_describe(value)}", path=shown, line=number)
         yield number, value
 
 
-def _csv_records(text: str, shown: str) -> Iterator[tuple[int, Record]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _jsonl_records(text: str, shown: str) -> Iterator[tuple[int, Record]]:
+    # split("\n"), not splitlines(): the latter also splits on characters JSON allows inside strings,
+    # which would shift every line number after them.
+    return _parse_jsonl(enumerate(text.split("\n"), start=1), shown)
+
+
+class _CsvLines:
+    """The lines fed to the CSV reader: split as ``newline=""`` splits them (at "\r", "\n" or "\r\n"),
+    and counted per record, so that a record spanning lines is bounded like a line (MAX_LINE_BYTES)."""
+
+    _LONE_CR = re.compile(r"(?<=\r)(?!\n)")
+
+    def __init__(self, lines: Iterable[str], shown: str) -> None:
+        self._lines = iter(lines)
+        self._pending: list[str] = []
+        self._shown = shown
+        self.line_num = 0
+        self.record: list[str] = []  # the text of the record being read, for error messages
+        self.record_line = 1  # the first line of that record
+        self._record_chars = 0
+
+    def start_record(self) -> None:
+        self.record, self._record_chars, self.record_line = [], 0, self.line_num + 1
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        while not self._pending:
+            line = next(self._lines)
+            self._pending = [piece for piece in self._LONE_CR.split(line) if piece] if "\r" in line else [line]
+        piece = self._pending.pop(0)
+        self.line_num += 1
+        self._record_chars += len(piece)
+        if self._record_chars > MAX_LINE_BYTES:
+            raise DataError(f"the CSV record is longer than {MAX_LINE_BYTES:,} characters and is not read; a "
+                            f"record holds one case, and a field at most {MAX_FIELD_CHARS:,} characters",
+                            path=self._shown, line=self.record_line)
+        self.record.append(piece)
+        return piece
+
+
+def _oversized_column(record: str, limit: int) -> int | None:
+    """The 0-based column of the first field over `limit` characters in the text of a CSV record."""
+    column, length, quoted = 0, 0, False
+    for char in record:
+        if char == '"':
+            quoted = not quoted  # a doubled quote inside quotes toggles twice
+        elif char == "," and not quoted:
+            column, length = column + 1, 0
+        else:
+            length += 1
+            if length > limit:
+                return column
+    return None
+
+
+def _parse_csv(lines: Iterable[str], shown: str) -> Iterator[tuple[int, Record]]:
+    feed = _CsvLines(lines, shown)
+    reader = csv.reader(feed)
+    columns: list[str] = []
 
     def next_row() -> list[str] | None:
+        feed.start_record()
         try:
             return next(reader)
         except StopIteration:
             return None
         except csv.Error as exc:
+            if "field larger than field limit" in str(exc):
+                limit = csv.field_size_limit()
+                column = _oversized_column("".join(feed.record), limit)
+                name = columns[column] if column is not None and column < len(columns) else None
+                raise DataError(f"{_FIELD_NOUNS.get(name or '', 'a field')} is over {limit:,} characters; "
+                                f"at most {MAX_FIELD_CHARS:,} are accepted (a vignette is a few thousand)",
+                                path=shown, line=feed.record_line, field=name) from None
             raise DataError(f"malformed CSV: {exc}", path=shown, line=reader.line_num) from None
 
     header = next_row()
@@ -335,18 +613,30 @@ def _csv_records(text: str, shown: str) -> Iterator[tuple[int, Record]]:
         yield number, {name: cell for name, cell in zip(columns, row, strict=True) if name}
 
 
+def _csv_records(text: str, shown: str) -> Iterator[tuple[int, Record]]:
+    return _parse_csv(io.StringIO(text, newline=""), shown)
+
+
+def _records(lines: Iterator[tuple[int, str]], suffix: str, shown: str) -> Iterator[tuple[int, Record]]:
+    if suffix == ".csv":
+        return _parse_csv((line for _, line in lines), shown)
+    return _parse_jsonl(lines, shown)
+
+
 def load_triage_cases(path: str | os.PathLike[str], *, stratum: str | None = None,
-                      format: str | None = None) -> list[TriageCase]:
+                      format: str | None = None, report: DatasetReport | None = None) -> list[TriageCase]:
     """The triage cases of a ``.jsonl`` or ``.csv`` file, in file order, validated.
 
     The layout (``project`` or ``vignette``, see the module docstring) is detected from the first
     record's fields; ``format=`` forces it. ``stratum=`` is a default, never an override: it fills the
     stratum of lines that give none (in either layout), and lines that give one keep theirs.
     ``TriageCase.source`` is "path:line". Ids must be unique within the file; a vignette-layout line
-    without an id gets "<file stem>-<line>".
+    without an id gets "<file stem>-<line>". ``report``, when given, is filled in with the fields that
+    were ignored.
 
     Raises DataError naming the file, line and field for any problem in the file (including a missing
-    file or an unsupported extension), and ConfigError for an unknown ``stratum=`` or ``format=``.
+    file, an unsupported extension, a field name that looks like a mistake for one of the layout, and a
+    field or file over the size limits), and ConfigError for an unknown ``stratum=`` or ``format=``.
     """
     if format is not None and format not in FORMATS:
         raise ConfigError(unknown_name_message("dataset format", format, FORMATS))
@@ -354,27 +644,31 @@ def load_triage_cases(path: str | os.PathLike[str], *, stratum: str | None = Non
         raise ConfigError(unknown_name_message("stratum", stratum, STRATA))
     shown, file = str(path), Path(path)
     suffix = _check_suffix(file, shown, _TRIAGE_SUFFIXES)
-    text = _read_text(file, shown)
-    records = _csv_records(text, shown) if suffix == ".csv" else _jsonl_records(text, shown)
 
     layout = format
+    fields: _LayoutFields | None = None
     cases: list[TriageCase] = []
     first_line: dict[str, int] = {}
-    for number, record in records:
-        where = _Where(shown, number)
-        if layout is None:
-            layout = _detect_format(record)
-        if layout == "vignette":
-            case = _vignette_case(record, where, stratum, file.stem)
-        else:
-            case = _project_case(record, where, stratum)
-        if case.id in first_line:
-            raise where.error(f"duplicate id {case.id!r} (first seen at line {first_line[case.id]})", "id")
-        first_line[case.id] = number
-        cases.append(case)
-    if not cases:
+    with contextlib.closing(_file_lines(file, shown)) as lines:
+        for number, record in _records(lines, suffix, shown):
+            where = _Where(shown, number)
+            if layout is None:
+                layout = _detect_format(record)
+            if fields is None:
+                fields = _LayoutFields(layout)
+            fields.check(record, where)
+            if layout == "vignette":
+                case = _vignette_case(record, where, stratum, file.stem)
+            else:
+                case = _project_case(record, where, stratum)
+            if case.id in first_line:
+                raise where.error(f"duplicate id {case.id!r} (first seen at line {first_line[case.id]})", "id")
+            first_line[case.id] = number
+            cases.append(case)
+    if not cases or fields is None:
         only_header = " (only a header row)" if suffix == ".csv" else ""
         raise DataError(f"no cases in the file{only_header}", path=shown)
+    fields.fill(report, shown)
     return cases
 
 
@@ -390,29 +684,34 @@ def _category(record: Mapping[str, Any], where: _Where) -> int:
     return value
 
 
-def load_safety_queries(path: str | os.PathLike[str]) -> list[SafetyQuery]:
+def load_safety_queries(path: str | os.PathLike[str], *, report: DatasetReport | None = None
+                        ) -> list[SafetyQuery]:
     """The patient-safety queries of a ``.jsonl`` file in the public benchmark's layout, in file order.
 
     Each line holds ``id`` (an integer or non-empty text; unique in the file), ``content`` (the query)
-    and ``category`` (an integer key of persona_eval.tasks.safety.CATEGORIES); other fields are
-    ignored. Raises DataError naming the file, line and field for any problem.
+    and ``category`` (an integer key of persona_eval.tasks.safety.CATEGORIES). Other fields are ignored
+    (``report``, when given, is filled in with them), except one that looks like a mistake for one of
+    these (see the module docstring). Raises DataError naming the file, line and field for any problem.
     """
     shown, file = str(path), Path(path)
     _check_suffix(file, shown, _SAFETY_SUFFIXES)
-    text = _read_text(file, shown)
+    fields = _LayoutFields("safety query")
     queries: list[SafetyQuery] = []
     first_line: dict[str, int] = {}
-    for number, record in _jsonl_records(text, shown):
-        where = _Where(shown, number)
-        query_id = _identifier(record, where)
-        content = _text(record, "content", where)
-        category = _category(record, where)
-        if query_id in first_line:
-            raise where.error(f"duplicate id {query_id!r} (first seen at line {first_line[query_id]})", "id")
-        first_line[query_id] = number
-        queries.append(SafetyQuery(id=query_id, content=content, category=category, source=where.source))
+    with contextlib.closing(_file_lines(file, shown)) as lines:
+        for number, record in _parse_jsonl(lines, shown):
+            where = _Where(shown, number)
+            fields.check(record, where)
+            query_id = _identifier(record, where)
+            content = _text(record, "content", where)
+            category = _category(record, where)
+            if query_id in first_line:
+                raise where.error(f"duplicate id {query_id!r} (first seen at line {first_line[query_id]})", "id")
+            first_line[query_id] = number
+            queries.append(SafetyQuery(id=query_id, content=content, category=category, source=where.source))
     if not queries:
         raise DataError("no queries in the file", path=shown)
+    fields.fill(report, shown)
     return queries
 
 

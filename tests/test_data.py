@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from persona_eval import data
 from persona_eval.data import (
     FORMATS,
+    MAX_FIELD_CHARS,
+    MAX_FILE_BYTES,
     URGENCY_LEVELS,
+    DatasetReport,
     dataset_fingerprint,
     load_safety_queries,
     load_triage_cases,
@@ -507,3 +513,241 @@ def test_the_safety_fixture_loads_with_every_category() -> None:
     queries = load_safety_queries(REPO / "fixtures" / "safety" / "queries.jsonl")
     for category in CATEGORIES:
         assert sum(q.category == category for q in queries) >= 10, category
+
+
+# --- field names that look like mistakes ---------------------------------------------------------------
+
+INTAKE_LINE: dict[str, Any] = {"id": "i-1", "stratum": "emergency", "reference": "C", "rationale": "r",
+                               "presenting_symptoms": "chest pain"}
+
+NEAR_MISSES = [
+    # (the misspelled field and its value, with None removing a field of the line; the field meant)
+    pytest.param({"medication": ["aspirin"]}, "medications", id="singular"),
+    pytest.param({"medicatons": "aspirin"}, "medications", id="typo"),
+    pytest.param({"Medications": "aspirin"}, "medications", id="capitalized"),
+    pytest.param({"vital_sign": {"HR": 120}}, "vital_signs", id="singular-two-words"),
+    pytest.param({"Vital Signs": "HR 120"}, "vital_signs", id="spaces-and-case"),
+    pytest.param({"vital-signs": "HR 120"}, "vital_signs", id="hyphen"),
+    pytest.param({"histories": ["asthma"]}, "history", id="plural-ies"),
+    pytest.param({"AGE": 54}, "age", id="short-field-case"),
+    pytest.param({"onest": "an hour ago"}, "onset", id="transposed"),
+    pytest.param({"strata": "emergency", "stratum": None}, "stratum", id="irregular-plural"),
+]
+
+
+@pytest.mark.parametrize(("extra", "meant"), NEAR_MISSES)
+def test_a_near_miss_of_a_field_is_an_error_with_a_suggestion(tmp_path: Path, extra: dict[str, Any],
+                                                               meant: str) -> None:
+    misspelled = next(name for name, value in extra.items() if value is not None)
+    path = write_lines(tmp_path / "cases.jsonl", [TEXT_CASE, {**INTAKE_LINE, **extra}])
+    with pytest.raises(DataError) as excinfo:
+        load_triage_cases(path)
+    assert str(excinfo.value) == (
+        f"{path}:2: field '{misspelled}': not a field of the project layout; did you mean '{meant}'? "
+        "(a field persona-eval does not know is ignored, so this value would not be used)")
+    assert (excinfo.value.path, excinfo.value.line, excinfo.value.field) == (str(path), 2, misspelled)
+
+
+@pytest.mark.parametrize("name", ["Presenting Symptoms", "presenting-symptoms", "presenting_symptom",
+                                  "PresentingSymptoms"])
+def test_a_misspelled_required_intake_field_is_named_before_it_is_missed(tmp_path: Path, name: str) -> None:
+    line = {**INTAKE_LINE, "presenting_symptoms": None, name: "chest pain", "age": 60}
+    path = write_lines(tmp_path / "cases.jsonl", [{k: v for k, v in line.items() if v is not None}])
+    assert load_error(path).startswith(f"{path}:1: field '{name}': not a field of the project layout; "
+                                       "did you mean 'presenting_symptoms'? ")
+
+
+def test_a_near_miss_in_a_csv_header_is_named_at_the_first_row_that_fills_it(tmp_path: Path) -> None:
+    path = tmp_path / "cases.csv"
+    path.write_text("id,stratum,reference,rationale,presenting_symptoms,Medication\n"
+                    "1,emergency,C,r,chest pain,\n"
+                    "2,emergency,C,r,chest pain,aspirin\n", encoding="utf-8")
+    assert load_error(path).startswith(f"{path}:3: field 'Medication': not a field of the project layout; "
+                                       "did you mean 'medications'? ")
+
+
+@pytest.mark.parametrize(("header", "field", "meant"), [
+    ("Case Description,urgency_level", "Case Description", "case_description"),
+    ("case_description,Urgency-Level", "Urgency-Level", "urgency_level"),
+])
+def test_a_near_miss_in_the_vignette_layout_csv(tmp_path: Path, header: str, field: str, meant: str) -> None:
+    path = tmp_path / "bench.csv"
+    path.write_text(f"{header}\nChest pain at rest.,em\n", encoding="utf-8")
+    assert load_error(path, stratum="emergency").startswith(
+        f"{path}:2: field '{field}': not a field of the vignette layout; did you mean '{meant}'? ")
+
+
+def test_a_near_miss_of_an_optional_vignette_field(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "bench.jsonl", [
+        {"case_description": "d", "urgency_level": "em", "stratum": "emergency"},
+        {"case_description": "d", "urgency_level": "em", "stratum": "emergency", "rationle": "why"},
+    ])
+    assert load_error(path).startswith(f"{path}:2: field 'rationle': not a field of the vignette layout; "
+                                       "did you mean 'rationale'? ")
+
+
+@pytest.mark.parametrize(("extra", "misspelled", "meant"), [
+    ({"contents": "Is it safe?", "content": None}, "contents", "content"),
+    ({"Category": 2, "category": None}, "Category", "category"),
+])
+def test_a_near_miss_in_safety_queries(tmp_path: Path, extra: dict[str, Any], misspelled: str,
+                                       meant: str) -> None:
+    path = write_lines(tmp_path / "queries.jsonl", [query(), query(id=2, **extra)])
+    with pytest.raises(DataError) as excinfo:
+        load_safety_queries(path)
+    assert str(excinfo.value).startswith(f"{path}:2: field '{misspelled}': not a field of the safety query "
+                                         f"layout; did you mean '{meant}'? ")
+
+
+def test_a_near_miss_is_allowed_beside_the_field_it_resembles(tmp_path: Path) -> None:
+    # Both given: the other is another field (a note beside the list), and nothing meant is lost.
+    line = {**INTAKE_LINE, "medications": ["aspirin"], "medication": "taken this morning"}
+    report = DatasetReport()
+    (loaded,) = load_triage_cases(write_lines(tmp_path / "cases.jsonl", [line]), report=report)
+    assert loaded.intake is not None and loaded.intake["medications"] == ["aspirin"]
+    assert report.unknown_fields == {"medication": 1}
+
+
+def test_a_near_miss_without_a_value_is_not_an_error(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "cases.jsonl", [{**INTAKE_LINE, "medication": None, "Medications": ""}])
+    report = DatasetReport()
+    assert load_triage_cases(path, report=report)[0].intake == {"presenting_symptoms": "chest pain"}
+    assert report.message() is None
+
+
+@pytest.mark.parametrize("name", ["notes", "difficulty", "source_url", "annotator", "category_name",
+                                  "urgency", "medical_history", "page", "sext", "case_id"])
+def test_other_unknown_fields_are_not_near_misses(tmp_path: Path, name: str) -> None:
+    path = write_lines(tmp_path / "cases.jsonl", [{**INTAKE_LINE, name: "x"}])
+    report = DatasetReport()
+    load_triage_cases(path, report=report)
+    assert report.unknown_fields == {name: 1}
+
+
+# --- the report of ignored fields ----------------------------------------------------------------------
+
+def test_unknown_fields_are_counted_per_line_in_the_report(tmp_path: Path) -> None:
+    lines = [case(id=f"c{i}", annotator="rater 1", source_url="https://example.org") for i in range(4)]
+    lines[1]["notes"] = "seen twice"
+    lines[2]["notes"] = None  # absent: not counted
+    lines[3]["annotator"] = "  "
+    path = write_lines(tmp_path / "cases.jsonl", ["", *lines])
+    report = DatasetReport()
+    assert len(load_triage_cases(path, report=report)) == 4
+    assert report.path == str(path)
+    assert report.unknown_fields == {"annotator": 3, "notes": 1, "source_url": 4}
+    assert report.first_lines == {"annotator": 2, "notes": 3, "source_url": 2}
+    assert report.message() == (f"{path}: fields not used by persona-eval (ignored): annotator (3 lines), "
+                                "notes (1 line), source_url (4 lines)")
+
+
+def test_the_report_of_a_csv_file_and_of_a_clean_file(tmp_path: Path) -> None:
+    path = tmp_path / "bench.csv"
+    path.write_text("case_description,urgency_level,annotator\nChest pain.,em,ann\nSunburn.,sc,bob\n",
+                    encoding="utf-8")
+    report = DatasetReport()
+    load_triage_cases(path, stratum="emergency", report=report)
+    assert report.message() == f"{path}: fields not used by persona-eval (ignored): annotator (2 lines)"
+    clean = DatasetReport()
+    load_triage_cases(write_lines(tmp_path / "cases.jsonl", [TEXT_CASE]), report=clean)
+    assert (clean.unknown_fields, clean.first_lines, clean.message()) == ({}, {}, None)
+
+
+def test_the_safety_fixture_reports_its_category_name_field() -> None:
+    report = DatasetReport()
+    queries = load_safety_queries(REPO / "fixtures" / "safety" / "queries.jsonl", report=report)
+    assert report.unknown_fields == {"category_name": len(queries)}
+    assert report.first_lines == {"category_name": 1}
+
+
+# --- size limits ---------------------------------------------------------------------------------------
+
+def test_an_over_long_case_text_is_refused_naming_its_line(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "cases.jsonl", [TEXT_CASE, case(id="big", text="x" * (5 * 2**20))])
+    with pytest.raises(DataError) as excinfo:
+        load_triage_cases(path)
+    assert str(excinfo.value) == (f"{path}:2: field 'text': case text is 5,242,880 characters; at most "
+                                  "100,000 are accepted (a vignette is a few thousand)")
+    assert MAX_FIELD_CHARS == 100_000
+
+
+@pytest.mark.parametrize(("line", "field", "size"), [
+    pytest.param({"id": "v", "case_description": "x" * 100_001, "urgency_level": "em"}, "case_description",
+                 "case text is 100,001", id="vignette"),
+    pytest.param({**INTAKE_LINE, "medications": ["y" * 60_000, "z" * 60_000]}, "medications",
+                 "the value is 120,000", id="intake-list"),
+    pytest.param(case(rationale="r" * 200_000), "rationale", "the value is 200,000", id="rationale"),
+])
+def test_every_field_has_the_limit(tmp_path: Path, line: dict[str, Any], field: str, size: str) -> None:
+    path = write_lines(tmp_path / "cases.jsonl", [line])
+    assert load_error(path, stratum="emergency") == (
+        f"{path}:1: field '{field}': {size} characters; at most 100,000 are accepted (a vignette is a few "
+        "thousand)")
+
+
+def test_an_over_long_safety_query(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "queries.jsonl", [query(), query(id=2, content="q" * 150_000)])
+    with pytest.raises(DataError, match=r":2: field 'content': query text is 150,000 characters; at most "
+                                        r"100,000 are accepted"):
+        load_safety_queries(path)
+
+
+@pytest.mark.parametrize(("size", "message"), [
+    (120_000, "case text is 120,000 characters; at most 100,000 are accepted"),  # under the csv module's limit
+    (300_000, "case text is over 131,072 characters; at most 100,000 are accepted"),  # over it
+])
+def test_an_over_long_csv_cell_names_its_line_and_column(tmp_path: Path, size: int, message: str) -> None:
+    path = tmp_path / "cases.csv"
+    path.write_text('id,stratum,reference,rationale,text\n1,emergency,C,r,short\n'
+                    f'2,emergency,C,"a, ""quoted"" rationale","{"t" * size}"\n', encoding="utf-8")
+    assert load_error(path).startswith(f"{path}:3: field 'text': {message}")
+
+
+def test_a_line_over_the_line_limit_is_refused_before_it_is_held(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 1000)
+    path = write_lines(tmp_path / "cases.jsonl", [TEXT_CASE, case(id="b", notes="n" * 2000)])
+    assert load_error(path) == (f"{path}:2: the line is longer than 1,000 bytes and is not read; a line holds "
+                                "one case, and a field at most 100,000 characters (a vignette is a few thousand)")
+    csv_path = tmp_path / "cases.csv"
+    quoted = "\n".join(["line"] * 300)  # one record over many lines
+    csv_path.write_text(f'id,stratum,reference,rationale,text\n1,emergency,C,r,"{quoted}"\n', encoding="utf-8")
+    assert load_error(csv_path).startswith(f"{csv_path}:2: the CSV record is longer than 1,000 characters")
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "cases.jsonl"
+    with path.open("wb") as handle:
+        handle.truncate(MAX_FILE_BYTES + 1)  # sparse: takes no disk space and would read as zeros
+    assert load_error(path) == (f"{path}: the file is 512 MiB; at most 512 MiB are read (ten thousand "
+                                "vignettes are under 50 MiB)")
+
+
+def test_reading_holds_one_line_at_a_time(tmp_path: Path) -> None:
+    # 400 lines each carrying a 50,000-character ignored field: 20 MB of file, little of it kept.
+    lines = [case(id=f"c{i}", notes="n" * 50_000) for i in range(400)]
+    path = write_lines(tmp_path / "cases.jsonl", lines)
+    assert path.stat().st_size > 20_000_000
+    tracemalloc.start()
+    try:
+        cases = load_triage_cases(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(cases) == 400
+    assert peak < 2_000_000
+
+
+def test_deeply_nested_or_huge_number_json_is_a_data_error(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "cases.jsonl", [TEXT_CASE, "[" * 100_000])
+    assert load_error(path) == f"{path}:2: malformed JSON: nested too deeply"
+    if hasattr(sys, "get_int_max_str_digits"):  # Python 3.10.7 and later limit int conversion
+        path = write_lines(tmp_path / "cases.jsonl", [TEXT_CASE, '{"id": ' + "9" * 5000 + "}"])
+        assert load_error(path).startswith(f"{path}:2: malformed JSON: Exceeds the limit")
+
+
+def test_csv_with_carriage_return_line_endings(tmp_path: Path) -> None:
+    path = tmp_path / "cases.csv"
+    path.write_bytes(b'id,stratum,reference,rationale,text\r1,emergency,C,r,"two\rlines"\r2,emergency,A,r,t\r')
+    cases = load_triage_cases(path)
+    assert [(c.id, c.text, c.source) for c in cases] == [("1", "two\rlines", f"{path}:2"), ("2", "t", f"{path}:4")]
