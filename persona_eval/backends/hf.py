@@ -1,7 +1,8 @@
 """A local transformers model: a directory, a GGUF file or a hub id; batched, left-padded, greedy.
 
-The tokenizer is loaded when first needed (to render prompts); the weights only when the first
-request misses the cache, so a fully cached run never loads a model.
+The tokenizer is loaded when first needed (to render prompts and count their tokens); the model's config
+to learn its context length; the weights only when the first request misses the cache, so a fully cached
+run never loads a model.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ __all__ = ["HFBackend", "weights_fingerprint"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 _PROBE = "PERSONA-EVAL-PROBE"
+# Config fields that hold the context window, by model family (Llama/Qwen/Mistral, GPT-2, others).
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx",
+                   "max_seq_len")
+# A tokenizer's model_max_length above this is transformers' "not set" value (about 1e30), not a context.
+_SANE_CONTEXT = 1 << 24
 _SYSTEM_PROBE = "PERSONA-EVAL-SYSTEM-PROBE"
 
 
@@ -88,6 +94,7 @@ class HFBackend:
         self._model: Any = None
         self._policy: SystemPolicy | None = None
         self._fingerprint: str | None = None
+        self._context: tuple[int | None] | None = None  # memo of context_length(), None until asked
         self._lock = threading.Lock()
         local = Path(model)
         if gguf_file is None and local.suffix == ".gguf":
@@ -179,6 +186,43 @@ class HFBackend:
     def render_prompt(self, request: RenderedMessages) -> str:
         return str(self.tokenizer.apply_chat_template(request.as_dicts(), tokenize=False,
                                                       add_generation_prompt=True))
+
+    # -- prompt lengths: the config and the tokenizer, never the weights -----------------------------
+    def context_length(self) -> int | None:
+        """The model's context window in tokens (prompt and answer together): the config's
+        ``max_position_embeddings`` (or its family's name for it), else the tokenizer's
+        ``model_max_length`` when that is a real number; None when neither says."""
+        if self._context is None:
+            length = _config_context(self._model.config) if self._model is not None else self._read_config_context()
+            if length is None:
+                declared = getattr(self.tokenizer, "model_max_length", None)
+                if isinstance(declared, int) and 0 < declared <= _SANE_CONTEXT:
+                    length = declared
+            self._context = (length,)
+        return self._context[0]
+
+    def _read_config_context(self) -> int | None:
+        _import_transformers()
+        from transformers import AutoConfig
+
+        kwargs: dict[str, Any] = {"trust_remote_code": self._trust_remote_code}
+        if self._gguf_file:
+            kwargs["gguf_file"] = self._gguf_file
+        try:
+            config = AutoConfig.from_pretrained(self._model_ref, **kwargs)
+        except (OSError, ValueError, KeyError):  # no readable config: the tokenizer may still say
+            return None
+        return _config_context(config)
+
+    def count_prompt_tokens(self, requests: Sequence[RenderedMessages]) -> list[int]:
+        """The token count of each request's prompt exactly as :meth:`generate` sends it: the chat template
+        with the generation prompt, tokenized without added special tokens; one batch call to the
+        tokenizer, no weights loaded."""
+        if not requests:
+            return []
+        prompts = [self.render_prompt(r) for r in requests]
+        encoded = self.tokenizer(prompts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return [len(ids) for ids in encoded]
 
     # -- inference --------------------------------------------------------------------------------
     def _load(self) -> Any:
@@ -281,6 +325,17 @@ class HFBackend:
 
     def close(self) -> None:
         self._model = None
+
+
+def _config_context(config: Any) -> int | None:
+    """The context window a transformers config declares (a multimodal config's text part's), if any."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for part in (text_config, config):
+        for name in _CONTEXT_FIELDS:
+            value = getattr(part, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
 
 
 def _as_list(value: Any) -> list[int]:
