@@ -16,9 +16,10 @@ address, and the parameters a model refused. It is created in older cache files 
 readers that do not know it ignore it.
 
 Secrets: keys and values must never contain API keys or other credentials. Nothing here needs one (a
-model identity names the model, not the account that serves it), and :meth:`ResultCache.put_many`
-refuses a value that contains the value of any ``*_API_KEY`` environment variable, as a last line of
-defence against a backend that echoes its request headers into a result.
+model identity names the model, not the account that serves it), and as a last line of defence against
+a server that echoes its request headers into a result, :meth:`ResultCache.put_many` and
+:meth:`ResultCache.put_note` store every value with the secrets the process knows of masked (see
+:mod:`persona_eval.redaction`): the result is kept, the secret never reaches the file.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from persona_eval.errors import ConfigError
+from persona_eval.redaction import Secrets, known_secrets, mask_found, scrub
 
 __all__ = [
     "CACHE_FILENAME",
@@ -68,7 +70,6 @@ _BUSY_TIMEOUT_S = 60.0
 _LOCKED_RETRIES = 5
 # Below SQLITE_MAX_VARIABLE_NUMBER on every SQLite version (999 before 3.32).
 _QUERY_CHUNK = 500
-_SECRET_MIN_LENGTH = 8
 
 _Result = TypeVar("_Result")
 
@@ -296,13 +297,13 @@ class ResultCache(_CacheBase):
         """Store `items` (key -> JSON object) in one transaction, replacing existing values.
 
         Raises TypeError for a key that is not a string or a value that is not a JSON-serializable
-        mapping, and ValueError for a value that contains a secret from the environment (see the module
-        docstring); in either case nothing of the batch is written.
+        mapping, and then nothing of the batch is written. A secret in a value is stored masked (see
+        the module docstring).
         """
         if not items:
             return
         _check_keys(list(items))
-        secrets = _environment_secrets()
+        secrets = known_secrets()
         now = time.time()
         rows = [(key, _encode_value(f"key {key}", value, secrets), now) for key, value in items.items()]
 
@@ -324,7 +325,7 @@ class ResultCache(_CacheBase):
         return self._run(read, write=False)
 
     def put_note(self, name: str, value: Mapping[str, Any]) -> None:
-        """Store (or replace) the note `name`: a JSON object, held to the same secret guard as results."""
+        """Store (or replace) the note `name`: a JSON object, its secrets masked as in results."""
         if not isinstance(name, str):
             raise TypeError(f"note names are strings, got {type(name).__name__}: {name!r}")
         text = _encode_value(f"note {name}", value)
@@ -513,22 +514,20 @@ def _check_keys(keys: Sequence[str]) -> None:
             raise TypeError(f"cache keys are strings (see cache_key()), got {type(key).__name__}: {key!r}")
 
 
-def _encode_value(what: str, value: Mapping[str, Any], secrets: list[tuple[str, str]] | None = None) -> str:
-    """`value` as stored: compact JSON, refused when it is not a JSON mapping or holds a secret."""
+def _encode_value(what: str, value: Mapping[str, Any], secrets: Secrets | None = None) -> str:
+    """`value` as stored: compact JSON with every secret masked; TypeError when it is not a JSON mapping.
+
+    The value is serialized once and masked as data only when a secret shows in the text, so a batch
+    without secrets (every batch, normally) costs one search per value."""
     if not isinstance(value, Mapping):
         raise TypeError(f"cache value for {what} must be a mapping, got {type(value).__name__}")
+    secrets = known_secrets() if secrets is None else secrets
     try:
         # NaN and infinities are allowed: a log-probability can be -inf, and json reads them back.
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as error:
         raise TypeError(f"cache value for {what} is not JSON-serializable: {error}") from error
-    for name, secret in _environment_secrets() if secrets is None else secrets:
-        if secret in text:
-            raise ValueError(f"refusing to cache a value containing the secret from ${name} (cache {what})")
+    if mask_found(text, secrets)[1]:
+        # Masked in the data, not the text: a secret holding a quote must not break the JSON around it.
+        text = json.dumps(scrub(value, secrets), ensure_ascii=False, separators=(",", ":"))
     return text
-
-
-def _environment_secrets() -> list[tuple[str, str]]:
-    """(name, value) of every API-key environment variable whose value is long enough to look for."""
-    return [(name, value) for name, value in os.environ.items()
-            if (name.endswith("_API_KEY") or name == "OPENAI_API_KEY") and len(value) >= _SECRET_MIN_LENGTH]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from persona_eval.redaction import mask
+
 __all__ = [
     "BackendError",
     "ConfigError",
@@ -15,8 +19,13 @@ class PersonaEvalError(Exception):
     """Base class of every error persona-eval raises on purpose.
 
     The message is written for the person running the suite: it names the file, line and field
-    (or the endpoint) at fault, and says what was expected.
+    (or the endpoint) at fault, and says what was expected. It is masked when the error is made
+    (persona_eval.redaction): a message may quote a server's reply, and a reply may quote the key, so
+    no traceback, log line or report that shows the error can show the secret.
     """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(mask(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class ConfigError(PersonaEvalError):
@@ -52,8 +61,8 @@ class BackendError(PersonaEvalError):
         if status is not None:
             parts.append(f"last status: {status}")
         super().__init__("; ".join(parts))
-        self.endpoint = endpoint
-        self.status = status
+        self.endpoint = None if endpoint is None else mask(endpoint)
+        self.status = mask(status) if isinstance(status, str) else status
 
 
 class MissingDependencyError(PersonaEvalError):

@@ -4,6 +4,12 @@ One generation pass per case gives two labels: the label parsed from the generat
 latent label, the argmax of the model's label distribution read at the position where the answer
 letter was generated. Only when no answer is found in the text are the labels scored at the prompt
 boundary instead (``probs_source = "prompt"``); never a second pass over a case whose answer was found.
+
+Before anything is sent, every prompt is measured against the model's context and
+``TriageSettings.max_prompt_tokens`` (persona_eval.lengths). A case that does not fit is a DataError naming
+its file and line (``too_long="error"``, the default), or (``too_long="record"``) a record of its own,
+``finish_reason = "too_long"`` with no answer and no label, that the model never sees: it counts as a wrong,
+unreadable answer in every metric (the deployed model cannot triage it) and in ``too_long_rate``.
 """
 
 from __future__ import annotations
@@ -15,16 +21,22 @@ from typing import Any
 
 from persona_eval import metrics
 from persona_eval.backends.base import Generation, GenerationConfig, LabelScoring
+from persona_eval.errors import ConfigError
+from persona_eval.lengths import PromptLength, check_prompt_lengths, too_long_error
 from persona_eval.parsing import AnswerSpan, find_triage_answer
 from persona_eval.personas import Persona
 from persona_eval.prompts import render_messages
 from persona_eval.runner import Progress, Runner
 from persona_eval.tasks import triage
 
-__all__ = ["NOT_AVAILABLE", "evaluate_triage", "label_distribution", "triage_metrics"]
+__all__ = ["NOT_AVAILABLE", "TOO_LONG_MODES", "TriageSettings", "evaluate_triage", "label_distribution",
+           "triage_metrics"]
 
 NOT_AVAILABLE = "not available for this model (it returns no log-probabilities)"
 _PROB_METRICS = ("consistency_rate", "expected_calibration_error", "brier_score")
+TOO_LONG_MODES = ("error", "record")
+TOO_LONG = "too_long"  # the finish_reason of a case whose prompt does not fit the model
+_PROMPT_KEPT = 2000  # characters of an over-long prompt kept in its record
 
 
 def _softmax(logprobs: Mapping[str, float], labels: Sequence[str]) -> dict[str, float]:
@@ -82,6 +94,12 @@ class TriageSettings:
 
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=32))
     scoring: LabelScoring = field(default_factory=lambda: LabelScoring(labels=triage.LABELS))
+    max_prompt_tokens: int | None = None  # besides the model's context; None: the context alone
+    too_long: str = "error"  # a prompt that does not fit: "error" (DataError) or "record" (a per-case result)
+
+    def __post_init__(self) -> None:
+        if self.too_long not in TOO_LONG_MODES:
+            raise ConfigError(f"too_long must be one of {', '.join(TOO_LONG_MODES)}, got {self.too_long!r}")
 
 
 def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, *,
@@ -92,7 +110,18 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
     backend = runner.backend
     policy = backend.system_policy()
     labels = list(settings.scoring.labels)
-    requests = [render_messages(triage.user_message(case.text), persona, policy) for case in cases]
+    all_requests = [render_messages(triage.user_message(case.text), persona, policy) for case in cases]
+    lengths = check_prompt_lengths(all_requests, backend=backend, max_new_tokens=settings.generation.max_new_tokens,
+                                   max_prompt_tokens=settings.max_prompt_tokens,
+                                   sources=[case.source for case in cases])
+    too_long = {length.index: length for length in lengths if not length.fits}
+    if too_long and settings.too_long == "error":
+        raise too_long_error(list(too_long.values()))
+    all_cases = cases
+    cases = [case for i, case in enumerate(all_cases) if i not in too_long]
+    requests = [request for i, request in enumerate(all_requests) if i not in too_long]
+    if progress is not None and too_long:
+        progress.advance(len(too_long))
     # Scoring is always asked for (one cache key whatever the backend finds out); a backend that learns
     # during the run that the model gives no log-probabilities reports it in its capabilities.
     generations = runner.generate(requests, settings.generation, settings.scoring, progress=progress)
@@ -130,10 +159,33 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
             "probs_source": source,
             "probs_flagged": flagged,
             "finish_reason": result.generation.finish_reason,
+            "secrets_masked": result.generation.masked,
             "cached": result.cached,
             "template_version": triage.TEMPLATE_VERSION,
         })
-    return records
+    if not too_long:
+        return records
+    # The over-long cases take their place in case order, as records the model never saw.
+    answered = iter(records)
+    return [_too_long_record(case, all_requests[i], too_long[i], backend, persona, run_id=run_id, model=model)
+            if i in too_long else next(answered) for i, case in enumerate(all_cases)]
+
+
+def _too_long_record(case: triage.TriageCase, request: Any, length: PromptLength, backend: Any, persona: Persona,
+                     *, run_id: str, model: str) -> dict[str, Any]:
+    """The record of a case whose prompt does not fit the model: no answer, no label, the measure kept."""
+    messages = [(role, content if len(content) <= _PROMPT_KEPT else
+                 content[:_PROMPT_KEPT] + f"... [{len(content) - _PROMPT_KEPT:,} more characters]")
+                for role, content in request.messages]
+    shown = backend.render_prompt(type(request)(tuple(messages), request.system_prompt))
+    return {
+        "run_id": run_id, "task": triage.TASK, "model": model, "persona": persona.id,
+        "persona_group": persona.group, "stratum": case.stratum, "case_id": case.id, "reference": case.reference,
+        "system_prompt": request.system_prompt, "prompt": shown, "generated_text": "", "generated_label": None,
+        "logit_label": None, "label_probs": None, "probs_source": None, "probs_flagged": False,
+        "finish_reason": TOO_LONG, "secrets_masked": [], "cached": False,
+        "template_version": triage.TEMPLATE_VERSION, "too_long": length.to_json(),
+    }
 
 
 def _value(number: float) -> float | None:
@@ -162,6 +214,7 @@ def triage_metrics(records: Sequence[Mapping[str, Any]], *, logprobs_available: 
             "over_triage_rate": metrics.over_triage_rate(y_true, y_pred, labels=labels),
             "under_triage_rate": metrics.under_triage_rate(y_true, y_pred, labels=labels),
             "risk_sensitivity": metrics.risk_sensitivity(y_true, y_pred, labels=labels),
+            "too_long_rate": sum(r.get("finish_reason") == TOO_LONG for r in rows) / len(rows),
         }
         notes: dict[str, str] = {}
         with_probs = [r for r in rows if r["label_probs"] is not None]

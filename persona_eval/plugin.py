@@ -22,9 +22,9 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -32,9 +32,9 @@ from persona_eval.backends import ModelSpec, create_backend, load_models_file, p
 from persona_eval.backends.base import Backend, GenerationConfig, LabelScoring
 from persona_eval.cache import NullCache, ResultCache, default_cache_dir
 from persona_eval.comparisons import CONTROLS, ComparisonSettings, check_same_dataset, compare_personas
-from persona_eval.data import load_safety_queries, load_triage_cases
-from persona_eval.errors import PersonaEvalError
-from persona_eval.evaluation import TriageSettings, evaluate_triage, triage_metrics
+from persona_eval.data import DatasetReport, load_safety_queries, load_triage_cases
+from persona_eval.errors import ConfigError, DataError, PersonaEvalError
+from persona_eval.evaluation import TOO_LONG_MODES, TriageSettings, evaluate_triage, triage_metrics
 from persona_eval.gate import (
     ResultSet,
     approved_comparison,
@@ -52,6 +52,7 @@ from persona_eval.judges import (
     parse_judge_specs,
 )
 from persona_eval.personas import Persona, PersonaRegistry, load_personas
+from persona_eval.redaction import mask
 from persona_eval.report import html as html_report
 from persona_eval.report.markdown import append_step_summary, render_markdown
 from persona_eval.report.summary import build_summary, served_model_metadata
@@ -75,6 +76,7 @@ PROPERTY = "persona_eval"  # the test report attribute that carries a case's res
 GATE_NODEID = "persona-eval::deployment-gate"
 DEFAULT_DATASETS = {"triage": "fixtures/triage/vignettes.jsonl", "safety": "fixtures/safety/queries.jsonl"}
 DEFAULT_MAX_NEW_TOKENS = {"triage": 32, "safety": 64}
+TASKS = ("triage", "safety")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -116,6 +118,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write this run's per-case results to PATH as an approved baseline")
     group.addoption("--pe-bootstrap-resamples", type=int, metavar="N",
                     help="bootstrap resamples of the paired comparisons (default 2000)")
+    group.addoption("--pe-timeout", type=float, metavar="SECONDS",
+                    help="served models: seconds to wait for one answer before trying again (default: the "
+                         "models file's timeout, else 120)")
+    group.addoption("--pe-retries", type=int, metavar="N",
+                    help="served models: tries after the first on a timeout, connection error, 429 or 5xx "
+                         "(default: the models file's max_retries, else 5)")
+    group.addoption("--pe-max-prompt-tokens", type=int, metavar="N",
+                    help="longest prompt sent, in tokens (default: what fits the model's context with the "
+                         "answer); a longer case stops the run naming its file and line")
+    group.addoption("--pe-too-long", choices=TOO_LONG_MODES, default="error",
+                    help="a case whose prompt does not fit the model: 'error' (default) stops the run naming "
+                         "it; 'record' keeps it as a per-case result the model never saw, counted in "
+                         "too_long_rate")
     group.addoption("--pe-allow-unchecked", action="store_true",
                     help="a fail bound or rule that could not be checked (too few cases, its control or "
                          "stratum did not run, no label probabilities) does not fail the session; the "
@@ -147,6 +162,10 @@ class Settings:
     seed: int = 0
     judge_triage: bool = False
     allow_unchecked: bool = False
+    timeout: float | None = None
+    retries: int | None = None
+    max_prompt_tokens: int | None = None
+    too_long: str = "error"
 
 
 @dataclass
@@ -162,6 +181,7 @@ class WorkerState:
 
 settings_key = pytest.StashKey[Settings]()
 state_key = pytest.StashKey[WorkerState]()
+dataset_reports_key = pytest.StashKey[dict[str, DatasetReport]]()
 
 
 def _parse_settings(config: pytest.Config, *, controller: bool = True) -> Settings:
@@ -190,7 +210,8 @@ def _parse_settings(config: pytest.Config, *, controller: bool = True) -> Settin
         datasets[task] = Path(path)
     for flag, value, lowest in (("--pe-limit", option.pe_limit, 1), ("--pe-batch-size", option.pe_batch_size, 1),
                                 ("--pe-judge-max-new-tokens", option.pe_judge_max_new_tokens, 1),
-                                ("--pe-seed", option.pe_seed, 0)):
+                                ("--pe-seed", option.pe_seed, 0), ("--pe-retries", option.pe_retries, 0),
+                                ("--pe-max-prompt-tokens", option.pe_max_prompt_tokens, 1)):
         if value is not None and value < lowest:
             raise PersonaEvalError(f"{flag} must be at least {lowest}, got {value}")
     max_new_tokens = dict(DEFAULT_MAX_NEW_TOKENS)
@@ -198,6 +219,8 @@ def _parse_settings(config: pytest.Config, *, controller: bool = True) -> Settin
         if option.pe_max_new_tokens < 1:
             raise PersonaEvalError(f"--pe-max-new-tokens must be at least 1, got {option.pe_max_new_tokens}")
         max_new_tokens = dict.fromkeys(max_new_tokens, option.pe_max_new_tokens)
+    if option.pe_timeout is not None and not (option.pe_timeout > 0 and option.pe_timeout < float("inf")):
+        raise PersonaEvalError(f"--pe-timeout must be a positive number of seconds, got {option.pe_timeout:g}")
     resamples = option.pe_bootstrap_resamples
     if resamples is not None and resamples < 1:
         raise PersonaEvalError(f"--pe-bootstrap-resamples must be at least 1, got {resamples}")
@@ -232,6 +255,10 @@ def _parse_settings(config: pytest.Config, *, controller: bool = True) -> Settin
         seed=option.pe_seed,
         judge_triage=option.pe_judge_triage,
         allow_unchecked=option.pe_allow_unchecked,
+        timeout=option.pe_timeout,
+        retries=option.pe_retries,
+        max_prompt_tokens=option.pe_max_prompt_tokens,
+        too_long=option.pe_too_long,
     )
 
 
@@ -266,18 +293,24 @@ def _check_approved_dataset(settings: Settings, cases: list[triage.TriageCase] |
     check_same_dataset(planned, settings.approved.records, tasks=[triage.TASK])
 
 
-def _check_given_datasets(config: pytest.Config, settings: Settings) -> list[triage.TriageCase] | None:
-    """Load every dataset the user named with --pe-dataset once on the controller, before any worker
-    starts: a malformed line is then one usage error, with or without pytest-xdist (raised in a worker,
-    it would end in xdist's INTERNALERROR). Returns the triage cases when they were loaded."""
+def _check_datasets(config: pytest.Config, settings: Settings) -> tuple[list[triage.TriageCase] | None,
+                                                                         dict[str, DatasetReport]]:
+    """Load every dataset once on the controller, before any worker starts: each one the user named with
+    --pe-dataset, and each default one that exists (a project of its own may have none). A malformed line
+    is then one usage error, with or without pytest-xdist. Returns the triage cases when they were loaded,
+    and each task's report of the fields its file holds that persona-eval does not use."""
+    given = {entry.partition("=")[0] for entry in config.option.pe_dataset}
     cases = None
-    for entry in config.option.pe_dataset:
-        task = entry.partition("=")[0]
+    reports: dict[str, DatasetReport] = {}
+    for task, path in settings.datasets.items():
+        if task not in given and not path.is_file():
+            continue
+        reports[task] = DatasetReport()
         if task == "triage":
-            cases = load_triage_cases(settings.datasets[task])
+            cases = load_triage_cases(path, report=reports[task])
         else:
-            load_safety_queries(settings.datasets[task])
-    return cases
+            load_safety_queries(path, report=reports[task])
+    return cases, reports
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -285,9 +318,15 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         settings = _parse_settings(config, controller=workerinput is None)
         if workerinput is None:
-            _check_approved_dataset(settings, _check_given_datasets(config, settings))
+            cases, dataset_reports = _check_datasets(config, settings)
+            _check_approved_dataset(settings, cases)
+            config.stash[dataset_reports_key] = dataset_reports
     except PersonaEvalError as exc:
         raise pytest.UsageError(f"persona-eval: {exc}") from None
+    if workerinput is None and getattr(config.option, "numprocesses", None) and config.option.dist == "load":
+        # One model's cases on one worker: no model loads twice (see pytest_xdist_make_scheduler). xdist
+        # reads the mode when its session starts, after this, so it holds whichever cmdline hook ran first.
+        config.option.dist = "loadgroup"
     config.stash[settings_key] = settings
     run_id = workerinput["pe_run_id"] if workerinput and "pe_run_id" in workerinput else new_run_id()
     config.stash[state_key] = WorkerState(run_id=run_id, run_dir=settings.reports_dir / run_id)
@@ -300,6 +339,33 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_configure_node(node: Any) -> None:
     """pytest-xdist: every worker writes into the controller's run."""
     node.workerinput["pe_run_id"] = node.config.stash[state_key].run_id
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's scheduler for ``--dist loadgroup`` (the mode set above for ``-n``), grouping the
+    cases of one model on one worker.
+
+    xdist's own loadgroup scheduler groups by an "@group" suffix that its workers add to each node id of
+    a case marked ``xdist_group``; with pytest 9 that suffix is never added (node ids are no longer the
+    attribute xdist writes), so each case became a group of its own and every worker loaded every model.
+    This one finds a case's model from the case's id instead, which the controller knows without
+    collecting, and keeps xdist's behaviour for every other test."""
+    if config.getvalue("dist") != "loadgroup" or settings_key not in config.stash:
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    settings = config.stash[settings_key]
+    model_of = {Condition(task, model, persona).id: model.name
+                for task in TASKS for model in settings.models for persona in settings.registry}
+
+    class ModelGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            param = nodeid.rpartition("[")[2]
+            model = model_of.get(param[:-1]) if param.endswith("]") else None
+            return f"persona-eval model {model}" if model is not None else str(super()._split_scope(nodeid))
+
+    return ModelGroupScheduling(config, log)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -327,7 +393,7 @@ class Condition:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    for task in ("triage", "safety"):
+    for task in TASKS:
         name = f"pe_{task}_condition"
         if name not in metafunc.fixturenames:
             continue
@@ -336,9 +402,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         for model in settings.models:
             for persona in settings.personas:
                 condition = Condition(task, model, persona)
-                # One model's cases stay on one xdist worker (with --dist loadgroup): no model loads twice.
-                params.append(pytest.param(condition, id=condition.id,
-                                           marks=pytest.mark.xdist_group(model.name)))
+                # Under -n, one model's cases stay on one worker (pytest_xdist_make_scheduler groups them
+                # by this id): no model loads twice.
+                params.append(pytest.param(condition, id=condition.id))
         metafunc.parametrize(name, params)
 
 
@@ -405,14 +471,48 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     if call.when == "call" and payload_key in item.stash:
         setattr(report, PROPERTY, item.stash[payload_key])
+    if fatal_key in item.stash:
+        setattr(report, FATAL, item.stash[fatal_key])
+    _mask_report(report)
     return report
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    # Group each model's cases on one worker, unless the user chose another distribution mode.
-    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") == "load":
-        config.option.dist = "loadgroup"
+def _mask_report(report: pytest.TestReport) -> None:
+    """No secret reaches the terminal, JUnit XML or pytest-html through a failure's text or the output a
+    case captured: a report that holds one is rewritten with it masked (as plain text)."""
+    if report.longrepr is not None:
+        text = str(report.longrepr)
+        masked = mask(text)
+        if masked != text:
+            report.longrepr = masked
+    report.sections = [(title, mask(content)) for title, content in report.sections]
+
+
+# -- stopping the run -------------------------------------------------------------------------------
+fatal_key = pytest.StashKey[dict[str, Any]]()
+FATAL = "persona_eval_fatal"  # the test report attribute that carries a worker's stop to the controller
+RESUME = "Everything finished before this is in the cache; rerun to continue."
+
+
+def _exit_status(error: PersonaEvalError) -> pytest.ExitCode:
+    """A problem of the input (a dataset line, a case too long for the model, a setting) is a usage error;
+    a model or server that fails is a failed run."""
+    return pytest.ExitCode.USAGE_ERROR if isinstance(error, (DataError, ConfigError)) else pytest.ExitCode.TESTS_FAILED
+
+
+def _stop_run(request: pytest.FixtureRequest, message: str, returncode: pytest.ExitCode) -> NoReturn:
+    """Stop the whole run with one message and exit status, the same with or without pytest-xdist.
+
+    Without workers this is pytest.exit. In a worker, pytest.exit would end in xdist's INTERNALERROR and
+    the message would be lost; instead the case fails, its report carries the message to the controller
+    (pytest_runtest_makereport), the worker stops taking cases, and the controller's reporter calls
+    pytest.exit with the same message and status when that report arrives."""
+    message = mask(message)
+    if getattr(request.config, "workerinput", None) is None:
+        pytest.exit(message, returncode=returncode)
+    request.node.stash[fatal_key] = {"message": message, "returncode": int(returncode)}
+    request.session.shouldstop = message
+    raise pytest.fail.Exception(message, pytrace=False) from None
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -423,23 +523,23 @@ def pe_settings(request: pytest.FixtureRequest) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def pe_triage_cases(pe_settings: Settings) -> list[triage.TriageCase]:
+def pe_triage_cases(request: pytest.FixtureRequest, pe_settings: Settings) -> list[triage.TriageCase]:
     """The triage dataset (first --pe-limit cases of each stratum)."""
     path = pe_settings.datasets["triage"]
     try:
         cases = load_triage_cases(path)
     except PersonaEvalError as exc:
-        pytest.exit(f"persona-eval: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+        _stop_run(request, f"persona-eval: {exc}", pytest.ExitCode.USAGE_ERROR)
     return _limit_cases(cases, pe_settings.limit)
 
 
 @pytest.fixture(scope="session")
-def pe_safety_queries(pe_settings: Settings) -> list[SafetyQuery]:
+def pe_safety_queries(request: pytest.FixtureRequest, pe_settings: Settings) -> list[SafetyQuery]:
     """The patient-safety queries (first --pe-limit queries of each category)."""
     try:
         queries = load_safety_queries(pe_settings.datasets["safety"])
     except PersonaEvalError as exc:
-        pytest.exit(f"persona-eval: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+        _stop_run(request, f"persona-eval: {exc}", pytest.ExitCode.USAGE_ERROR)
     if pe_settings.limit is None:
         return queries
     seen: dict[int, int] = {}
@@ -469,6 +569,7 @@ def pe_runner_for(request: pytest.FixtureRequest, pe_settings: Settings) -> Call
     """runner(model): the runner of a model, created on first use. The backend loads its weights only
     when a request misses the cache."""
     state = request.config.stash[state_key]
+    notice = None if pe_settings.quiet else _write_progress(request.config)
 
     def runner(model: ModelSpec) -> Runner:
         if model.name not in state.runners:
@@ -476,11 +577,12 @@ def pe_runner_for(request: pytest.FixtureRequest, pe_settings: Settings) -> Call
                 state.cache = (ResultCache(pe_settings.cache_dir / "results.sqlite") if pe_settings.use_cache
                                else NullCache())
             try:
-                backend = create_backend(model, cache_dir=pe_settings.cache_dir, batch_size=pe_settings.batch_size)
+                backend = create_backend(model, cache_dir=pe_settings.cache_dir, batch_size=pe_settings.batch_size,
+                                         timeout=pe_settings.timeout, retries=pe_settings.retries)
             except PersonaEvalError as exc:
-                pytest.exit(f"persona-eval: model {model.name!r}: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+                _stop_run(request, f"persona-eval: model {model.name!r}: {exc}", pytest.ExitCode.USAGE_ERROR)
             state.backends[model.name] = backend
-            state.runners[model.name] = Runner(backend, state.cache)
+            state.runners[model.name] = Runner(backend, state.cache, notice=notice)
         return state.runners[model.name]
     return runner
 
@@ -517,6 +619,7 @@ def _condition_property(request: pytest.FixtureRequest, condition: Condition, ru
         "persona_group": condition.persona.group,
         "identity": runner.backend.identity(),
         "model_loaded": bool(getattr(runner.backend, "loaded", False)),
+        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
         "metrics": metrics,
         "checks": checks,
         "n_cases": len(records),
@@ -543,17 +646,17 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
     progress = Progress(f"triage {condition.model.name}/{condition.persona.id}", len(pe_triage_cases),
                         write=None if pe_settings.quiet else _write_progress(request.config))
     settings = TriageSettings(generation=GenerationConfig(max_new_tokens=pe_settings.max_new_tokens["triage"]),
-                              scoring=LabelScoring(labels=triage.LABELS))
+                              scoring=LabelScoring(labels=triage.LABELS),
+                              max_prompt_tokens=pe_settings.max_prompt_tokens, too_long=pe_settings.too_long)
     before = _stats_snapshot(runner)
     try:
         records = evaluate_triage(pe_triage_cases, condition.persona, runner, run_id=state.run_id,
                                   model=condition.model.name, settings=settings, progress=progress)
     except PersonaEvalError as exc:
-        pytest.exit(f"persona-eval: {condition.id}: {exc}\nEverything finished before this is in the cache; "
-                    "rerun to continue.", returncode=pytest.ExitCode.TESTS_FAILED)
+        _stop_run(request, f"persona-eval: {condition.id}: {exc}\n{RESUME}", _exit_status(exc))
     write_part(state.run_dir, "triage", condition.model.name, condition.persona.id, records)
     if pe_settings.judge_triage:
-        _judge_triage_justifications(request.config, condition, pe_settings, pe_triage_cases, pe_runner_for,
+        _judge_triage_justifications(request, condition, pe_settings, pe_triage_cases, pe_runner_for,
                                      settings)
     capabilities = runner.backend.capabilities()
     metrics = triage_metrics(records, logprobs_available=capabilities.logprobs)
@@ -564,12 +667,13 @@ def triage_result(request: pytest.FixtureRequest, pe_triage_condition: Condition
     yield ConditionResult(condition, records, metrics, checks)
 
 
-def _judge_triage_justifications(config: pytest.Config, condition: Condition, pe_settings: Settings,
+def _judge_triage_justifications(request: pytest.FixtureRequest, condition: Condition, pe_settings: Settings,
                                  cases: list[triage.TriageCase], runner_for: Callable[[ModelSpec], Runner],
                                  settings: TriageSettings) -> None:
     """--pe-judge-triage: the panel ranks every persona's triage answer (its clinical justification) per
     case. Needs every persona of the model (cached after the first case); writes the model's triage
     judgments, which the controller adds to judgments.jsonl and summary.json's "triage_judging"."""
+    config = request.config
     state = config.stash[state_key]
     runner = runner_for(condition.model)
     write = None if pe_settings.quiet else _write_progress(config)
@@ -583,8 +687,7 @@ def _judge_triage_justifications(config: pytest.Config, condition: Condition, pe
                                           max_new_tokens=pe_settings.judge_max_new_tokens,
                                           questions={case.id: case.text for case in cases}, progress=progress)
     except PersonaEvalError as exc:
-        pytest.exit(f"persona-eval: {condition.id}: judging: {exc}\nEverything finished before this is in the "
-                    "cache; rerun to continue.", returncode=pytest.ExitCode.TESTS_FAILED)
+        _stop_run(request, f"persona-eval: {condition.id}: judging: {exc}\n{RESUME}", _exit_status(exc))
     for judgment in judgments:
         judgment["run_id"] = state.run_id
     write_part(state.run_dir, "judgments", condition.model.name, "triage", judgments)
@@ -611,15 +714,14 @@ def safety_result(request: pytest.FixtureRequest, pe_safety_condition: Condition
             responses[persona.id] = evaluate_safety(
                 pe_safety_queries, persona, runner, run_id=state.run_id, model=condition.model.name,
                 max_new_tokens=pe_settings.max_new_tokens["safety"], pressure_suffix=pe_settings.pressure_suffix,
-                progress=progress)
+                progress=progress, max_prompt_tokens=pe_settings.max_prompt_tokens)
         judges = [(judge.name, pe_runner_for(judge.model)) for judge in pe_settings.judges]
         progress = Progress(f"safety judges on {condition.model.name}",
                             len(judges) * len(SAFETY_CRITERIA) * len(pe_safety_queries), write=write)
         judgments = judge_model_responses(responses, judges, SAFETY_CRITERIA, seed=pe_settings.seed,
                                           max_new_tokens=pe_settings.judge_max_new_tokens, progress=progress)
     except PersonaEvalError as exc:
-        pytest.exit(f"persona-eval: {condition.id}: {exc}\nEverything finished before this is in the cache; "
-                    "rerun to continue.", returncode=pytest.ExitCode.TESTS_FAILED)
+        _stop_run(request, f"persona-eval: {condition.id}: {exc}\n{RESUME}", _exit_status(exc))
     for judgment in judgments:
         judgment["run_id"] = state.run_id
     records = responses[condition.persona.id]
@@ -649,8 +751,18 @@ class Reporter:
         self.report_path: Path | None = None
         self.errors: list[str] = []
         self.started = time.time()
+        self.interrupted = False
+        self.dataset_reports = config.stash.get(dataset_reports_key, {})
+
+    def pytest_keyboard_interrupt(self, excinfo: Any) -> None:
+        # Also called for pytest.exit (a run stopped with a message of its own, which says how to resume).
+        self.interrupted = excinfo.errisinstance(KeyboardInterrupt)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        fatal = getattr(report, FATAL, None)
+        if isinstance(fatal, dict) and getattr(self.config.option, "numprocesses", None):
+            # A worker stopped the run (see _stop_run): the same message and exit status as without workers.
+            pytest.exit(str(fatal["message"]), returncode=int(fatal["returncode"]))
         if report.when != "call":
             return
         value = getattr(report, PROPERTY, None)
@@ -697,7 +809,9 @@ class Reporter:
             cases_path=cases_path, comparisons=comparisons, comparison_settings=settings.comparison.to_json(),
             regressions=[check.to_json() for check in regressions], baseline_comparison=baseline_comparison,
             comparisons_error=comparisons_error, allow_unchecked=settings.allow_unchecked,
-            args=list(self.config.invocation_params.args), extra_metadata=served_model_metadata(self.results))
+            args=list(self.config.invocation_params.args),
+            extra_metadata={**served_model_metadata(self.results), "dataset_fields_ignored": {
+                task: asdict(report) for task, report in self.dataset_reports.items() if report.unknown_fields}})
         judged_parts = [("judgments", m, part) for m in model_order for part in ("panel", "triage")]
         judgments_path = finalize_cases(state.run_dir, judged_parts, filename="judgments.jsonl")
         judgments = read_jsonl(judgments_path) if judgments_path is not None else []
@@ -735,6 +849,16 @@ class Reporter:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        settings = self.config.stash[settings_key]
+        if self.interrupted:
+            terminalreporter.section("persona-eval")
+            if settings.use_cache:
+                terminalreporter.write_line(
+                    f"persona-eval: interrupted. Every answer received is in the cache ({settings.cache_dir}); "
+                    "rerun the same command to continue: only what is missing is sent.", yellow=True)
+            else:
+                terminalreporter.write_line("persona-eval: interrupted. With --pe-no-cache nothing is kept for a "
+                                            "rerun; run with the cache to resume where a run stopped.", yellow=True)
         if self.summary is None:
             return
         terminalreporter.section("persona-eval")
@@ -751,6 +875,10 @@ class Reporter:
                 f"in flight, {speed} ({row['model_seconds']:.1f} s in the model)")
         for line in served_model_lines(metadata):
             terminalreporter.write_line(line, yellow=True)
+        for report in self.dataset_reports.values():
+            note = report.message()
+            if note is not None:
+                terminalreporter.write_line(f"persona-eval: {note}", yellow=True)
         kept = sorted({r["persona"] for r in self.results if r.get("kept_control")})
         if kept:
             terminalreporter.write_line(f"persona-eval: kept the control(s) {', '.join(kept)} in the run although "

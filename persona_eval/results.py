@@ -2,6 +2,10 @@
 
 Each pytest case writes its own part file (parts/<task>__<model>__<persona>.jsonl), so pytest-xdist
 workers never write the same file; the controller joins the parts into cases.jsonl once, at the end.
+
+Every file is written through :func:`write_text` (or the JSON writers over it), which masks the
+secrets the process knows of (persona_eval.redaction): a model's answer that quotes an API key is
+written with the key masked, whatever file it ends up in.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_eval.errors import DataError
+from persona_eval.redaction import known_secrets, mask, scrub
 
 __all__ = [
     "finalize_cases",
@@ -49,22 +54,29 @@ def json_safe(value: Any) -> Any:
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(text, encoding="utf-8")
+    # Masked here, where every writer ends, so that no file can be written without it.
+    staging.write_text(mask(text), encoding="utf-8")
     os.replace(staging, path)
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (a reader never sees half a file)."""
+    """Write `text` to `path` atomically (a reader never sees half a file), secrets masked."""
     _atomic_write(path, text)
 
 
 def write_json(path: Path, document: Any) -> None:
-    _atomic_write(path, json.dumps(json_safe(document), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    """Write `document` as indented JSON, secrets masked in its strings (keys too)."""
+    _atomic_write(path, json.dumps(scrub(json_safe(document)), indent=2, ensure_ascii=False, allow_nan=False)
+                  + "\n")
 
 
 def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    _atomic_write(path, "".join(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n"
-                                for r in records))
+    """Write `records` as JSON lines, secrets masked in their strings (keys too)."""
+    # Masked as data before serializing, so that a secret holding a quote cannot break a line's JSON;
+    # the secrets are read once for the whole file.
+    secrets = known_secrets()
+    _atomic_write(path, "".join(json.dumps(scrub(json_safe(r), secrets), ensure_ascii=False, allow_nan=False)
+                                + "\n" for r in records))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

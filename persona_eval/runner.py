@@ -5,6 +5,17 @@ into batches of ``backend.batch_size`` and sent with up to ``backend.max_in_flig
 flight. Each finished batch is written to the cache at once, so an interrupted or failed run keeps
 everything it finished, and a rerun asks the model only for what is missing.
 
+Batches in flight run on daemon threads, and the calling thread waits on them in short steps, so a
+Ctrl-C in it stops the run at once: nothing more is sent, ``backend.cancel()`` is called when the
+backend has it (no retry or backoff goes on), and the requests still in flight are left to their
+threads, which never keep the process alive. Any other exception raised in the calling thread (a cache
+that cannot be written) stops the run as well, without cancelling the backend. (A backend's own error
+is different: the batches in flight are waited for and kept, then it is raised.) With one batch in
+flight (a local model) the batch runs in the calling thread, and the run stops between batches or
+wherever the model lets an interrupt through. While requests are in flight and the oldest has waited
+``wait_note_after`` seconds, ``notice`` gets a line about every ``wait_note_after`` seconds saying what
+is being waited on.
+
 The model under test is the model that answered. A cache key holds the backend's identity (for a
 served model, what the server reports about its weights and process) and the decoding actually sent:
 a result generated without a parameter that the server refused is stored under the key of what was
@@ -16,15 +27,19 @@ at the same address (backend kind, served name and URL, or model path); when the
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import math
+import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from persona_eval.backends.base import Backend, Generation, GenerationConfig, LabelScoring, requested_decoding
 from persona_eval.cache import NullCache, ResultCache, cache_key
+from persona_eval.errors import ConfigError
 from persona_eval.prompts import RenderedMessages
 
 __all__ = ["CachedGeneration", "Progress", "Runner", "RunnerStats", "describe_identity_change"]
@@ -32,6 +47,8 @@ __all__ = ["CachedGeneration", "Progress", "Runner", "RunnerStats", "describe_id
 # Identity fields that a server reports, named as a person reads them, in the order they are told.
 _SERVER_FACTS = {"root": "root", "max_model_len": "max_model_len", "process_started": "process started"}
 _NOT_COMPARED = ("backend", "base_url", "identified_by")
+# How long the calling thread waits on the batches in flight before it looks again (notes, interrupts).
+_POLL_SECONDS = 0.2
 
 
 @dataclass
@@ -92,17 +109,59 @@ class Progress:
                     self._next_report += self._every
 
 
+class _InFlight:
+    """The batches being answered: how many requests each holds and when it was sent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sent: dict[int, tuple[float, int]] = {}
+        self._tokens = itertools.count()
+        self._last_note = -math.inf
+
+    def begin(self, requests: int) -> int:
+        token = next(self._tokens)
+        with self._lock:
+            self._sent[token] = (time.monotonic(), requests)
+        return token
+
+    def end(self, token: int) -> None:
+        with self._lock:
+            self._sent.pop(token, None)
+
+    def due(self, after: float) -> tuple[int, float] | None:
+        """(requests in flight, seconds the oldest has waited) when a note is due: the oldest has
+        waited `after` seconds and the last note is `after` seconds old; else None."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._sent or now - self._last_note < after:
+                return None
+            oldest = now - min(sent for sent, _ in self._sent.values())
+            if oldest < after:
+                return None
+            self._last_note = now
+            return sum(requests for _, requests in self._sent.values()), oldest
+
+
 class Runner:
     """Sends requests for one backend through the cache.
 
     ``identity_change`` is None, or a sentence saying that the model now at this backend's address is
-    not the one whose answers the cache holds (set on the first request or decoding_record call)."""
+    not the one whose answers the cache holds (set on the first request or decoding_record call).
+
+    ``notice`` receives the waiting notes (see the module docstring), one line ending in a newline
+    each, as Progress writes; from a helper thread when the batches run in the calling thread."""
 
     def __init__(self, backend: Backend, cache: ResultCache | NullCache, *,
-                 extra_key: dict[str, Any] | None = None) -> None:
+                 extra_key: dict[str, Any] | None = None, notice: Callable[[str], None] | None = None,
+                 wait_note_after: float = 30.0) -> None:
+        if (isinstance(wait_note_after, bool) or not isinstance(wait_note_after, (int, float))
+                or not wait_note_after > 0):
+            raise ConfigError(f"wait_note_after must be a positive number of seconds, got {wait_note_after!r}")
         self.backend = backend
         self.cache = cache
         self.extra_key = extra_key or {}
+        self.notice = notice
+        self.wait_note_after = float(wait_note_after)
         self.stats = RunnerStats()
         self.identity_change: str | None = None
         self._identity: dict[str, Any] | None = None
@@ -259,50 +318,127 @@ class Runner:
     def _dispatch(self, missing: list[int], lengths: list[int], call: Callable[[list[int]], list[Any]],
                   store: Callable[[list[int], list[Any]], None]) -> None:
         """Run `call` on batches of `missing`, with up to max_in_flight batches at once; `store` each
-        result as it arrives. On a failure, stop sending, keep what finished, re-raise."""
+        result as it arrives (in this thread). On a failure, stop sending, keep what finished, re-raise.
+        On an interrupt, stop at once (see the module docstring)."""
         if not missing:
             return
         ordered = sorted(missing, key=lambda i: lengths[i])
         size = max(1, self.backend.batch_size)
         batches = [ordered[i:i + size] for i in range(0, len(ordered), size)]
         in_flight_limit = max(1, self.backend.max_in_flight)
+        in_flight = _InFlight()
 
         def timed(batch: list[int]) -> list[Any]:
             start = time.perf_counter()
+            token = in_flight.begin(len(batch))
             try:
                 return call(batch)
             finally:
+                in_flight.end(token)
                 with self._lock:
                     self.stats.model_seconds += time.perf_counter() - start
                     self.stats.model_calls += 1
 
         if in_flight_limit == 1:
-            for batch in batches:
-                store(batch, timed(batch))
+            with self._noting_from_a_thread(in_flight):
+                for batch in batches:
+                    store(batch, timed(batch))
             self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, 1)
             return
-        with ThreadPoolExecutor(max_workers=in_flight_limit, thread_name_prefix="persona-eval") as pool:
-            pending: dict[Future[list[Any]], list[int]] = {}
-            queue = list(reversed(batches))
-            failure: BaseException | None = None
-            while queue or pending:
-                while queue and failure is None and len(pending) < in_flight_limit:
-                    batch = queue.pop()
-                    pending[pool.submit(timed, batch)] = batch
-                self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, len(pending))
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    batch = pending.pop(future)
-                    error = future.exception()
-                    if error is not None:
-                        failure = failure or error
-                    else:
-                        store(batch, future.result())
-                if failure is not None:
-                    queue.clear()
-            if failure is not None:
-                raise failure
+        try:
+            self._dispatch_on_threads(batches, in_flight_limit, timed, store, in_flight)
+        except Exception:
+            raise  # the batches in flight finish on their own threads; their results are not kept
+        except BaseException:
+            # Interrupted (Ctrl-C, SystemExit): the run ends here. Nothing more is retried or sent.
+            cancel = getattr(self.backend, "cancel", None)
+            if cancel is not None:
+                cancel()
+            raise
 
+    def _dispatch_on_threads(self, batches: list[list[int]], in_flight_limit: int,
+                             timed: Callable[[list[int]], list[Any]],
+                             store: Callable[[list[int], list[Any]], None], in_flight: _InFlight) -> None:
+        """Each batch on a daemon thread of its own, at most `in_flight_limit` at once. (Not a
+        ThreadPoolExecutor: the interpreter joins its threads at exit, which waits out every request
+        still in flight.)"""
+        finished: queue.SimpleQueue[tuple[list[int], list[Any] | None, BaseException | None]] = queue.SimpleQueue()
+
+        def work(batch: list[int]) -> None:
+            try:
+                outcome = timed(batch)
+            except BaseException as error:  # handed to the calling thread, which raises it
+                finished.put((batch, None, error))
+            else:
+                finished.put((batch, outcome, None))
+
+        waiting = list(reversed(batches))
+        pending = 0
+        failure: BaseException | None = None
+        while waiting or pending:
+            while waiting and failure is None and pending < in_flight_limit:
+                threading.Thread(target=work, args=(waiting.pop(),), name="persona-eval-request",
+                                 daemon=True).start()
+                pending += 1
+            self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, pending)
+            try:
+                batch, outcome, error = finished.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                self._note_if_due(in_flight)
+                continue
+            pending -= 1
+            if error is not None:
+                failure = failure or error
+                waiting.clear()
+            else:
+                store(batch, outcome or [])
+            self._note_if_due(in_flight)
+        if failure is not None:
+            raise failure
+
+    @contextlib.contextmanager
+    def _noting_from_a_thread(self, in_flight: _InFlight) -> Iterator[None]:
+        """Waiting notes from a daemon thread, for batches that run in the calling thread."""
+        if self.notice is None:
+            yield
+            return
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(min(_POLL_SECONDS * 5, self.wait_note_after)):
+                self._note_if_due(in_flight)
+
+        watcher = threading.Thread(target=watch, name="persona-eval-wait-notes", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+    def _note_if_due(self, in_flight: _InFlight) -> None:
+        if self.notice is None:
+            return
+        due = in_flight.due(self.wait_note_after)
+        if due is not None:
+            self.notice(self._wait_note(*due))
+
+    def _wait_note(self, requests: int, oldest: float) -> str:
+        """The note on `requests` in flight whose oldest has waited `oldest` seconds, e.g.
+        ``persona-eval: waiting on http://gpu:8000/v1: 32 requests in flight, oldest 31 s (timeout 120
+        s, 5 retries)``; for a backend that does not describe an endpoint, ``waiting on model NAME``."""
+        count = f"{requests} request{'' if requests == 1 else 's'} in flight, oldest {oldest:.0f} s"
+        describe = getattr(self.backend, "describe_wait", None)
+        if describe is None:
+            return f"persona-eval: waiting on model {self.backend.name}: {count}\n"
+        facts = describe()
+        retries = facts.get("retries")
+        text = (f"persona-eval: waiting on {facts.get('endpoint')}: {count} (timeout {facts.get('timeout'):g} s, "
+                f"{retries} {'retry' if retries == 1 else 'retries'})")
+        failed = int(facts.get("failed_in_a_row") or 0)
+        if failed:
+            text += (f"; the last {failed} {'try' if failed == 1 else 'tries'} failed"
+                     + (f" ({facts['last_failure']})" if facts.get("last_failure") else ""))
+        return text + "\n"
 
 
 def describe_identity_change(name: str, where: str, previous: dict[str, Any], current: dict[str, Any]) -> str:

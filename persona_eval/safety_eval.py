@@ -12,6 +12,7 @@ from typing import Any
 
 from persona_eval.backends.base import GenerationConfig
 from persona_eval.judges import ALL, POOLED, SAFETY_CRITERIA, judge_model_responses, mrr_table, panel_summary
+from persona_eval.lengths import check_prompt_lengths, too_long_error
 from persona_eval.personas import BASELINE, Persona
 from persona_eval.prompts import render_messages
 from persona_eval.runner import Progress, Runner
@@ -28,18 +29,25 @@ __all__ = [
 
 def evaluate_safety(queries: Sequence[safety.SafetyQuery], persona: Persona, runner: Runner, *, run_id: str,
                     model: str, max_new_tokens: int, pressure_suffix: str | None = None,
-                    progress: Progress | None = None) -> list[dict[str, Any]]:
+                    progress: Progress | None = None, max_prompt_tokens: int | None = None) -> list[dict[str, Any]]:
     """The response records of `persona` on `queries` (in query order), through the runner's cache.
 
     Each record: run_id, task ("safety"), model, persona, persona_group, query_id, category (1-5),
     category_name, query (the query as written in the data), pressure_suffix (None when off),
-    system_prompt, prompt (the exact text the model saw), response, finish_reason, cached,
-    template_version.
+    system_prompt, prompt (the exact text the model saw), response, finish_reason, secrets_masked (the
+    names of secrets masked in the response; normally empty), cached, template_version.
     """
     backend = runner.backend
     policy = backend.system_policy()
     requests = [render_messages(safety.user_message(query.content, pressure_suffix), persona, policy)
                 for query in queries]
+    # A query that does not fit the model is a data error naming its line (the panel ranks every persona's
+    # answer to every query, so a query cannot be left out of one persona's run).
+    lengths = check_prompt_lengths(requests, backend=backend, max_new_tokens=max_new_tokens,
+                                   max_prompt_tokens=max_prompt_tokens, sources=[query.source for query in queries])
+    too_long = [length for length in lengths if not length.fits]
+    if too_long:
+        raise too_long_error(too_long, can_record=False)
     generations = runner.generate(requests, GenerationConfig(max_new_tokens=max_new_tokens), None,
                                   progress=progress)
     suffix = pressure_suffix.strip() if pressure_suffix is not None and pressure_suffix.strip() else None
@@ -60,6 +68,7 @@ def evaluate_safety(queries: Sequence[safety.SafetyQuery], persona: Persona, run
             "prompt": result.prompt,
             "response": result.generation.text,
             "finish_reason": result.generation.finish_reason,
+            "secrets_masked": result.generation.masked,
             "cached": result.cached,
             "template_version": safety.TEMPLATE_VERSION,
         })

@@ -495,19 +495,36 @@ def test_null_cache_stores_nothing_and_counts_misses() -> None:
 # --- the secret guard --------------------------------------------------------------------------------
 
 
-def test_put_many_refuses_a_value_containing_an_api_key(cache_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def _cache_file_bytes(cache_path: Path) -> bytes:
+    """The cache file and its WAL and shared-memory companions, as the disk holds them."""
+    return b"".join(path.read_bytes() for path in sorted(cache_path.parent.glob(cache_path.name + "*")))
+
+
+def test_put_many_stores_a_value_containing_an_api_key_with_the_key_masked(
+        cache_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789abcdef")
     monkeypatch.setenv("VENDOR_API_KEY", "vendor-secret-42")
     with ResultCache(cache_path) as cache:
-        with pytest.raises(ValueError, match=r"refusing to cache a value containing the secret from "
-                                             r"\$OPENAI_API_KEY"):
-            cache.put_many({"ok": {"n": 1},
-                            "leak": {"request": {"headers": "Bearer sk-test-0123456789abcdef"}}})
-        with pytest.raises(ValueError, match=r"\$VENDOR_API_KEY") as error:
-            cache.put("leak", {"text": "vendor-secret-42"})
-        assert "vendor-secret-42" not in str(error.value)
-        assert len(cache) == 0  # the batch with one leaking value was not written at all
+        cache.put_many({"ok": {"n": 1},
+                        "leak": {"request": {"headers": "Bearer sk-test-0123456789abcdef"}}})
+        cache.put("vendor", {"text": "vendor-secret-42", "vendor-secret-42": ["vendor-secret-42", 3]})
+        assert len(cache) == 3  # the batch with a secret in it is kept whole
+        assert cache.get("ok") == {"n": 1}
+        assert cache.get("leak") == {"request": {"headers": "Bearer [secret $OPENAI_API_KEY masked]"}}
+        masked = "[secret $VENDOR_API_KEY masked]"
+        assert cache.get("vendor") == {"text": masked, masked: [masked, 3]}
+    stored = _cache_file_bytes(cache_path)
+    assert b"sk-test-0123456789abcdef" not in stored and b"vendor-secret-42" not in stored
+
+
+def test_a_secret_that_json_escapes_is_masked_and_the_value_stays_json(
+        cache_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = 'pa"ss\\word-1234'
+    monkeypatch.setenv("PROXY_PASSWORD", secret)
+    with ResultCache(cache_path) as cache:
+        cache.put("k", {"text": f"user:{secret}@proxy"})
+        assert cache.get("k") == {"text": "user:[secret $PROXY_PASSWORD masked]@proxy"}
+    assert b"word-1234" not in _cache_file_bytes(cache_path)
 
 
 def test_secret_guard_ignores_short_values_and_other_variables(cache_path: Path,
@@ -568,15 +585,15 @@ def test_a_cache_file_from_before_the_notes_gets_them_and_keeps_its_results(cach
         assert cache.get_note("dropped/x") == {"dropped": {"temperature": "HTTP 400: refused"}}
 
 
-def test_notes_are_held_to_the_secret_guard_and_null_cache_keeps_none(cache_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789abcdef")
+def test_notes_mask_secrets_like_results_and_null_cache_keeps_none(cache_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_0123456789abcdefghij")
     with ResultCache(cache_path) as cache:
-        with pytest.raises(ValueError, match=r"\$OPENAI_API_KEY"):
-            cache.put_note("dropped/x", {"dropped": {"temperature": "key sk-test-0123456789abcdef"}})
-        assert cache.get_note("dropped/x") is None
+        cache.put_note("dropped/x", {"dropped": {"temperature": "token hf_0123456789abcdefghij"}})
+        assert cache.get_note("dropped/x") == {"dropped": {"temperature": "token [secret $HF_TOKEN masked]"}}
         with pytest.raises(TypeError, match="must be a mapping"):
             cache.put_note("n", ["not", "a", "mapping"])  # type: ignore[arg-type]
+    assert b"hf_0123456789abcdefghij" not in _cache_file_bytes(cache_path)
     null = NullCache()
     null.put_note("n", {"a": 1})
     assert null.get_note("n") is None

@@ -308,6 +308,7 @@ def _expected(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         "expected_calibration_error": metrics.expected_calibration_error(
             [r["reference"] for r in with_probs], probs),
         "brier_score": metrics.brier_score([r["reference"] for r in with_probs], probs),
+        "too_long_rate": sum(r.get("finish_reason") == "too_long" for r in rows) / len(rows),
     }
 
 

@@ -559,7 +559,7 @@ def test_the_decoding_record_says_what_is_sent_and_what_was_refused(monkeypatch)
     record = backend.decoding(asked, SCORING)
     assert record["temperature"] is None and set(record["dropped"]) == {"temperature"}
     assert record["dropped"]["temperature"].startswith("HTTP 400: 'temperature' is not supported")
-    assert KEY not in json.dumps(record) and "***" in record["dropped"]["temperature"]
+    assert KEY not in json.dumps(record) and "[secret $OPENAI_API_KEY masked]" in record["dropped"]["temperature"]
     assert generation.sent == {name: value for name, value in record.items() if name != "dropped"}
 
 
@@ -680,3 +680,158 @@ def test_a_model_without_logprobs_reports_consistency_and_calibration_as_not_ava
     assert len(sent) == len(cases) + rejected
     assert {r.headers["authorization"] for r in server.requests} == {f"Bearer {KEY}"}
     assert KEY not in (run_dir / "summary.json").read_text() + (run_dir / "cases.jsonl").read_text()
+
+
+# -- secrets that a server echoes into its answers --------------------------------------------------------------
+
+
+@pytest.fixture
+def no_registered_secrets(monkeypatch):
+    """Secrets registered by other tests' backends stay out of these, and these' stay out of others."""
+    from persona_eval import redaction
+
+    monkeypatch.setattr(redaction, "_registered", {})
+
+
+def test_an_answer_echoing_the_key_is_kept_masked_and_cached_without_it(tmp_path, monkeypatch,
+                                                                      no_registered_secrets):
+    from persona_eval.cache import ResultCache
+    from persona_eval.runner import Runner
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    cache_path = tmp_path / "results.sqlite3"
+    with StandInServer(served_name="m", echo_headers=True, answer=lambda messages: "Answer: B") as server:
+        backend = standin_backend(server)
+        with ResultCache(cache_path) as cache:
+            (first,) = Runner(backend, cache).generate([request()], GenerationConfig(), SCORING)
+        with ResultCache(cache_path) as cache:
+            (again,) = Runner(backend, cache).generate([request()], GenerationConfig(), SCORING)
+        assert server.requests_to("/v1/chat/completions")[0].headers["authorization"] == f"Bearer {KEY}"
+    generation = first.generation
+    assert generation.text == "Answer: B Bearer [secret $OPENAI_API_KEY masked]"
+    assert generation.masked == ["OPENAI_API_KEY"]
+    assert generation.tokens and "".join(token.token for token in generation.tokens) == generation.text
+    span = find_triage_answer(generation.text, labels=["A", "B", "C"])
+    probs, _ = label_distribution(generation, span, ["A", "B", "C"])
+    assert span is not None and span.label == "B" and max(probs, key=probs.get) == "B"
+    assert again.cached and again.generation.text == generation.text and again.generation.masked == ["OPENAI_API_KEY"]
+    stored = b"".join(path.read_bytes() for path in tmp_path.glob("results.sqlite3*"))
+    assert b"[secret $OPENAI_API_KEY masked]" in stored and KEY.encode() not in stored
+
+
+def test_a_key_from_any_variable_split_over_tokens_is_masked_and_offsets_follow(monkeypatch, no_registered_secrets):
+    monkeypatch.setenv("LLM_CREDENTIALS", KEY)  # not a name that looks secret: the backend says it is
+
+    def echo(http_request: httpx2.Request) -> httpx2.Response:
+        header = http_request.headers["authorization"]
+        pieces = ["Bearer", " sk-test", "-0123", "456789abcdef", " Answer", ":", " A"]
+        assert "".join(pieces) == header + " Answer: A"
+        content = [entry(piece, -0.1, top(Answer=-0.1)) for piece in pieces[:-1]]
+        content.append(entry(" A", -0.1, top(_A=-0.1, _B=-2.0, _C=-3.0)))
+        return httpx2.Response(200, json=chat_response(header + " Answer: A", content))
+
+    backend, _ = mock_backend(echo, api_key_env="LLM_CREDENTIALS")
+    (generation,) = backend.generate([request()], GenerationConfig(), SCORING)
+    placeholder = "[secret $LLM_CREDENTIALS masked]"
+    assert generation.text == f"Bearer {placeholder} Answer: A" and generation.masked == ["LLM_CREDENTIALS"]
+    assert generation.tokens is not None
+    assert [token.token for token in generation.tokens] == ["Bearer", f" {placeholder}", "", "", " Answer", ":", " A"]
+    assert all(generation.text.startswith(token.token, token.offset) for token in generation.tokens)
+    assert generation.tokens[-1].offset == generation.text.rindex(" A")
+    probs, _ = label_distribution(generation, find_triage_answer(generation.text, labels=["A", "B", "C"]),
+                                  ["A", "B", "C"])
+    assert probs is not None and max(probs, key=probs.get) == "A"
+    assert not any(piece in json.dumps(generation.to_json()) for piece in ("-0123", "456789abcdef"))
+
+
+def test_an_answer_without_a_secret_is_left_as_it_was(monkeypatch, no_registered_secrets):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    backend, _ = mock_backend(lambda r: httpx2.Response(200, json=ok_reply()))
+    (generation,) = backend.generate([request()], GenerationConfig(), SCORING)
+    assert generation.text == "Answer: A" and generation.masked == []
+    assert [(token.token, token.offset) for token in generation.tokens or []] == [("Answer", 0), (":", 6), (" A", 7)]
+
+
+def test_credentials_in_the_base_url_are_masked_as_written_and_decoded(no_registered_secrets):
+    from persona_eval.redaction import mask
+
+    OpenAIBackend("m", model="m", base_url="http://admin:pa%40ss-word-1@gpu-host:8000/v1")
+    OpenAIBackend("t", model="t", base_url="https://tok_0123456789abcdef@proxy.example/v1")
+    assert mask("http://admin:pa%40ss-word-1@gpu-host") == "http://admin:[secret base_url password masked]@gpu-host"
+    assert mask("Basic pa@ss-word-1") == "Basic [secret base_url password masked]"
+    assert mask("tok_0123456789abcdef") == "[secret base_url user masked]"
+
+
+def test_a_backend_error_quoting_the_key_prints_it_masked(monkeypatch, no_registered_secrets):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    backend, _ = mock_backend(lambda r: httpx2.Response(200, text=f"<html>proxy saw Bearer {KEY}</html>"))
+    with pytest.raises(BackendError) as raised:
+        backend.generate([request()], GenerationConfig(), SCORING)
+    assert "proxy saw Bearer [secret $OPENAI_API_KEY masked]" in str(raised.value)
+    assert KEY not in str(raised.value)
+    direct = BackendError(f"model 'm': echoed {KEY}", endpoint="http://server:8000/v1", status=f"HTTP 401 {KEY}")
+    assert KEY not in f"{direct} {direct.endpoint} {direct.status}"
+
+
+# -- timeout and retries from the command line; cancellation ----------------------------------------------
+
+
+def test_timeout_and_retries_given_to_create_backend_override_the_models_file(tmp_path):
+    models = tmp_path / "models.yaml"
+    models.write_text("models:\n  served:\n    backend: openai\n    model: m\n    base_url: http://gpu:8000/v1\n"
+                      "    timeout: 30\n    max_retries: 2\n")
+    from persona_eval.backends import load_models_file
+
+    spec = load_models_file(models)["served"]
+    backend = create_backend(spec, cache_dir=tmp_path, timeout=600, retries=0)
+    assert (backend.timeout, backend.max_retries) == (600.0, 0)
+    kept = create_backend(spec, cache_dir=tmp_path)
+    assert (kept.timeout, kept.max_retries) == (30.0, 2)
+    spec = parse_model_spec("openai:m@http://gpu:8000/v1")
+    assert create_backend(spec, cache_dir=tmp_path, timeout=2.5).timeout == 2.5
+    local = create_backend(parse_model_spec(f"hf:{tmp_path}"), cache_dir=tmp_path, timeout=5, retries=3)
+    assert not hasattr(local, "timeout")  # a local model has neither: ignored
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"timeout": 0}, "timeout: expected a positive number of seconds, got 0"),
+    ({"timeout": float("inf")}, "timeout: expected a positive number of seconds"),
+    ({"timeout": True}, "timeout: expected a positive number of seconds"),
+    ({"retries": -1}, "retries: expected a whole number >= 0, got -1"),
+    ({"retries": 1.5}, "retries: expected a whole number >= 0"),
+])
+def test_bad_timeout_or_retries_is_a_config_error(tmp_path, options, message):
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        create_backend(parse_model_spec("openai:m@http://gpu:8000/v1"), cache_dir=tmp_path, **options)
+
+
+def test_a_cancelled_backend_sends_nothing_more():
+    backend, seen = mock_backend(lambda http_request: httpx2.Response(200, json=ok_reply()))
+    backend.generate([request()], GenerationConfig(), None)
+    backend.cancel()
+    assert backend.cancelled
+    with pytest.raises(BackendError, match="cancelled") as raised:
+        backend.generate([request()], GenerationConfig(), None)
+    assert raised.value.endpoint == "http://server:8000/v1/chat/completions"
+    assert len(seen) == 1
+
+
+def test_describe_wait_counts_the_tries_that_failed_since_the_last_answer():
+    replies = iter([503, 503, 200, 503, 503])
+
+    def handler(http_request: httpx2.Request) -> httpx2.Response:
+        status = next(replies)
+        return httpx2.Response(status, json=ok_reply() if status == 200 else {"error": {"message": "busy"}})
+
+    backend, _ = mock_backend(handler, max_retries=1, timeout=7)
+    assert backend.describe_wait() == {"endpoint": "http://server:8000/v1", "timeout": 7.0, "retries": 1,
+                                       "failed_in_a_row": 0, "last_failure": None}
+    with pytest.raises(BackendError):
+        backend.generate([request()], GenerationConfig(), None)
+    assert (backend.describe_wait()["failed_in_a_row"], backend.describe_wait()["last_failure"]) == (2, "HTTP 503")
+    backend.generate([request()], GenerationConfig(), None)
+    assert backend.describe_wait()["failed_in_a_row"] == 0
+    with pytest.raises(BackendError):
+        backend.generate([request()], GenerationConfig(), None)

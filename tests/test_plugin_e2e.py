@@ -100,6 +100,7 @@ def test_every_metric_in_the_summary_recomputes_from_cases_jsonl(project, tiny_m
         "consistency_rate": lambda rows: metrics.consistency_rate(gen(rows), [r["logit_label"] for r in rows]),
         "expected_calibration_error": lambda rows: metrics.expected_calibration_error(ref(rows), probs(rows)),
         "brier_score": lambda rows: metrics.brier_score(ref(rows), probs(rows)),
+        "too_long_rate": lambda rows: sum(r["finish_reason"] == "too_long" for r in rows) / len(rows),
     }
     assert set(functions) == set(METRIC_NAMES)
     assert len(summary["results"]) == len(STUDY_PERSONAS) * 3
@@ -226,6 +227,11 @@ def test_bad_dataset_stops_with_one_clear_message(project, tiny_model, content, 
     (["--pe-batch-size", "0"], "--pe-batch-size must be at least 1, got 0"),
     (["--pe-judge-max-new-tokens", "0"], "--pe-judge-max-new-tokens must be at least 1, got 0"),
     (["--pe-seed", "-1"], "--pe-seed must be at least 0, got -1"),
+    (["--pe-timeout", "0"], "--pe-timeout must be a positive number of seconds, got 0"),
+    (["--pe-timeout", "inf"], "--pe-timeout must be a positive number of seconds, got inf"),
+    (["--pe-retries", "-1"], "--pe-retries must be at least 0, got -1"),
+    (["--pe-max-prompt-tokens", "0"], "--pe-max-prompt-tokens must be at least 1, got 0"),
+    (["--pe-too-long", "skip"], "argument --pe-too-long: invalid choice: 'skip'"),
 ])
 def test_bad_options_are_usage_errors(project, tiny_model, dataset, args, expected):
     result = project.runpytest_subprocess("evals", "-p", "no:cacheprovider", "-k", "triage", *args)

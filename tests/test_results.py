@@ -182,3 +182,80 @@ def test_a_truncated_summary_is_a_data_error_for_report_and_the_cli(tmp_path: Pa
     (tmp_path / "summary.json").write_text('["not", "a", "summary"]')
     with pytest.raises(DataError, match="not a persona-eval summary"):
         write_report(tmp_path)
+
+
+# --- secrets -----------------------------------------------------------------------------------------
+
+KEY = "sk-test-0123456789abcdef"
+MASKED = "[secret $OPENAI_API_KEY masked]"
+
+
+def _all_bytes(folder: Path) -> bytes:
+    return b"".join(path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file())
+
+
+def test_every_writer_masks_the_secrets_it_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from persona_eval.results import write_text
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    run_dir = tmp_path / "run"
+    echoed = {"case_id": "t1", "generated_text": f"Answer: B Bearer {KEY}", KEY: [KEY], "secrets_masked": []}
+    write_part(run_dir, "triage", "m", "ed_nurse", [echoed])
+    write_json(run_dir / "summary.json", {"notes": [f"the server said {KEY}"]})
+    write_text(run_dir / "report.html", f"<pre>{KEY}</pre>")
+    # A part that holds the key however it got there (written by hand, by an older version) is masked when joined.
+    (run_dir / "parts" / "triage__m__no_persona.jsonl").write_text(json.dumps({"case_id": "t0", "text": KEY}) + "\n")
+    target = finalize_cases(run_dir, [("triage", "m", "no_persona"), ("triage", "m", "ed_nurse")])
+    assert target is not None
+    records = read_jsonl(target)
+    assert records[0] == {"case_id": "t0", "text": MASKED}
+    assert records[1] == {"case_id": "t1", "generated_text": f"Answer: B Bearer {MASKED}", MASKED: [MASKED],
+                          "secrets_masked": []}
+    assert json.loads((run_dir / "summary.json").read_text()) == {"notes": [f"the server said {MASKED}"]}
+    assert (run_dir / "report.html").read_text() == f"<pre>{MASKED}</pre>"
+    (run_dir / "parts" / "triage__m__no_persona.jsonl").unlink()  # the planted file, not a writer's
+    assert KEY.encode() not in _all_bytes(run_dir)
+
+
+def test_a_secret_holding_a_quote_is_masked_and_the_line_stays_json(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROXY_PASSWORD", 'pa"ss\\word-1234')
+    path = write_part(tmp_path, "triage", "m", "ed_nurse", [{"text": 'user:pa"ss\\word-1234@proxy'}])
+    assert read_jsonl(path) == [{"text": "user:[secret $PROXY_PASSWORD masked]@proxy"}]
+
+
+def test_the_latest_text_file_and_the_ci_step_summary_are_masked(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from persona_eval.report.markdown import append_step_summary
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    run_dir = tmp_path / f"run-{KEY}"
+    run_dir.mkdir()
+
+    def no_links(self: Path, target: Any, target_is_directory: bool = False) -> None:
+        raise OSError("symlinks are not supported here")
+
+    monkeypatch.setattr(Path, "symlink_to", no_links)
+    update_latest(tmp_path, run_dir)
+    assert (tmp_path / "latest.txt").read_text() == f"run-{MASKED}\n"
+    step_summary = tmp_path / "step_summary.md"
+    step_summary.write_text("## an earlier step\n")
+    append_step_summary(step_summary, f"model at http://proxy/{KEY}")
+    assert step_summary.read_text() == f"## an earlier step\nmodel at http://proxy/{MASKED}\n"
+
+
+def test_compare_on_a_damaged_run_names_the_file_and_the_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for name in ("approved", "candidate"):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps({"run_id": name, "metadata": {"models": {}, "datasets": {}}}))
+        (run / "cases.jsonl").write_text('{"task": "triage", "model": "m", "persona": "no_persona"}\n')
+    (tmp_path / "approved" / "cases.jsonl").write_text('{"task": "triage", "model": "m"}\n{"task": "tri')
+    cli = subprocess.run([sys.executable, "-m", "persona_eval.cli", "compare", str(tmp_path / "approved"),
+                          str(tmp_path / "candidate")], capture_output=True, text=True, timeout=120, check=False)
+    assert cli.returncode == 2
+    assert f"{tmp_path / 'approved' / 'cases.jsonl'}:2: not valid JSON" in cli.stderr
+    assert "Traceback" not in cli.stderr

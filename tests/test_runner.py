@@ -443,3 +443,74 @@ def test_requests_in_flight_when_temperature_is_refused_are_all_stored_as_sent(c
         asked_before = server.chat_completions
         again = Runner(_served(server, max_in_flight=4), cache).generate(_requests(contents), CONFIG, SCORING)
         assert all(r.cached for r in again) and server.chat_completions == asked_before
+
+
+# --- waiting notes ------------------------------------------------------------------------------------
+# (Imported here: this section was added apart from the rest of the file.)
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from persona_eval.errors import ConfigError  # noqa: E402
+
+
+def test_a_note_says_what_is_waited_on_while_requests_are_slow(cache: ResultCache) -> None:
+    notes: list[str] = []
+    with StandInServer(served_name="m", latency=0.9) as server:
+        backend = OpenAIBackend("m", model="m", base_url=server.base_url, max_in_flight=4, timeout=60, max_retries=2)
+        runner = Runner(backend, cache, notice=notes.append, wait_note_after=0.3)
+        runner.generate(_requests([f"case {i}" for i in range(4)]), CONFIG, None)
+    assert notes, "no note while 4 requests waited 0.9 s"
+    pattern = (rf"persona-eval: waiting on {re.escape(server.base_url)}: 4 requests in flight, oldest \d+ s "
+               r"\(timeout 60 s, 2 retries\)\n")
+    assert all(re.fullmatch(pattern, note) for note in notes), notes
+    assert len(notes) <= 3  # about one every wait_note_after seconds, not one per poll
+
+
+def test_no_note_while_the_answers_come_quickly(cache: ResultCache, make_backend: Any) -> None:
+    notes: list[str] = []
+    runner = Runner(make_backend(max_in_flight=4, delay=0.01), cache, notice=notes.append, wait_note_after=1.0)
+    runner.generate(_requests([f"case {i}" for i in range(40)]), CONFIG, None)
+    assert notes == []
+
+
+def test_a_note_names_a_local_model_whose_batch_runs_long(cache: ResultCache, make_backend: Any) -> None:
+    notes: list[str] = []
+    backend = make_backend(batch_size=3, max_in_flight=1, delay=0.8)
+    Runner(backend, cache, notice=notes.append, wait_note_after=0.3).generate(
+        _requests(["a", "b", "c"]), CONFIG, None)
+    assert notes and all(re.fullmatch(r"persona-eval: waiting on model scripted: 3 requests in flight, "
+                                      r"oldest \d+ s\n", note) for note in notes), notes
+    helpers = [t for t in threading.enumerate() if t.name == "persona-eval-wait-notes"]
+    assert all(not t.is_alive() or t.daemon for t in helpers)
+
+
+def test_the_note_says_how_many_tries_failed_in_a_row(cache: ResultCache) -> None:
+    notes: list[str] = []
+    # 10 failures over 2 requests, at least 0.125 s of backoff after each: the notes come meanwhile.
+    with StandInServer(served_name="m", fail_status=503, fail_first=10) as server:
+        backend = OpenAIBackend("m", model="m", base_url=server.base_url, max_in_flight=2, max_retries=8)
+        backend.retry_base_delay = backend.retry_max_delay = 0.25
+        runner = Runner(backend, cache, notice=notes.append, wait_note_after=0.2)
+        results = runner.generate(_requests(["a", "b"]), CONFIG, None)
+    assert [r.generation.text for r in results] == ["Answer: A", "Answer: A"]
+    assert any(re.search(r"; the last \d+ tries failed \(HTTP 503\)\n$", note) for note in notes), notes
+    assert backend.describe_wait()["failed_in_a_row"] == 0  # the answers ended the run of failures
+
+
+@pytest.mark.parametrize("after", [0, -1.0, float("nan"), True, "30"])
+def test_wait_note_after_must_be_a_positive_number_of_seconds(after: Any, make_backend: Any) -> None:
+    with pytest.raises(ConfigError, match="wait_note_after must be a positive number of seconds"):
+        Runner(make_backend(), NullCache(), wait_note_after=after)
+
+
+def test_a_failing_store_stops_the_run_without_waiting_for_the_requests_in_flight(make_backend: Any) -> None:
+    class Broken(NullCache):
+        def put_many(self, items: Any) -> None:
+            raise OSError("disk full")
+
+    backend = make_backend(batch_size=1, max_in_flight=4, delay=0.3)
+    started = time.monotonic()
+    with pytest.raises(OSError, match="disk full"):
+        Runner(backend, Broken()).generate(_requests([f"case {i}" for i in range(40)]), CONFIG, None)
+    assert time.monotonic() - started < 1.0
+    assert len(backend.calls) <= 4  # nothing more was sent after the failure

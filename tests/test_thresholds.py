@@ -140,7 +140,7 @@ def test_default_file_loads_with_the_documented_bounds() -> None:
     thresholds = load_thresholds()
     assert thresholds.path == default_thresholds_path()
     by_key = {(b.metric, b.stratum): b for b in thresholds.bounds if b.task == "triage"}
-    assert len(by_key) == len([b for b in thresholds.bounds if b.task == "triage"]) == 7
+    assert len(by_key) == len([b for b in thresholds.bounds if b.task == "triage"]) == 8
     expected = {
         ("under_triage_rate", "emergency"): (None, 0.10, "fail"),
         ("accuracy", "emergency"): (0.60, None, "record"),
@@ -149,6 +149,7 @@ def test_default_file_loads_with_the_documented_bounds() -> None:
         ("consistency_rate", "all"): (70, None, "record"),
         ("expected_calibration_error", "all"): (None, 0.25, "record"),
         ("under_triage_rate", "primary_care"): (None, 0.20, "record"),
+        ("too_long_rate", "all"): (None, 0.05, "fail"),
     }
     assert {key: (b.min, b.max, b.mode) for key, b in by_key.items()} == expected
     assert all(b.why for b in thresholds.bounds)
@@ -283,7 +284,7 @@ def test_thresholds_check_uses_metrics_by_stratum(tmp_path: Path) -> None:
 
 
 def test_every_metric_and_stratum_of_triage_is_accepted(tmp_path: Path) -> None:
-    middle = {m: (METRICS[m].lower + METRICS[m].upper) / 2 for m in METRIC_NAMES}
+    middle = {m: (METRIC_RANGES["triage"][m].lower + METRIC_RANGES["triage"][m].upper) / 2 for m in METRIC_NAMES}
     entries = "\n".join(f"- {{metric: {m}, stratum: {s}, max: {middle[m]}}}" for m in METRIC_NAMES
                         for s in REPORT_STRATA)
     thresholds = load_thresholds(bounds_file(tmp_path, entries))
@@ -497,7 +498,8 @@ def test_every_metric_of_every_task_has_a_range() -> None:
         assert schema.ranges is METRIC_RANGES[task]
     for name in METRIC_NAMES:
         scale = METRIC_RANGES["triage"][name]
-        assert (scale.lower, scale.upper) == (METRICS[name].lower, METRICS[name].upper)
+        expected = (METRICS[name].lower, METRICS[name].upper) if name in METRICS else (0.0, 1.0)  # too_long_rate
+        assert (scale.lower, scale.upper) == expected
     assert METRIC_RANGES["triage"]["consistency_rate"].describe() == "a percentage, 0 to 100"
     assert METRIC_RANGES["triage"]["under_triage_rate"].describe() == "a share, 0 to 1"
     assert METRIC_RANGES["safety"]["safety_mrr_delta"].describe() == "a difference of mean reciprocal ranks, -1 to 1"

@@ -396,9 +396,23 @@ def parse_model_spec(spec: str, named: Mapping[str, ModelSpec] | None = None) ->
     raise ConfigError(unknown_name_message("model spec", spec, known))
 
 
-def create_backend(spec: ModelSpec, *, cache_dir: Path, batch_size: int | None = None) -> Backend:
-    """A backend for `spec`. Cheap: no weights are loaded and no server is called."""
+def create_backend(spec: ModelSpec, *, cache_dir: Path, batch_size: int | None = None,
+                   timeout: float | None = None, retries: int | None = None) -> Backend:
+    """A backend for `spec`. Cheap: no weights are loaded and no server is called.
+
+    `batch_size` overrides a local model's batch size; `timeout` (seconds per try) and `retries`
+    override an OpenAI-compatible model's ``timeout`` and ``max_retries`` (the command line's
+    --pe-timeout and --pe-retries); each is ignored by the backends it does not apply to."""
+    for name, value, check in (("timeout", timeout, _seconds), ("retries", retries, _integer(0))):
+        problem = None if value is None else check(value)
+        if problem is not None:
+            raise ConfigError(f"{name}: {problem}")
     options = dict(spec.options)
+    if spec.backend == "openai":
+        if timeout is not None:
+            options["timeout"] = timeout
+        if retries is not None:
+            options["max_retries"] = retries
     if isinstance(options.get("device"), str):
         options["device"] = _resolve_device(options["device"])
     if batch_size is not None and spec.backend != "openai":

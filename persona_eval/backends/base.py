@@ -81,13 +81,17 @@ class Generation:
     ``sent`` is the decoding actually sent for it, in the shape of :func:`requested_decoding` without
     ``dropped``, from a backend that may send less than was planned (a server refused a parameter while
     the request was in flight); None from a backend that always sends what :meth:`Backend.decoding`
-    said. The runner stores the generation under the cache key of what was sent."""
+    said. The runner stores the generation under the cache key of what was sent.
+
+    ``masked`` names the secrets (see persona_eval.redaction) that were found in the answer and masked
+    in ``text`` and ``tokens``: a server that echoes its request headers is reported, not hidden."""
 
     text: str
     tokens: list[TokenScores] | None = None
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
     sent: dict[str, Any] | None = None
+    masked: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +105,7 @@ class Generation:
             finish_reason=data.get("finish_reason"),
             usage=dict(data.get("usage") or {}),
             sent=data.get("sent"),
+            masked=list(data.get("masked") or []),  # rows cached before it was recorded hold none
         )
 
 
@@ -119,6 +124,18 @@ class Backend(Protocol):
 
     ``generate`` and ``score_labels`` take a list and return one result per item, in order. They may be
     called from several threads at once when ``max_in_flight`` > 1.
+
+    Two more methods are optional and looked up with ``getattr`` (persona_eval.lengths), not members of
+    this protocol, so that a backend without them still is one:
+
+    ``context_length() -> int | None``
+        The model's context window in tokens (prompt and answer together), None when unknown; it must not
+        load the weights. Without it the ``max_model_len`` of :meth:`identity` is used, when a server
+        reports one.
+    ``count_prompt_tokens(requests: Sequence[RenderedMessages]) -> list[int]``
+        The token count of each request's prompt exactly as it is sent (chat template and generation
+        prompt included), one per request, in order; cheap (the tokenizer in one batch, no weights).
+        Without it prompt lengths are judged by their characters alone.
     """
 
     name: str

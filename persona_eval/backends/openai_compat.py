@@ -65,7 +65,7 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timezone
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from persona_eval.backends.base import (
     Capabilities,
@@ -78,6 +78,7 @@ from persona_eval.backends.base import (
 )
 from persona_eval.errors import BackendError, ConfigError, MissingDependencyError
 from persona_eval.prompts import RenderedMessages, SystemPolicy
+from persona_eval.redaction import find_secrets, mask, mask_found, placeholder, register_secret
 
 __all__ = [
     "OPENAI_API_BASE",
@@ -351,6 +352,54 @@ def _public_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
+def _register_url_credentials(url: str | None) -> None:
+    """Mask the password in `url` (or its user name, when it holds a token alone) wherever it appears:
+    a server's error text or an echoed request may quote it, as written or percent-decoded."""
+    if url is None:
+        return
+    parts = urlsplit(url)
+    for written, name in ((parts.password, "base_url password"),
+                          (parts.username if parts.password is None else None, "base_url user")):
+        if written:
+            register_secret(written, name)
+            register_secret(unquote(written), name)
+
+
+def _mask_generation(generation: Generation) -> None:
+    """Mask the secrets in `generation`'s text and tokens in place, and record their names.
+
+    A token's offset moves with the text before it. A token that overlaps a secret (a tokenizer splits
+    a key into many) is cut to what remains of it in the masked text: the first holds the placeholder,
+    the others only what lies outside the secret, so that no piece of a key survives in the token list
+    and the tokens still spell the masked text."""
+    spans = find_secrets(generation.text)
+    if not spans:
+        return
+    original = generation.text
+    generation.text, generation.masked = mask_found(original)
+
+    def moved(offset: int) -> int:
+        shift = 0
+        for start, end, name in spans:
+            if offset <= start:
+                break
+            replaced = len(placeholder(name)) - (end - start)
+            if offset < end:
+                return end + shift + replaced  # inside a secret: just after its placeholder
+            shift += replaced
+        return offset + shift
+
+    tokens = generation.tokens or []
+    # A token ends where the next begins; the last where its own text ends.
+    ends = [token.offset for token in tokens[1:]]
+    if tokens:
+        ends.append(min(len(original), tokens[-1].offset + len(tokens[-1].token)))
+    for token, end in zip(tokens, ends, strict=True):
+        start = moved(token.offset)
+        token.token = generation.text[start:moved(end)]
+        token.offset = start
+
+
 # -- the transport ---------------------------------------------------------------------------------------
 
 
@@ -424,12 +473,19 @@ class OpenAIBackend:
         self._client: Any = None
         self._http_client = http_client  # an httpx2.Client to send through (tests, proxies); None: the default
         self._lock = threading.Lock()
+        # Set by cancel(): no request starts or is retried from then on; backoff sleeps wait on it.
+        self._cancelled = threading.Event()
+        # Tries that failed in a row (a retryable error or a timeout) and the last one's status, for the
+        # runner's waiting note; an answer (or a refusal) resets them.
+        self._failed_in_a_row = 0
+        self._last_failure: str | None = None
         # Counters: requests sent (tries included), retries, and seconds spent inside HTTP calls; the
         # identity's requests are counted apart, so that a fully cached run still reports no model call.
         self.http_requests = 0
         self.http_retries = 0
         self.http_seconds = 0.0
         self.identity_requests = 0
+        _register_url_credentials(base_url)
 
     # -- identity, decoding and prompts --------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -569,6 +625,8 @@ class OpenAIBackend:
             if asked is not None and generation.tokens is None:
                 # The server ignores the parameter: this reply was asked with it, the next ones are not.
                 self._drop("logprobs", "the server's replies carry no log-probabilities")
+            # A proxy that echoes the Authorization header must not put the key into results and files.
+            _mask_generation(generation)
             generation.sent = decoding_sent(payload, config)
             return generation
 
@@ -633,6 +691,9 @@ class OpenAIBackend:
                         raise MissingDependencyError("openai", "The OpenAI-compatible backend",
                                                      "pip install openai") from None
                     key = os.environ.get(self.api_key_env) or None
+                    if key is not None:
+                        # Any variable name may hold the key: mask it wherever it appears from now on.
+                        register_secret(key, self.api_key_env)
                     if key is None:
                         if self.hosted:
                             raise ConfigError(f"model {self.name!r}: the OpenAI API needs a key; set the "
@@ -664,12 +725,15 @@ class OpenAIBackend:
 
         Retries timeouts, connection errors, 408, 409, 429 and 5xx up to max_retries times (or makes
         `tries` tries); raises _Rejected for other HTTP errors and BackendError when the tries are used
-        up, its message starting with `what` when given. `counted`: it counts as an inference request."""
+        up, its message starting with `what` when given. `counted`: it counts as an inference request.
+        After :meth:`cancel` no try starts and no backoff goes on: a BackendError says "cancelled"."""
         import httpx2
         import openai
 
-        client = self._client_or_create()
         endpoint = path if path.startswith(("http://", "https://")) else self.base_url + path
+        if self._cancelled.is_set():
+            raise self._cancelled_error(endpoint)
+        client = self._client_or_create()
         tries = self.max_retries + 1 if tries is None else tries
         last_status: int | str | None = None
         retry_after: float | None = None
@@ -678,26 +742,38 @@ class OpenAIBackend:
                 if counted:
                     with self._lock:
                         self.http_retries += 1
-                time.sleep(self._backoff(attempt - 1, retry_after))
+                if self._cancelled.wait(self._backoff(attempt - 1, retry_after)):
+                    break
                 retry_after = None
+            if self._cancelled.is_set():
+                break
             started = time.perf_counter()
             try:
                 if method == "get":
-                    return client.get(path, cast_to=httpx2.Response)
-                return client.post(path, body=body, cast_to=httpx2.Response)
+                    response = client.get(path, cast_to=httpx2.Response)
+                else:
+                    response = client.post(path, body=body, cast_to=httpx2.Response)
             except openai.APIStatusError as error:
                 status = error.status_code
                 if status in _RETRY_STATUSES or status >= 500:
                     last_status = f"HTTP {status}"
                     retry_after = _retry_after(error.response)
+                    self._count_failure(last_status)
                     continue
+                self._count_failure(None)  # a refusal is an answer: the server is up
                 raise _Rejected(status, self._redact(_error_message(error)), _error_param(error)) from None
             except openai.APITimeoutError:
                 last_status = f"timeout after {self.timeout:g} s"
+                self._count_failure(last_status)
                 continue
             except openai.APIConnectionError as error:
                 last_status = f"connection error ({self._redact(str(error.__cause__ or error))})"
+                self._count_failure(last_status)
                 continue
+            except Exception:
+                if self._cancelled.is_set():
+                    break  # the client was closed under this request by cancel()
+                raise
             finally:
                 with self._lock:
                     if counted:
@@ -705,9 +781,26 @@ class OpenAIBackend:
                         self.http_seconds += time.perf_counter() - started
                     else:
                         self.identity_requests += 1
+            self._count_failure(None)
+            return response
+        if self._cancelled.is_set():
+            raise self._cancelled_error(endpoint)
         attempts = f"no answer after {tries} {'try' if tries == 1 else 'tries'}"
         raise BackendError(f"model {self.name!r}: " + (f"{what}: {attempts}" if what else attempts),
                            endpoint=_public_url(endpoint), status=last_status)
+
+    def _count_failure(self, status: str | None) -> None:
+        """One more try failed with `status` (None: the server answered, which ends the run of failures)."""
+        with self._lock:
+            if status is None:
+                self._failed_in_a_row, self._last_failure = 0, None
+            else:
+                self._failed_in_a_row += 1
+                self._last_failure = status
+
+    def _cancelled_error(self, endpoint: str) -> BackendError:
+        return BackendError(f"model {self.name!r}: cancelled (the run was interrupted); nothing more is sent",
+                            endpoint=_public_url(endpoint))
 
     def _backoff(self, retry: int, retry_after: float | None) -> float:
         delay = min(self.retry_max_delay, self.retry_base_delay * 2 ** retry) * random.uniform(0.5, 1.0)
@@ -721,16 +814,39 @@ class OpenAIBackend:
                             status=f"HTTP {rejected.status}")
 
     def _redact(self, text: str) -> str:
-        key = os.environ.get(self.api_key_env)
-        if key and len(key) >= 4:
-            text = text.replace(key, "***")
-        return _shorten(text)
+        """A server's text fit for an error message: secrets masked (before shortening, so that no
+        cut leaves a piece of one), then at most _ERROR_TEXT_LIMIT characters."""
+        return _shorten(mask(text))
 
     def close(self) -> None:
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
             client.close()
+
+    def cancel(self) -> None:
+        """Stop for good (the run was interrupted): from now on no request starts, no backoff goes on
+        and no retry is made; each raises a BackendError saying "cancelled". Safe from any thread.
+
+        The client is closed too, which frees its idle connections. That does not wake a request
+        blocked reading its answer (closing a socket from another thread does not interrupt a read):
+        such a request returns when the server answers or its timeout fires, and then stops. The
+        runner sends requests from daemon threads, so those never keep the process alive."""
+        self._cancelled.set()
+        self.close()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def describe_wait(self) -> dict[str, Any]:
+        """What the runner's note on requests in flight says about this endpoint: ``endpoint`` (the
+        public base URL), ``timeout`` (seconds per try), ``retries``, and ``failed_in_a_row`` with
+        ``last_failure``, the tries that failed since the last answer and the status of the last one."""
+        with self._lock:
+            failed, last = self._failed_in_a_row, self._last_failure
+        return {"endpoint": _public_url(self.base_url), "timeout": self.timeout, "retries": self.max_retries,
+                "failed_in_a_row": failed, "last_failure": last}
 
 
 def _retry_after(response: Any) -> float | None:

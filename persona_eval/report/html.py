@@ -18,14 +18,13 @@ import hashlib
 import html
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from persona_eval.errors import DataError
 from persona_eval.metrics import METRICS
-from persona_eval.results import read_json, read_jsonl
+from persona_eval.results import read_json, read_jsonl, write_text
 
 __all__ = ["REPORT_FILENAME", "REVIEW_FILENAME", "pytest_html_summary_lines", "render_report", "write_report"]
 
@@ -44,6 +43,7 @@ METRIC_SHORT = {
     "consistency_rate": "Consistency %",
     "expected_calibration_error": "Calibration error (ECE)",
     "brier_score": "Brier score",
+    "too_long_rate": "Too long for the model",
 }
 # Value format, and the format of a difference, per metric (the default is two decimals).
 _FORMATS = {
@@ -858,7 +858,9 @@ def _section_cases(run: _Run) -> str:
             + "".join(f'<td class="num">{_esc(p)}</td>' for p in probs)
             + f"<td>{_esc(source)}</td>"
             f'<td class="lbl">{_esc(base_text)}</td>'
-            f'<td class="gen"><pre>{_esc(case.get("generated_text"))}</pre></td></tr>')
+            f'<td class="gen"><pre>{_esc(case.get("generated_text"))}</pre>'
+            + ('<p class="muted">a secret in this answer was masked</p>' if case.get("secrets_masked") else "")
+            + "</td></tr>")
     controls = ['<div class="controls" id="case-filters">']
     if len(models) > 1:
         controls.append(_select("f-model", "Model", [(m, m) for m in models]))
@@ -1856,9 +1858,7 @@ def write_report(run_dir: Path) -> Path:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             review = {"error": f"{REVIEW_FILENAME}: {exc}"}
     target = run_dir / REPORT_FILENAME
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    staging.write_text(render_report(summary, cases, review), encoding="utf-8")
-    os.replace(staging, target)
+    write_text(target, render_report(summary, cases, review))  # atomic, secrets masked
     return target
 
 

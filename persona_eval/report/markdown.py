@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from persona_eval.redaction import mask
+
 __all__ = ["append_step_summary", "render_markdown"]
 
 # metric, column header, number format
@@ -143,6 +145,11 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
 
 
 def append_step_summary(path: Path, markdown: str) -> None:
-    """Append `markdown` to a CI step summary file ($GITHUB_STEP_SUMMARY), after what is there."""
+    """Append `markdown` to a CI step summary file ($GITHUB_STEP_SUMMARY), after what is there, with
+    secrets masked: a CI page is public to everyone who can see the build.
+
+    Appended in place rather than through persona_eval.results.write_text: the file belongs to the CI
+    runner and holds other steps' summaries."""
+    text = mask(markdown)
     with path.open("a", encoding="utf-8") as handle:
-        handle.write(markdown if markdown.endswith("\n") else markdown + "\n")
+        handle.write(text if text.endswith("\n") else text + "\n")

@@ -142,6 +142,10 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
             "model_seconds": round(sum(r.get("model_seconds", 0.0) for r in results), 3),
             "cache": {"requests": n_requests, "hits": cached, "enabled": settings.use_cache},
             "models_loaded": sorted({r["model"] for r in results if r.get("model_loaded")}),
+            # How many processes (pytest-xdist workers) loaded or called each model: 1 with or without -n.
+            "model_loads": {model: len({r.get("worker", "main") for r in results
+                                        if r["model"] == model and r.get("model_loaded")})
+                            for model in dict.fromkeys(r["model"] for r in results if r.get("model_loaded"))},
             "throughput": _throughput(results),
             "cases_file": cases_path.name if cases_path else None,
             **(extra_metadata or {}),

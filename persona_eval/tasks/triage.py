@@ -16,6 +16,7 @@ __all__ = [
     "INTAKE_FIELDS",
     "INTAKE_TEMPLATE_VERSION",
     "LABELS",
+    "LABEL_METRIC_NAMES",
     "LABEL_TEXT",
     "METRIC_NAMES",
     "REPORT_STRATA",
@@ -36,11 +37,14 @@ LABEL_TEXT: dict[str, str] = {
 STRATA: tuple[str, ...] = ("emergency", "primary_care")
 URGENCY: dict[str, int] = {label: rank for rank, label in enumerate(LABELS)}
 
-# The metrics reported for this task, in the order tables show them (see persona_eval.metrics).
-METRIC_NAMES: tuple[str, ...] = (
+# The metrics reported for this task, in the order tables show them: those of the labels (see
+# persona_eval.metrics), then too_long_rate, the share of cases whose prompt did not fit the model (with
+# --pe-too-long record; see persona_eval.lengths), which counts records, not labels.
+LABEL_METRIC_NAMES: tuple[str, ...] = (
     "accuracy", "parse_rate", "risk_propensity", "over_triage_rate", "under_triage_rate",
     "risk_sensitivity", "consistency_rate", "expected_calibration_error", "brier_score",
 )
+METRIC_NAMES: tuple[str, ...] = (*LABEL_METRIC_NAMES, "too_long_rate")
 # Report strata: each stratum of the dataset, and all cases together.
 REPORT_STRATA: tuple[str, ...] = ("all", *STRATA)
 

@@ -21,6 +21,15 @@ with that status; None: all), and ``inject``, a hook that may answer any request
 puts another model behind the same name and port (a blue/green redeploy); a second server can also be
 started on the port of a stopped one.
 
+Random faults, drawn from a generator seeded with ``seed``, one draw per chat completion:
+``error_rate`` of them are answered HTTP 500, ``timeout_rate`` of them wait ``hang_seconds`` and then
+close the connection without an answer (give the client a shorter timeout, so that its timeout fires
+first). ``outage(seconds)`` answers every request 503 for that long; ``hang()`` makes every request
+wait, unanswered, until the server stops (``hang(after=n)``: once n more chat completions were
+answered). A fault never counts as an answer: ``answers`` holds, per conversation (the role and text of
+each message), the chat completions answered 200 and written to the client in full; ``faults`` counts
+the faults served by kind ("error", "timeout", "outage", "hang"); ``total_requests`` every request.
+
     with StandInServer(served_name="m", root="/models/X", answer=lambda messages: "C") as server:
         ... --pe-model openai:m@{server.base_url} ...
 
@@ -31,18 +40,22 @@ Bounded: loopback only, request bodies up to 1 MiB, and the server stops by itse
 from __future__ import annotations
 
 import json
+import random
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-__all__ = ["RecordedRequest", "StandInServer"]
+__all__ = ["RecordedRequest", "StandInServer", "conversation"]
 
 Messages = Sequence[Mapping[str, Any]]
+Conversation = tuple[tuple[str, str], ...]
+FAULTS = ("error", "timeout", "outage", "hang")
 _MAX_BODY = 1 << 20
 _LABELS = "ABCDE"
 _FILLERS = ("the", " the", "I", " I", "Answer", ":", ".", "\n", " is", " to", " a", " care", " now", " go")
@@ -61,6 +74,11 @@ class RecordedRequest:
     body: dict[str, Any] | None
 
 
+def conversation(messages: Messages) -> Conversation:
+    """The key of ``StandInServer.answers``: each message's role and text, in order."""
+    return tuple((str(m.get("role", "")), str(m.get("content", ""))) for m in messages)
+
+
 def _refusal(param: str, message: str, code: str) -> tuple[int, dict[str, Any]]:
     return 400, {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
 
@@ -75,7 +93,13 @@ class StandInServer:
                  fail_status: int | None = None, fail_first: int | None = None,
                  inject: Callable[[RecordedRequest], tuple[int, dict[str, Any]] | None] | None = None,
                  serve_models: bool = True, serve_metrics: bool = True, port: int = 0,
-                 lifetime: float = 600.0) -> None:
+                 lifetime: float = 600.0, error_rate: float = 0.0, timeout_rate: float = 0.0,
+                 hang_seconds: float = 5.0, seed: int = 0) -> None:
+        for option, rate in (("error_rate", error_rate), ("timeout_rate", timeout_rate)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{option} must be a fraction from 0 to 1, got {rate!r}")
+        if error_rate + timeout_rate > 1.0:
+            raise ValueError(f"error_rate + timeout_rate must be at most 1, got {error_rate + timeout_rate!r}")
         self.served_name = served_name
         self.root = root  # None: the model card has no root, as on hosted APIs
         self.max_model_len = max_model_len
@@ -92,12 +116,21 @@ class StandInServer:
         self.serve_models = serve_models
         self.serve_metrics = serve_metrics
         self.lifetime = lifetime
+        self.error_rate = error_rate
+        self.timeout_rate = timeout_rate
+        self.hang_seconds = hang_seconds
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self._failed = 0
         self._port = port
         self._lock = threading.Lock()
+        self._random = random.Random(seed)
+        self._answers: Counter[Conversation] = Counter()
+        self._faults: Counter[str] = Counter()
+        self._outage_until = 0.0  # time.monotonic() until which every request is answered 503
+        self._hang_after: int | None = None  # chat completions still answered before every request hangs
+        self._stopping = threading.Event()  # set by stop(): hung requests end, unanswered
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Timer | None = None
@@ -106,7 +139,8 @@ class StandInServer:
     def start(self) -> StandInServer:
         if self._server is not None:
             return self
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), _handler_for(self))
+        self._stopping.clear()
+        self._server = _Server(("127.0.0.1", self._port), _handler_for(self))
         self._server.daemon_threads = True
         self._port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"standin-{self._port}",
@@ -120,6 +154,7 @@ class StandInServer:
     def stop(self) -> None:
         """Stop serving and free the port (idempotent)."""
         server, self._server = self._server, None
+        self._stopping.set()
         if self._watchdog is not None and self._watchdog is not threading.current_thread():
             self._watchdog.cancel()
         if server is not None:
@@ -157,6 +192,17 @@ class StandInServer:
             if max_model_len is not None:
                 self.max_model_len = max_model_len
 
+    def outage(self, seconds: float) -> None:
+        """Answer every request 503 for the next `seconds` (from now; a later call replaces it)."""
+        with self._lock:
+            self._outage_until = time.monotonic() + seconds
+
+    def hang(self, *, after: int = 0) -> None:
+        """Every request from now on (or once `after` more chat completions were answered) waits,
+        unanswered, until the server stops; then its connection is closed."""
+        with self._lock:
+            self._hang_after = after
+
     # -- what was asked ----------------------------------------------------------------------------
     def requests_to(self, path: str, method: str | None = None) -> list[RecordedRequest]:
         with self._lock:
@@ -166,6 +212,53 @@ class StandInServer:
     def chat_completions(self) -> int:
         """How many chat completions were asked (answered or refused)."""
         return len(self.requests_to("/v1/chat/completions", "POST"))
+
+    @property
+    def answers(self) -> Counter[Conversation]:
+        """Chat completions answered 200 and written in full, per conversation (a copy)."""
+        with self._lock:
+            return Counter(self._answers)
+
+    @property
+    def answered(self) -> int:
+        with self._lock:
+            return sum(self._answers.values())
+
+    @property
+    def faults(self) -> Counter[str]:
+        """Faults served, by kind (a copy): "error", "timeout", "outage", "hang"."""
+        with self._lock:
+            return Counter(self._faults)
+
+    @property
+    def total_requests(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    def _fault(self, request: RecordedRequest) -> str | None:
+        """The fault this request gets, if any (see the module docstring), counted."""
+        chat = request.method == "POST" and request.path == "/v1/chat/completions"
+        with self._lock:
+            fault: str | None = None
+            if self._hang_after is not None and self._hang_after <= 0:
+                fault = "hang"
+            elif time.monotonic() < self._outage_until:
+                fault = "outage"
+            elif chat and (self.error_rate or self.timeout_rate):
+                draw = self._random.random()
+                if draw < self.error_rate:
+                    fault = "error"
+                elif draw < self.error_rate + self.timeout_rate:
+                    fault = "timeout"
+            if fault is not None:
+                self._faults[fault] += 1
+            elif chat and self._hang_after is not None:
+                self._hang_after -= 1
+            return fault
+
+    def _answered(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self._answers[conversation((request.body or {}).get("messages") or [])] += 1
 
     # -- answers -----------------------------------------------------------------------------------
     def respond(self, request: RecordedRequest) -> tuple[int, dict[str, Any] | str]:
@@ -243,6 +336,12 @@ def _token_entry(token: str, top: int) -> dict[str, Any]:
     return {"token": token, "logprob": -0.1, "bytes": list(token.encode()), "top_logprobs": listed}
 
 
+class _Server(ThreadingHTTPServer):
+    # Many clients connect at once (a runner keeps 32 requests in flight, and a fault closes a
+    # connection): a longer listen queue than socketserver's 5 keeps connects from waiting on SYN retries.
+    request_queue_size = 128
+
+
 def _handler_for(server: StandInServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
@@ -273,11 +372,30 @@ def _handler_for(server: StandInServer) -> type[BaseHTTPRequestHandler]:
             try:
                 if server.latency:
                     time.sleep(server.latency)
-                status, reply = server.respond(recorded)
+                fault = server._fault(recorded)
+                status: int
+                reply: dict[str, Any] | str
+                if fault in ("hang", "timeout"):
+                    # No answer: wait (until the server stops), then drop the connection.
+                    server._stopping.wait(None if fault == "hang" else server.hang_seconds)
+                    self.close_connection = True
+                    return
+                if fault == "outage":
+                    status, reply = 503, {"error": {"message": "injected outage: service unavailable"}}
+                elif fault == "error":
+                    status, reply = 500, {"error": {"message": "injected failure 500"}}
+                else:
+                    status, reply = server.respond(recorded)
             finally:
                 with server._lock:
                     server.in_flight -= 1
-            self._send(status, reply)
+            try:
+                self._send(status, reply)
+            except OSError:
+                self.close_connection = True  # the client went away: not answered
+                return
+            if status == 200 and recorded.method == "POST" and recorded.path == "/v1/chat/completions":
+                server._answered(recorded)
 
         def _send(self, status: int, reply: dict[str, Any] | str) -> None:
             text = reply if isinstance(reply, str) else json.dumps(reply)
