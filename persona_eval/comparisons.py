@@ -35,9 +35,12 @@ Tests:
   ``statistic`` = the chi-square). No discordant pair gives p = 1 (exact). A comparison whose McNemar
   test is not defined (no case to pair) has ``test`` = "McNemar" and no p-value.
 - ``risk_propensity``, ``under_triage_rate``, ``over_triage_rate`` and ``expected_calibration_error``
-  use the paired bootstrap: cases are resampled with replacement (``numpy.random.default_rng(seed)``,
-  one draw of ``n`` indices per resample, exactly the draws of :func:`persona_eval.stats.bootstrap_ci`)
-  and the same resampled cases are used for both conditions. The two-sided p-value comes from the same
+  use the paired bootstrap: cases are resampled with replacement, resample ``r`` being the ``r``-th draw
+  ``rng.integers(0, n, size=n)`` of ``rng = numpy.random.default_rng(seed)`` (so the same seed gives the
+  same resampled cases), and the same resampled cases are used for both conditions. A metric's values on
+  the matched cases and on each resample come from the same per-case terms
+  (:func:`persona_eval.metrics.ratio_terms`, :func:`persona_eval.metrics.calibration_terms`): their sums,
+  each case weighted on a resample by how often it was drawn. The two-sided p-value comes from the same
   resamples: with ``d*`` the kept (non-NaN) resampled differences, ``R`` their number::
 
       p = min(1, 2 * min(1 + #{d* <= 0}, 1 + #{d* >= 0}) / (R + 1))
@@ -57,9 +60,9 @@ with ``baseline = "approved"``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -249,84 +252,62 @@ class _Outcomes:
                                     f"got {distribution!r}") from None
         return cls(condition, reference, generated, logit, probs)
 
-    # Per-case indicator vectors (float, one entry per case) for the bootstrap sums.
-    def rank(self, labels: Sequence[str | None]) -> np.ndarray:
-        urgency = {label: index for index, label in enumerate(triage.LABELS)}
-        return np.array([urgency[label] if label is not None else -1 for label in labels], dtype=int)
-
-    def correct(self) -> np.ndarray:
-        return np.array([g == r for g, r in zip(self.generated, self.reference, strict=True)], dtype=float)
-
-    def has_probs(self) -> np.ndarray:
-        return np.array([p is not None for p in self.probs], dtype=float)
-
-    def calibration_gaps(self, n_bins: int) -> np.ndarray:
-        """(cases x bins): ``correct - confidence`` in the case's confidence bin, 0 elsewhere and for
-        cases without probabilities; ECE = sum over bins of |column sums| / #cases with probabilities.
-        Bins and ties as in :func:`persona_eval.metrics.reliability_bins`."""
-        gaps = np.zeros((len(self.probs), n_bins))
-        rows = [i for i, p in enumerate(self.probs) if p is not None]
-        if not rows:
-            return gaps
-        array = np.array([self.probs[i] for i in rows], dtype=float)
-        truth = self.rank([self.reference[i] for i in rows])
-        confidence = array.max(axis=1)
-        correct = (array.argmax(axis=1) == truth).astype(float)
-        edges = np.arange(n_bins + 1) / n_bins
-        which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-        gaps[rows, which] = correct - confidence
-        return gaps
-
 
 def _value(number: float) -> float | None:
     return None if math.isnan(number) else float(number)
 
 
-def _full_value(metric: str, outcomes: _Outcomes, settings: ComparisonSettings) -> float:
+_Terms: TypeAlias = "metrics.RatioTerms | metrics.CalibrationTerms"
+
+
+def _terms(metric: str, side: _Outcomes, other: _Outcomes, n_bins: int) -> _Terms:
+    """`metric`'s per-case terms for `side`, one row per case of the comparison: the sums its value and
+    every resampled value come from."""
     labels = triage.LABELS
-    if metric == "accuracy":
-        return metrics.accuracy(outcomes.reference, outcomes.generated, labels=labels)
-    if metric == "risk_propensity":
-        return metrics.risk_propensity(outcomes.generated, labels=labels)
-    if metric == "under_triage_rate":
-        return metrics.under_triage_rate(outcomes.reference, outcomes.generated, labels=labels)
-    if metric == "over_triage_rate":
-        return metrics.over_triage_rate(outcomes.reference, outcomes.generated, labels=labels)
     if metric == "expected_calibration_error":
-        rows = [i for i, p in enumerate(outcomes.probs) if p is not None]
-        if not rows:
-            return math.nan
-        return metrics.expected_calibration_error(
-            [outcomes.reference[i] for i in rows], [p for p in outcomes.probs if p is not None], labels=labels,
-            n_bins=settings.n_bins)
-    raise AssertionError(metric)
+        # A case without label probabilities counts for nothing: no gap, no weight.
+        rows = np.array([i for i, p in enumerate(side.probs) if p is not None], dtype=int)
+        present = metrics.calibration_terms([side.reference[i] for i in rows], [side.probs[i] for i in rows],
+                                            labels=labels, n_bins=n_bins)
+        gaps, weight = np.zeros((len(side.probs), n_bins)), np.zeros(len(side.probs))
+        gaps[rows], weight[rows] = present.gaps, present.weight
+        return metrics.CalibrationTerms(gaps, weight)
+    if metric == "consistency_rate":
+        # Paired on the cases both conditions can be compared on, so McNemar and the interval see one set.
+        terms = metrics.ratio_terms(metric, side.generated, side.logit, labels=labels)
+        both = _both_consistent_cases(side, other)
+        return metrics.RatioTerms(terms.numerator * both, terms.denominator * both)
+    if metrics.METRICS[metric].needs == "pred":
+        return metrics.ratio_terms(metric, side.generated, labels=labels)
+    return metrics.ratio_terms(metric, side.reference, side.generated, labels=labels)
 
 
 # --- the bootstrap: sums of per-case columns over resamples, all comparisons of a stratum at once -----------
 
 class _Resampling:
     """Bootstrap resamples of ``n`` cases, as counts of each case per resample, applied to any number of
-    per-case columns in one pass: ``sums[r, k] = sum_i count[r, i] * column_k[i]``. Every statistic used
-    here is a function of such sums, so no metric is recomputed per resample."""
+    per-case columns in one pass: ``sums[r, k] = sum_i count[r, i] * column_k[i]``. Every metric compared is
+    a function of such sums of its per-case terms, so no metric is recomputed per resample."""
 
     def __init__(self, n: int, settings: ComparisonSettings) -> None:
         self.n = n
         self.settings = settings
         self._columns: list[np.ndarray] = []
-        self._index: dict[tuple[Any, ...], int] = {}
-        self.sums: np.ndarray | None = None
+        self._index: dict[bytes, int] = {}
 
-    def column(self, key: tuple[Any, ...], make: Any) -> int:
-        """The index of the column named `key`, made by `make()` (a vector or a cases x k matrix,
-        whose columns are then `key + (j,)`) on first use."""
+    def _column(self, values: np.ndarray) -> int:
+        # Equal columns have equal sums, so they share one: the cases of every accuracy denominator, a
+        # condition's parsable answers under three metrics, a control's terms in each of its pairs.
+        key = np.ascontiguousarray(values, dtype=float).tobytes()
         if key not in self._index:
-            values = np.asarray(make(), dtype=float)
             self._index[key] = len(self._columns)
-            if values.ndim == 1:
-                self._columns.append(values)
-            else:
-                self._columns.extend(values.T)
+            self._columns.append(np.asarray(values, dtype=float))
         return self._index[key]
+
+    def statistic(self, terms: _Terms) -> Callable[[np.ndarray], np.ndarray]:
+        """`terms`' metric on every resample, from the sums :meth:`run` returns."""
+        indices = [self._column(column) for column in terms.columns.T]
+        return lambda sums: terms.from_sums(sums[:, indices])
 
     def run(self) -> np.ndarray:
         features = np.column_stack(self._columns) if self._columns else np.zeros((self.n, 0))
@@ -336,20 +317,13 @@ class _Resampling:
         sums = np.empty((total, features.shape[1]))
         for start in range(0, total, block):
             rows = min(block, total - start)
-            # One draw of n indices per resample, as stats.bootstrap_ci draws them: the same seed gives the
-            # same resampled cases, hence the same interval.
+            # One draw of n indices per resample, in resample order, whatever the block size: the same seed
+            # gives the same resampled cases, hence the same interval and p-value.
             draws = np.stack([rng.integers(0, self.n, size=self.n) for _ in range(rows)])
             flat = (np.arange(rows)[:, None] * self.n + draws).ravel()
             counts = np.bincount(flat, minlength=rows * self.n).reshape(rows, self.n).astype(float)
             sums[start:start + rows] = counts @ features
-        self.sums = sums
         return sums
-
-
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    out = np.full(numerator.shape, math.nan)
-    np.divide(numerator, denominator, out=out, where=denominator > 0)
-    return out
 
 
 @dataclass
@@ -359,45 +333,6 @@ class _Pair:
     persona: _Outcomes
     baseline: _Outcomes
     labels: dict[str, Any]
-
-
-def _resampled_metric(metric: str, side: _Outcomes, other: _Outcomes, boot: _Resampling) -> Any:
-    """A callable giving `metric` of `side` on every resample (from the sums), registering its columns."""
-    # Keyed by the condition object: the two sides of an approved comparison may share model names.
-    name = (id(side.condition),)
-    generated = side.rank(side.generated)
-    reference = side.rank(side.reference)
-    parsable = lambda: (generated >= 0).astype(float)  # noqa: E731
-    if metric == "accuracy":
-        numerator = boot.column((*name, "correct"), side.correct)
-        denominator = boot.column(("ones",), lambda: np.ones(boot.n))
-    elif metric == "risk_propensity":
-        numerator = boot.column((*name, "most_urgent"), lambda: (generated == len(triage.LABELS) - 1))
-        denominator = boot.column((*name, "parsable"), parsable)
-    elif metric == "over_triage_rate":
-        numerator = boot.column((*name, "over"), lambda: (generated >= 0) & (generated > reference))
-        denominator = boot.column((*name, "parsable"), parsable)
-    elif metric == "under_triage_rate":
-        numerator = boot.column((*name, "under"), lambda: (generated >= 0) & (generated < reference))
-        denominator = boot.column((*name, "parsable"), parsable)
-    elif metric == "consistency_rate":
-        both = _both_consistent_cases(side, other)
-        agree = np.array([g == lg for g, lg in zip(side.generated, side.logit, strict=True)]) & both
-        pair = (*name, "vs", id(other.condition))
-        numerator = boot.column((*pair, "agree"), lambda: 100.0 * agree)
-        denominator = boot.column((*pair, "comparable"), lambda: both)
-    elif metric == "expected_calibration_error":
-        n_bins = boot.settings.n_bins
-        first = boot.column((*name, "calibration_gaps"), lambda: side.calibration_gaps(n_bins))
-        denominator = boot.column((*name, "has_probs"), side.has_probs)
-
-        def calibration(sums: np.ndarray) -> np.ndarray:
-            gaps = np.abs(sums[:, first:first + n_bins]).sum(axis=1)
-            return _ratio(gaps, sums[:, denominator])
-        return calibration
-    else:
-        raise AssertionError(metric)
-    return lambda sums: _ratio(sums[:, numerator], sums[:, denominator])
 
 
 def _both_consistent_cases(a: _Outcomes, b: _Outcomes) -> np.ndarray:
@@ -425,14 +360,14 @@ def _comparisons_of_stratum(case_ids: Sequence[str], pairs: Sequence[_Pair], met
     pending = []
     for pair in pairs:
         for metric in metric_tests:
-            persona_stat = _resampled_metric(metric, pair.persona, pair.baseline, boot)
-            baseline_stat = _resampled_metric(metric, pair.baseline, pair.persona, boot)
-            pending.append((pair, metric, persona_stat, baseline_stat))
+            terms = (_terms(metric, pair.persona, pair.baseline, settings.n_bins),
+                     _terms(metric, pair.baseline, pair.persona, settings.n_bins))
+            pending.append((pair, metric, terms, boot.statistic(terms[0]), boot.statistic(terms[1])))
     sums = boot.run() if case_ids else np.zeros((0, 0))
     out = []
-    for pair, metric, persona_stat, baseline_stat in pending:
+    for pair, metric, terms, persona_stat, baseline_stat in pending:
         test = metric_tests[metric]
-        comparison = _compare(pair, metric, test, settings)
+        comparison = _compare(pair, metric, test, terms, settings)
         if comparison["delta"] is not None:
             with np.errstate(invalid="ignore"):
                 differences = persona_stat(sums) - baseline_stat(sums)
@@ -450,49 +385,44 @@ def _add_note(comparison: dict[str, Any], note: str) -> None:
     comparison["note"] = f"{comparison['note']}; {note}" if comparison.get("note") else note
 
 
-def _compare(pair: _Pair, metric: str, test: str, settings: ComparisonSettings) -> dict[str, Any]:
+def _compare(pair: _Pair, metric: str, test: str, terms: tuple[_Terms, _Terms],
+             settings: ComparisonSettings) -> dict[str, Any]:
     """The comparison's dict with value, baseline_value, delta, and the McNemar test and p; the interval
-    (and the bootstrap p) filled in later."""
+    (and the bootstrap p) filled in later. `terms` are the metric's per-case terms, persona then baseline."""
     persona, baseline = pair.persona, pair.baseline
+    persona_terms, baseline_terms = terms
     result: dict[str, Any] = {
         **pair.labels, "metric": metric, "value": None, "baseline_value": None, "delta": None,
         "ci_low": None, "ci_high": None, "confidence_level": settings.confidence_level,
         "interval_method": INTERVAL_METHOD, "n_resamples": 0, "pvalue": None, "pvalue_adjusted": None,
         "significant": None, "test": test, "statistic": None, "n": len(persona.reference), "note": None,
     }
+    value, baseline_value = persona_terms.value(), baseline_terms.value()
     if test == MCNEMAR_TEST:
-        if metric == "accuracy":
-            persona_outcome, baseline_outcome = persona.correct() > 0, baseline.correct() > 0
-            what = "correct"
-        else:
-            both = _both_consistent_cases(persona, baseline)
-            persona_outcome = np.array([g == lg for g, lg in zip(persona.generated, persona.logit, strict=True)])[both]
-            baseline_outcome = np.array([g == lg for g, lg in zip(baseline.generated, baseline.logit,
-                                                                  strict=True)])[both]
-            what = "consistent"
-            result["n"] = int(both.sum())
-            if not both.any():
-                missing = [o.condition.persona for o in (persona, baseline)
-                           if all(label is None for label in o.logit)]
-                result["note"] = (_NO_PROBS.format(who=" and ".join(missing)) if missing else
-                                  _UNDEFINED.format(why="no case has a generated and a logit label under both"))
-                return result
-        test_result = stats.mcnemar(persona_outcome, baseline_outcome)
-        scale = 100.0 if metric == "consistency_rate" else 1.0
-        value = scale * float(np.mean(persona_outcome)) if len(persona_outcome) else math.nan
-        baseline_value = scale * float(np.mean(baseline_outcome)) if len(baseline_outcome) else math.nan
+        if not (isinstance(persona_terms, metrics.RatioTerms) and isinstance(baseline_terms, metrics.RatioTerms)):
+            raise AssertionError(f"McNemar needs a per-case outcome, which {metric} does not have")
+        # The cases the metric counts, the same under both conditions: every case for accuracy, those with
+        # both labels under both conditions for consistency.
+        paired = persona_terms.denominator > 0
+        what = "correct" if metric == "accuracy" else "consistent"
+        result["n"] = int(paired.sum())
+        if metric == "consistency_rate" and not paired.any():
+            missing = [o.condition.persona for o in (persona, baseline) if all(label is None for label in o.logit)]
+            result["note"] = (_NO_PROBS.format(who=" and ".join(missing)) if missing else
+                              _UNDEFINED.format(why="no case has a generated and a logit label under both"))
+            return result
+        # A case's outcome holds where it adds to the metric's numerator: a correct or a consistent answer.
+        test_result = stats.mcnemar(persona_terms.numerator[paired] > 0, baseline_terms.numerator[paired] > 0)
         result.update(value=_value(value), baseline_value=_value(baseline_value),
                       statistic=test_result.statistic, pvalue=test_result.pvalue, test=test_result.method,
                       persona_only=test_result.n10, baseline_only=test_result.n01,
                       outcome=what)
     else:
-        value = _full_value(metric, persona, settings)
-        baseline_value = _full_value(metric, baseline, settings)
         result.update(value=_value(value), baseline_value=_value(baseline_value))
         notes = []
         for side, number in ((persona, value), (baseline, baseline_value)):
             if math.isnan(number):
-                if metric == "expected_calibration_error" and not side.has_probs().any():
+                if metric == "expected_calibration_error" and all(p is None for p in side.probs):
                     notes.append(f"{side.condition.persona}: {_NO_PROBS.format(who=side.condition.persona)}")
                 else:
                     notes.append(f"{side.condition.persona}: "

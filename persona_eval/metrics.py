@@ -1,8 +1,14 @@
-"""Triage metrics as pure functions: label arrays (and label distributions) in, a plain float out."""
+"""Triage metrics as pure functions: label arrays (and label distributions) in, a plain float out.
+
+Each metric is also available as per-case terms (:func:`ratio_terms`, :func:`calibration_terms`): columns
+with one entry per case whose sums give the metric, so that the metric of a subset or of a bootstrap
+resample of the cases follows from weighted sums of the same columns. The metric functions compute their
+values from these terms, so each formula is written once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Any, Literal, SupportsFloat, TypeAlias
@@ -12,14 +18,18 @@ from numpy.typing import ArrayLike
 
 __all__ = [
     "METRICS",
+    "CalibrationTerms",
     "MetricInfo",
+    "RatioTerms",
     "accuracy",
     "brier_score",
+    "calibration_terms",
     "confusion_matrix",
     "consistency_rate",
     "expected_calibration_error",
     "over_triage_rate",
     "parse_rate",
+    "ratio_terms",
     "reliability_bins",
     "risk_propensity",
     "risk_sensitivity",
@@ -146,7 +156,105 @@ def _ratio(numerator: SupportsFloat, denominator: SupportsFloat) -> float:
     return float(numerator) / float(denominator) if float(denominator) != 0 else _NAN
 
 
+def _ratios(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Elementwise numerator / denominator, NaN where the denominator is 0 (undefined)."""
+    out = np.full(np.shape(numerator), _NAN)
+    np.divide(numerator, denominator, out=out, where=denominator != 0)
+    return out
+
+
+# --- per-case terms -------------------------------------------------------------------------------
+
+def _one_per_case(values: ArrayLike, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=float)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, one entry per case, got an array of shape "
+                         f"{array.shape}")
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class RatioTerms:
+    """A metric as per-case terms: ``value = sum_i numerator[i] / sum_i denominator[i]``.
+
+    ``numerator`` and ``denominator`` are float arrays with one entry per case, in the order of the
+    metric's inputs. Weighting the cases weights the terms: the metric of a subset (weights 0 and 1)
+    or of a bootstrap resample (how often each case was drawn) is :meth:`from_sums` of the weighted
+    column sums, without going back to the labels. NaN when the denominator sums to 0.
+    """
+
+    numerator: np.ndarray
+    denominator: np.ndarray
+
+    def __post_init__(self) -> None:
+        numerator = _one_per_case(self.numerator, "numerator")
+        denominator = _one_per_case(self.denominator, "denominator")
+        _check_same_length(numerator, "numerator", denominator, "denominator")
+        object.__setattr__(self, "numerator", numerator)
+        object.__setattr__(self, "denominator", denominator)
+
+    @property
+    def columns(self) -> np.ndarray:
+        """The terms as one ``(cases, 2)`` array: the numerator column, then the denominator column."""
+        return np.column_stack([self.numerator, self.denominator])
+
+    @staticmethod
+    def from_sums(sums: ArrayLike) -> np.ndarray:
+        """The metric from sums of :attr:`columns` over cases, of shape ``(..., 2)``: one value per row."""
+        array = np.asarray(sums, dtype=float)
+        return _ratios(array[..., 0], array[..., 1])
+
+    def value(self) -> float:
+        """The metric on the cases, each counted once."""
+        return float(self.from_sums(np.array([self.numerator.sum(), self.denominator.sum()])))
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationTerms:
+    """Expected calibration error as per-case terms: ``ECE = sum_b |sum_i gaps[i, b]| / sum_i weight[i]``.
+
+    ``gaps`` has one row per case and one column per confidence bin: ``correct - confidence`` in the
+    column of the case's bin, 0 in the others. A bin's column sums to ``n_b * (acc_b - conf_b)``, so
+    the formula is :func:`expected_calibration_error`'s with ``N = sum_i weight[i]``; ``weight`` holds 1
+    per case, or 0 for a case that is to count for nothing. As with :class:`RatioTerms`, the ECE of a
+    weighting of the cases is :meth:`from_sums` of the weighted column sums. NaN when the weights sum
+    to 0.
+    """
+
+    gaps: np.ndarray
+    weight: np.ndarray
+
+    def __post_init__(self) -> None:
+        gaps = np.asarray(self.gaps, dtype=float)
+        if gaps.ndim != 2:
+            raise ValueError(f"gaps must have shape (cases, bins), got an array of shape {gaps.shape}")
+        weight = _one_per_case(self.weight, "weight")
+        _check_same_length(gaps, "gaps", weight, "weight")
+        object.__setattr__(self, "gaps", gaps)
+        object.__setattr__(self, "weight", weight)
+
+    @property
+    def columns(self) -> np.ndarray:
+        """The terms as one ``(cases, bins + 1)`` array: the gap column of each bin, then the weight."""
+        return np.column_stack([self.gaps, self.weight])
+
+    @staticmethod
+    def from_sums(sums: ArrayLike) -> np.ndarray:
+        """The ECE from sums of :attr:`columns` over cases, of shape ``(..., bins + 1)``: one value per row."""
+        array = np.asarray(sums, dtype=float)
+        return _ratios(np.abs(array[..., :-1]).sum(axis=-1), array[..., -1])
+
+    def value(self) -> float:
+        """The ECE on the cases, each counted with its weight."""
+        return float(self.from_sums(np.append(self.gaps.sum(axis=0), self.weight.sum())))
+
+
 # --- label metrics --------------------------------------------------------------------------------
+
+def _accuracy_terms(y_true: LabelArray, y_pred: LabelArray, labels: Sequence[Hashable]) -> RatioTerms:
+    true, pred = _encode_pair(y_true, y_pred, labels)
+    return RatioTerms(true == pred, np.ones(len(true)))
+
 
 def accuracy(y_true: LabelArray, y_pred: LabelArray, *,
              labels: Sequence[Hashable] = TRIAGE_LABELS) -> float:
@@ -160,8 +268,12 @@ def accuracy(y_true: LabelArray, y_pred: LabelArray, *,
     >>> accuracy(["A", "B", "C", "C"], ["A", "C", "C", None])
     0.5
     """
-    true, pred = _encode_pair(y_true, y_pred, labels)
-    return _ratio(np.count_nonzero(true == pred), len(true))
+    return _accuracy_terms(y_true, y_pred, labels).value()
+
+
+def _parse_rate_terms(y_pred: LabelArray, labels: Sequence[Hashable]) -> RatioTerms:
+    pred = _encode(y_pred, "y_pred", _check_labels(labels), allow_none=True)
+    return RatioTerms(pred >= 0, np.ones(len(pred)))
 
 
 def parse_rate(y_pred: LabelArray, *, labels: Sequence[Hashable] = TRIAGE_LABELS) -> float:
@@ -174,8 +286,13 @@ def parse_rate(y_pred: LabelArray, *, labels: Sequence[Hashable] = TRIAGE_LABELS
     >>> parse_rate(["A", None, "C", "C"])
     0.75
     """
-    pred = _encode(y_pred, "y_pred", _check_labels(labels), allow_none=True)
-    return _ratio(np.count_nonzero(pred >= 0), len(pred))
+    return _parse_rate_terms(y_pred, labels).value()
+
+
+def _risk_propensity_terms(y_pred: LabelArray, labels: Sequence[Hashable]) -> RatioTerms:
+    rank = _check_labels(labels)
+    pred = _encode(y_pred, "y_pred", rank, allow_none=True)
+    return RatioTerms(pred == len(rank) - 1, pred >= 0)
 
 
 def risk_propensity(y_pred: LabelArray, *, labels: Sequence[Hashable] = TRIAGE_LABELS) -> float:
@@ -189,9 +306,13 @@ def risk_propensity(y_pred: LabelArray, *, labels: Sequence[Hashable] = TRIAGE_L
     >>> risk_propensity(["A", "C", "C", None])
     0.6666666666666666
     """
-    rank = _check_labels(labels)
-    pred = _encode(y_pred, "y_pred", rank, allow_none=True)
-    return _ratio(np.count_nonzero(pred == len(rank) - 1), np.count_nonzero(pred >= 0))
+    return _risk_propensity_terms(y_pred, labels).value()
+
+
+def _over_triage_terms(y_true: LabelArray, y_pred: LabelArray, labels: Sequence[Hashable]) -> RatioTerms:
+    true, pred = _encode_pair(y_true, y_pred, labels)
+    parsable = pred >= 0
+    return RatioTerms(parsable & (pred > true), parsable)
 
 
 def over_triage_rate(y_true: LabelArray, y_pred: LabelArray, *,
@@ -205,9 +326,13 @@ def over_triage_rate(y_true: LabelArray, y_pred: LabelArray, *,
     >>> over_triage_rate(["A", "A", "B", "C"], ["B", "A", "C", None])
     0.6666666666666666
     """
+    return _over_triage_terms(y_true, y_pred, labels).value()
+
+
+def _under_triage_terms(y_true: LabelArray, y_pred: LabelArray, labels: Sequence[Hashable]) -> RatioTerms:
     true, pred = _encode_pair(y_true, y_pred, labels)
     parsable = pred >= 0
-    return _ratio(np.count_nonzero(parsable & (pred > true)), np.count_nonzero(parsable))
+    return RatioTerms(parsable & (pred < true), parsable)
 
 
 def under_triage_rate(y_true: LabelArray, y_pred: LabelArray, *,
@@ -221,9 +346,13 @@ def under_triage_rate(y_true: LabelArray, y_pred: LabelArray, *,
     >>> under_triage_rate(["C", "C", "B", "A"], ["A", "C", "B", None])
     0.3333333333333333
     """
+    return _under_triage_terms(y_true, y_pred, labels).value()
+
+
+def _risk_sensitivity_terms(y_true: LabelArray, y_pred: LabelArray, labels: Sequence[Hashable]) -> RatioTerms:
     true, pred = _encode_pair(y_true, y_pred, labels)
     parsable = pred >= 0
-    return _ratio(np.count_nonzero(parsable & (pred < true)), np.count_nonzero(parsable))
+    return RatioTerms(parsable & (pred > true), parsable & (pred != true))
 
 
 def risk_sensitivity(y_true: LabelArray, y_pred: LabelArray, *,
@@ -238,11 +367,16 @@ def risk_sensitivity(y_true: LabelArray, y_pred: LabelArray, *,
     >>> risk_sensitivity(["A", "A", "B", "C"], ["B", "C", "A", None])
     0.6666666666666666
     """
-    true, pred = _encode_pair(y_true, y_pred, labels)
-    parsable = pred >= 0
-    over = np.count_nonzero(parsable & (pred > true))
-    under = np.count_nonzero(parsable & (pred < true))
-    return _ratio(over, over + under)
+    return _risk_sensitivity_terms(y_true, y_pred, labels).value()
+
+
+def _consistency_terms(y_gen: LabelArray, y_logit: LabelArray, labels: Sequence[Hashable]) -> RatioTerms:
+    rank = _check_labels(labels)
+    generated = _encode(y_gen, "y_gen", rank, allow_none=True)
+    scored = _encode(y_logit, "y_logit", rank, allow_none=True)
+    _check_same_length(generated, "y_gen", scored, "y_logit")
+    comparable = (generated >= 0) & (scored >= 0)
+    return RatioTerms(100.0 * (comparable & (generated == scored)), comparable)
 
 
 def consistency_rate(y_gen: LabelArray, y_logit: LabelArray, *,
@@ -260,13 +394,7 @@ def consistency_rate(y_gen: LabelArray, y_logit: LabelArray, *,
     >>> consistency_rate(["A", "C", None, "B"], ["A", "B", "C", None])
     50.0
     """
-    rank = _check_labels(labels)
-    generated = _encode(y_gen, "y_gen", rank, allow_none=True)
-    scored = _encode(y_logit, "y_logit", rank, allow_none=True)
-    _check_same_length(generated, "y_gen", scored, "y_logit")
-    comparable = (generated >= 0) & (scored >= 0)
-    agree = np.count_nonzero(comparable & (generated == scored))
-    return _ratio(100.0 * agree, np.count_nonzero(comparable))
+    return _consistency_terms(y_gen, y_logit, labels).value()
 
 
 def confusion_matrix(y_true: LabelArray, y_pred: LabelArray, *,
@@ -291,16 +419,34 @@ def confusion_matrix(y_true: LabelArray, y_pred: LabelArray, *,
 
 # --- probability metrics --------------------------------------------------------------------------
 
-def _confidence_and_correct(y_true: LabelArray, probs: ArrayLike,
-                            labels: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
-    """Top-label confidence of each row and whether its argmax label (first on ties) is the reference."""
+def _encode_with_probs(y_true: LabelArray, probs: ArrayLike,
+                       labels: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
+    """The reference ranks and the checked probability rows, one of each per case."""
     rank = _check_labels(labels)
     true = _encode(y_true, "y_true", rank, allow_none=False)
     array = _check_probs(probs, len(rank))
     if len(true) != len(array):
         raise ValueError(f"y_true and probs must describe the same cases, got {len(true)} labels "
                          f"and {len(array)} probability rows")
+    return true, array
+
+
+def _confidence_and_correct(y_true: LabelArray, probs: ArrayLike,
+                            labels: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
+    """Top-label confidence of each row and whether its argmax label (first on ties) is the reference."""
+    true, array = _encode_with_probs(y_true, probs, labels)
     return array.max(axis=1), array.argmax(axis=1) == true
+
+
+def _confidence_bins(confidence: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """The edges of ``n_bins`` equal-width bins on [0, 1], closed on the right, and the bin of each
+    confidence (a confidence of 0 in the first)."""
+    # Edges as b / n_bins (one correctly rounded division each) so that a confidence written as a
+    # decimal edge, e.g. 0.3, lands in the bin it closes.
+    edges = np.arange(n_bins + 1) / n_bins
+    # side="left" gives edges[i - 1] < c <= edges[i]: bins closed on the right.
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    return edges, which
 
 
 def reliability_bins(y_true: LabelArray, probs: ArrayLike, *, labels: Sequence[Hashable] = TRIAGE_LABELS,
@@ -323,11 +469,7 @@ def reliability_bins(y_true: LabelArray, probs: ArrayLike, *, labels: Sequence[H
     """
     n_bins = _check_n_bins(n_bins)
     confidence, correct = _confidence_and_correct(y_true, probs, labels)
-    # Edges as b / n_bins (one correctly rounded division each) so that a confidence written as a
-    # decimal edge, e.g. 0.3, lands in the bin it closes.
-    edges = np.arange(n_bins + 1) / n_bins
-    # side="left" gives edges[i - 1] < c <= edges[i]: bins closed on the right.
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    edges, which = _confidence_bins(confidence, n_bins)
     counts = np.bincount(which, minlength=n_bins)
     confidence_sums = np.bincount(which, weights=confidence, minlength=n_bins)
     correct_sums = np.bincount(which, weights=correct.astype(float), minlength=n_bins)
@@ -342,6 +484,29 @@ def reliability_bins(y_true: LabelArray, probs: ArrayLike, *, labels: Sequence[H
             "accuracy": _ratio(correct_sums[b], count),
         })
     return bins
+
+
+def calibration_terms(y_true: LabelArray, probs: ArrayLike, *, labels: Sequence[Hashable] = TRIAGE_LABELS,
+                      n_bins: int = 10) -> CalibrationTerms:
+    """The per-case terms of :func:`expected_calibration_error`, one row per case.
+
+    ``ECE = sum_b |sum_i gaps[i, b]| / sum_i weight[i]``, where ``gaps[i, b] = correct_i - confidence_i``
+    when case ``i``'s confidence lies in bin ``b`` and 0 otherwise, and ``weight[i] = 1``. Confidence,
+    correctness and bins are those of :func:`reliability_bins`; inputs are checked as
+    :func:`expected_calibration_error` checks them.
+
+    >>> terms = calibration_terms(["A", "C"], [[0.9, 0.05, 0.05], [0.3, 0.1, 0.6]], n_bins=2)
+    >>> terms.gaps.round(6).tolist(), terms.weight.tolist()
+    ([[0.0, 0.1], [0.0, 0.4]], [1.0, 1.0])
+    >>> round(terms.value(), 6)
+    0.25
+    """
+    n_bins = _check_n_bins(n_bins)
+    confidence, correct = _confidence_and_correct(y_true, probs, labels)
+    _, which = _confidence_bins(confidence, n_bins)
+    gaps = np.zeros((len(confidence), n_bins))
+    gaps[np.arange(len(confidence)), which] = correct.astype(float) - confidence
+    return CalibrationTerms(gaps, np.ones(len(confidence)))
 
 
 def expected_calibration_error(y_true: LabelArray, probs: ArrayLike, *,
@@ -361,12 +526,13 @@ def expected_calibration_error(y_true: LabelArray, probs: ArrayLike, *,
     >>> round(expected_calibration_error(y_true, probs, n_bins=5), 6)
     0.125
     """
-    bins = reliability_bins(y_true, probs, labels=labels, n_bins=n_bins)
-    total = sum(int(b["count"]) for b in bins)
-    if total == 0:
-        return _NAN
-    return float(sum(b["count"] / total * abs(b["accuracy"] - b["mean_confidence"])
-                     for b in bins if b["count"]))
+    return calibration_terms(y_true, probs, labels=labels, n_bins=n_bins).value()
+
+
+def _brier_terms(y_true: LabelArray, probs: ArrayLike, labels: Sequence[Hashable]) -> RatioTerms:
+    true, array = _encode_with_probs(y_true, probs, labels)
+    one_hot = np.eye(array.shape[1])[true]
+    return RatioTerms(np.sum((array - one_hot) ** 2, axis=1), np.ones(len(true)))
 
 
 def brier_score(y_true: LabelArray, probs: ArrayLike, *, labels: Sequence[Hashable] = TRIAGE_LABELS) -> float:
@@ -380,16 +546,66 @@ def brier_score(y_true: LabelArray, probs: ArrayLike, *, labels: Sequence[Hashab
     >>> round(brier_score(["A", "C"], [[1.0, 0.0, 0.0], [0.5, 0.0, 0.5]]), 6)
     0.25
     """
-    rank = _check_labels(labels)
-    true = _encode(y_true, "y_true", rank, allow_none=False)
-    array = _check_probs(probs, len(rank))
-    if len(true) != len(array):
-        raise ValueError(f"y_true and probs must describe the same cases, got {len(true)} labels "
-                         f"and {len(array)} probability rows")
-    if len(true) == 0:
-        return _NAN
-    one_hot = np.eye(len(rank))[true]
-    return float(np.mean(np.sum((array - one_hot) ** 2, axis=1)))
+    return _brier_terms(y_true, probs, labels).value()
+
+
+# --- terms by metric ------------------------------------------------------------------------------
+
+_RATIO_TERMS: dict[str, Callable[..., RatioTerms]] = {
+    "accuracy": _accuracy_terms,
+    "parse_rate": _parse_rate_terms,
+    "risk_propensity": _risk_propensity_terms,
+    "over_triage_rate": _over_triage_terms,
+    "under_triage_rate": _under_triage_terms,
+    "risk_sensitivity": _risk_sensitivity_terms,
+    "consistency_rate": _consistency_terms,
+    "brier_score": _brier_terms,
+}
+
+# The arrays each kind of metric takes, by MetricInfo.needs.
+_ARRAYS: dict[str, tuple[str, ...]] = {
+    "pred": ("y_pred",),
+    "true+pred": ("y_true", "y_pred"),
+    "gen+logit": ("y_gen", "y_logit"),
+    "true+probs": ("y_true", "probs"),
+}
+
+
+def ratio_terms(metric: str, *arrays: Any, labels: Sequence[Hashable] = TRIAGE_LABELS) -> RatioTerms:
+    """The per-case terms of a ratio metric, so that ``metric(*arrays) = sum(numerator) / sum(denominator)``.
+
+    ``metric`` names any metric of :data:`METRICS` but ``expected_calibration_error`` (whose terms are
+    :func:`calibration_terms`); ``arrays`` are its arrays, in the order the metric function takes
+    them, checked as it checks them. With ``parsable[i] = y_pred[i] is not None``, comparisons in the
+    order of ``labels``, and a condition counting 1 when it holds and 0 otherwise, case ``i`` has:
+
+    - accuracy: ``y_pred[i] == y_true[i]`` over 1;
+    - parse_rate: ``parsable[i]`` over 1;
+    - risk_propensity: ``y_pred[i] == labels[-1]`` over ``parsable[i]``;
+    - over_triage_rate: ``parsable[i] and y_pred[i] > y_true[i]`` over ``parsable[i]``;
+    - under_triage_rate: ``parsable[i] and y_pred[i] < y_true[i]`` over ``parsable[i]``;
+    - risk_sensitivity: ``parsable[i] and y_pred[i] > y_true[i]`` over
+      ``parsable[i] and y_pred[i] != y_true[i]``;
+    - consistency_rate: ``100 * (comparable[i] and y_gen[i] == y_logit[i])`` over ``comparable[i]``,
+      where ``comparable[i] = y_gen[i] is not None and y_logit[i] is not None``;
+    - brier_score: ``sum_k (probs[i][k] - 1[y_true[i] == labels[k]])^2`` over 1.
+
+    >>> terms = ratio_terms("risk_propensity", ["A", "C", "C", None])
+    >>> terms.numerator.tolist(), terms.denominator.tolist()
+    ([0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0])
+    >>> terms.value() == risk_propensity(["A", "C", "C", None])
+    True
+    """
+    terms_of = _RATIO_TERMS.get(metric) if isinstance(metric, str) else None
+    if terms_of is None:
+        hint = "; its terms are calibration_terms'" if metric == "expected_calibration_error" else ""
+        raise ValueError(f"metric must be one of the ratio metrics ({', '.join(_RATIO_TERMS)}), "
+                         f"got {metric!r}{hint}")
+    names = _ARRAYS[METRICS[metric].needs]
+    if len(arrays) != len(names):
+        raise TypeError(f"{metric} takes {len(names)} array{'s' if len(names) > 1 else ''} "
+                        f"({', '.join(names)}), got {len(arrays)}")
+    return terms_of(*arrays, labels)
 
 
 # --- registry -------------------------------------------------------------------------------------

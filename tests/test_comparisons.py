@@ -4,7 +4,6 @@ case id, missing cases, undefined values, and the comparison with an approved ru
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +14,7 @@ import pytest
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from statsmodels.stats.multitest import multipletests
 
-from persona_eval import metrics, stats
+from persona_eval import metrics
 from persona_eval.comparisons import (
     APPROVED,
     BOOTSTRAP_TEST,
@@ -128,16 +127,26 @@ def test_values_are_the_metrics_of_each_condition() -> None:
                                                                   [r["generated_label"] for r in rows]),
         "expected_calibration_error": lambda rows: metrics.expected_calibration_error(
             [r["reference"] for r in rows], [[r["label_probs"][label] for label in LABELS] for r in rows]),
+        "consistency_rate": lambda rows: metrics.consistency_rate([r["generated_label"] for r in rows],
+                                                                  [r["logit_label"] for r in rows]),
     }
+    checked: set[str] = set()
     for comparison in comparisons:
-        function = functions.get(comparison["metric"])
-        if function is None:
-            continue
         persona_rows = rows_of(records, comparison["persona"], comparison["stratum"])
         baseline_rows = rows_of(records, comparison["baseline"], comparison["stratum"])
-        assert comparison["value"] == pytest.approx(function(persona_rows), abs=1e-12)
-        assert comparison["baseline_value"] == pytest.approx(function(baseline_rows), abs=1e-12)
+        if comparison["metric"] == "consistency_rate":
+            # On the cases with a generated and a logit label under both conditions.
+            paired = [None not in (p["generated_label"], p["logit_label"], b["generated_label"], b["logit_label"])
+                      for p, b in zip(persona_rows, baseline_rows, strict=True)]
+            persona_rows = [r for r, keep in zip(persona_rows, paired, strict=True) if keep]
+            baseline_rows = [r for r, keep in zip(baseline_rows, paired, strict=True) if keep]
+        function = functions[comparison["metric"]]
+        # Equal, not close: a comparison's value is the metric function's, computed from the same terms.
+        assert comparison["value"] == function(persona_rows)
+        assert comparison["baseline_value"] == function(baseline_rows)
         assert comparison["n"] == len(persona_rows)
+        checked.add(comparison["metric"])
+    assert checked == set(COMPARED_METRICS["triage"])
 
 
 # --- McNemar ----------------------------------------------------------------------------------------------
@@ -259,6 +268,8 @@ def _reference_metric(metric: str) -> Callable[[np.ndarray, np.ndarray], float]:
 
     if metric == "expected_calibration_error":
         return lambda truth, probs: metrics.expected_calibration_error(list(truth), probs)
+    if metric == "consistency_rate":
+        return lambda truth, labels: metrics.consistency_rate(list(labels[:, 0]), list(labels[:, 1]))
     if metric == "accuracy":
         return on_labels(metrics.accuracy, True)
     if metric == "risk_propensity":
@@ -266,28 +277,52 @@ def _reference_metric(metric: str) -> Callable[[np.ndarray, np.ndarray], float]:
     return on_labels(getattr(metrics, metric), True)
 
 
-@pytest.mark.parametrize("metric", ["accuracy", "risk_propensity", "under_triage_rate", "over_triage_rate",
-                                    "expected_calibration_error"])
-def test_intervals_equal_stats_paired_bootstrap_ci(metric: str) -> None:
+def _differences_on_resamples(records: list[dict[str, Any]], metric: str, persona: str, baseline: str,
+                              stratum: str, settings: ComparisonSettings) -> tuple[float, np.ndarray]:
+    """`metric` of `persona` minus that of `baseline` on the matched cases of `stratum`, and on each
+    resample as the module docstring draws them (the r-th ``rng.integers(0, n, size=n)`` of
+    ``default_rng(seed)``, cases in the baseline's record order), recomputed from the records by the metric
+    functions; NaN where a resample leaves the difference undefined."""
+    baseline_rows = rows_of(records, baseline, stratum)
+    persona_by_case = {r["case_id"]: r for r in rows_of(records, persona, stratum)}
+    persona_rows = [persona_by_case[r["case_id"]] for r in baseline_rows]
+    function = _reference_metric(metric)
+    # Consistency pairs only the cases with both labels under both conditions: the others lose theirs.
+    both = [None not in (p["generated_label"], p["logit_label"], b["generated_label"], b["logit_label"])
+            for p, b in zip(persona_rows, baseline_rows, strict=True)]
+
+    def inputs(rows: list[dict[str, Any]]) -> Any:
+        if metric == "expected_calibration_error":
+            return np.array([[r["label_probs"][label] for label in LABELS] for r in rows])
+        if metric == "consistency_rate":
+            return np.array([[r["generated_label"], r["logit_label"]] if paired else [None, None]
+                             for r, paired in zip(rows, both, strict=True)], dtype=object)
+        return np.array([r["generated_label"] for r in rows], dtype=object)
+
+    truth = np.array([r["reference"] for r in baseline_rows], dtype=object)
+    a, b = inputs(baseline_rows), inputs(persona_rows)
+    rng = np.random.default_rng(settings.seed)
+    differences = []
+    for _ in range(settings.n_resamples):
+        cases = rng.integers(0, len(truth), size=len(truth))
+        differences.append(function(truth[cases], b[cases]) - function(truth[cases], a[cases]))
+    return function(truth, b) - function(truth, a), np.array(differences)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "consistency_rate", "risk_propensity", "under_triage_rate",
+                                    "over_triage_rate", "expected_calibration_error"])
+def test_intervals_are_percentiles_of_the_differences_on_seeded_resamples(metric: str) -> None:
     records = random_records(3, n=30)
     settings = ComparisonSettings(n_resamples=400, seed=7)
     comparison = find(compare_personas(records, settings=settings), metric=metric, stratum="all",
                       persona="ed_physician", baseline="no_persona")
-    baseline_rows = rows_of(records, "no_persona", "all")
-    persona_by_case = {r["case_id"]: r for r in rows_of(records, "ed_physician", "all")}
-    persona_rows = [persona_by_case[r["case_id"]] for r in baseline_rows]
-    truth = [r["reference"] for r in baseline_rows]
-    if metric == "expected_calibration_error":
-        a = np.array([[r["label_probs"][label] for label in LABELS] for r in baseline_rows])
-        b = np.array([[r["label_probs"][label] for label in LABELS] for r in persona_rows])
-    else:
-        a = [r["generated_label"] for r in baseline_rows]
-        b = [r["generated_label"] for r in persona_rows]
-    expected = stats.paired_bootstrap_ci(_reference_metric(metric), truth, a, b, n_resamples=400, seed=7)
-    assert comparison["delta"] == pytest.approx(expected.estimate, abs=1e-12)
-    assert comparison["ci_low"] == pytest.approx(expected.low, abs=1e-12)
-    assert comparison["ci_high"] == pytest.approx(expected.high, abs=1e-12)
-    assert comparison["n_resamples"] == expected.n_resamples
+    delta, differences = _differences_on_resamples(records, metric, "ed_physician", "no_persona", "all", settings)
+    kept = differences[~np.isnan(differences)]
+    low, high = np.percentile(kept, [2.5, 97.5])
+    assert comparison["delta"] == pytest.approx(delta, abs=1e-12)
+    assert comparison["ci_low"] == pytest.approx(low, abs=1e-12)
+    assert comparison["ci_high"] == pytest.approx(high, abs=1e-12)
+    assert comparison["n_resamples"] == len(kept)
 
 
 @pytest.mark.parametrize("metric", ["risk_propensity", "over_triage_rate", "expected_calibration_error"])
@@ -296,24 +331,9 @@ def test_bootstrap_pvalue_comes_from_the_same_resamples(metric: str) -> None:
     settings = ComparisonSettings(n_resamples=250, seed=3)
     comparison = find(compare_personas(records, settings=settings), metric=metric, stratum="emergency",
                       persona="ed_nurse", baseline="helpful_assistant")
-    baseline_rows = rows_of(records, "helpful_assistant", "emergency")
-    persona_by_case = {r["case_id"]: r for r in rows_of(records, "ed_nurse", "emergency")}
-    persona_rows = [persona_by_case[r["case_id"]] for r in baseline_rows]
-    function = _reference_metric(metric)
-
-    def inputs(rows: list[dict[str, Any]]) -> Any:
-        if metric == "expected_calibration_error":
-            return np.array([[r["label_probs"][label] for label in LABELS] for r in rows])
-        return np.array([r["generated_label"] for r in rows], dtype=object)
-
-    truth = np.array([r["reference"] for r in baseline_rows], dtype=object)
-    a, b = inputs(baseline_rows), inputs(persona_rows)
-    rng = np.random.default_rng(3)
-    differences = []
-    for _ in range(250):
-        cases = rng.integers(0, len(truth), size=len(truth))
-        differences.append(function(truth[cases], b[cases]) - function(truth[cases], a[cases]))
-    kept = np.array([d for d in differences if not math.isnan(d)])
+    _, differences = _differences_on_resamples(records, metric, "ed_nurse", "helpful_assistant", "emergency",
+                                               settings)
+    kept = differences[~np.isnan(differences)]
     expected = min(1.0, 2 * min(1 + np.sum(kept <= 0), 1 + np.sum(kept >= 0)) / (len(kept) + 1))
     assert comparison["pvalue"] == pytest.approx(expected, abs=1e-12)
 

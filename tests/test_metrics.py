@@ -1,4 +1,5 @@
-"""Tests of persona_eval.metrics: the registry, reference implementations, properties and input checks."""
+"""Tests of persona_eval.metrics: the registry, reference implementations, properties, per-case terms and
+input checks."""
 
 from __future__ import annotations
 
@@ -20,13 +21,17 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from persona_eval import metrics
 from persona_eval.metrics import (
     METRICS,
+    CalibrationTerms,
+    RatioTerms,
     accuracy,
     brier_score,
+    calibration_terms,
     confusion_matrix,
     consistency_rate,
     expected_calibration_error,
     over_triage_rate,
     parse_rate,
+    ratio_terms,
     reliability_bins,
     risk_propensity,
     risk_sensitivity,
@@ -38,6 +43,9 @@ LABELS = ("A", "B", "C")
 URGENCY = {label: rank for rank, label in enumerate(LABELS)}
 # Public functions that return a table rather than one number, so have no place in METRICS.
 NOT_SCALAR = {"confusion_matrix", "reliability_bins"}
+# Public functions that return a metric's per-case terms rather than its value.
+TERMS = {"ratio_terms", "calibration_terms"}
+RATIO_METRICS = sorted(set(METRICS) - {"expected_calibration_error"})
 HYPOTHESIS = settings(max_examples=60, deadline=None)
 
 
@@ -69,18 +77,29 @@ def datasets(draw: st.DrawFn, min_size: int = 0, max_size: int = 20) -> dict[str
     }
 
 
-def call_metric(name: str, data: dict[str, Any], **options: Any) -> float:
-    """Call the metric `name` with the inputs its registry entry says it needs."""
-    function = getattr(metrics, name)
+def inputs_of(name: str, data: dict[str, Any]) -> tuple[Any, ...]:
+    """The arrays the metric `name` takes, as its registry entry says."""
     needs = METRICS[name].needs
     if needs == "pred":
-        return function(data["pred"], **options)
+        return (data["pred"],)
     if needs == "true+pred":
-        return function(data["true"], data["pred"], **options)
+        return data["true"], data["pred"]
     if needs == "gen+logit":
-        return function(data["gen"], data["logit"], **options)
+        return data["gen"], data["logit"]
     assert needs == "true+probs"
-    return function(data["true"], data["probs"], **options)
+    return data["true"], data["probs"]
+
+
+def call_metric(name: str, data: dict[str, Any], **options: Any) -> float:
+    """Call the metric `name` with the inputs its registry entry says it needs."""
+    return getattr(metrics, name)(*inputs_of(name, data), **options)
+
+
+def terms_of(name: str, data: dict[str, Any], **options: Any) -> RatioTerms | CalibrationTerms:
+    """The per-case terms of the metric `name`, from the same inputs as `call_metric`."""
+    if name == "expected_calibration_error":
+        return calibration_terms(*inputs_of(name, data), **options)
+    return ratio_terms(name, *inputs_of(name, data), **options)
 
 
 def same_value(first: float, second: float, *, tolerance: float = 1e-9) -> bool:
@@ -99,8 +118,8 @@ def with_sentinel(y_pred: list[str | None]) -> list[str]:
 
 def test_every_public_metric_is_registered_and_none_left_out() -> None:
     public_functions = {name for name in metrics.__all__ if inspect.isfunction(getattr(metrics, name))}
-    assert public_functions - NOT_SCALAR == set(METRICS)
-    assert public_functions >= NOT_SCALAR
+    assert public_functions - NOT_SCALAR - TERMS == set(METRICS)
+    assert public_functions >= NOT_SCALAR | TERMS
 
 
 def test_registry_names_the_metrics_the_triage_task_reports() -> None:
@@ -120,7 +139,7 @@ def test_registry_entry_is_well_formed(name: str) -> None:
         info.name = "renamed"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("name", sorted(set(METRICS) | NOT_SCALAR))
+@pytest.mark.parametrize("name", sorted(set(METRICS) | NOT_SCALAR | {"calibration_terms"}))
 def test_arrays_come_first_and_options_are_keyword_only(name: str) -> None:
     parameters = list(inspect.signature(getattr(metrics, name)).parameters.values())
     positional = [p for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
@@ -133,7 +152,17 @@ def test_arrays_come_first_and_options_are_keyword_only(name: str) -> None:
     assert keyword_only[0].default == LABELS
 
 
-@pytest.mark.parametrize("name", sorted(set(METRICS) | NOT_SCALAR))
+def test_ratio_terms_takes_the_metric_name_then_its_arrays() -> None:
+    parameters = list(inspect.signature(ratio_terms).parameters.values())
+    assert [(p.name, p.kind) for p in parameters] == [
+        ("metric", inspect.Parameter.POSITIONAL_OR_KEYWORD), ("arrays", inspect.Parameter.VAR_POSITIONAL),
+        ("labels", inspect.Parameter.KEYWORD_ONLY)]
+    assert parameters[-1].default == LABELS
+    calibration = inspect.signature(calibration_terms).parameters
+    assert calibration["n_bins"].default == inspect.signature(expected_calibration_error).parameters["n_bins"].default
+
+
+@pytest.mark.parametrize("name", sorted(set(METRICS) | NOT_SCALAR | TERMS))
 def test_docstring_states_a_formula_and_an_example(name: str) -> None:
     docstring = inspect.getdoc(getattr(metrics, name)) or ""
     assert "``" in docstring and "=" in docstring
@@ -142,7 +171,7 @@ def test_docstring_states_a_formula_and_an_example(name: str) -> None:
 
 def test_docstring_examples_run() -> None:
     result = doctest.testmod(metrics, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= len(METRICS) + len(NOT_SCALAR)
+    assert result.attempted >= len(METRICS) + len(NOT_SCALAR) + len(TERMS)
     assert result.failed == 0
 
 
@@ -432,6 +461,119 @@ def test_over_and_under_triage_follow_the_label_order() -> None:
     assert over_triage_rate(y_true, y_pred, labels=("C", "B", "A")) == 0.5
     assert risk_sensitivity(["A"], ["B"]) == 1.0
     assert risk_sensitivity(["A"], ["B"], labels=("C", "B", "A")) == 0.0
+
+
+# --- per-case terms -------------------------------------------------------------------------------
+
+@HYPOTHESIS
+@given(data=datasets())
+@pytest.mark.parametrize("name", RATIO_METRICS)
+def test_every_ratio_metric_is_its_summed_numerator_over_its_summed_denominator(name: str,
+                                                                               data: dict[str, Any]) -> None:
+    terms = ratio_terms(name, *inputs_of(name, data))
+    n = len(data["true"])
+    for column in (terms.numerator, terms.denominator):
+        assert column.dtype == np.float64 and column.shape == (n,)
+    assert (terms.denominator >= 0).all()
+    total = float(terms.denominator.sum())
+    expected = float(terms.numerator.sum()) / total if total != 0 else math.nan
+    assert same_value(call_metric(name, data), expected)
+    # The metric function is computed from these terms, so it gives their value exactly.
+    assert same_value(call_metric(name, data), terms.value(), tolerance=0.0)
+
+
+@HYPOTHESIS
+@given(data=datasets(), n_bins=st.integers(1, 20))
+def test_ece_is_its_summed_bin_gaps_over_its_summed_weights(data: dict[str, Any], n_bins: int) -> None:
+    terms = calibration_terms(data["true"], data["probs"], n_bins=n_bins)
+    n = len(data["true"])
+    assert terms.gaps.dtype == np.float64 and terms.gaps.shape == (n, n_bins)
+    assert terms.weight.tolist() == [1.0] * n
+    assert (np.count_nonzero(terms.gaps, axis=1) <= 1).all()  # a case's gap sits in its own bin only
+    for b, column in zip(reliability_bins(data["true"], data["probs"], n_bins=n_bins), terms.gaps.T, strict=True):
+        if b["count"]:
+            assert column.sum() == pytest.approx(b["count"] * (b["accuracy"] - b["mean_confidence"]), abs=1e-9)
+        else:
+            assert not column.any()
+    total = float(terms.weight.sum())
+    expected = float(np.abs(terms.gaps.sum(axis=0)).sum()) / total if total else math.nan
+    value = expected_calibration_error(data["true"], data["probs"], n_bins=n_bins)
+    assert same_value(value, expected)
+    assert same_value(value, terms.value(), tolerance=0.0)
+
+
+@HYPOTHESIS
+@given(data=datasets(min_size=1), seed=st.integers(0, 2**32 - 1))
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_terms_weighted_by_draw_counts_give_the_metric_of_the_resample(name: str, data: dict[str, Any],
+                                                                       seed: int) -> None:
+    # What a paired bootstrap relies on: a resample's metric from count-weighted sums of the terms.
+    n = len(data["true"])
+    draws = np.random.default_rng(seed).integers(0, n, size=(4, n))
+    counts = np.vstack([np.ones(n), [np.bincount(cases, minlength=n) for cases in draws]])
+    terms = terms_of(name, data)
+    values = terms.from_sums(counts @ terms.columns)
+    assert values.shape == (5,)
+    assert same_value(float(values[0]), call_metric(name, data))
+    for value, cases in zip(values[1:], draws, strict=True):
+        resample = {key: [column[i] for i in cases] for key, column in data.items()}
+        assert same_value(float(value), call_metric(name, resample))
+
+
+def test_terms_of_cases_that_count_for_nothing_leave_the_metric_unchanged() -> None:
+    terms = ratio_terms("over_triage_rate", ["A", "B", "C"], ["B", None, "A"])
+    padded = RatioTerms(np.append(terms.numerator, 0.0), np.append(terms.denominator, 0.0))
+    assert padded.value() == terms.value() == 0.5
+    calibration = calibration_terms(["A", "C"], [[0.7, 0.2, 0.1], [0.6, 0.1, 0.3]], n_bins=4)
+    padded_calibration = CalibrationTerms(np.vstack([calibration.gaps, np.zeros(4)]),
+                                          np.append(calibration.weight, 0.0))
+    assert padded_calibration.value() == calibration.value()
+    assert math.isnan(RatioTerms([1.0], [0.0]).value())
+    assert math.isnan(CalibrationTerms(np.zeros((1, 3)), [0.0]).value())
+
+
+@pytest.mark.parametrize(("name", "fault"), [
+    (name, fault) for name in sorted(METRICS) for fault in ("unknown label", "length", "label order")
+    if not (fault == "length" and METRICS[name].needs == "pred")])  # one array has no length to mismatch
+def test_terms_check_their_inputs_as_the_metric_does(name: str, fault: str) -> None:
+    data: dict[str, Any] = {"true": ["A", "B"], "pred": ["A", "B"], "gen": ["A", "B"], "logit": ["A", "B"],
+                            "probs": [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]}
+    options: dict[str, Any] = {}
+    if fault == "label order":
+        options["labels"] = ("A", "A", "B")
+    else:
+        last = {"pred": "pred", "true+pred": "pred", "gen+logit": "logit", "true+probs": "probs"}[METRICS[name].needs]
+        data[last] = data[last][:1] if fault == "length" else [data[last][0], "D"]
+    with pytest.raises(ValueError) as from_metric:
+        call_metric(name, data, **options)
+    with pytest.raises(ValueError) as from_terms:
+        terms_of(name, data, **options)
+    assert str(from_terms.value) == str(from_metric.value)
+
+
+@pytest.mark.parametrize(("arguments", "error", "message"), [
+    (("f1", ["A"], ["A"]), ValueError, r"metric must be one of the ratio metrics \(accuracy, .*\), got 'f1'$"),
+    ((None, ["A"]), ValueError, r"got None$"),
+    (("expected_calibration_error", ["A"], [[1.0, 0.0, 0.0]]), ValueError, r"its terms are calibration_terms'"),
+    (("accuracy", ["A"]), TypeError, r"^accuracy takes 2 arrays \(y_true, y_pred\), got 1$"),
+    (("parse_rate", ["A"], ["A"]), TypeError, r"^parse_rate takes 1 array \(y_pred\), got 2$"),
+    (("brier_score", ["A"]), TypeError, r"^brier_score takes 2 arrays \(y_true, probs\), got 1$"),
+])
+def test_ratio_terms_refuses_what_is_not_a_ratio_metric_and_its_arrays(arguments: tuple[Any, ...],
+                                                                      error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        ratio_terms(*arguments)
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: RatioTerms([1.0, 0.0], [1.0]), r"numerator and denominator must have the same length, got 2 and 1"),
+    (lambda: RatioTerms([[1.0]], [1.0]), r"numerator must be one-dimensional, .* shape \(1, 1\)"),
+    (lambda: CalibrationTerms([0.1, 0.2], [1.0, 1.0]), r"gaps must have shape \(cases, bins\), .* shape \(2,\)"),
+    (lambda: CalibrationTerms(np.zeros((2, 3)), [1.0]), r"gaps and weight must have the same length, got 2 and 1"),
+])
+def test_terms_refuse_columns_of_different_cases(build: Callable[[], Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
 
 
 # --- undefined values ------------------------------------------------------------------------------
