@@ -1,33 +1,32 @@
-"""Paired significance tests, agreement coefficients, multiplicity corrections and bootstrap intervals."""
+"""Paired significance tests, agreement coefficients and the multiplicity correction, as thin checked wrappers
+over statsmodels and scipy."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 from scipy import stats as scipy_stats
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+from statsmodels.stats.inter_rater import cohens_kappa as sm_cohens_kappa
+from statsmodels.stats.inter_rater import fleiss_kappa as sm_fleiss_kappa
 
 __all__ = [
     "MCNEMAR_CHI_SQUARE",
     "MCNEMAR_CHI_SQUARE_UNCORRECTED",
     "MCNEMAR_EXACT",
     "MCNEMAR_EXACT_BELOW",
-    "ConfidenceInterval",
     "KappaResult",
     "McNemarResult",
     "PairedTResult",
     "StatResult",
-    "benjamini_hochberg",
-    "bootstrap_ci",
     "cohens_kappa",
     "fleiss_kappa",
     "holm",
     "mcnemar",
-    "paired_bootstrap_ci",
     "paired_t",
 ]
 
@@ -100,30 +99,6 @@ class KappaResult(StatResult):
 
     n_raters: int
     n_categories: int
-
-
-@dataclass(frozen=True)
-class ConfidenceInterval:
-    """A bootstrap interval around ``estimate`` (the statistic on the full sample).
-
-    ``n`` is the number of cases resampled; ``n_resamples`` the number of resamples whose statistic
-    was not NaN, i.e. those the interval was computed from.
-    """
-
-    estimate: float
-    low: float
-    high: float
-    confidence_level: float
-    n: int
-    n_resamples: int
-    method: str
-
-    def __post_init__(self) -> None:
-        _coerce_builtin_fields(self)
-
-    def to_json(self) -> dict[str, Any]:
-        """The fields as a dict of builtin values, in declaration order."""
-        return {field.name: getattr(self, field.name) for field in fields(self)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,12 +199,6 @@ def _as_probabilities(values: Any, name: str) -> np.ndarray:
     return pvalues
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {_describe(value)}")
-    return int(value)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Paired tests
 # ---------------------------------------------------------------------------------------------------------
@@ -327,6 +296,8 @@ def paired_t(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
     - every difference the same non-zero value: ``statistic = ±inf`` (the sign of the difference),
       ``pvalue = 0.0`` (a perfectly consistent shift).
 
+    Differences so close that their variance underflows to 0 are treated as these last two cases.
+
     Parameters
     ----------
     a, b : sequences of finite numbers, one entry per matched case, same length.
@@ -345,29 +316,28 @@ def paired_t(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
     second = _as_finite_numbers(b, "b")
     _check_same_length(first, second, "a", "b")
     n = len(first)
-    method = "paired t-test"
     differences = first - second
     mean_difference = float(differences.mean()) if n else math.nan
     if n < 2:
-        return PairedTResult(statistic=math.nan, pvalue=math.nan, method=method, n=n,
-                             mean_difference=mean_difference)
-    if np.all(differences == differences[0]):
-        if differences[0] == 0:
-            statistic, pvalue = 0.0, 1.0
-        else:
-            statistic, pvalue = math.copysign(math.inf, float(differences[0])), 0.0
-        return PairedTResult(statistic=statistic, pvalue=pvalue, method=method, n=n,
-                             mean_difference=mean_difference)
-    standard_error = math.sqrt(float(differences.var(ddof=1)) / n)
-    if standard_error == 0.0:  # differences so close that their variance underflows: as if constant
-        statistic, pvalue = ((0.0, 1.0) if mean_difference == 0.0
-                             else (math.copysign(math.inf, mean_difference), 0.0))
-        return PairedTResult(statistic=statistic, pvalue=pvalue, method=method, n=n,
-                             mean_difference=mean_difference)
-    statistic = mean_difference / standard_error
-    pvalue = float(2.0 * scipy_stats.t.sf(abs(statistic), n - 1))
-    return PairedTResult(statistic=statistic, pvalue=min(pvalue, 1.0), method=method, n=n,
+        statistic = pvalue = math.nan
+    elif np.all(differences == differences[0]):
+        # Decided before scipy, whose mean of equal values can be off by a rounding step: an exact shift
+        # would come out as a huge but finite t, with a precision-loss warning.
+        statistic, pvalue = _constant_shift(float(differences[0]))
+    else:
+        library = scipy_stats.ttest_rel(first, second)
+        statistic, pvalue = float(library.statistic), float(library.pvalue)
+        if not math.isfinite(statistic):  # differences so close that their variance underflows to 0
+            statistic, pvalue = _constant_shift(mean_difference)
+    return PairedTResult(statistic=statistic, pvalue=pvalue, method="paired t-test", n=n,
                          mean_difference=mean_difference)
+
+
+def _constant_shift(difference: float) -> tuple[float, float]:
+    """The t statistic and p-value of differences without spread: no difference, or a certain one."""
+    if difference == 0.0:
+        return 0.0, 1.0
+    return math.copysign(math.inf, difference), 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,9 +354,12 @@ def cohens_kappa(r1: Sequence[Hashable] | np.ndarray, r2: Sequence[Hashable] | n
         kappa = (p_o - p_e) / (1 - p_e)
 
     The p-value is two-sided, from ``z = kappa / sqrt(var0)`` with the variance under kappa = 0 of
-    Fleiss, Cohen & Everitt (1969), as statsmodels' ``cohens_kappa(...).pvalue_two_sided``::
+    Fleiss, Cohen & Everitt (1969)::
 
         var0 = (p_e + p_e^2 - sum_k p1_k p2_k (p1_k + p2_k)) / (n (1 - p_e)^2)
+
+    Kappa and the p-value are ``statsmodels.stats.inter_rater.cohens_kappa(table)``'s ``kappa`` and
+    ``pvalue_two_sided``, on the table of ``r1`` by ``r2``.
 
     Undefined values are NaN, never an error: kappa is NaN when ``p_e == 1`` (both raters used one and
     the same single category, so chance explains all agreement) and for empty input; the p-value is NaN
@@ -430,23 +403,21 @@ def cohens_kappa(r1: Sequence[Hashable] | np.ndarray, r2: Sequence[Hashable] | n
                            n_categories=len(categories))
     table = np.zeros((len(categories), len(categories)), dtype=np.int64)
     np.add.at(table, ([index[value] for value in first], [index[value] for value in second]), 1)
-    # Exact integer arithmetic: p_e == 1 must be detected exactly, and n^4 overflows int64 early.
-    rows = [int(count) for count in table.sum(axis=1)]
-    columns = [int(count) for count in table.sum(axis=0)]
-    agreements = int(np.trace(table))
-    chance = sum(row * column for row, column in zip(rows, columns, strict=True))  # n^2 * p_e
-    if chance == n * n:
-        kappa = math.nan
-        pvalue = math.nan
+    # The undefined cases are read off which categories each rater used, exactly: statsmodels would
+    # divide by 1 - p_e or var0, in floating point, where they are zero or a rounding error from it.
+    used_by_r1 = table.sum(axis=1) > 0
+    used_by_r2 = table.sum(axis=0) > 0
+    if np.count_nonzero(used_by_r1 | used_by_r2) == 1:  # p_e == 1
+        kappa = pvalue = math.nan
+    elif (np.count_nonzero(used_by_r1) == 1 or np.count_nonzero(used_by_r2) == 1
+          or not np.any(used_by_r1 & used_by_r2)):  # exactly the tables with var0 == 0
+        kappa, pvalue = float(sm_cohens_kappa(table, return_results=False)), math.nan
     else:
-        kappa = (n * agreements - chance) / (n * n - chance)
-        weighted = sum(row * column * (row + column) for row, column in zip(rows, columns, strict=True))
-        variance_numerator = chance * n * n + chance * chance - weighted * n  # var0 * n * (n^2 - chance)^2
-        if variance_numerator <= 0:
-            pvalue = math.nan
-        else:
-            variance = variance_numerator / (n * (n * n - chance) ** 2)
-            pvalue = float(2.0 * scipy_stats.norm.sf(abs(kappa) / math.sqrt(variance)))
+        # statsmodels also takes the square root of var_kappa (not used here), which rounds a little
+        # below zero when kappa is 1.
+        with np.errstate(invalid="ignore"):
+            library = sm_cohens_kappa(table)
+        kappa, pvalue = float(library.kappa), float(library.pvalue_two_sided)
     return KappaResult(statistic=kappa, pvalue=pvalue, method=method, n=n, n_raters=2,
                        n_categories=len(categories))
 
@@ -460,10 +431,11 @@ def fleiss_kappa(ratings: Sequence[Sequence[Hashable]] | np.ndarray) -> KappaRes
         p_j   = sum_i n_ij / (N m)                         share of category j
         kappa = (mean_i P_i - sum_j p_j^2) / (1 - sum_j p_j^2)
 
-    This equals ``statsmodels.stats.inter_rater.fleiss_kappa(aggregate_raters(ratings)[0])``. Every
-    item needs the same number of raters (at least 2). No test of kappa = 0 is made: ``pvalue`` is always
-    NaN (use a bootstrap over items for an interval). Kappa is NaN for no items and when every rating is
-    the same single category (chance agreement is then 1).
+    Kappa is ``statsmodels.stats.inter_rater.fleiss_kappa`` of the item x category counts (what
+    ``aggregate_raters(ratings)[0]`` gives, for any hashable categories). Every item needs the same number
+    of raters (at least 2). No test of kappa = 0 is made: ``pvalue`` is always NaN (use a bootstrap over
+    items for an interval). Kappa is NaN for no items and when every rating is the same single category
+    (chance agreement is then 1).
 
     Examples
     --------
@@ -510,16 +482,8 @@ def fleiss_kappa(ratings: Sequence[Sequence[Hashable]] | np.ndarray) -> KappaRes
     for item, row in enumerate(rows):
         for value in row:
             counts[item, index[value]] += 1
-    total = len(rows) * raters
-    # Exact integers, as in cohens_kappa: kappa = (M(Q - M) - C(m - 1)) / ((m - 1)(M^2 - C)).
-    pair_agreement = int((counts**2).sum())  # Q = sum_ij n_ij^2
-    category_totals = [int(column) for column in counts.sum(axis=0)]
-    chance = sum(column * column for column in category_totals)  # C = M^2 * sum_j p_j^2
-    if chance == total * total:
-        kappa = math.nan
-    else:
-        kappa = (total * (pair_agreement - total) - chance * (raters - 1)) / (
-            (raters - 1) * (total * total - chance))
+    # A single category overall makes chance agreement 1, and statsmodels' kappa 0 / 0.
+    kappa = math.nan if len(index) == 1 else float(sm_fleiss_kappa(counts))
     return KappaResult(statistic=kappa, pvalue=math.nan, method=method, n=len(rows), n_raters=raters,
                        n_categories=len(index))
 
@@ -549,157 +513,8 @@ def holm(pvalues: Sequence[float] | np.ndarray) -> list[float]:
     order = present[np.argsort(values[present], kind="stable")]
     family = len(order)
     if family:
+        # multipletests' arithmetic, not a call to it: its Holm branch runs a full gc.collect() every
+        # time, about 0.2 s per family in a run's heap (over a minute for the golden run's 324 families).
         scaled = (family - np.arange(family)) * values[order]
         adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
     return [float(value) for value in adjusted]
-
-
-def benjamini_hochberg(pvalues: Sequence[float] | np.ndarray) -> list[float]:
-    """Benjamini–Hochberg adjusted p-values (false discovery rate), in input order.
-
-    With the ``m`` non-NaN p-values sorted ascending, ``p_(1) <= ... <= p_(m)``::
-
-        adjusted_(i) = min(1, min_{j >= i} m p_(j) / j)
-
-    as ``statsmodels.stats.multitest.multipletests(pvalues, method="fdr_bh")[1]``. NaN p-values are
-    returned as NaN and do not count in ``m``.
-
-    Examples
-    --------
-    >>> [round(value, 4) for value in benjamini_hochberg([0.01, 0.04, 0.03, 0.5])]
-    [0.04, 0.0533, 0.0533, 0.5]
-    """
-    values = _as_probabilities(pvalues, "pvalues")
-    adjusted = np.full(len(values), math.nan)
-    present = np.flatnonzero(~np.isnan(values))
-    order = present[np.argsort(values[present], kind="stable")]
-    family = len(order)
-    if family:
-        scaled = values[order] * family / np.arange(1, family + 1)
-        adjusted[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-    return [float(value) for value in adjusted]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Bootstrap
-# ---------------------------------------------------------------------------------------------------------
-
-def _call_statistic(statistic: Callable[[np.ndarray], float], indices: np.ndarray) -> float:
-    value = statistic(indices)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"statistic must return a number, got {_describe(value)}") from None
-
-
-def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, *, n_resamples: int = 2000,
-                 confidence_level: float = 0.95, seed: int = 0) -> ConfidenceInterval:
-    """Percentile bootstrap interval for a statistic of ``n`` cases.
-
-    ``statistic(indices)`` receives an integer array of case indices (``numpy.arange(n)`` for the
-    estimate, then ``n_resamples`` draws of ``n`` indices with replacement) and returns a float. With
-    ``alpha = (1 - confidence_level) / 2`` the interval is::
-
-        [quantile(resampled, alpha), quantile(resampled, 1 - alpha)]    (numpy's linear quantile)
-
-    Resamples whose statistic is NaN (e.g. a class missing from the resample) are dropped and
-    ``n_resamples`` in the result counts those used; if none is left, ``low`` and ``high`` are NaN. The
-    draws come from ``numpy.random.default_rng(seed)``: the same seed gives the same interval.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> correct = np.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 0])
-    >>> interval = bootstrap_ci(lambda cases: correct[cases].mean(), len(correct), n_resamples=500)
-    >>> interval.estimate, interval.low <= interval.estimate <= interval.high, interval.n_resamples
-    (0.7, True, 500)
-    """
-    if not callable(statistic):
-        raise ValueError(f"statistic must be a callable taking an index array, got {_describe(statistic)}")
-    n = _check_positive_int(n, "n")
-    n_resamples = _check_positive_int(n_resamples, "n_resamples")
-    if isinstance(confidence_level, bool) or not isinstance(confidence_level, (int, float, np.floating)) \
-            or not 0.0 < float(confidence_level) < 1.0:
-        raise ValueError(f"confidence_level must be a number strictly between 0 and 1, "
-                         f"got {_describe(confidence_level)}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {_describe(seed)}")
-    rng = np.random.default_rng(int(seed))
-    estimate = _call_statistic(statistic, np.arange(n))
-    # One resample at a time: an (n_resamples x n) index matrix would not fit for large n.
-    resampled = np.array([_call_statistic(statistic, rng.integers(0, n, size=n)) for _ in range(n_resamples)])
-    kept = resampled[~np.isnan(resampled)]
-    alpha = (1.0 - float(confidence_level)) / 2.0
-    if kept.size:
-        low, high = (float(bound) for bound in np.percentile(kept, [100.0 * alpha, 100.0 * (1.0 - alpha)]))
-    else:
-        low = high = math.nan
-    return ConfidenceInterval(estimate=estimate, low=low, high=high, confidence_level=confidence_level,
-                              n=n, n_resamples=kept.size, method="percentile bootstrap")
-
-
-def _as_case_array(values: Any, name: str) -> np.ndarray:
-    """An array indexable by case along axis 0, keeping Python objects (labels, None) as they are."""
-    if isinstance(values, (str, bytes)):
-        raise ValueError(f"{name} must be a sequence with one entry per case, "
-                         f"got the string {_describe(values)}")
-    try:
-        array = np.asarray(values)
-    except ValueError:  # ragged rows
-        array = None
-    # numpy would turn labels into fixed-width strings (and silently stringify mixed types): keep objects.
-    if array is None or array.dtype.kind in "US":
-        try:
-            array = np.asarray(values, dtype=object)
-        except ValueError:
-            items = list(values)
-            array = np.empty(len(items), dtype=object)
-            for position, item in enumerate(items):
-                array[position] = item
-    if array.ndim == 0:
-        raise ValueError(f"{name} must be a sequence with one entry per case, got {_describe(values)}")
-    return array
-
-
-def paired_bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], y_true: Any, a: Any, b: Any, *,
-                        n_resamples: int = 2000, confidence_level: float = 0.95,
-                        seed: int = 0) -> ConfidenceInterval:
-    """Paired percentile bootstrap interval for ``metric(y_true, b) - metric(y_true, a)``.
-
-    ``a`` and ``b`` are two conditions' predictions on the same cases (e.g. baseline and persona), one
-    entry or row per case; 2-D arrays such as probability rows are fine. Cases are resampled with
-    replacement and the same resampled cases are used for both conditions, which is what makes the
-    interval paired (between-case variation cancels). ``metric(y_true_subset, predictions_subset)``
-    receives numpy arrays indexed along the first axis; labels that are strings or None arrive as an
-    object array, unchanged. Built on :func:`bootstrap_ci` (same seeding and NaN handling); the
-    estimate is the difference on all cases.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> def accuracy(truth, predicted):
-    ...     return float(np.mean(truth == predicted))
-    >>> truth = ["emergent", "urgent", "urgent", "routine", "emergent", "routine"]
-    >>> baseline = ["urgent", "urgent", "routine", "routine", "urgent", None]
-    >>> persona = ["emergent", "urgent", "routine", "routine", "emergent", "routine"]
-    >>> interval = paired_bootstrap_ci(accuracy, truth, baseline, persona, n_resamples=300)
-    >>> round(interval.estimate, 4), interval.low <= interval.estimate <= interval.high
-    (0.5, True)
-    """
-    if not callable(metric):
-        raise ValueError(f"metric must be a callable metric(y_true, predictions), got {_describe(metric)}")
-    truth = _as_case_array(y_true, "y_true")
-    first = _as_case_array(a, "a")
-    second = _as_case_array(b, "b")
-    _check_same_length(truth, first, "y_true", "a")
-    _check_same_length(truth, second, "y_true", "b")
-    if len(truth) == 0:
-        raise ValueError("y_true must hold at least one case, got an empty sequence")
-
-    def difference(cases: np.ndarray) -> float:
-        subset = truth[cases]
-        return float(metric(subset, second[cases])) - float(metric(subset, first[cases]))
-
-    interval = bootstrap_ci(difference, len(truth), n_resamples=n_resamples,
-                            confidence_level=confidence_level, seed=seed)
-    return replace(interval, method="paired percentile bootstrap (b - a)")
