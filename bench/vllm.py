@@ -71,7 +71,7 @@ def measure(base_url: str, model: str, *, n_cases: int, levels: tuple[int, ...],
         http_before, calls_before = backend.http_seconds, backend.http_requests
         with tempfile.TemporaryDirectory(prefix="pe-bench-vllm-") as folder:
             # The real cache, as a run uses it: one SQLite transaction per finished request.
-            cache = ResultCache(Path(folder) / "results.sqlite")
+            cache = ResultCache.in_dir(folder)
             runner = Runner(backend, cache)
             requests = requests_for(backend, 0)
             started = time.perf_counter()
@@ -157,7 +157,7 @@ def suite_overhead(n_requests: int = 200) -> dict[str, Any]:
             requests = [render_messages(user_message(f"{cases[i % len(cases)].text} ({i})"), STUDY_PERSONAS[3],
                                         backend.system_policy()) for i in range(n_requests + 5)]
             with tempfile.TemporaryDirectory(prefix="pe-bench-overhead-") as folder:
-                cache = NullCache() if label == "no_cache" else ResultCache(Path(folder) / "results.sqlite")
+                cache = NullCache() if label == "no_cache" else ResultCache.in_dir(folder)
                 runner = Runner(backend, cache)
                 runner.generate(requests[:5], config, scoring)  # warm-up: client, connection
                 http_before = backend.http_seconds
@@ -188,7 +188,7 @@ def main() -> None:
 
     from persona_eval.backends.embedded import prepare_embedded_model
     from persona_eval.cache import default_cache_dir
-    from persona_eval.vllm_server import VLLMServer, vllm_python
+    from persona_eval.testing.vllm_server import VLLMServer, vllm_python
 
     report: dict[str, Any] = {"cpu_count": os.cpu_count(), "levels": list(levels),
                               "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}

@@ -51,7 +51,9 @@ __all__ = [
     "default_cache_path",
 ]
 
-CACHE_FILENAME = "results.sqlite3"
+# The cache file's name inside a cache directory. Caches already on users' disks carry it: renaming it
+# would silently start every user on an empty cache.
+CACHE_FILENAME = "results.sqlite"
 
 # Part of every key, so a change to the canonical encoding below can never reuse old entries.
 _KEY_SCHEME = "persona-eval/cache-key/v1"
@@ -268,6 +270,11 @@ class ResultCache(_CacheBase):
         self._closed = False
         self._pid = os.getpid()
         self._connection = self._open(create=True)
+
+    @classmethod
+    def in_dir(cls, directory: str | os.PathLike[str]) -> ResultCache:
+        """The cache file (:data:`CACHE_FILENAME`) in `directory`, opened or created."""
+        return cls(Path(directory) / CACHE_FILENAME)
 
     # public API
 

@@ -55,9 +55,12 @@ __all__ = [
     "MAX_LINE_BYTES",
     "URGENCY_LEVELS",
     "DatasetReport",
+    "csv_records",
     "dataset_fingerprint",
+    "jsonl_records",
     "load_safety_queries",
     "load_triage_cases",
+    "read_text",
 ]
 
 FORMATS: tuple[str, ...] = ("project", "vignette")
@@ -474,7 +477,7 @@ def _file_lines(path: Path, shown: str) -> Generator[tuple[int, str], None, None
         raise DataError("the file is empty", path=shown)
 
 
-def _read_text(path: Path, shown: str) -> str:
+def read_text(path: Path, shown: str) -> str:
     """The whole text of a small file (persona_eval.review reads annotation files with it)."""
     with _open(path, shown) as handle:
         data = handle.read(MAX_FILE_BYTES + 1)
@@ -510,7 +513,7 @@ def _parse_jsonl(lines: Iterable[tuple[int, str]], shown: str) -> Iterator[tuple
         yield number, value
 
 
-def _jsonl_records(text: str, shown: str) -> Iterator[tuple[int, Record]]:
+def jsonl_records(text: str, shown: str) -> Iterator[tuple[int, Record]]:
     # split("\n"), not splitlines(): the latter also splits on characters JSON allows inside strings,
     # which would shift every line number after them.
     return _parse_jsonl(enumerate(text.split("\n"), start=1), shown)
@@ -613,7 +616,7 @@ def _parse_csv(lines: Iterable[str], shown: str) -> Iterator[tuple[int, Record]]
         yield number, {name: cell for name, cell in zip(columns, row, strict=True) if name}
 
 
-def _csv_records(text: str, shown: str) -> Iterator[tuple[int, Record]]:
+def csv_records(text: str, shown: str) -> Iterator[tuple[int, Record]]:
     return _parse_csv(io.StringIO(text, newline=""), shown)
 
 

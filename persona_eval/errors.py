@@ -12,6 +12,7 @@ __all__ = [
     "DataError",
     "MissingDependencyError",
     "PersonaEvalError",
+    "describe_config_value",
 ]
 
 
@@ -73,3 +74,11 @@ class MissingDependencyError(PersonaEvalError):
         super().__init__(f"{purpose} needs the package '{package}', which is not installed. "
                          f"Install it with: {command}")
         self.package = package
+
+
+def describe_config_value(value: Any) -> str:
+    """A value read from a configuration file as a message quotes it: a scalar by its repr, anything
+    else by its kind ("a dict", "a list"), which is what the reader needs to find it in the file."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return repr(value)
+    return f"a {type(value).__name__}"

@@ -41,8 +41,8 @@ from typing import Any, Literal
 from persona_eval.comparisons import APPROVED, ComparisonSettings, compare_to_approved
 from persona_eval.errors import ConfigError, DataError
 from persona_eval.personas import Persona
-from persona_eval.results import json_safe
-from persona_eval.thresholds import BoundCheck, RegressionRule, Thresholds, _format_number, _metric_label
+from persona_eval.results import write_jsonl
+from persona_eval.thresholds import BoundCheck, RegressionRule, Thresholds, format_number, metric_label
 
 __all__ = [
     "BASELINE_VERSION",
@@ -96,7 +96,7 @@ def check_bounds(thresholds: Thresholds, task: str, metrics: Mapping[str, Mappin
         bound = check.bound
         block = metrics.get(bound.stratum)
         n = int(block["n"]) if block is not None and block.get("n") is not None else None
-        subject = f"{_metric_label(bound.metric)} ({bound.stratum}) for {persona.id} on {model}"
+        subject = f"{metric_label(bound.metric)} ({bound.stratum}) for {persona.id} on {model}"
         prefix = _not_checked_prefix(bound.mode)
         if check.status == "skipped":
             if block is None:
@@ -112,7 +112,7 @@ def check_bounds(thresholds: Thresholds, task: str, metrics: Mapping[str, Mappin
             checks.append(_bound_json(check, n=n, reason=reason, message=message))
         elif check.status == "pass" and n is not None and n < bound.min_cases:
             assert check.value is not None
-            message = (f"{prefix}: {subject} is {_format_number(check.value)} on {n} case{'s' if n != 1 else ''}; "
+            message = (f"{prefix}: {subject} is {format_number(check.value)} on {n} case{'s' if n != 1 else ''}; "
                        f"{bound.describe_limit()} needs at least {bound.min_cases} (min_cases) to count as "
                        "checked.")
             checks.append(_bound_json(check, n=n, reason="too_few_cases", message=message, status="skipped"))
@@ -172,7 +172,7 @@ def _against(comparison: Mapping[str, Any]) -> str:
 
 
 def _check_one(rule: RegressionRule, comparison: Mapping[str, Any], scope: Scope) -> RegressionCheck:
-    subject = (f"{comparison['persona']} on {comparison['model']}: {_metric_label(rule.metric)} "
+    subject = (f"{comparison['persona']} on {comparison['model']}: {metric_label(rule.metric)} "
                f"({rule.stratum}) vs {_against(comparison)}")
     delta, adjusted = comparison.get("delta"), comparison.get("pvalue_adjusted")
     prefix = _not_checked_prefix(rule.mode)
@@ -185,22 +185,22 @@ def _check_one(rule: RegressionRule, comparison: Mapping[str, Any], scope: Scope
     interval = ""
     if comparison.get("ci_low") is not None and comparison.get("ci_high") is not None:
         level = round(100 * float(comparison["confidence_level"]))
-        interval = (f", {level}% CI {_format_number(comparison['ci_low'])} to "
-                    f"{_format_number(comparison['ci_high'])}")
-    evidence = (f"({_format_number(comparison['baseline_value'])} -> {_format_number(comparison['value'])}"
+        interval = (f", {level}% CI {format_number(comparison['ci_low'])} to "
+                    f"{format_number(comparison['ci_high'])}")
+    evidence = (f"({format_number(comparison['baseline_value'])} -> {format_number(comparison['value'])}"
                 f"{interval}, Holm-adjusted p {_pvalue(adjusted)}, {comparison['test']})")
     worse = rule.crossed_by(delta)
     significant = bool(comparison.get("significant"))
     if worse and significant:
         direction = "rose" if rule.worse == "higher" else "fell"
         verdict = "FAIL" if rule.mode == "fail" else "FAIL (record only, the session does not fail)"
-        message = (f"{verdict}: {subject} {direction} by {_format_number(abs(delta))} {evidence}, beyond "
-                   f"the tolerance {_format_number(rule.tolerance)}.")
+        message = (f"{verdict}: {subject} {direction} by {format_number(abs(delta))} {evidence}, beyond "
+                   f"the tolerance {format_number(rule.tolerance)}.")
         if rule.why:
             message += f" {rule.why.strip()}"
         return RegressionCheck(rule, comparison, "fail", message, scope)
     why = ("not significant" if worse else
-           f"within the tolerance {_format_number(rule.tolerance)} ({rule.worse} is worse)")
+           f"within the tolerance {format_number(rule.tolerance)} ({rule.worse} is worse)")
     n = comparison.get("n")
     if isinstance(n, int) and n < rule.min_cases:
         return RegressionCheck(rule, comparison, "skipped",
@@ -242,7 +242,7 @@ def check_regressions(comparisons: Iterable[Mapping[str, Any]], rules: Sequence[
                 reason, why = "no_comparison", f"did {rule.baseline} and a persona it applies to run?"
             checks.append(RegressionCheck(
                 rule, None, "skipped",
-                f"{_not_checked_prefix(rule.mode)}: no comparison of the {_metric_label(rule.metric)} "
+                f"{_not_checked_prefix(rule.mode)}: no comparison of the {metric_label(rule.metric)} "
                 f"({rule.stratum}) against {against} in this run ({why}), so the rule was not checked.",
                 scope, reason))
             continue
@@ -270,18 +270,14 @@ class ResultSet:
 def save_baseline(path: str | Path, records: Sequence[Mapping[str, Any]], *, run_id: str,
                   models: Mapping[str, Any], datasets: Mapping[str, Any]) -> Path:
     """Write `records` (a run's cases.jsonl lines) as an approved baseline file at `path`: a header line,
-    then one record per line. Written to a temporary file then renamed, so a reader never sees half."""
+    then one record per line. Written atomically with secrets masked, as cases.jsonl is
+    (:func:`persona_eval.results.write_jsonl`)."""
     path = Path(path)
     header = {_HEADER_KEY: BASELINE_VERSION, "run_id": run_id,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "models": dict(models), "datasets": dict(datasets), "n_records": len(records)}
-    lines = [json.dumps(json_safe(header), ensure_ascii=False, allow_nan=False)]
-    lines += [json.dumps(json_safe(record), ensure_ascii=False, allow_nan=False) for record in records]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.tmp")
-        staging.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        staging.replace(path)
+        write_jsonl(path, [header, *records])
     except OSError as exc:
         raise ConfigError(f"{path}: cannot write the approved baseline ({exc.strerror})") from None
     return path

@@ -5,17 +5,21 @@ workers never write the same file; the controller joins the parts into cases.jso
 
 Every file is written through :func:`write_text` (or the JSON writers over it), which masks the
 secrets the process knows of (persona_eval.redaction): a model's answer that quotes an API key is
-written with the key masked, whatever file it ends up in.
+written with the key masked, whatever file it ends up in. A folder that must appear whole (a prepared
+model) is built in :func:`staged_directory`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import secrets
+import shutil
+import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +32,10 @@ __all__ = [
     "new_run_id",
     "read_json",
     "read_jsonl",
+    "staged_directory",
     "update_latest",
     "write_json",
+    "write_jsonl",
     "write_part",
     "write_text",
 ]
@@ -51,7 +57,9 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (a reader never sees half a file), secrets masked; the folder
+    is created if need be."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # Masked here, where every writer ends, so that no file can be written without it.
@@ -59,15 +67,10 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(staging, path)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (a reader never sees half a file), secrets masked."""
-    _atomic_write(path, text)
-
-
 def write_json(path: Path, document: Any) -> None:
     """Write `document` as indented JSON, secrets masked in its strings (keys too)."""
-    _atomic_write(path, json.dumps(scrub(json_safe(document)), indent=2, ensure_ascii=False, allow_nan=False)
-                  + "\n")
+    write_text(path, json.dumps(scrub(json_safe(document)), indent=2, ensure_ascii=False, allow_nan=False)
+               + "\n")
 
 
 def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
@@ -75,8 +78,8 @@ def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
     # Masked as data before serializing, so that a secret holding a quote cannot break a line's JSON;
     # the secrets are read once for the whole file.
     secrets = known_secrets()
-    _atomic_write(path, "".join(json.dumps(scrub(json_safe(r), secrets), ensure_ascii=False, allow_nan=False)
-                                + "\n" for r in records))
+    write_text(path, "".join(json.dumps(scrub(json_safe(r), secrets), ensure_ascii=False, allow_nan=False)
+                             + "\n" for r in records))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -142,4 +145,24 @@ def update_latest(reports_dir: Path, run_dir: Path) -> None:
         os.replace(staging, link)
     except OSError:
         # Filesystems without symlinks get a text file naming the run instead.
-        _atomic_write(link.with_suffix(".txt"), run_dir.name + "\n")
+        write_text(link.with_suffix(".txt"), run_dir.name + "\n")
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path, *, complete: str) -> Iterator[Path]:
+    """A new empty folder beside `target` to build in, renamed to `target` when the block ends without an
+    error, so no process ever sees a half-built `target`. `complete` names the file whose presence marks a
+    finished copy: when another process has put its copy in place first, that copy is kept and this one
+    dropped. The staging folder is removed whatever happens."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another process finished first: its copy is as good as ours.
+            if not (target / complete).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

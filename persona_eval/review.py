@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_eval import stats
-from persona_eval.data import _csv_records, _jsonl_records, _read_text
+from persona_eval.data import csv_records, jsonl_records, read_text
 from persona_eval.errors import DataError
 from persona_eval.results import read_jsonl, write_json, write_jsonl
 
@@ -272,8 +272,8 @@ def _annotations(path: Path, key: Mapping[str, Mapping[str, Any]]) -> list[dict[
     if suffix not in (".csv", ".jsonl"):
         raise DataError(f"unsupported file type {path.suffix or '(no extension)'!r}; supported: .csv, .jsonl",
                         path=shown)
-    text = _read_text(path, shown)
-    records = _csv_records(text, shown) if suffix == ".csv" else _jsonl_records(text, shown)
+    text = read_text(path, shown)
+    records = csv_records(text, shown) if suffix == ".csv" else jsonl_records(text, shown)
     rows = []
     for row_number, (line, record) in enumerate(records, start=1):
         def error(message: str, field: str, line: int = line, row_number: int = row_number) -> DataError:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 from persona_eval.comparisons import COMPARED_METRICS, CONTROLS
-from persona_eval.errors import ConfigError
+from persona_eval.errors import ConfigError, describe_config_value
 from persona_eval.metrics import METRICS
 from persona_eval.personas import GROUPS, Persona
 from persona_eval.registry import did_you_mean, unknown_name_message
@@ -57,7 +57,9 @@ __all__ = [
     "Thresholds",
     "ThresholdsLoader",
     "default_thresholds_path",
+    "format_number",
     "load_thresholds",
+    "metric_label",
 ]
 
 SUPPORTED_VERSION = 1
@@ -168,7 +170,7 @@ DEFAULT_TASKS: Mapping[str, TaskSchema] = {
 }
 
 
-def _metric_label(metric: str) -> str:
+def metric_label(metric: str) -> str:
     return _METRIC_LABELS.get(metric, metric.replace("_", " "))
 
 
@@ -183,7 +185,7 @@ def _format_pair(value: float, limit: float) -> tuple[str, str]:
         decimals += 1
 
 
-def _format_number(value: float) -> str:
+def format_number(value: float) -> str:
     return _format_pair(value, value)[0]
 
 
@@ -228,9 +230,9 @@ class Bound:
             low, high = _format_pair(self.min, self.max)
             return f"the range {low} to {high}"
         if self.max is not None:
-            return f"the maximum {_format_number(self.max)}"
+            return f"the maximum {format_number(self.max)}"
         assert self.min is not None
-        return f"the minimum {_format_number(self.min)}"
+        return f"the minimum {format_number(self.min)}"
 
     def check(self, value: float | None, *, model: str, persona_id: str) -> BoundCheck:
         """Whether `value` keeps within this bound. None (the model cannot give the metric, e.g. no
@@ -241,7 +243,7 @@ class Bound:
         value = float(value)
         if math.isnan(value):
             return _skipped(self, value, "is not defined on these cases", model=model, persona_id=persona_id)
-        subject = f"{_metric_label(self.metric)} ({self.stratum}) for {persona_id} on {model}"
+        subject = f"{metric_label(self.metric)} ({self.stratum}) for {persona_id} on {model}"
         if self.max is not None and value > self.max:
             shown, limit = _format_pair(value, self.max)
             crossed = f"above the maximum {limit}"
@@ -255,7 +257,7 @@ class Bound:
                 where = f"at or below {self.describe_limit()}"
             else:
                 where = f"at or above {self.describe_limit()}"
-            message = f"PASS: {subject} is {_format_number(value)}, {where}."
+            message = f"PASS: {subject} is {format_number(value)}, {where}."
             return BoundCheck(self, value, "pass", message)
         verdict = "FAIL" if self.mode == "fail" else "FAIL (record only, the test does not fail)"
         message = f"{verdict}: {subject} is {shown}, {crossed}."
@@ -280,7 +282,7 @@ class Bound:
 
 
 def _skipped(bound: Bound, value: float | None, reason: str, *, model: str, persona_id: str) -> BoundCheck:
-    subject = f"{_metric_label(bound.metric)} ({bound.stratum}) for {persona_id} on {model}"
+    subject = f"{metric_label(bound.metric)} ({bound.stratum}) for {persona_id} on {model}"
     message = f"SKIPPED: {subject} {reason}, so {bound.describe_limit()} was not checked."
     return BoundCheck(bound, value, "skipped", message)
 
@@ -439,12 +441,6 @@ class RegressionRule:
         }
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return repr(value)
-    return f"a {type(value).__name__}"
-
-
 # A per-task section parser: (task, section value, key path) -> the items it contributes.
 SectionParser = Callable[[str, Any, str], list[Any]]
 
@@ -474,7 +470,7 @@ class ThresholdsLoader:
         self._source = source if source is not None else YamlDocument(path=Path(path), data=document)
         if not isinstance(document, Mapping):
             self._fail("", f"expected a mapping with 'version: {SUPPORTED_VERSION}' and one key per task, "
-                           f"got {_describe(document)}")
+                           f"got {describe_config_value(document)}")
         if "version" not in document:
             self._fail("version", f"missing; add 'version: {SUPPORTED_VERSION}' at the top of the file")
         version = document["version"]
@@ -491,7 +487,7 @@ class ThresholdsLoader:
                 continue
             if not isinstance(body, Mapping):
                 self._fail(task, f"expected a mapping of sections ({', '.join(self.sections)}), "
-                                 f"got {_describe(body)}")
+                                 f"got {describe_config_value(body)}")
             for section, value in body.items():
                 if section not in self.sections:
                     self._fail(f"{task}.{section}",
@@ -507,13 +503,13 @@ class ThresholdsLoader:
         if value is None:
             return []
         if not isinstance(value, list):
-            self._fail(where, f"expected a list of bounds, got {_describe(value)}")
+            self._fail(where, f"expected a list of bounds, got {describe_config_value(value)}")
         return [self._parse_bound(task, entry, item_path(where, index)) for index, entry in enumerate(value)]
 
     def _parse_bound(self, task: str, entry: Any, where: str) -> Bound:
         if not isinstance(entry, Mapping):
             self._fail(where, f"expected a mapping with metric, stratum and min and/or max, "
-                              f"got {_describe(entry)}")
+                              f"got {describe_config_value(entry)}")
         for key in entry:
             if key not in _BOUND_KEYS:
                 self._fail(f"{where}.{key}", unknown_name_message("key", str(key), _BOUND_KEYS))
@@ -529,7 +525,7 @@ class ThresholdsLoader:
         mode = entry.get("mode", "fail")
         if mode not in MODES:
             self._fail(f"{where}.mode", f"expected 'fail' (the pytest case fails) or 'record' (reported "
-                                        f"only), got {_describe(mode)}")
+                                        f"only), got {describe_config_value(mode)}")
         min_cases = self._min_cases(entry, mode, where)
         groups = self._groups(entry, where)
         why = self._why(entry, where)
@@ -542,14 +538,14 @@ class ThresholdsLoader:
         if value is None:
             return []
         if not isinstance(value, list):
-            self._fail(where, f"expected a list of regression rules, got {_describe(value)}")
+            self._fail(where, f"expected a list of regression rules, got {describe_config_value(value)}")
         return [self._parse_regression(task, entry, item_path(where, index))
                 for index, entry in enumerate(value)]
 
     def _parse_regression(self, task: str, entry: Any, where: str) -> RegressionRule:
         if not isinstance(entry, Mapping):
             self._fail(where, f"expected a mapping with metric, stratum, worse and tolerance, "
-                              f"got {_describe(entry)}")
+                              f"got {describe_config_value(entry)}")
         for key in entry:
             if key not in _REGRESSION_KEYS:
                 self._fail(f"{where}.{key}", unknown_name_message("key", str(key), _REGRESSION_KEYS))
@@ -563,7 +559,7 @@ class ThresholdsLoader:
             worse = entry["worse"]
             if worse not in WORSE:
                 self._fail(f"{where}.worse", f"expected 'higher' (a rise is the regression) or 'lower' "
-                                             f"(a fall is), got {_describe(worse)}")
+                                             f"(a fall is), got {describe_config_value(worse)}")
         elif info is not None and info.higher_is_better is not None:
             worse = "lower" if info.higher_is_better else "higher"
         else:
@@ -574,17 +570,17 @@ class ThresholdsLoader:
                               "in the metric's units; 0 counts any significant worsening)")
         tolerance = self._number(entry, "tolerance", where)
         if tolerance is None or tolerance < 0:
-            self._fail(f"{where}.tolerance", f"expected a number >= 0, got {_describe(entry['tolerance'])}")
+            self._fail(f"{where}.tolerance", f"expected a number >= 0, got {describe_config_value(entry['tolerance'])}")
         self._check_tolerance(entry["tolerance"], tolerance, metric, schema.ranges.get(metric),
                               f"{where}.tolerance")
         mode = entry.get("mode", "fail")
         if mode not in MODES:
             self._fail(f"{where}.mode", f"expected 'fail' (the session fails) or 'record' (reported only), "
-                                        f"got {_describe(mode)}")
+                                        f"got {describe_config_value(mode)}")
         min_cases = self._min_cases(entry, mode, where)
         baseline = entry.get("baseline", CONTROLS[0])
         if not isinstance(baseline, str):
-            self._fail(f"{where}.baseline", f"expected text, got {_describe(baseline)}")
+            self._fail(f"{where}.baseline", f"expected text, got {describe_config_value(baseline)}")
         if baseline not in CONTROLS:
             self._fail(f"{where}.baseline", unknown_name_message("control", baseline, CONTROLS))
         groups = self._groups(entry, where)
@@ -601,7 +597,7 @@ class ThresholdsLoader:
             self._fail(where, f"missing key '{key}' (one of: {', '.join(known)})")
         value = entry[key]
         if not isinstance(value, str):
-            self._fail(f"{where}.{key}", f"expected text, got {_describe(value)}")
+            self._fail(f"{where}.{key}", f"expected text, got {describe_config_value(value)}")
         if value not in known:
             self._fail(f"{where}.{key}", unknown_name_message(kind, value, known))
         return str(value)
@@ -611,7 +607,7 @@ class ThresholdsLoader:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self._fail(f"{where}.{key}", f"expected a number, got {_describe(value)}")
+            self._fail(f"{where}.{key}", f"expected a number, got {describe_config_value(value)}")
         if not math.isfinite(value):
             self._fail(f"{where}.{key}", f"expected a finite number, got {value!r}")
         return float(value)
@@ -624,7 +620,7 @@ class ThresholdsLoader:
         scale = schema.ranges.get(metric)
         if value is None or scale is None:
             return value
-        shown, at = _describe(entry[key]), f"{where}.{key}"
+        shown, at = describe_config_value(entry[key]), f"{where}.{key}"
         if not scale.lower <= value <= scale.upper:
             hint = ""
             if not scale.is_percentage and scale.lower < value / 100 < scale.upper:
@@ -650,7 +646,7 @@ class ThresholdsLoader:
         where percentage points belong."""
         if scale is None:
             return
-        shown = _describe(raw)
+        shown = describe_config_value(raw)
         if tolerance >= scale.span:
             hint = ""
             if not scale.is_percentage and 0 < tolerance / 100 < scale.span:
@@ -668,7 +664,7 @@ class ThresholdsLoader:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             self._fail(f"{where}.min_cases", f"expected a whole number of cases, at least 1 (the fewest "
                                              f"cases in the stratum for this to count as checked), got "
-                                             f"{_describe(value)}")
+                                             f"{describe_config_value(value)}")
         return value
 
     def _groups(self, entry: Mapping[str, Any], where: str) -> tuple[str, ...] | None:
@@ -681,7 +677,7 @@ class ThresholdsLoader:
     def _why(self, entry: Mapping[str, Any], where: str) -> str | None:
         why = entry.get("why")
         if why is not None and not isinstance(why, str):
-            self._fail(f"{where}.why", f"expected text, got {_describe(why)}")
+            self._fail(f"{where}.why", f"expected text, got {describe_config_value(why)}")
         return why or None
 
     def _filter(self, entry: Mapping[str, Any], key: str, where: str) -> tuple[str, ...] | None:
@@ -689,7 +685,7 @@ class ThresholdsLoader:
             return None
         value = entry[key]
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            got = repr(value) if isinstance(value, list) else _describe(value)
+            got = repr(value) if isinstance(value, list) else describe_config_value(value)
             self._fail(f"{where}.{key}", f"expected a list of names, e.g. [{_example(key)}], got {got}")
         if not value:
             self._fail(f"{where}.{key}", "an empty list matches nothing; leave the key out to match all")

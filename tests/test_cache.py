@@ -18,6 +18,7 @@ import pytest
 
 from persona_eval import cache as cache_module
 from persona_eval.cache import (
+    CACHE_FILENAME,
     NullCache,
     ResultCache,
     cache_key,
@@ -135,7 +136,7 @@ def test_cache_key_rejects_non_string_mapping_keys_and_non_finite_floats() -> No
 
 @pytest.fixture
 def cache_path(tmp_path: Path) -> Path:
-    return tmp_path / "nested" / "dir" / "results.sqlite3"
+    return tmp_path / "nested" / "dir" / CACHE_FILENAME
 
 
 def test_round_trip_creates_parent_directories(cache_path: Path) -> None:
@@ -441,7 +442,7 @@ def test_a_directory_is_not_a_cache(tmp_path: Path) -> None:
 
 
 def test_a_file_that_is_not_sqlite_is_not_a_cache(tmp_path: Path) -> None:
-    path = tmp_path / "results.sqlite3"
+    path = tmp_path / CACHE_FILENAME
     path.write_text("this is not a database, " * 100)
     with pytest.raises(ConfigError) as error:
         ResultCache(path)
@@ -470,7 +471,7 @@ def test_another_programs_database_is_refused_and_left_alone(tmp_path: Path) -> 
 def test_a_parent_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("")
-    path = blocker / "results.sqlite3"
+    path = blocker / CACHE_FILENAME
     with pytest.raises(ConfigError) as error:
         ResultCache(path)
     _assert_helpful(error, path)
@@ -551,9 +552,18 @@ def test_default_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.Monkey
     assert default_cache_dir() == tmp_path / "xdg" / "persona-eval"
     monkeypatch.setenv("PERSONA_EVAL_CACHE_DIR", "~/pe-cache")
     assert default_cache_dir() == tmp_path / "home" / "pe-cache"
-    assert default_cache_path() == tmp_path / "home" / "pe-cache" / "results.sqlite3"
+    assert default_cache_path() == tmp_path / "home" / "pe-cache" / "results.sqlite"
     monkeypatch.setenv("PERSONA_EVAL_CACHE_DIR", "")
     assert default_cache_dir() == tmp_path / "xdg" / "persona-eval"
+
+
+def test_in_dir_opens_the_cache_file_existing_cache_directories_hold(tmp_path: Path) -> None:
+    # Written under the name caches on disk already have, then found again through in_dir.
+    with ResultCache(tmp_path / "cache" / "results.sqlite") as cache:
+        cache.put("k", {"text": "kept"})
+    with ResultCache.in_dir(tmp_path / "cache") as cache:
+        assert cache.path == tmp_path / "cache" / "results.sqlite"
+        assert cache.get("k") == {"text": "kept"}
 
 
 # --- notes -------------------------------------------------------------------------------------------

@@ -259,6 +259,22 @@ def test_save_and_load_an_approved_baseline(tmp_path: Path) -> None:
     assert loaded.header["run_id"] == "run-1"
 
 
+def test_an_approved_baseline_is_written_whole_with_secrets_masked(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "sk-baseline-test-0123456789"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    records = case_records(n=2)
+    records[0]["generated_text"] = f"Answer: A (Bearer {key})"
+    path = save_baseline(tmp_path / "approved.jsonl", records, run_id="run-1",
+                         models={"m": {"base_url": f"http://u:{key}@proxy/v1"}}, datasets={})
+    text = path.read_text(encoding="utf-8")
+    assert key not in text and "[secret $OPENAI_API_KEY masked]" in text
+    loaded = load_results(path)
+    assert loaded.records[0]["generated_text"] == "Answer: A (Bearer [secret $OPENAI_API_KEY masked])"
+    assert loaded.records[1:] == records[1:]
+    assert [p.name for p in tmp_path.iterdir()] == ["approved.jsonl"]
+
+
 def test_load_a_run_folder_and_a_cases_file(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

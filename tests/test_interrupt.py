@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,20 +44,33 @@ def _interrupt_after(seconds: float) -> threading.Timer:
     return timer
 
 
+def _interrupt_when(ready: Callable[[], bool], *, settle: float = 0.5, limit: float = 60.0) -> list[float]:
+    """Ctrl-C in the main thread once `ready()` holds (and `settle` seconds more, for what the runner does
+    with the answers it already has), however loaded the machine is. Returns a list that receives the
+    time.monotonic() of the interrupt."""
+    sent: list[float] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + limit
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(settle)
+        sent.append(time.monotonic())
+        _thread.interrupt_main()
+    threading.Thread(target=watch, daemon=True).start()
+    return sent
+
+
 def test_a_ctrl_c_stops_the_runner_at_once_and_nothing_more_is_sent(tmp_path: Path) -> None:
     with StandInServer(served_name="m") as server, ResultCache(tmp_path / "results.sqlite") as cache:
         server.hang(after=3)
         # The defaults that made a hung server hold a run for minutes: 120 s per try, 5 retries.
         backend = OpenAIBackend("m", model="m", base_url=server.base_url, max_in_flight=4)
         runner = Runner(backend, cache)
-        timer = _interrupt_after(1.0)
-        started = time.monotonic()
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                runner.generate(_requests(12), CONFIG, None)
-        finally:
-            timer.cancel()
-        assert time.monotonic() - started < 5.0
+        sent = _interrupt_when(lambda: server.answered == 3)
+        with pytest.raises(KeyboardInterrupt):
+            runner.generate(_requests(12), CONFIG, None)
+        assert sent and time.monotonic() - sent[0] < 5.0
         assert backend.cancelled
         assert server.answered == 3 and len(cache) == 3  # what finished before the interrupt is kept
         stuck = [t for t in threading.enumerate() if t.name == "persona-eval-request"]

@@ -1,4 +1,5 @@
-"""Tests of persona_eval.results: run ids, strict JSON, part files joined in order, reports/latest."""
+"""Tests of persona_eval.results: run ids, strict JSON, part files joined in order, reports/latest, folders
+built whole."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from typing import Any
 
 import pytest
 
-from persona_eval.results import finalize_cases, new_run_id, read_jsonl, update_latest, write_json, write_part
+from persona_eval.results import (
+    finalize_cases,
+    new_run_id,
+    read_jsonl,
+    staged_directory,
+    update_latest,
+    write_json,
+    write_part,
+)
 
 
 def _strict_loads(text: str) -> Any:
@@ -66,6 +75,48 @@ def test_write_json_replaces_the_file_and_leaves_no_staging_file(tmp_path: Path)
 def test_write_json_refuses_what_json_cannot_hold(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         write_json(tmp_path / "bad.json", {"path": tmp_path})
+
+
+# --- folders built whole -----------------------------------------------------------------------------
+
+
+def test_a_staged_folder_appears_whole_at_its_target(tmp_path: Path) -> None:
+    target = tmp_path / "models" / "tiny"
+    with staged_directory(target, complete="weights") as staging:
+        assert staging.parent == target.parent and not any(staging.iterdir())
+        (staging / "config").write_text("{}")
+        (staging / "weights").write_text("w")
+        assert not target.exists()
+    assert sorted(p.name for p in target.iterdir()) == ["config", "weights"]
+    assert [p.name for p in target.parent.iterdir()] == ["tiny"]
+
+
+def test_a_failed_build_leaves_neither_target_nor_staging(tmp_path: Path) -> None:
+    target = tmp_path / "tiny"
+    with pytest.raises(RuntimeError), staged_directory(target, complete="weights") as staging:
+        (staging / "weights").write_text("half")
+        raise RuntimeError("the build failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_copy_finished_first_elsewhere_is_kept(tmp_path: Path) -> None:
+    target = tmp_path / "tiny"
+    target.mkdir()
+    (target / "weights").write_text("theirs")
+    with staged_directory(target, complete="weights") as staging:
+        (staging / "weights").write_text("ours")
+    assert (target / "weights").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+def test_an_unfinished_folder_at_the_target_is_an_error(tmp_path: Path) -> None:
+    target = tmp_path / "tiny"
+    target.mkdir()
+    (target / "partial").write_text("")
+    with pytest.raises(OSError), staged_directory(target, complete="weights") as staging:
+        (staging / "weights").write_text("ours")
+    assert [p.name for p in target.iterdir()] == ["partial"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
 
 
 # --- part files and cases.jsonl ----------------------------------------------------------------------

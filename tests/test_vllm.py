@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 
 from persona_eval.backends.embedded import prepare_embedded_model
-from persona_eval.cache import default_cache_dir
+from persona_eval.cache import CACHE_FILENAME, default_cache_dir
 from persona_eval.errors import MissingDependencyError
 from persona_eval.evaluation import NOT_AVAILABLE
 from persona_eval.results import read_jsonl
 from persona_eval.tasks.triage import METRIC_NAMES
-from persona_eval.vllm_server import VLLMServer, vllm_python
+from persona_eval.testing.vllm_server import VLLMServer, vllm_python
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET = REPO / "fixtures" / "triage" / "vignettes.jsonl"
@@ -195,7 +195,7 @@ def test_the_api_key_never_reaches_the_cache_results_or_logs(project, vllm_serve
     assert SECRET not in output
     files = [p for p in (project.path / "cache").rglob("*") if p.is_file() and "models" not in p.parts]
     files += [p for p in (project.path / "reports").rglob("*") if p.is_file()]
-    assert any(p.name.startswith("results.sqlite") for p in files)
+    assert any(p.name.startswith(CACHE_FILENAME) for p in files)
     assert any(p.name == "cases.jsonl" for p in files) and any(p.name == "summary.json" for p in files)
     for path in [*files, vllm_server.log_path]:
         assert SECRET.encode() not in path.read_bytes(), path
@@ -243,7 +243,7 @@ def test_a_server_killed_mid_run_stops_the_run_and_the_rerun_asks_only_for_the_r
         assert "last status: connection error" in output
         assert "rerun to continue" in output
         assert "Traceback" not in output
-        done = cached_generations(project.path / "cache" / "results.sqlite")
+        done = cached_generations(project.path / "cache" / CACHE_FILENAME)
         assert 6 <= done < total
     finally:
         vllm_server.start(timeout=900)  # the same port: the later tests and the rerun need it
@@ -261,4 +261,4 @@ def test_a_server_killed_mid_run_stops_the_run_and_the_rerun_asks_only_for_the_r
     assert sum(c["cached"] for c in cases) == done
     keys = [(c["persona"], c["case_id"]) for c in cases]
     assert len(keys) == len(set(keys)) == total  # nothing lost, nothing twice
-    assert cached_generations(project.path / "cache" / "results.sqlite") == total
+    assert cached_generations(project.path / "cache" / CACHE_FILENAME) == total

@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from persona_eval.backends.base import Backend
-from persona_eval.errors import ConfigError, MissingDependencyError
+from persona_eval.errors import ConfigError, MissingDependencyError, describe_config_value
 from persona_eval.registry import close_matches, did_you_mean, unknown_name_message
 from persona_eval.yamlfile import YamlDocument, child_path, load_yaml
 
@@ -102,45 +102,39 @@ def _safe_name(text: str) -> str:
     return _NAME_UNSAFE.sub("-", text).strip("-") or "model"
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return repr(value)
-    return f"a {type(value).__name__}"
-
-
 # --- option values -----------------------------------------------------------------------------------
 # Each check takes the option's value and returns an error message, or None when the value is good.
 
 def _text(value: Any, what: str) -> str | None:
     if not isinstance(value, str) or not value.strip():
-        return f"expected {what}, got {_describe(value)}"
+        return f"expected {what}, got {describe_config_value(value)}"
     return None
 
 
 def _integer(lowest: int) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-            return f"expected a whole number >= {lowest}, got {_describe(value)}"
+            return f"expected a whole number >= {lowest}, got {describe_config_value(value)}"
         return None
     return check
 
 
 def _flag(value: Any) -> str | None:
     if not isinstance(value, bool):
-        return f"expected true or false, got {_describe(value)}"
+        return f"expected true or false, got {describe_config_value(value)}"
     return None
 
 
 def _seconds(value: Any) -> str | None:
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
             or value <= 0):
-        return f"expected a positive number of seconds, got {_describe(value)}"
+        return f"expected a positive number of seconds, got {describe_config_value(value)}"
     return None
 
 
 def _dtype(value: Any) -> str | None:
     if not isinstance(value, str):
-        return f"expected a torch dtype name ({', '.join(DTYPES)}), got {_describe(value)}"
+        return f"expected a torch dtype name ({', '.join(DTYPES)}), got {describe_config_value(value)}"
     if value in DTYPES:
         return None
     spelled = value.strip().lower().removeprefix("torch.")
@@ -157,7 +151,7 @@ def _dtype(value: Any) -> str | None:
 
 def _device(value: Any) -> str | None:
     if not isinstance(value, str):
-        return f"expected a device ({', '.join(DEVICES)}), got {_describe(value)}"
+        return f"expected a device ({', '.join(DEVICES)}), got {describe_config_value(value)}"
     if value in ("cpu", "mps", "auto") or _CUDA_DEVICE.match(value):
         return None
     # "GPU", "gpu:1", "CUDA:0", "cuda 1": the CUDA device that was meant.
@@ -182,7 +176,7 @@ def check_base_url(value: Any) -> str | None:
     """Why `value` is not a usable base URL (an http(s) URL with a host, e.g.
     ``http://gpu-host:8000/v1``), or None when it is."""
     if not isinstance(value, str):
-        return f"expected a URL such as http://gpu-host:8000/v1, got {_describe(value)}"
+        return f"expected a URL such as http://gpu-host:8000/v1, got {describe_config_value(value)}"
     if not value.startswith(("http://", "https://")):
         return f"the base URL must start with http:// or https://, e.g. http://{value.split('://')[-1]}; got {value!r}"
     if any(character.isspace() for character in value):
@@ -205,14 +199,14 @@ def _api_key_env(value: Any) -> str | None:
     if isinstance(value, str) and value.startswith(("sk-", "Bearer ")):
         return ("expected the name of the environment variable that holds the key (e.g. VLLM_API_KEY), "
                 "not the key itself: keep keys out of files")
-    return f"expected the name of an environment variable, e.g. VLLM_API_KEY, got {_describe(value)}"
+    return f"expected the name of an environment variable, e.g. VLLM_API_KEY, got {describe_config_value(value)}"
 
 
 def _revision(value: Any) -> str | None:
     # YAML reads `revision: 2024-08-06` as a date and `revision: 3` as a number: both name a version.
     if isinstance(value, bool) or not isinstance(value, (str, int, float, date)) or not str(value).strip():
         return ("expected text naming the deployed weights (a version, commit or date the server cannot "
-                f"report), got {_describe(value)}")
+                f"report), got {describe_config_value(value)}")
     return None
 
 
@@ -220,7 +214,7 @@ def _baseline_system(value: Any) -> str | None:
     if value in _BASELINE_SYSTEMS:
         return None
     return (f"expected 'empty' (the baseline sends an empty system message) or 'omit' (it sends none), got "
-            f"{_describe(value)}.{did_you_mean(str(value), _BASELINE_SYSTEMS)}")
+            f"{describe_config_value(value)}.{did_you_mean(str(value), _BASELINE_SYSTEMS)}")
 
 
 _OPTION_CHECKS: dict[str, Callable[[Any], str | None]] = {
@@ -331,14 +325,14 @@ def load_models_file(path: str | Path) -> dict[str, ModelSpec]:
             raise source.error(str(key), unknown_name_message("top-level key", str(key), ["models"]))
     if not isinstance(document["models"], Mapping):
         raise source.error("models", "expected a top-level key 'models' holding a mapping of names, got "
-                                     f"{_describe(document['models'])}")
+                                     f"{describe_config_value(document['models'])}")
     specs: dict[str, ModelSpec] = {}
     by_safe_name: dict[str, str] = {}
     for name, entry in document["models"].items():
         key_path = child_path("models", name)
         if not isinstance(entry, Mapping):
             raise source.error(key_path, f"expected a mapping with 'backend' and its options, got "
-                                         f"{_describe(entry)}")
+                                         f"{describe_config_value(entry)}")
         if "backend" not in entry:
             raise source.error(key_path, f"missing key 'backend' (one of: {', '.join(BACKENDS)})")
         backend = entry["backend"]

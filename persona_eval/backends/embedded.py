@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from persona_eval.errors import MissingDependencyError, PersonaEvalError
+from persona_eval.results import staged_directory
 
 __all__ = ["EMBEDDED_NAME", "embedded_gguf_path", "prepare_embedded_model"]
 
@@ -76,9 +74,7 @@ def _convert(gguf: Path, target: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
         raise MissingDependencyError(exc.name or "transformers", "Preparing the embedded model") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-    try:
+    with staged_directory(target, complete="model.safetensors") as staging:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                          dtype=torch.float32)
@@ -93,12 +89,3 @@ def _convert(gguf: Path, target: Path) -> None:
         tokenizer.save_pretrained(str(staging))
         (staging / "SOURCE").write_text(f"converted from {gguf.name} ({_DISTRIBUTION} "
                                         f"{importlib.metadata.version(_DISTRIBUTION)})\n")
-        try:
-            os.rename(staging, target)
-        except OSError:
-            # Another process finished first: its copy is as good as ours.
-            if not (target / "model.safetensors").exists():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)

@@ -20,16 +20,14 @@ import contextlib
 import hashlib
 import inspect
 import json
-import os
 import random
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from persona_eval.errors import PersonaEvalError
+from persona_eval.results import staged_directory
 
 __all__ = [
     "DEFAULT_PLANTED_PERSONA",
@@ -435,16 +433,6 @@ def tiny_model_dir(cache_root: Path | None = None, *,
     with _build_lock(models / f".{target.name}.lock"):
         if (target / "model.safetensors").exists():
             return target
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{target.name}-", dir=models))
-        try:
+        with staged_directory(target, complete="model.safetensors") as staging:
             build_tiny_model(staging, planted_persona=planted_persona)
-            try:
-                os.rename(staging, target)
-            except OSError:
-                # Another process (without flock) finished first: its copy is identical to ours.
-                if not (target / "model.safetensors").exists():
-                    raise
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
     return target
