@@ -74,6 +74,7 @@ __all__ = [
 POOLED = "pooled"  # the key of statistics pooled over judges
 ALL = "all"        # the key of statistics over every category
 BASELINES: tuple[str, ...] = (BASELINE, "helpful_assistant")
+ALPHA = 0.05  # the level of the panel's paired tests, after Holm's adjustment (as the triage comparisons')
 DEFAULT_JUDGE_MAX_NEW_TOKENS = 64  # a ranking of 9 is at most 40 characters
 _NO_PERSONA = STUDY_PERSONAS[0]
 
@@ -525,15 +526,16 @@ def _per_query_ranks(judgments: Iterable[Mapping[str, Any]]) -> dict[str, dict[s
 
 
 def paired_tests(judgments: Sequence[Mapping[str, Any]], *, baselines: Sequence[str] = BASELINES,
-                 personas: Sequence[str] | None = None) -> dict[str, Any]:
+                 personas: Sequence[str] | None = None, alpha: float = ALPHA) -> dict[str, Any]:
     """Paired t-tests of per-query reciprocal ranks, each persona against each baseline present.
 
     ``{model: {criterion: {judge | "pooled": {category | "all": {baseline: {persona: {"statistic",
-    "pvalue", "pvalue_holm", "mean_difference", "n", "method"}}}}}}}``, where mean_difference is the
-    persona's minus the baseline's reciprocal rank (persona_eval.stats.paired_t, as
-    scipy.stats.ttest_rel). For one judge the pairs are that judge's valid judgments; "pooled" pairs
+    "pvalue", "pvalue_holm", "significant", "mean_difference", "n", "method"}}}}}}}``, where
+    mean_difference is the persona's minus the baseline's reciprocal rank (persona_eval.stats.paired_t,
+    as scipy.stats.ttest_rel). For one judge the pairs are that judge's valid judgments; "pooled" pairs
     per-query means over the judges that gave a valid ranking of the query. Holm's adjustment runs
-    within each (model, criterion, judge-or-pooled, category, baseline) family of persona tests.
+    within each (model, criterion, judge-or-pooled, category, baseline) family of persona tests;
+    ``significant`` is whether the adjusted p-value is below `alpha` (None without a p-value).
     """
     groups: dict[tuple[str, str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
     for judgment in _valid(judgments):
@@ -561,6 +563,7 @@ def paired_tests(judgments: Sequence[Mapping[str, Any]], *, baselines: Sequence[
             adjusted = stats.holm([math.nan if v["pvalue"] is None else v["pvalue"] for v in family.values()])
             for entry, pvalue in zip(family.values(), adjusted, strict=True):
                 entry["pvalue_holm"] = _number(pvalue)
+                entry["significant"] = None if math.isnan(pvalue) else bool(pvalue < alpha)
             families[baseline] = family
         table.setdefault(model, {}).setdefault(criterion, {}).setdefault(judge, {})[category] = families
     return _sort_table(table)
@@ -649,9 +652,10 @@ def invalid_summary(judgments: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def panel_summary(judgments: Sequence[Mapping[str, Any]], *, personas: Sequence[str] | None = None,
-                  baselines: Sequence[str] = BASELINES) -> dict[str, Any]:
+                  baselines: Sequence[str] = BASELINES, alpha: float = ALPHA) -> dict[str, Any]:
     """Everything the report shows about a panel's judgments (JSON-able; undefined values are None):
-    ``models``, ``judges``, ``criteria``, ``templates`` ({criterion: {"version", "text"}}), ``mrr``
+    ``models``, ``judges``, ``criteria``, ``alpha`` (the level of the tests), ``templates``
+    ({criterion: {"version", "text"}}), ``mrr``
     (:func:`mrr_table`), ``tests`` (:func:`paired_tests`), ``agreement`` (:func:`agreement_summary`),
     ``invalid`` (:func:`invalid_summary`), ``n_judgments``, ``n_valid``."""
     criteria = list(dict.fromkeys(j["criterion"] for j in judgments))
@@ -659,12 +663,13 @@ def panel_summary(judgments: Sequence[Mapping[str, Any]], *, personas: Sequence[
         "models": list(dict.fromkeys(j["model"] for j in judgments)),
         "judges": list(dict.fromkeys(j["judge"] for j in judgments)),
         "criteria": criteria,
+        "alpha": alpha,
         "templates": {c: {"version": _version_of(judgments, c), "text": judge_template(c)}
                       for c in criteria if c in CRITERIA},
         "n_judgments": len(judgments),
         "n_valid": sum(1 for j in judgments if j.get("valid")),
         "mrr": mrr_table(judgments, personas=personas),
-        "tests": paired_tests(judgments, baselines=baselines, personas=personas),
+        "tests": paired_tests(judgments, baselines=baselines, personas=personas, alpha=alpha),
         "agreement": agreement_summary(judgments),
         "invalid": invalid_summary(judgments),
     }

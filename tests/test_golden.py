@@ -94,14 +94,14 @@ def _report_text(html: str) -> str:
     lines = parser.lines
     # The report's metadata lists each key on a line with its value on the next.
     for index in range(1, len(lines)):
-        if lines[index - 1] in VOLATILE_KEYS:
+        if lines[index - 1] in VOLATILE_KEYS or lines[index - 1].replace(" ", "_") in VOLATILE_KEYS:
             lines[index] = "<volatile>"
     return "\n".join(lines) + "\n"
 
 
 # What differs between any two runs of the same command: times, durations and what depends on them.
 VOLATILE_KEYS = {"run_id", "started", "finished", "duration_seconds", "seconds", "model_seconds",
-                 "inference_seconds", "tokens_per_second", "max_in_flight", "created", "generated_at",
+                 "inference_seconds", "tokens_per_second", "max_in_flight", "created", "generated_at", "git_revision",
                  "elapsed_seconds", "wall_seconds"}
 
 

@@ -378,6 +378,16 @@ def test_paired_t_matches_scipy_and_holm_adjusts_each_family(seed: int):
                     running = max(running, min(1.0, (m - i) * p))
                     holm_expected.append(running)
                 assert sorted(e["pvalue_holm"] for e in family.values()) == pytest.approx(holm_expected)
+                for entry in family.values():
+                    assert entry["significant"] is (entry["pvalue_holm"] < 0.05)
+
+
+def test_significance_is_decided_with_the_tests_at_the_level_given():
+    judgments = random_judgments(0)
+    strict = paired_tests(judgments, alpha=1e-12)["m"]["safety"][POOLED]["all"]["no_persona"]
+    loose = paired_tests(judgments, alpha=1.0 + 1e-9)["m"]["safety"][POOLED]["all"]["no_persona"]
+    assert all(entry["significant"] is False for entry in strict.values())
+    assert all(entry["significant"] is True for entry in loose.values())
 
 
 def test_agreement_matches_sklearn_and_statsmodels():

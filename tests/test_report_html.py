@@ -10,6 +10,7 @@ import html
 import json
 import re
 from html.parser import HTMLParser
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -332,6 +333,29 @@ def test_the_content_security_policy_allows_only_the_inline_script(page: str) ->
     (body,) = elements.script_bodies
     digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
     assert f"script-src 'sha256-{digest}'" in policy
+
+
+def test_the_packaged_stylesheets_and_script_are_inlined(page: str, safety_page: str) -> None:
+    static = resources.files("persona_eval.report").joinpath("static")
+    css, safety_css, script = (static.joinpath(name).read_text(encoding="utf-8")
+                               for name in ("report.css", "safety.css", "report.js"))
+    (style,) = re.findall(r"<style>(.*?)</style>", page, flags=re.S)
+    (safety_style,) = re.findall(r"<style>(.*?)</style>", safety_page, flags=re.S)
+    assert css in style and safety_css not in style
+    assert css in safety_style and safety_css in safety_style
+    assert [body.strip() for body in parse(page).script_bodies] == [script.strip()]
+
+
+def test_a_hostile_run_id_stays_text_in_the_title_and_header(run: tuple[dict[str, Any], list[dict[str, Any]]]
+                                                             ) -> None:
+    summary, cases = run
+    page = render_report(dict(summary, run_id=HOSTILE), cases)
+    elements = parse(page)
+    text = "".join(elements.text)
+    assert f"FAILED \u00b7 persona-eval {HOSTILE}" in text
+    assert f"persona-eval \u00b7 run {HOSTILE}" in text
+    assert "</script><script>alert(2)" not in page
+    assert not elements.named("img") and len(elements.named("script")) == 1
 
 
 def test_figures_are_inline_svg(page: str) -> None:

@@ -1,0 +1,120 @@
+"""The report's triage tables: per model, task and stratum, every persona's metrics with the paired
+differences from the control chosen on the page."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from markupsafe import Markup
+
+from persona_eval.metrics import METRICS
+from persona_eval.report.format import DASH, cell_text, ci_text, esc, fmt, fmt_p, number, slug
+from persona_eval.report.fragments import SIGNIFICANT_MARK, baseline_select, baseline_span
+from persona_eval.report.run import Run
+from persona_eval.report.titles import (
+    BASELINE_TITLE,
+    BASELINES,
+    direction,
+    metric_description,
+    metric_title,
+    stratum_title,
+)
+
+
+def _delta_span(run: Run, model: str, task: str, stratum: str, metric: str, persona: str, baseline: str) -> str:
+    if persona == baseline:
+        return baseline_span(baseline)
+    comparison = run.comparison(model, task, stratum, metric, persona, baseline)
+    if comparison is None:
+        return ""
+    delta = number(comparison.get("delta"))
+    significant = bool(comparison.get("significant"))
+    css = f"d {direction(metric, delta) if delta is not None else 'changed'}{' sig' if significant else ''}"
+    low, high = number(comparison.get("ci_low")), number(comparison.get("ci_high"))
+    interval = (f"[{fmt(metric, low, signed=True)}, {fmt(metric, high, signed=True)}]"
+                if low is not None and high is not None else "")
+    mark = SIGNIFICANT_MARK if significant else ""
+    title = (f"{run.name(persona)} vs {BASELINE_TITLE.get(baseline, baseline)}: "
+             f"{fmt(metric, comparison.get('value'))} vs {fmt(metric, comparison.get('baseline_value'))}, "
+             f"difference {fmt(metric, delta, signed=True)}, {ci_text(comparison)}; "
+             f"p {fmt_p(comparison.get('pvalue'))}, adjusted p {fmt_p(comparison.get('pvalue_adjusted'))}"
+             f"{' (significant)' if significant else ''}; {comparison.get('test') or 'test not named'}; "
+             f"n {comparison.get('n', DASH)}" + (f"; {comparison['note']}" if comparison.get("note") else ""))
+    return (f'<span class="{css}" data-b="{esc(baseline)}" title="{esc(title)}">'
+            f'<span class="dv">\u0394 {esc(fmt(metric, delta, signed=True))}{mark} '
+            f'<span class="p">p {esc(fmt_p(comparison.get("pvalue_adjusted")))}</span></span>'
+            f'<span class="ci">{esc(interval)}</span></span>')
+
+
+def _metric_table(run: Run, model: str, task: str, stratum: str) -> str:
+    personas = run.personas_of(model, task)
+    metrics = run.metrics_of(model, task)
+    first = run.rows.get((model, task, stratum, personas[0])) if personas else None
+    n = first.get("n") if first else None
+    head = "".join(f'<th scope="col" title="{esc(metric_description(m))}">{esc(metric_title(m))}</th>'
+                   for m in metrics)
+    body = []
+    notes: dict[str, set[str]] = {}
+    for persona in personas:
+        row = run.rows.get((model, task, stratum, persona))
+        if row is None:
+            continue
+        cells = []
+        for metric in metrics:
+            value = row.get("metrics", {}).get(metric)
+            note = (row.get("notes") or {}).get(metric)
+            text = cell_text(value, note, metric)
+            if text in ("n/a", DASH) and note:
+                notes.setdefault(text, set()).add(str(note))
+            title = f' title="{esc(note)}"' if note and number(value) is None else ""
+            deltas = "".join(_delta_span(run, model, task, stratum, metric, persona, b) for b in BASELINES)
+            css = "na" if text == "n/a" else ("undef" if text == DASH else "")
+            cells.append(f'<td class="{css}"{title}><span class="v">{esc(text)}</span>{deltas}</td>')
+        swatch = f'<span class="swatch" style="background:{run.colour(persona)}"></span>'
+        body.append(f'<tr><th scope="row">{swatch}{esc(run.name(persona))}'
+                    f'<span class="pid">{esc(persona)}</span></th>{"".join(cells)}</tr>')
+    foot = [f"<li><strong>{esc(text)}</strong>: {esc('; '.join(sorted(reasons)))}</li>"
+            for text, reasons in sorted(notes.items())]
+    caption = f"{stratum_title(stratum)}" + (f" (n = {n} cases per persona)" if n is not None else "")
+    return (f'<div class="table-wrap"><table class="metrics" id="{esc(slug("t", model, task, stratum))}">'
+            f"<caption>{esc(caption)}</caption>"
+            f'<thead><tr><th scope="col">Persona</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            + (f'<ul class="notes">{"".join(foot)}</ul>' if foot else "") + "</div>")
+
+
+def _settings_sentence(settings: Mapping[str, Any]) -> str:
+    """How the comparisons were made, in words, from summary["comparison_settings"]."""
+    level = number(settings.get("confidence_level"))
+    family = settings.get("family")
+    family_text = " \u00d7 ".join(str(f) for f in family) if isinstance(family, list) else "family"
+    return (f"Intervals: {f'{level * 100:.0f}%' if level is not None else ''} paired bootstrap "
+            f"({settings.get('n_resamples', DASH)} resamples, seed {settings.get('seed', DASH)}). p-values: McNemar "
+            f"for accuracy and consistency (exact binomial below 25 discordant pairs, continuity-corrected "
+            f"chi-square from 25), paired bootstrap otherwise, adjusted by "
+            f"{str(settings.get('adjustment', 'holm')).capitalize()} within each {family_text}; significant when "
+            f"the adjusted p is below {settings.get('alpha', 0.05)}.")
+
+
+def tables_section(run: Run) -> Markup:
+    parts = ['<section id="tables"><h2>Metrics by persona and stratum</h2>']
+    if run.has_comparisons:
+        settings = run.summary.get("comparison_settings")
+        if isinstance(settings, Mapping):
+            parts.append(f'<p class="muted">{esc(_settings_sentence(settings))}</p>')
+        parts.append(f'<p class="controls">{baseline_select()} '
+                     '<span class="muted">\u0394 persona minus baseline, [confidence interval], p adjusted for '
+                     "multiple comparisons; * significant after adjustment. Colour: "
+                     '<span class="worse sig">worse</span>, <span class="better sig">better</span>, '
+                     '<span class="changed sig">changed</span> (significant only).</span></p>')
+    for model, task in run.model_tasks():
+        parts.append(f'<h3 id="{esc(slug("m", model, task))}">{esc(task)} \u00b7 {esc(model)}</h3>')
+        for stratum in run.strata(model, task):
+            parts.append(_metric_table(run, model, task, stratum))
+    legend = "".join(f"<dt>{esc(metric_title(m))}</dt><dd>{esc(info.description)}</dd>"
+                     for m, info in METRICS.items())
+    parts.append(f'<details><summary>What the metrics mean</summary><dl class="legend">{legend}</dl>'
+                 f"<p>{DASH}: not defined on these cases (e.g. risk sensitivity when there are no errors); "
+                 "n/a: not available for this model (it returns no log-probabilities).</p></details>")
+    parts.append("</section>")
+    return Markup("".join(parts))
