@@ -37,13 +37,6 @@ def _requests(count: int) -> list[RenderedMessages]:
     return [RenderedMessages((("user", f"case {i:03d}"),), None) for i in range(count)]
 
 
-def _interrupt_after(seconds: float) -> threading.Timer:
-    timer = threading.Timer(seconds, _thread.interrupt_main)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
 def _interrupt_when(ready: Callable[[], bool], *, settle: float = 0.5, limit: float = 60.0) -> list[float]:
     """Ctrl-C in the main thread once `ready()` holds (and `settle` seconds more, for what the runner does
     with the answers it already has), however loaded the machine is. Returns a list that receives the
@@ -90,16 +83,23 @@ def test_cancel_ends_a_backoff_and_gives_up_the_retries() -> None:
     with StandInServer(served_name="m", fail_status=503) as server:
         backend = OpenAIBackend("m", model="m", base_url=server.base_url, max_retries=5)
         backend.retry_base_delay = backend.retry_max_delay = 30.0
-        threading.Timer(0.5, backend.cancel).start()
-        started = time.monotonic()
+        cancelled: list[float] = []
+
+        def cancel_in_the_backoff() -> None:
+            _wait_for(lambda: server.chat_completions == 1, 60.0)
+            time.sleep(0.2)
+            cancelled.append(time.monotonic())
+            backend.cancel()
+        threading.Thread(target=cancel_in_the_backoff, daemon=True).start()
         with pytest.raises(BackendError, match="cancelled"):
             backend.generate(_requests(1), CONFIG, None)
-        assert time.monotonic() - started < 3.0
+        # The backoff alone is 30 s: returning well within it means the cancel ended it.
+        assert cancelled and time.monotonic() - cancelled[0] < 10.0
         assert server.chat_completions == 1  # the first try only: the backoff was cut short, no retry
 
 
 CHILD = textwrap.dedent("""
-    import os, signal, sys, threading, time
+    import sys
     from persona_eval.backends.base import GenerationConfig
     from persona_eval.backends.openai_compat import OpenAIBackend
     from persona_eval.cache import NullCache
@@ -109,12 +109,10 @@ CHILD = textwrap.dedent("""
     backend = OpenAIBackend("m", model="m", base_url=sys.argv[1])
     runner = Runner(backend, NullCache())
     requests = [RenderedMessages((("user", f"case {i}"),), None) for i in range(8)]
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
-    started = time.monotonic()
     try:
         runner.generate(requests, GenerationConfig(max_new_tokens=8), None)
     except KeyboardInterrupt:
-        print(f"interrupted after {time.monotonic() - started:.2f} s", flush=True)
+        print("interrupted", flush=True)
 """)
 
 
@@ -124,19 +122,26 @@ def test_the_request_threads_do_not_keep_the_process_alive(answered: int) -> Non
     one answer, it finds 7 chat completions in flight on the runner's threads."""
     with StandInServer(served_name="m") as server:
         server.hang(after=answered)
-        started = time.monotonic()
-        child = subprocess.run([sys.executable, "-c", CHILD, server.base_url], capture_output=True, text=True,
-                               timeout=60, cwd=REPO)
-        took = time.monotonic() - started
-        assert child.returncode == 0, child.stderr
-        assert "interrupted after" in child.stdout, child.stderr
-        assert float(child.stdout.split()[2]) < 2.0
-        assert "Traceback" not in child.stderr, child.stderr
+        child = subprocess.Popen([sys.executable, "-c", CHILD, server.base_url], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=REPO)
+        try:
+            in_flight = 8 if answered else 0
+            assert _wait_for(lambda: server.faults["hang"] > 0 and server.answered == answered and
+                             len(server.requests_to("/v1/chat/completions")) == in_flight, 60.0)
+            child.send_signal(signal.SIGINT)
+            interrupted = time.monotonic()
+            stdout, stderr = child.communicate(timeout=60)
+            took = time.monotonic() - interrupted
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+        assert child.returncode == 0, stderr
+        assert "interrupted" in stdout, stderr
+        assert "Traceback" not in stderr, stderr
         assert server.answered == answered
-        if answered:
-            assert len(server.requests_to("/v1/chat/completions")) == 8  # in flight, and left unanswered
-    # Startup (imports) takes a few seconds; a process held by its threads would wait out 120 s.
-    assert took < 20.0
+    # A process held by its request threads would wait out the 120 s timeout.
+    assert took < 10.0
 
 
 # -- through the real plugin --------------------------------------------------------------------------
@@ -183,7 +188,8 @@ def test_one_sigint_stops_pytest_evals_and_the_rerun_sends_only_what_is_missing(
                 run.kill()
                 run.communicate()
         print(f"SIGINT to exit: {took:.2f} s")
-    assert took < 10.0, (stdout, stderr)
+    # Without cancellation the run waits out a 120 s timeout per try; a loaded machine needs a few seconds.
+    assert took < 30.0, (stdout, stderr)
     assert run.returncode == pytest.ExitCode.INTERRUPTED, (stdout, stderr)
     assert "Traceback" not in stderr, stderr
     assert "threading" not in stderr, stderr
@@ -222,12 +228,11 @@ def test_a_runner_without_cancel_on_its_backend_still_stops(tmp_path: Path) -> N
             return []
 
     runner = Runner(Blocking(), NullCache())  # type: ignore[arg-type]
-    timer = _interrupt_after(0.5)
-    started = time.monotonic()
+    sent = _interrupt_when(lambda: True)
     try:
         with pytest.raises(KeyboardInterrupt):
             runner.generate(_requests(4), CONFIG, None)
     finally:
-        timer.cancel()
         release.set()
-    assert time.monotonic() - started < 3.0
+    # The backend would block for 30 s.
+    assert sent and time.monotonic() - sent[0] < 10.0
