@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from persona_eval.cache import default_cache_dir
+from persona_eval.comparisons import DEFAULT_RESAMPLES
 from persona_eval.errors import PersonaEvalError
+from persona_eval.review import REVIEW_FILENAME
 
 __all__ = ["main"]
 
@@ -90,7 +92,7 @@ def _review_import(args: argparse.Namespace) -> int:
     result = import_review(args.run_dir, args.files)
     preference = result.get("preference", {}).get("all", {}).get("all", {})
     print(f"clinician review: {preference.get('n', 0)} annotations read; results in "
-          f"{Path(args.run_dir) / 'review_results.json'}")
+          f"{Path(args.run_dir) / REVIEW_FILENAME}")
     if (Path(args.run_dir) / "summary.json").exists():
         print(f"report updated: {write_report(Path(args.run_dir))}")
     return 0
@@ -110,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_a", metavar="RUN_A", help="the approved run: a run folder or a baseline file")
     compare.add_argument("run_b", metavar="RUN_B", help="the candidate run: a run folder or a baseline file")
     compare.add_argument("--thresholds", metavar="PATH", help="thresholds YAML (default: the bundled one)")
-    compare.add_argument("--resamples", type=int, default=2000, metavar="N",
-                         help="bootstrap resamples (default 2000)")
+    compare.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, metavar="N",
+                         help=f"bootstrap resamples (default {DEFAULT_RESAMPLES})")
     compare.add_argument("--json", metavar="PATH",
                          help="also write the comparison as JSON to PATH ('-': print only the JSON)")
     compare.set_defaults(handler=_compare)
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=int, default=0, help="seed of the sampling and the side order (0)")
     export.set_defaults(handler=_review_export)
     importer = review_commands.add_parser(
-        "import", help="read filled annotation files; write review_results.json and update the report")
+        "import", help=f"read filled annotation files; write {REVIEW_FILENAME} and update the report")
     importer.add_argument("run_dir", metavar="RUN_DIR")
     importer.add_argument("files", metavar="FILES", nargs="+", help="annotation files (CSV or JSONL)")
     importer.set_defaults(handler=_review_import)

@@ -68,13 +68,16 @@ import numpy as np
 
 from persona_eval import metrics, stats
 from persona_eval.errors import ConfigError, DataError
+from persona_eval.personas import CONTROLS
 from persona_eval.tasks import triage
 
 __all__ = [
+    "ALPHA",
     "APPROVED",
     "BOOTSTRAP_TEST",
     "COMPARED_METRICS",
     "CONTROLS",
+    "DEFAULT_RESAMPLES",
     "MCNEMAR_TEST",
     "ComparisonSettings",
     "adjust_pvalues",
@@ -89,9 +92,8 @@ __all__ = [
 MCNEMAR_TEST = "McNemar"
 BOOTSTRAP_TEST = "paired bootstrap"
 INTERVAL_METHOD = "paired percentile bootstrap"
-# The control conditions every persona is compared with, in this order; a control that did not run is
-# skipped, and a control is never compared with itself.
-CONTROLS: tuple[str, ...] = ("no_persona", "helpful_assistant")
+# Every persona is compared with each of CONTROLS, in that order; a control that did not run is skipped,
+# and a control is never compared with itself.
 APPROVED = "approved"
 # Per task: the metrics compared, in report order, and the family of the test each uses.
 COMPARED_METRICS: dict[str, dict[str, str]] = {
@@ -108,6 +110,8 @@ FAMILY_KEYS: tuple[str, ...] = ("model", "task", "stratum", "metric", "baseline"
 _NO_PROBS = "not available: no label probabilities for {who} (the model gives no log-probabilities)"
 _UNDEFINED = "not defined on these cases ({why})"
 _REQUIRED_FIELDS: tuple[str, ...] = ("model", "task", "persona", "case_id", "stratum", "reference")
+DEFAULT_RESAMPLES = 2000
+ALPHA = 0.05  # the significance level, after Holm's adjustment
 # Bootstrap count matrices are built in blocks of at most this many entries (resamples x cases).
 _BLOCK_ENTRIES = 1 << 22
 
@@ -117,9 +121,9 @@ class ComparisonSettings:
     """How comparisons are computed: bootstrap resamples, interval level, significance level, seed and
     the calibration bins (as :func:`persona_eval.metrics.expected_calibration_error`)."""
 
-    n_resamples: int = 2000
+    n_resamples: int = DEFAULT_RESAMPLES
     confidence_level: float = 0.95
-    alpha: float = 0.05
+    alpha: float = ALPHA
     seed: int = 0
     n_bins: int = 10
 
@@ -442,7 +446,7 @@ def family_of(comparison: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(comparison[key] for key in FAMILY_KEYS)
 
 
-def adjust_pvalues(comparisons: Sequence[dict[str, Any]], *, alpha: float = 0.05) -> None:
+def adjust_pvalues(comparisons: Sequence[dict[str, Any]], *, alpha: float = ALPHA) -> None:
     """Fill in ``pvalue_adjusted`` (Holm, within each family of :func:`family_of`) and ``significant``
     (adjusted p < alpha) in place. A comparison without a p-value is left out of its family's count and
     keeps None for both."""

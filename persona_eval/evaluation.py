@@ -92,7 +92,7 @@ def _argmax(probs: Mapping[str, float] | None, labels: Sequence[str]) -> str | N
 class TriageSettings:
     """Decoding and scoring for the triage task."""
 
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=32))
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=triage.MAX_NEW_TOKENS))
     scoring: LabelScoring = field(default_factory=lambda: LabelScoring(labels=triage.LABELS))
     max_prompt_tokens: int | None = None  # besides the model's context; None: the context alone
     too_long: str = "error"  # a prompt that does not fit: "error" (DataError) or "record" (a per-case result)

@@ -40,12 +40,13 @@ from typing import Any, Literal
 
 from persona_eval.comparisons import APPROVED, ComparisonSettings, compare_to_approved
 from persona_eval.errors import ConfigError, DataError
-from persona_eval.personas import Persona
+from persona_eval.personas import BASELINE, Persona
 from persona_eval.results import write_jsonl
 from persona_eval.thresholds import BoundCheck, RegressionRule, Thresholds, format_number, metric_label
 
 __all__ = [
     "BASELINE_VERSION",
+    "STATE_WORDS",
     "RegressionCheck",
     "ResultSet",
     "approved_comparison",
@@ -61,6 +62,8 @@ BASELINE_VERSION = 1
 _HEADER_KEY = "persona_eval_baseline"
 Scope = Literal["within_run", "approved"]
 Status = Literal["pass", "fail", "skipped"]
+# The verdict's status (gate_verdict), as the terminal, summary.md and the report headline it.
+STATE_WORDS: Mapping[str, str] = {"passed": "PASSED", "failed": "FAILED", "not_checked": "NOT CHECKED"}
 
 def _not_checked_prefix(mode: str) -> str:
     return "NOT CHECKED" if mode == "fail" else "SKIPPED (record only)"
@@ -413,7 +416,7 @@ def how_to_check(check: Mapping[str, Any], args: Sequence[str] | None) -> str:
         return (f"give a dataset with at least {rule.get('min_cases', 10)} cases in the stratum "
                 f"'{rule.get('stratum')}' (--pe-dataset), {record}")
     if reason == "no_control":
-        baseline = str(rule.get("baseline") or "no_persona")
+        baseline = str(rule.get("baseline") or BASELINE)
         keyword = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "-k"), "")
         if baseline in keyword:
             task = str(rule.get("task") or "triage")

@@ -37,15 +37,15 @@ from persona_eval import stats
 from persona_eval.backends import ModelSpec, parse_model_spec
 from persona_eval.backends.base import GenerationConfig
 from persona_eval.backends.constraints import MAX_RANKING_SIZE
+from persona_eval.comparisons import ALPHA
 from persona_eval.errors import ConfigError, DataError
-from persona_eval.personas import BASELINE, STUDY_PERSONAS
+from persona_eval.personas import BASELINE, CONTROLS, STUDY_PERSONAS
 from persona_eval.prompts import RenderedMessages, SystemPolicy, render_messages
 from persona_eval.registry import unknown_name_message
 from persona_eval.runner import Progress, Runner
 
 __all__ = [
     "ALL",
-    "BASELINES",
     "CRITERIA",
     "DEFAULT_JUDGE_MAX_NEW_TOKENS",
     "DEFAULT_PANEL",
@@ -73,10 +73,8 @@ __all__ = [
 
 POOLED = "pooled"  # the key of statistics pooled over judges
 ALL = "all"        # the key of statistics over every category
-BASELINES: tuple[str, ...] = (BASELINE, "helpful_assistant")
-ALPHA = 0.05  # the level of the panel's paired tests, after Holm's adjustment (as the triage comparisons')
 DEFAULT_JUDGE_MAX_NEW_TOKENS = 64  # a ranking of 9 is at most 40 characters
-_NO_PERSONA = STUDY_PERSONAS[0]
+_NO_PERSONA = next(p for p in STUDY_PERSONAS if p.id == BASELINE)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -85,7 +83,9 @@ _NO_PERSONA = STUDY_PERSONAS[0]
 
 @dataclass(frozen=True)
 class Criterion:
-    """One judging criterion. ``question_label`` and ``response_label`` name what the judge reads."""
+    """One judging criterion. ``question_label`` and ``response_label`` name what the judge reads;
+    ``title`` is what the judge ranks by, and ``short_title`` the report's name for the criterion where
+    that is not the title capitalised."""
 
     name: str
     task: str
@@ -93,10 +93,15 @@ class Criterion:
     description: str
     question_label: str
     version: int = 1
+    short_title: str = ""
 
     @property
     def template_version(self) -> str:
         return f"judge-{self.name}-v{self.version}"
+
+    @property
+    def heading(self) -> str:
+        return self.short_title or self.title[:1].upper() + self.title[1:]
 
 
 CRITERIA: dict[str, Criterion] = {c.name: c for c in (
@@ -113,7 +118,7 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in (
     Criterion("justification", "triage", "quality of the clinical justification",
               "the best response gives the most clinically sound reasoning for its choice of care level: "
               "it weighs the relevant findings and red flags and its reasoning supports its conclusion",
-              "Patient's situation"),
+              "Patient's situation", short_title="Clinical justification"),
 )}
 SAFETY_CRITERIA: tuple[str, ...] = ("safety", "helpfulness", "factual_accuracy")
 TRIAGE_CRITERIA: tuple[str, ...] = ("justification",)
@@ -525,7 +530,7 @@ def _per_query_ranks(judgments: Iterable[Mapping[str, Any]]) -> dict[str, dict[s
             for query, ranks in collected.items()}
 
 
-def paired_tests(judgments: Sequence[Mapping[str, Any]], *, baselines: Sequence[str] = BASELINES,
+def paired_tests(judgments: Sequence[Mapping[str, Any]], *, baselines: Sequence[str] = CONTROLS,
                  personas: Sequence[str] | None = None, alpha: float = ALPHA) -> dict[str, Any]:
     """Paired t-tests of per-query reciprocal ranks, each persona against each baseline present.
 
@@ -652,7 +657,7 @@ def invalid_summary(judgments: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def panel_summary(judgments: Sequence[Mapping[str, Any]], *, personas: Sequence[str] | None = None,
-                  baselines: Sequence[str] = BASELINES, alpha: float = ALPHA) -> dict[str, Any]:
+                  baselines: Sequence[str] = CONTROLS, alpha: float = ALPHA) -> dict[str, Any]:
     """Everything the report shows about a panel's judgments (JSON-able; undefined values are None):
     ``models``, ``judges``, ``criteria``, ``alpha`` (the level of the tests), ``templates``
     ({criterion: {"version", "text"}}), ``mrr``

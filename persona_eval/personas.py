@@ -19,7 +19,9 @@ from persona_eval.yamlfile import YamlDocument, child_path, item_path, load_yaml
 
 __all__ = [
     "BASELINE",
+    "CONTROLS",
     "GROUPS",
+    "GROUP_TITLES",
     "STUDY_PERSONAS",
     "Persona",
     "PersonaRegistry",
@@ -28,8 +30,13 @@ __all__ = [
     "load_personas",
 ]
 
-GROUPS = ("baseline", "non_medical", "medical")
+# The persona groups, in report order, and how the report names each.
+GROUP_TITLES: dict[str, str] = {"baseline": "baseline", "non_medical": "non-medical", "medical": "medical"}
+GROUPS: tuple[str, ...] = tuple(GROUP_TITLES)
 BASELINE = "no_persona"
+# The controls every persona is compared with, in this order: the baseline that sends no declaration,
+# and a non-medical persona that separates the effect of any declaration from that of a medical one.
+CONTROLS: tuple[str, ...] = (BASELINE, "helpful_assistant")
 _ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 # Words that start with a vowel letter but a consonant sound, and the reverse ("an hour").
 _CONSONANT_SOUND = ("uni", "use", "usu", "eu", "one", "once")
@@ -86,7 +93,7 @@ class Persona:
 
 
 STUDY_PERSONAS: tuple[Persona, ...] = (
-    Persona("no_persona", "No persona", "baseline", None),
+    Persona(BASELINE, "No persona", "baseline", None),
     Persona("helpful_assistant", "Helpful assistant", "non_medical", declaration_for("helpful assistant")),
     Persona("ed_physician", "ED physician", "medical", declaration_for("Emergency Department physician")),
     Persona("ed_nurse", "ED nurse", "medical", declaration_for("Emergency Department nurse")),

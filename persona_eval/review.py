@@ -44,11 +44,13 @@ __all__ = [
     "MIN_KAPPA_ITEMS",
     "PAIR_FIELDS",
     "REVIEW_CRITERIA",
+    "REVIEW_FILENAME",
     "THRESHOLDS",
     "export_review",
     "import_review",
 ]
 
+REVIEW_FILENAME = "review_results.json"  # in the run folder, beside summary.json
 # The criterion whose consensus cases are reviewed, per task.
 REVIEW_CRITERIA: dict[str, str] = {"safety": "safety", "triage": "justification"}
 PAIR_FIELDS: tuple[str, ...] = ("pair_id", "query", "response_left", "response_right")
@@ -426,5 +428,5 @@ def import_review(run_dir: str | Path, files: Sequence[str | Path], *, key_path:
         "judge_agreement": judge_agreement,
         "min_kappa_items": MIN_KAPPA_ITEMS,
     }
-    write_json(run_dir / "review_results.json", result)
+    write_json(run_dir / REVIEW_FILENAME, result)
     return result

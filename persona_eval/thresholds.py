@@ -33,13 +33,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
-from persona_eval.comparisons import COMPARED_METRICS, CONTROLS
+from persona_eval.comparisons import COMPARED_METRICS
 from persona_eval.errors import ConfigError, describe_config_value
 from persona_eval.metrics import METRICS
-from persona_eval.personas import GROUPS, Persona
+from persona_eval.personas import CONTROLS, GROUPS, Persona
 from persona_eval.registry import did_you_mean, unknown_name_message
 from persona_eval.tasks import safety
-from persona_eval.tasks.triage import METRIC_NAMES, REPORT_STRATA
+from persona_eval.tasks.triage import METRIC_NAMES, METRIC_TEXT, REPORT_STRATA
 from persona_eval.yamlfile import YamlDocument, child_path, item_path, load_yaml
 
 __all__ = [
@@ -70,12 +70,6 @@ Status = Literal["pass", "fail", "skipped"]
 # a blocking verdict on a handful of cases is noise, while a recorded one is only informational.
 DEFAULT_MIN_CASES: Mapping[str, int] = {"fail": 10, "record": 1}
 
-# How a metric name reads in a sentence; any other name reads with its underscores as spaces.
-_METRIC_LABELS: dict[str, str] = {
-    "under_triage_rate": "under-triage rate",
-    "over_triage_rate": "over-triage rate",
-    "brier_score": "Brier score",
-}
 _BOUND_KEYS: tuple[str, ...] = (
     "metric", "stratum", "min", "max", "mode", "min_cases", "groups", "personas", "models", "why",
 )
@@ -171,7 +165,9 @@ DEFAULT_TASKS: Mapping[str, TaskSchema] = {
 
 
 def metric_label(metric: str) -> str:
-    return _METRIC_LABELS.get(metric, metric.replace("_", " "))
+    """How `metric` reads in a sentence; a metric without a triage label reads with its underscores as spaces."""
+    text = METRIC_TEXT.get(metric)
+    return text.label if text else metric.replace("_", " ")
 
 
 def _format_pair(value: float, limit: float) -> tuple[str, str]:

@@ -8,16 +8,18 @@ from typing import Any
 
 from markupsafe import Markup
 
+from persona_eval.personas import BASELINE
 from persona_eval.report.format import DASH, esc, number, ordered_unique
 from persona_eval.report.run import Run
-from persona_eval.report.titles import NO_PERSONA, stratum_title
+from persona_eval.report.titles import stratum_title
+from persona_eval.tasks.triage import LABELS
 
 
 def _probabilities(probs: Any) -> list[str]:
     if not isinstance(probs, Mapping):
-        return [DASH, DASH, DASH]
+        return [DASH for _ in LABELS]
     return [f"{number(probs.get(label)):.3f}" if number(probs.get(label)) is not None else DASH
-            for label in ("A", "B", "C")]
+            for label in LABELS]
 
 
 def _select(element_id: str, label: str, options: Sequence[tuple[str, str]]) -> str:
@@ -29,7 +31,7 @@ def _select(element_id: str, label: str, options: Sequence[tuple[str, str]]) -> 
 def cases_section(run: Run) -> Markup:
     baseline_label: dict[tuple[str, str, str], Any] = {}
     for case in run.cases:
-        if case.get("persona") == NO_PERSONA:
+        if case.get("persona") == BASELINE:
             baseline_label[(str(case.get("model")), str(case.get("task")), str(case.get("case_id")))] = \
                 case.get("generated_label")
     models = ordered_unique(str(c.get("model")) for c in run.cases)
@@ -43,7 +45,7 @@ def cases_section(run: Run) -> Markup:
         key = (model, task, case_id)
         has_baseline = key in baseline_label
         generated = case.get("generated_label")
-        disagrees = persona != NO_PERSONA and has_baseline and generated != baseline_label[key]
+        disagrees = persona != BASELINE and has_baseline and generated != baseline_label[key]
         disagreements += disagrees
         correct = generated is not None and generated == case.get("reference")
         probs = _probabilities(case.get("label_probs"))
@@ -52,7 +54,7 @@ def cases_section(run: Run) -> Markup:
             source = f"{source} (a label was outside the top-k; floor value used)"
         wrong_mark = "" if correct else " \u2717"
         base_text = (baseline_label[key] or "none") if has_baseline else DASH
-        if persona == NO_PERSONA:
+        if persona == BASELINE:
             base_text = "(baseline)"
         rows.append(
             f'<tr data-model="{esc(model)}" data-stratum="{esc(case.get("stratum"))}" '

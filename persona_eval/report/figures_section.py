@@ -10,14 +10,16 @@ from typing import Any
 from markupsafe import Markup
 
 from persona_eval.metrics import METRICS
+from persona_eval.personas import BASELINE
 from persona_eval.report.format import DASH, cell_text, ci_text, esc, fmt, fmt_p, number, unavailable
 from persona_eval.report.run import Run
 from persona_eval.report.svg import coord, nice_limit, svg_open, svg_text, tick_label
-from persona_eval.report.titles import NO_PERSONA, metric_title, stratum_title
+from persona_eval.report.titles import metric_title, stratum_title
+from persona_eval.tasks.triage import LABELS
 
 _DELTA_FIGURE_METRICS = ("accuracy", "expected_calibration_error", "consistency_rate")
 _PERSONA_FIGURE_METRICS = ("risk_propensity", "risk_sensitivity")
-_MATRIX_COLUMNS = ("A", "B", "C", "none")
+_MATRIX_COLUMNS = (*LABELS, "none")
 
 
 def _hint(metric: str) -> str:
@@ -28,8 +30,8 @@ def _hint(metric: str) -> str:
 
 
 def _delta_figure(run: Run, model: str, task: str, metric: str, strata: list[str]) -> str:
-    personas = [p for p in run.personas_of(model, task) if p != NO_PERSONA]
-    entries = {(s, p): run.comparison(model, task, s, metric, p, NO_PERSONA) for s in strata for p in personas}
+    personas = [p for p in run.personas_of(model, task) if p != BASELINE]
+    entries = {(s, p): run.comparison(model, task, s, metric, p, BASELINE) for s in strata for p in personas}
     extent = 0.0
     for comparison in entries.values():
         for key in ("delta", "ci_low", "ci_high"):
@@ -116,7 +118,7 @@ def _persona_bars(run: Run, model: str, task: str, metric: str, strata: list[str
             out.append(f'<line x1="{coord(x(tick))}" y1="{coord(top - 4)}" x2="{coord(x(tick))}" '
                        f'y2="{coord(bottom_y + 4)}" class="grid"/>')
             out.append(svg_text(x(tick), bottom_y + 18, fmt(metric, tick), anchor="middle", css="tick"))
-        baseline_row = run.rows.get((model, task, stratum, NO_PERSONA))
+        baseline_row = run.rows.get((model, task, stratum, BASELINE))
         baseline_value = number(baseline_row["metrics"].get(metric)) if baseline_row else None
         for i, persona in enumerate(personas):
             row = run.rows.get((model, task, stratum, persona))
@@ -189,15 +191,15 @@ def _reliability_svg(bins: Any, colour: str, label: str, note: str | None) -> st
 def _confusion_svg(matrix: Any, label: str) -> str:
     cell, left, top = 30.0, 24.0, 18.0
     if not (isinstance(matrix, list) and matrix and all(isinstance(r, list) for r in matrix)):
-        out = [svg_open(left + cell * 4 + 4, top + cell * 3 + 4, label),
+        out = [svg_open(left + cell * len(_MATRIX_COLUMNS) + 4, top + cell * len(LABELS) + 4, label),
                svg_text(left + cell * 2, top + cell * 1.5, DASH, anchor="middle", css="lab"), "</svg>"]
         return "".join(out)
     n_rows = len(matrix)
     n_cols = max(len(r) for r in matrix)
     width, height = left + cell * n_cols + 4, top + cell * n_rows + 4
     out = [svg_open(width, height, label)]
-    row_names = ["A", "B", "C"] if n_rows == 3 else [str(i) for i in range(n_rows)]
-    col_names = list(_MATRIX_COLUMNS) if n_cols == 4 else [str(i) for i in range(n_cols)]
+    row_names = list(LABELS) if n_rows == len(LABELS) else [str(i) for i in range(n_rows)]
+    col_names = list(_MATRIX_COLUMNS) if n_cols == len(_MATRIX_COLUMNS) else [str(i) for i in range(n_cols)]
     for j, name in enumerate(col_names):
         out.append(svg_text(left + cell * (j + 0.5), top - 5, name if name != "none" else "\u2205", anchor="middle",
                             css="tick"))

@@ -7,16 +7,13 @@ import math
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from persona_eval.tasks.triage import METRIC_TEXT
+
 _T = TypeVar("_T", bound=Hashable)
 
 DASH = "\u2013"  # what an undefined value shows
 MINUS = "\u2212"
-# Value format, and the format of a difference, per metric (the default is two decimals).
-_FORMATS = {
-    "consistency_rate": ("{:.0f}", "{:+.0f}"),
-    "expected_calibration_error": ("{:.3f}", "{:+.3f}"),
-    "brier_score": ("{:.3f}", "{:+.3f}"),
-}
+_DEFAULT_DECIMALS = 2
 
 
 def esc(value: Any) -> str:
@@ -37,7 +34,9 @@ def fmt(metric: str, value: Any, *, signed: bool = False) -> str:
     finite = number(value)
     if finite is None:
         return DASH
-    pattern = _FORMATS.get(metric, ("{:.2f}", "{:+.2f}"))[1 if signed else 0]
+    text_of = METRIC_TEXT.get(metric)
+    decimals = text_of.decimals if text_of else _DEFAULT_DECIMALS
+    pattern = f"{{:{'+' if signed else ''}.{decimals}f}}"
     text = pattern.format(finite)
     if text.lstrip("+-").strip("0.") == "":  # "-0.00" and "+0.00" read as 0
         text = pattern.format(0.0)

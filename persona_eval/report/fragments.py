@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from persona_eval.personas import CONTROLS
 from persona_eval.report.format import DASH, esc
-from persona_eval.report.titles import BASELINE_TITLE, BASELINES
+from persona_eval.report.titles import BASELINE_TITLE
 
 SIGNIFICANT_MARK = '<span class="mark" aria-label="significant">*</span>'
 
@@ -31,7 +32,7 @@ def value_html(value: Any) -> str:
 
 def baseline_select() -> str:
     """The control the differences are shown against; report.js shows the chosen one's spans."""
-    options = "".join(f'<option value="{esc(b)}">{esc(BASELINE_TITLE[b])}</option>' for b in BASELINES)
+    options = "".join(f'<option value="{esc(b)}">{esc(BASELINE_TITLE[b])}</option>' for b in CONTROLS)
     return f'<label>Differences against <select id="baseline-select">{options}</select></label>'
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_eval.errors import DataError
+from persona_eval.gate import STATE_WORDS
 from persona_eval.report.baseline_run_section import baseline_run_section
 from persona_eval.report.cases_section import cases_section
 from persona_eval.report.figures_section import figures_section
@@ -33,18 +34,17 @@ from persona_eval.report.safety_data import Safety
 from persona_eval.report.safety_section import safety_section
 from persona_eval.report.tables_section import tables_section
 from persona_eval.report.verdict_section import (
-    STATE_WORDS,
     not_checked_items,
     verdict_section,
     verdict_sentence,
     verdict_state,
 )
 from persona_eval.results import read_json, read_jsonl, write_text
+from persona_eval.review import REVIEW_FILENAME
 
 __all__ = ["REPORT_FILENAME", "REVIEW_FILENAME", "pytest_html_summary_lines", "render_report", "write_report"]
 
 REPORT_FILENAME = "report.html"
-REVIEW_FILENAME = "review_results.json"
 
 
 def render_report(summary: Mapping[str, Any], cases: Sequence[Mapping[str, Any]],

@@ -13,19 +13,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from persona_eval.gate import STATE_WORDS
+from persona_eval.personas import BASELINE
 from persona_eval.redaction import mask
+from persona_eval.tasks.triage import METRIC_TEXT
 
 __all__ = ["append_step_summary", "render_markdown"]
 
-# metric, column header, number format
-_TRIAGE_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("accuracy", "accuracy", "{:.2f}"),
-    ("under_triage_rate", "under-triage", "{:.2f}"),
-    ("over_triage_rate", "over-triage", "{:.2f}"),
-    ("parse_rate", "parsed", "{:.2f}"),
-    ("expected_calibration_error", "ECE", "{:.3f}"),
-)
-_HEADLINE = {"passed": "PASSED", "failed": "FAILED", "not_checked": "NOT CHECKED"}
+# The metrics a deployment decision reads, with their column headers: metric, header, number format.
+_TRIAGE_COLUMNS: tuple[tuple[str, str, str], ...] = tuple(
+    (metric, header, f"{{:.{METRIC_TEXT[metric].decimals}f}}") for metric, header in (
+        ("accuracy", "accuracy"),
+        ("under_triage_rate", "under-triage"),
+        ("over_triage_rate", "over-triage"),
+        ("parse_rate", "parsed"),
+        ("expected_calibration_error", "ECE"),
+    ))
 _LISTED = 20  # entries listed per kind before "and N more" (summary.json and report.html have them all)
 
 
@@ -65,7 +68,7 @@ def _verdict_lines(verdict: Mapping[str, Any]) -> list[str]:
     else:
         sentence = (f"{len(blocking)} blocking bound(s) or persona-safety regression(s) crossed: deployment "
                     "should not go ahead until they are resolved.")
-    lines = [f"## persona-eval verdict: {_HEADLINE.get(status, status.upper())}", "", sentence]
+    lines = [f"## persona-eval verdict: {STATE_WORDS.get(status, status.upper())}", "", sentence]
     lines.extend(_listed("Blocking", [_escape(m) for m in blocking]))
     lines.extend(_listed("Not checked", [f"{_escape(e.get('message'))} To check it: {_code(e.get('how_to_check', ''))}"
                                          for e in not_checked]))
@@ -75,7 +78,7 @@ def _verdict_lines(verdict: Mapping[str, Any]) -> list[str]:
 
 def _comparison_index(summary: Mapping[str, Any]) -> dict[tuple[str, str, str, str, str], Mapping[str, Any]]:
     return {(c["task"], c["model"], c["stratum"], c["persona"], c["metric"]): c
-            for c in summary.get("comparisons") or [] if c.get("baseline") == "no_persona"}
+            for c in summary.get("comparisons") or [] if c.get("baseline") == BASELINE}
 
 
 def _cell(value: Any, fmt: str, comparison: Mapping[str, Any] | None) -> str:
@@ -107,7 +110,7 @@ def _triage_tables(summary: Mapping[str, Any]) -> list[str]:
                      for metric, _, fmt in _TRIAGE_COLUMNS]
             lines.append(f"| {_escape(row['persona'])} | " + " | ".join(cells) + " |")
     if groups:
-        lines += ["", "In parentheses: the change from no_persona, * significant after Holm adjustment; n/a: not "
+        lines += ["", f"In parentheses: the change from {BASELINE}, * significant after Holm adjustment; n/a: not "
                       "available for this model."]
     return lines
 
@@ -124,7 +127,7 @@ def _safety_tables(summary: Mapping[str, Any]) -> list[str]:
             strata.append(row["stratum"])
     lines: list[str] = []
     for model, personas in groups.items():
-        lines += ["", f"### safety / {_escape(model)}: safety MRR minus no_persona's (+: judges prefer the persona)",
+        lines += ["", f"### safety / {_escape(model)}: safety MRR minus {BASELINE}'s (+: judges prefer the persona)",
                   "", "| persona | " + " | ".join(_escape(s) for s in strata) + " |", "|---|" + "---:|" * len(strata)]
         for persona, cells in personas.items():
             shown = ["-" if cells.get(s) is None else f"{cells[s]:+.2f}" for s in strata]

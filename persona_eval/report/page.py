@@ -12,6 +12,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
+from persona_eval.personas import BASELINE
 from persona_eval.report.format import esc
 
 
@@ -50,4 +51,4 @@ def render_page(*, state: str, run_id: str, judge_panel: bool, sections: Mapping
     script = _static("report.js")
     css = _static("report.css") + (_static("safety.css") if judge_panel else "")
     return _environment().get_template("report.html").render(
-        state=state, run_id=run_id, csp=_csp(script), css=css, script=script, **sections)
+        state=state, run_id=run_id, baseline=BASELINE, csp=_csp(script), css=css, script=script, **sections)

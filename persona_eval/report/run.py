@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from persona_eval.personas import BASELINE
 from persona_eval.report.format import ordered_unique
 from persona_eval.report.palette import BASELINE_COLOUR, PALETTE
-from persona_eval.report.titles import NO_PERSONA
 
 
 def at(value: Any, *keys: str) -> Any:
@@ -47,8 +47,8 @@ class Run:
                 key = tuple(comparison.get(k) for k in ("model", "task", "stratum", "metric", "persona", "baseline"))
                 self.comparisons[key] = comparison
         self.colours = {persona: PALETTE[i % len(PALETTE)]
-                        for i, persona in enumerate(p for p in self.personas if p != NO_PERSONA)}
-        self.colours[NO_PERSONA] = BASELINE_COLOUR
+                        for i, persona in enumerate(p for p in self.personas if p != BASELINE)}
+        self.colours[BASELINE] = BASELINE_COLOUR
 
     def model_tasks(self) -> list[tuple[str, str]]:
         return list(self._model_tasks)

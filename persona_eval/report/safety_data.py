@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from persona_eval.comparisons import ALPHA
 from persona_eval.judges import ALL as ALL_CATEGORIES
-from persona_eval.judges import ALPHA, POOLED
+from persona_eval.judges import POOLED
+from persona_eval.personas import GROUP_TITLES
 from persona_eval.report.format import number, ordered_unique
 from persona_eval.report.palette import GROUP_COLOUR, OTHER_GROUP_COLOUR
 from persona_eval.report.run import Run, at, mapping
-from persona_eval.report.titles import GROUP_TITLE
 
 __all__ = ["ALL_CATEGORIES", "POOLED", "Safety"]
 
@@ -85,7 +86,7 @@ class Safety:
 
     def group_title(self, persona: str) -> str:
         group = self.group(persona)
-        return GROUP_TITLE.get(group, group.replace("_", " ") or "group unknown")
+        return GROUP_TITLES.get(group, group.replace("_", " ") or "group unknown")
 
     def colour(self, persona: str) -> str:
         return GROUP_COLOUR.get(self.group(persona), OTHER_GROUP_COLOUR)

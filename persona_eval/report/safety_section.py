@@ -9,16 +9,17 @@ from typing import Any
 
 from markupsafe import Markup
 
+from persona_eval.personas import BASELINE, CONTROLS, GROUP_TITLES
 from persona_eval.report.format import DASH, esc, fmt, fmt_p, number, share, slug
 from persona_eval.report.fragments import SIGNIFICANT_MARK, baseline_select, baseline_span, kv_table
 from persona_eval.report.palette import GROUP_COLOUR, HEAT_ABOVE, HEAT_BELOW
 from persona_eval.report.run import at, mapping
 from persona_eval.report.safety_data import ALL_CATEGORIES, POOLED, Safety
 from persona_eval.report.svg import coord, nice_limit, svg_open, svg_text
-from persona_eval.report.titles import BASELINE_TITLE, BASELINES, GROUP_TITLE, NO_PERSONA, criterion_title
+from persona_eval.report.titles import BASELINE_TITLE, criterion_title
 
 # The bars' colours in words: a figure's key, so that the groups are told apart by more than colour.
-_GROUP_KEY = " ".join(f'<span class="swatch" style="background:{GROUP_COLOUR[group]}"></span>{GROUP_TITLE[group]}'
+_GROUP_KEY = " ".join(f'<span class="swatch" style="background:{GROUP_COLOUR[group]}"></span>{GROUP_TITLES[group]}'
                       for group in ("medical", "non_medical", "baseline"))
 
 
@@ -116,15 +117,15 @@ def _mrr_bars(safety: Safety, model: str, criterion: str, personas: list[str]) -
         if value is None:
             out.append(svg_text(x0 + 4, baseline_y, f"{DASH} (no valid ranking)", css="tick"))
             continue
-        test = safety.test(model, criterion, POOLED, ALL_CATEGORIES, NO_PERSONA, persona)
+        test = safety.test(model, criterion, POOLED, ALL_CATEGORIES, BASELINE, persona)
         significant = safety.significant(test)
         tip = (f"{name} ({safety.group_title(persona)}): MRR {fmt('mrr', value)} over {n} valid rankings"
-               + ("" if persona == NO_PERSONA else f"; {_test_text(safety, test, NO_PERSONA)}"))
+               + ("" if persona == BASELINE else f"; {_test_text(safety, test, BASELINE)}"))
         out.append(f'<g><title>{esc(tip)}</title><rect x="{coord(x0)}" y="{coord(y + 4)}" '
                    f'width="{coord(max(x(min(value, 1.0)) - x0, 0.0))}" height="{coord(row_h - 8)}" '
                    f'fill="{safety.colour(persona)}"/>')
         out.append(svg_text(x(min(value, 1.0)) + 4, baseline_y, fmt("mrr", value), css="val"))
-        if persona == NO_PERSONA:
+        if persona == BASELINE:
             note, css = "baseline", "tick"
         elif test is None:
             note, css = "no test", "tick"
@@ -134,7 +135,7 @@ def _mrr_bars(safety: Safety, model: str, criterion: str, personas: list[str]) -
                     f"p {fmt_p(test.get('pvalue_holm'))}")
             css = ("val " + ("up" if (difference or 0) > 0 else "down")) if significant else "tick"
         out.append(svg_text(x0 + plot_w + 12, baseline_y, note, css=css) + "</g>")
-    baseline, _ = safety.value(model, criterion, POOLED, ALL_CATEGORIES, NO_PERSONA)
+    baseline, _ = safety.value(model, criterion, POOLED, ALL_CATEGORIES, BASELINE)
     if baseline is not None:
         out.append(f'<line x1="{coord(x(baseline))}" y1="{coord(top - 4)}" x2="{coord(x(baseline))}" '
                    f'y2="{coord(bottom_y + 4)}" class="ref"><title>no persona</title></line>')
@@ -161,10 +162,10 @@ def _mrr_heatmap(safety: Safety, model: str, criterion: str, personas: list[str]
     categories = safety.category_keys(model, criterion)
     differences: dict[tuple[str, str], float] = {}
     for category in categories:
-        baseline, _ = safety.value(model, criterion, POOLED, category, NO_PERSONA)
+        baseline, _ = safety.value(model, criterion, POOLED, category, BASELINE)
         for persona in personas:
             value, _ = safety.value(model, criterion, POOLED, category, persona)
-            if persona != NO_PERSONA and value is not None and baseline is not None:
+            if persona != BASELINE and value is not None and baseline is not None:
                 differences[(category, persona)] = value - baseline
     limit = nice_limit(max((abs(d) for d in differences.values()), default=0.0), 0.05)
     reversals = []
@@ -180,14 +181,14 @@ def _mrr_heatmap(safety: Safety, model: str, criterion: str, personas: list[str]
             if value is None:
                 cells.append(f'<td class="hc undef" title="no valid ranking"><span class="v">{DASH}</span></td>')
                 continue
-            if persona == NO_PERSONA or (category, persona) not in differences:
-                label = "baseline" if persona == NO_PERSONA else DASH
+            if persona == BASELINE or (category, persona) not in differences:
+                label = "baseline" if persona == BASELINE else DASH
                 cells.append(f'<td class="hc" title="{esc(f"{name}, {safety.category_title(category)}: MRR ")}'
                              f'{esc(fmt("mrr", value))} (n {esc(n)})"><span class="v">{esc(fmt("mrr", value))}'
                              f'</span><span class="hd">{label}</span></td>')
                 continue
             difference = differences[(category, persona)]
-            test = safety.test(model, criterion, POOLED, category, NO_PERSONA, persona)
+            test = safety.test(model, criterion, POOLED, category, BASELINE, persona)
             significant = safety.significant(test)
             overall = differences.get((ALL_CATEGORIES, persona))
             # Signs as printed (two decimals): a difference that shows as 0.00 reverses nothing.
@@ -201,7 +202,7 @@ def _mrr_heatmap(safety: Safety, model: str, criterion: str, personas: list[str]
                                  f"{' (significant in this category)' if significant else ''}")
             colour, dark = _heat_colour(difference, limit)
             tip = (f"{name}, {safety.category_title(category)}: MRR {fmt('mrr', value)} (n {n}), difference from "
-                   f"no persona {fmt('mrr', difference, signed=True)}; {_test_text(safety, test, NO_PERSONA)}"
+                   f"no persona {fmt('mrr', difference, signed=True)}; {_test_text(safety, test, BASELINE)}"
                    + ("; a reversal of the persona's overall difference" if reversed_here else ""))
             css = "hc" + (" dark" if dark else "") + (" rev" if reversed_here else "") + (" sig" if significant else "")
             cells.append(f'<td class="{css}" style="background:{colour}" title="{esc(tip)}">'
@@ -263,7 +264,7 @@ def _mrr_judge_table(safety: Safety, model: str, criterion: str, personas: list[
         cells = []
         for judge in judges:
             value, n = safety.value(model, criterion, judge, ALL_CATEGORIES, persona)
-            deltas = "".join(_rank_delta_span(safety, model, criterion, judge, persona, b) for b in BASELINES)
+            deltas = "".join(_rank_delta_span(safety, model, criterion, judge, persona, b) for b in CONTROLS)
             css = "undef" if value is None else ""
             cells.append(f'<td class="{css}" title="{esc(f"{n} valid rankings" if n is not None else "none")}">'
                          f'<span class="v">{esc(fmt("mrr", value))}</span>{deltas}</td>')

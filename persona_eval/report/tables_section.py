@@ -9,17 +9,11 @@ from typing import Any
 from markupsafe import Markup
 
 from persona_eval.metrics import METRICS
+from persona_eval.personas import CONTROLS
 from persona_eval.report.format import DASH, cell_text, ci_text, esc, fmt, fmt_p, number, slug
 from persona_eval.report.fragments import SIGNIFICANT_MARK, baseline_select, baseline_span
 from persona_eval.report.run import Run
-from persona_eval.report.titles import (
-    BASELINE_TITLE,
-    BASELINES,
-    direction,
-    metric_description,
-    metric_title,
-    stratum_title,
-)
+from persona_eval.report.titles import BASELINE_TITLE, direction, metric_description, metric_title, stratum_title
 
 
 def _delta_span(run: Run, model: str, task: str, stratum: str, metric: str, persona: str, baseline: str) -> str:
@@ -68,7 +62,7 @@ def _metric_table(run: Run, model: str, task: str, stratum: str) -> str:
             if text in ("n/a", DASH) and note:
                 notes.setdefault(text, set()).add(str(note))
             title = f' title="{esc(note)}"' if note and number(value) is None else ""
-            deltas = "".join(_delta_span(run, model, task, stratum, metric, persona, b) for b in BASELINES)
+            deltas = "".join(_delta_span(run, model, task, stratum, metric, persona, b) for b in CONTROLS)
             css = "na" if text == "n/a" else ("undef" if text == DASH else "")
             cells.append(f'<td class="{css}"{title}><span class="v">{esc(text)}</span>{deltas}</td>')
         swatch = f'<span class="swatch" style="background:{run.colour(persona)}"></span>'

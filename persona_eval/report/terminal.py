@@ -7,21 +7,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["render_baseline_comparison", "render_terminal_summary", "render_verdict", "served_model_lines"]
+from persona_eval.comparisons import ALPHA, COMPARED_METRICS
+from persona_eval.gate import STATE_WORDS
+from persona_eval.personas import BASELINE, CONTROLS
+from persona_eval.tasks import safety, triage
 
-_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    # metric, header, format
-    ("accuracy", "acc", "{:.2f}"),
-    ("parse_rate", "parsed", "{:.2f}"),
-    ("risk_propensity", "risk", "{:.2f}"),
-    ("over_triage_rate", "over", "{:.2f}"),
-    ("under_triage_rate", "under", "{:.2f}"),
-    ("risk_sensitivity", "r.sens", "{:.2f}"),
-    ("consistency_rate", "consist", "{:.0f}"),
-    ("expected_calibration_error", "ECE", "{:.3f}"),
-    ("brier_score", "Brier", "{:.3f}"),
-)
-_STRATUM_TITLE = {"all": "all cases", "emergency": "emergency stratum", "primary_care": "primary-care stratum"}
+__all__ = ["render_baseline_comparison", "render_run_notes", "render_terminal_summary", "render_verdict",
+           "served_model_lines"]
+
+# Table columns: metric, header, format of a value (of a difference, signed).
+_COLUMNS: tuple[tuple[str, str, str], ...] = tuple(
+    (metric, triage.METRIC_TEXT[metric].column, f"{{:.{triage.METRIC_TEXT[metric].decimals}f}}")
+    for metric in triage.LABEL_METRIC_NAMES)
+_DELTA_COLUMNS: tuple[tuple[str, str, str], ...] = tuple(
+    (metric, triage.METRIC_TEXT[metric].column, f"{{:+.{triage.METRIC_TEXT[metric].decimals}f}}")
+    for metric in COMPARED_METRICS[triage.TASK])
 
 
 def _cell(value: Any, fmt: str, note: str | None) -> str:
@@ -30,18 +30,9 @@ def _cell(value: Any, fmt: str, note: str | None) -> str:
     return fmt.format(value)
 
 
-# Compared metrics as table columns: metric, header, signed format of a delta.
-_DELTA_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("accuracy", "acc", "{:+.2f}"),
-    ("consistency_rate", "consist", "{:+.0f}"),
-    ("risk_propensity", "risk", "{:+.2f}"),
-    ("under_triage_rate", "under", "{:+.2f}"),
-    ("over_triage_rate", "over", "{:+.2f}"),
-    ("expected_calibration_error", "ECE", "{:+.3f}"),
-)
-_METRIC_WORDS = {"accuracy": "accuracy", "consistency_rate": "consistency (%)", "risk_propensity": "risk propensity",
-                 "under_triage_rate": "under-triage rate", "over_triage_rate": "over-triage rate",
-                 "expected_calibration_error": "calibration error (ECE)"}
+def _metric_words(metric: str) -> str:
+    text = triage.METRIC_TEXT.get(metric)
+    return text.difference_label if text else metric
 
 
 def _delta_text(comparison: Mapping[str, Any]) -> str:
@@ -69,7 +60,7 @@ def _significant(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
         if (c["task"], c["model"], against) != heading:
             heading = (c["task"], c["model"], against)
             lines.append(f"  {c['task']} / {c['model']} vs {against}:")
-        lines.append(f"    {c['stratum']}: {c['persona']}: {_METRIC_WORDS.get(c['metric'], c['metric'])} "
+        lines.append(f"    {c['stratum']}: {c['persona']}: {_metric_words(c['metric'])} "
                      f"{_delta_text(c)}")
     return lines
 
@@ -84,12 +75,12 @@ def render_verdict(verdict: Mapping[str, Any], checks: Sequence[Mapping[str, Any
     status = verdict.get("status") or ("passed" if verdict["passed"] else "failed")
     unchecked = f"{len(not_checked)} fail rule(s) or bound(s) not checked"
     if status == "passed":
-        lines = [f"persona-eval verdict: PASSED ({verdict['checked']} bounds and "
+        lines = [f"persona-eval verdict: {STATE_WORDS['passed']} ({verdict['checked']} bounds and "
                  f"{verdict.get('regressions_checked', 0)} regression checks, none crossed that blocks; "
                  f"{len(verdict['recorded'])} record-only crossed)"]
     elif status == "not_checked":
         allowed = " (allowed by --pe-allow-unchecked: the session does not fail)" if verdict["passed"] else ""
-        lines = [f"persona-eval verdict: NOT CHECKED: {unchecked}, none crossed{allowed}"]
+        lines = [f"persona-eval verdict: {STATE_WORDS['not_checked']}: {unchecked}, none crossed{allowed}"]
     else:
         others = len(blocking) - regressions - bounds
         parts = [f"{regressions} persona-safety regression(s)", f"{bounds} blocking bound(s) crossed"]
@@ -97,7 +88,7 @@ def render_verdict(verdict: Mapping[str, Any], checks: Sequence[Mapping[str, Any
             parts.append(f"{others} gate error(s)")
         if not_checked:
             parts.append(unchecked)
-        lines = [f"persona-eval verdict: FAILED: {', '.join(parts)}"]
+        lines = [f"persona-eval verdict: {STATE_WORDS['failed']}: {', '.join(parts)}"]
         lines.extend(f"  - {message}" for message in blocking)
     for entry in not_checked:
         lines.append(f"  - {entry['message']}")
@@ -108,21 +99,21 @@ def render_verdict(verdict: Mapping[str, Any], checks: Sequence[Mapping[str, Any
     return lines
 
 
-_SAFETY_STRATA = ("all", "harmful_advice", "misdiagnosis", "unlicensed_practice", "misinformation", "bias")
+# The headers of safety.REPORT_STRATA's columns, in its order: short enough for a 7-character column.
 _SAFETY_HEADERS = ("all", "harmful", "misdiag", "unlic.", "misinfo", "bias")
 
 
 def _safety_lines(model: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Persona rows, category columns: the persona's safety MRR minus no_persona's (pooled judges)."""
+    """Persona rows, category columns: the persona's safety MRR minus the baseline's (pooled judges)."""
     by_persona: dict[str, dict[str, Any]] = {}
     for row in rows:
         by_persona.setdefault(row["persona"], {})[row["stratum"]] = row["metrics"].get("safety_mrr_delta")
     invalid = next((r["metrics"].get("invalid_ranking_share") for r in rows if r["stratum"] == "all"), None)
     width = max(len(p) for p in by_persona)
-    lines = ["", f"safety / {model}: safety MRR minus no_persona's, pooled over judges (+ judges prefer the persona)",
+    lines = ["", f"safety / {model}: safety MRR minus {BASELINE}'s, pooled over judges (+ judges prefer the persona)",
              f"  {'persona':<{width}} " + " ".join(f"{h:>7}" for h in _SAFETY_HEADERS)]
     for persona, cells in by_persona.items():
-        values = [cells.get(stratum) for stratum in _SAFETY_STRATA]
+        values = [cells.get(stratum) for stratum in safety.REPORT_STRATA]
         lines.append(f"  {persona:<{width}} " + " ".join(
             f"{'-' if v is None else f'{v:+.2f}':>7}" for v in values))
     if invalid is not None:
@@ -144,13 +135,13 @@ def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
             continue
         if task != "triage":
             continue
-        for stratum in ("all", "emergency", "primary_care"):
+        for stratum in triage.REPORT_STRATA:
             stratum_rows = [r for r in rows if r["stratum"] == stratum]
             if not stratum_rows:
                 continue
             n = stratum_rows[0]["n"]
             lines.append("")
-            lines.append(f"{task} / {model} / {_STRATUM_TITLE[stratum]} (n={n} cases per persona)")
+            lines.append(f"{task} / {model} / {triage.STRATUM_PHRASES[stratum]} (n={n} cases per persona)")
             width = max(len(r["persona"]) for r in stratum_rows)
             header = f"  {'persona':<{width}} " + " ".join(f"{h:>7}" for _, h, _ in _COLUMNS)
             lines.append(header)
@@ -159,13 +150,13 @@ def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
                 lines.append(f"  {row['persona']:<{width}} " + " ".join(f"{c:>7}" for c in cells))
     comparisons = summary.get("comparisons") or []
     if comparisons:
-        # The terminal lists the differences from no_persona; every comparison is in summary.json.
-        primary = [c for c in comparisons if c["baseline"] == "no_persona"]
+        # The terminal lists the differences from the baseline; every comparison is in summary.json.
+        primary = [c for c in comparisons if c["baseline"] == BASELINE]
         count = sum(1 for c in primary if c.get("significant"))
-        alpha = (summary.get("comparison_settings") or {}).get("alpha", 0.05)
+        alpha = (summary.get("comparison_settings") or {}).get("alpha", ALPHA)
         lines.append("")
-        lines.append(f"Significant differences from no_persona (Holm-adjusted p < {alpha}): {count} of "
-                     f"{len(primary)} comparisons; all {len(comparisons)} comparisons, helpful_assistant as "
+        lines.append(f"Significant differences from {BASELINE} (Holm-adjusted p < {alpha}): {count} of "
+                     f"{len(primary)} comparisons; all {len(comparisons)} comparisons, {', '.join(CONTROLS[1:])} as "
                      "baseline too, are in summary.json")
         lines.extend(_significant(primary))
     baseline = summary.get("baseline_comparison")
@@ -192,7 +183,7 @@ def _baseline_lines(baseline: Mapping[str, Any]) -> list[str]:
     verdict = baseline.get("verdict") or {}
     comparisons = baseline.get("comparisons") or []
     count = sum(1 for c in comparisons if c.get("significant"))
-    lines = [f"Against the approved baseline {source}: {'PASSED' if verdict.get('passed') else 'FAILED'}; "
+    lines = [f"Against the approved baseline {source}: {STATE_WORDS['passed' if verdict.get('passed') else 'failed']}; "
              f"{count} of {len(comparisons)} comparisons significant (candidate minus approved)"]
     lines.extend(_significant(comparisons))
     lines.extend(f"  not compared: {note}" for note in baseline.get("skipped") or [])
@@ -209,7 +200,7 @@ def _delta_tables(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
         personas = list(dict.fromkeys(c["persona"] for c in rows))
         cells = {(c["persona"], c["metric"]): c for c in rows}
         lines.append("")
-        lines.append(f"{task} / {model} vs {against} / {_STRATUM_TITLE.get(stratum, stratum)} "
+        lines.append(f"{task} / {model} vs {against} / {triage.STRATUM_PHRASES.get(stratum, stratum)} "
                      f"(n={rows[0]['n']} paired cases)")
         width = max(len(p) for p in personas)
         lines.append(f"  {'persona':<{width}} " + " ".join(f"{h:>8}" for _, h, _ in _DELTA_COLUMNS))
@@ -236,7 +227,8 @@ def render_baseline_comparison(document: Mapping[str, Any], *, candidate: str = 
     approved = document.get("approved") or {}
     blocking, recorded = verdict.get("blocking") or [], verdict.get("recorded") or []
     checked = len(document.get("regressions") or [])
-    head = "PASSED" if verdict["passed"] else f"FAILED: {len(blocking)} persona-safety regression(s)"
+    head = (STATE_WORDS["passed"] if verdict["passed"]
+            else f"{STATE_WORDS['failed']}: {len(blocking)} persona-safety regression(s)")
     lines = [f"persona-eval compare: {head} ({checked} regression checks; {len(recorded)} record-only crossed)"]
     lines.append(f"  approved: {approved.get('source')} (run {approved.get('run_id')})")
     if candidate:
@@ -250,9 +242,9 @@ def render_baseline_comparison(document: Mapping[str, Any], *, candidate: str = 
     lines.extend(f"  not compared: {note}" for note in document.get("skipped") or [])
     lines.extend(_delta_tables(document.get("comparisons") or []))
     lines.append("")
-    lines.append("Deltas are candidate minus approved; * significant after Holm adjustment (p < 0.05). acc accuracy, "
-                 "consist % generated = most likely label, risk share of C answers, under/over under-/over-triage "
-                 "rate, ECE expected calibration error.")
+    lines.append(f"Deltas are candidate minus approved; * significant after Holm adjustment (p < {ALPHA}). acc "
+                 "accuracy, consist % generated = most likely label, risk share of C answers, under/over "
+                 "under-/over-triage rate, ECE expected calibration error.")
     return lines
 
 
@@ -266,4 +258,27 @@ def served_model_lines(metadata: Mapping[str, Any]) -> list[str]:
             dropped.update(record.get("dropped") or {})
         lines.extend(f"persona-eval: model {model!r}: the server refused {parameter} ({reason}); it was not sent"
                      for parameter, reason in dropped.items())
+    return lines
+
+
+def render_run_notes(summary: Mapping[str, Any], *, errors: Sequence[str] = (), dataset_notes: Sequence[str] = (),
+                     kept_controls: Sequence[str] = (), run_dir: Any = None,
+                     saved_baseline: Any = None) -> list[tuple[str, str | None]]:
+    """The lines after the tables, each with its colour (None, "red" or "yellow"): the problems of the
+    run's files, each model's throughput, served-model and dataset notes, and where the results are."""
+    lines: list[tuple[str, str | None]] = [(f"persona-eval: {error}", "red") for error in errors]
+    metadata = summary["metadata"]
+    for model, row in (metadata.get("throughput") or {}).items():
+        speed = f"{row['tokens_per_second']} generated tokens/s" if row["tokens_per_second"] else "no model calls"
+        lines.append((f"{model}: {row['requests']} requests, {row['cached']} from the cache, up to "
+                      f"{row['max_in_flight']} in flight, {speed} ({row['model_seconds']:.1f} s in the model)", None))
+    lines.extend((line, "yellow") for line in served_model_lines(metadata))
+    lines.extend((f"persona-eval: {note}", "yellow") for note in dataset_notes)
+    if kept_controls:
+        lines.append((f"persona-eval: kept the control(s) {', '.join(kept_controls)} in the run although -k "
+                      "deselected them: every persona is compared with them", None))
+    if run_dir is not None:
+        lines.append((f"Results: {run_dir}/ (report.html, summary.md, cases.jsonl, summary.json)", None))
+    if saved_baseline is not None:
+        lines.append((f"Approved baseline saved: {saved_baseline}", None))
     return lines

@@ -1,37 +1,23 @@
-"""The HTML report's names for metrics, strata, the two controls, judging criteria and persona groups."""
+"""The HTML report's names for metrics, strata, the controls, judging criteria and persona groups."""
 
 from __future__ import annotations
 
+from persona_eval.judges import CRITERIA
 from persona_eval.metrics import METRICS
+from persona_eval.personas import CONTROLS, STUDY_PERSONAS
+from persona_eval.tasks.triage import METRIC_TEXT, STRATUM_TITLES
 
-NO_PERSONA = "no_persona"  # the control the verdict, the figures and the drill-down compare with
-# The two controls every persona is compared against, in the order the page offers them.
-BASELINES = (NO_PERSONA, "helpful_assistant")
-BASELINE_TITLE = {"no_persona": "no persona", "helpful_assistant": "helpful assistant"}
-STRATUM_TITLE = {"all": "All cases", "emergency": "Emergency", "primary_care": "Primary care"}
-METRIC_SHORT = {
-    "accuracy": "Accuracy",
-    "parse_rate": "Parse rate",
-    "risk_propensity": "Risk propensity",
-    "over_triage_rate": "Over-triage",
-    "under_triage_rate": "Under-triage",
-    "risk_sensitivity": "Risk sensitivity",
-    "consistency_rate": "Consistency %",
-    "expected_calibration_error": "Calibration error (ECE)",
-    "brier_score": "Brier score",
-    "too_long_rate": "Too long for the model",
-}
-CRITERION_TITLE = {"safety": "Safety", "helpfulness": "Helpfulness", "factual_accuracy": "Factual accuracy",
-                   "justification": "Clinical justification"}
-GROUP_TITLE = {"medical": "medical", "non_medical": "non-medical", "baseline": "baseline"}
+# A control as named inside a sentence ("vs no persona").
+BASELINE_TITLE = {p.id: p.name.lower() for p in STUDY_PERSONAS if p.id in CONTROLS}
 
 
 def stratum_title(stratum: str) -> str:
-    return STRATUM_TITLE.get(stratum, stratum.replace("_", " ").capitalize())
+    return STRATUM_TITLES.get(stratum, stratum.replace("_", " ").capitalize())
 
 
 def metric_title(metric: str) -> str:
-    return METRIC_SHORT.get(metric, metric.replace("_", " ").capitalize())
+    text = METRIC_TEXT.get(metric)
+    return text.title if text else metric.replace("_", " ").capitalize()
 
 
 def metric_phrase(metric: str) -> str:
@@ -46,7 +32,8 @@ def metric_description(metric: str) -> str:
 
 
 def criterion_title(criterion: str) -> str:
-    return CRITERION_TITLE.get(criterion, criterion.replace("_", " ").capitalize())
+    spec = CRITERIA.get(criterion)
+    return spec.heading if spec else criterion.replace("_", " ").capitalize()
 
 
 def direction(metric: str, delta: float) -> str:

@@ -7,12 +7,14 @@ from typing import Any
 
 from markupsafe import Markup
 
+from persona_eval.gate import STATE_WORDS
 from persona_eval.metrics import METRICS
+from persona_eval.personas import BASELINE
 from persona_eval.report.format import ci_text, esc, fmt, fmt_p, number, ordered_unique
 from persona_eval.report.run import Run
-from persona_eval.report.titles import NO_PERSONA, direction, metric_phrase, stratum_title
+from persona_eval.report.titles import direction, metric_phrase, stratum_title
+from persona_eval.tasks.triage import REPORT_STRATA
 
-STATE_WORDS = {"passed": "PASSED", "failed": "FAILED", "not_checked": "NOT CHECKED"}
 # How many significant differences the verdict lists before folding the rest away.
 _EFFECTS_SHOWN = 10
 _RECORDED_SHOWN = 5
@@ -68,14 +70,14 @@ def _significant_lines(run: Run) -> list[tuple[str, str]]:
     """(css class, text) of each significant comparison against no_persona, worst first."""
     found = []
     for comparison in run.comparisons.values():
-        if comparison.get("baseline") != NO_PERSONA or not comparison.get("significant"):
+        if comparison.get("baseline") != BASELINE or not comparison.get("significant"):
             continue
         metric = str(comparison.get("metric"))
         delta = number(comparison.get("delta"))
         found.append((direction(metric, delta) if delta is not None else "changed", comparison))
     order = {"worse": 0, "changed": 1, "better": 2}
     models = ordered_unique(m for m, _ in run.model_tasks())
-    strata = ["all", "emergency", "primary_care"]
+    strata = list(REPORT_STRATA)
     metrics = list(METRICS)
 
     def rank(items: list[str], value: Any) -> int:

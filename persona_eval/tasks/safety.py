@@ -19,6 +19,7 @@ from dataclasses import dataclass
 __all__ = [
     "CATEGORIES",
     "CATEGORY_KEYS",
+    "MAX_NEW_TOKENS",
     "METRIC_NAMES",
     "PRESSURE_SUFFIX",
     "REPORT_STRATA",
@@ -30,6 +31,7 @@ __all__ = [
 
 TASK = "safety"
 TEMPLATE_VERSION = "safety-v1"
+MAX_NEW_TOKENS = 64  # the default answer budget
 
 # The five categories of the public patient-safety benchmark, by the integer its files use.
 CATEGORIES: dict[int, str] = {

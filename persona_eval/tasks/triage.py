@@ -18,10 +18,15 @@ __all__ = [
     "LABELS",
     "LABEL_METRIC_NAMES",
     "LABEL_TEXT",
+    "MAX_NEW_TOKENS",
     "METRIC_NAMES",
+    "METRIC_TEXT",
     "REPORT_STRATA",
     "STRATA",
+    "STRATUM_PHRASES",
+    "STRATUM_TITLES",
     "TEMPLATE_VERSION",
+    "MetricText",
     "TriageCase",
     "render_intake",
     "user_message",
@@ -47,8 +52,48 @@ LABEL_METRIC_NAMES: tuple[str, ...] = (
 METRIC_NAMES: tuple[str, ...] = (*LABEL_METRIC_NAMES, "too_long_rate")
 # Report strata: each stratum of the dataset, and all cases together.
 REPORT_STRATA: tuple[str, ...] = ("all", *STRATA)
+# How a stratum is named: as a heading of the report, and inside a line of the terminal summary.
+STRATUM_TITLES: dict[str, str] = {"all": "All cases", "emergency": "Emergency", "primary_care": "Primary care"}
+STRATUM_PHRASES: dict[str, str] = {"all": "all cases", "emergency": "emergency stratum",
+                                   "primary_care": "primary-care stratum"}
+
+
+@dataclass(frozen=True)
+class MetricText:
+    """How a metric is written. ``title`` heads the report's rows and columns ("Calibration error (ECE)");
+    ``label`` names it in a sentence such as a bound's message ("expected calibration error");
+    ``delta_label``, where it is given, names it before a difference in the terminal instead ("calibration
+    error (ECE)"); ``column`` heads a narrow terminal column ("ECE"); values are written with ``decimals``
+    decimals in every table."""
+
+    title: str
+    label: str
+    column: str
+    decimals: int = 2
+    delta_label: str = ""
+
+    @property
+    def difference_label(self) -> str:
+        return self.delta_label or self.label
+
+
+METRIC_TEXT: dict[str, MetricText] = {
+    "accuracy": MetricText("Accuracy", "accuracy", "acc"),
+    "parse_rate": MetricText("Parse rate", "parse rate", "parsed"),
+    "risk_propensity": MetricText("Risk propensity", "risk propensity", "risk"),
+    "over_triage_rate": MetricText("Over-triage", "over-triage rate", "over"),
+    "under_triage_rate": MetricText("Under-triage", "under-triage rate", "under"),
+    "risk_sensitivity": MetricText("Risk sensitivity", "risk sensitivity", "r.sens"),
+    "consistency_rate": MetricText("Consistency %", "consistency rate", "consist", decimals=0,
+                                   delta_label="consistency (%)"),
+    "expected_calibration_error": MetricText("Calibration error (ECE)", "expected calibration error", "ECE",
+                                             decimals=3, delta_label="calibration error (ECE)"),
+    "brier_score": MetricText("Brier score", "Brier score", "Brier", decimals=3),
+    "too_long_rate": MetricText("Too long for the model", "too long rate", "long"),
+}
 
 TEMPLATE_VERSION = "triage-v1"
+MAX_NEW_TOKENS = 32  # the default answer budget: "Answer: C" and one sentence
 INTAKE_TEMPLATE_VERSION = "intake-v1"
 
 # Structured intake fields, in the order the intake template renders them.
