@@ -1,0 +1,255 @@
+"""The settings of a persona-eval session: the parsed ``--pe-*`` options, checked, and the datasets they
+name, loaded once before any model runs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from persona_eval.backends import ModelSpec, load_models_file, parse_model_spec
+from persona_eval.cache import default_cache_dir
+from persona_eval.comparisons import DEFAULT_RESAMPLES, ComparisonSettings, check_same_dataset
+from persona_eval.data import DatasetReport, load_safety_queries, load_triage_cases
+from persona_eval.errors import PersonaEvalError
+from persona_eval.evaluation import TOO_LONG_MODES
+from persona_eval.gate import ResultSet, load_results
+from persona_eval.judges import DEFAULT_JUDGE_MAX_NEW_TOKENS, DEFAULT_PANEL, JudgeSpec, parse_judge_specs
+from persona_eval.personas import Persona, PersonaRegistry, load_personas
+from persona_eval.tasks import safety, triage
+from persona_eval.tasks.safety import SafetyQuery
+from persona_eval.thresholds import Thresholds, load_thresholds
+
+__all__ = ["DEFAULT_DATASETS", "DEFAULT_MAX_NEW_TOKENS", "OPTIONS", "TASKS", "Settings",
+           "check_approved_dataset", "check_datasets", "limit_cases", "limit_per_stratum", "limit_queries",
+           "parse_settings"]
+
+Item = TypeVar("Item")
+
+DEFAULT_DATASETS = {"triage": "fixtures/triage/vignettes.jsonl", "safety": "fixtures/safety/queries.jsonl"}
+DEFAULT_MAX_NEW_TOKENS = {"triage": triage.MAX_NEW_TOKENS, "safety": safety.MAX_NEW_TOKENS}
+TASKS = ("triage", "safety")
+
+# The --pe-* options: (flag, keyword arguments of argparse's add_argument). parse_settings reads and checks
+# them; the plugin registers them.
+OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--pe-model", dict(action="append", default=[], metavar="SPEC", help="model to evaluate, repeatable: smollm2 "
+            "(default), hf:PATH_OR_HUB_ID, openai:MODEL@BASE_URL, or a name from --pe-models-file")),
+    ("--pe-models-file", dict(metavar="PATH", help="YAML file of named models with options")),
+    ("--pe-persona", dict(action="append", default=[], metavar="ID", help="persona to run, repeatable (default: all; "
+            "no_persona is always included)")),
+    ("--pe-personas-file", dict(metavar="PATH", help="YAML file of additional personas")),
+    ("--pe-dataset", dict(action="append", default=[], metavar="TASK=PATH", help="dataset of a task, e.g. "
+            "triage=data/my_cases.jsonl (JSONL or CSV)")),
+    ("--pe-thresholds", dict(metavar="PATH", help="thresholds YAML (default: the bundled one)")),
+    ("--pe-limit", dict(type=int, metavar="N", help="first N cases of each stratum only")),
+    ("--pe-no-cache", dict(action="store_true", help="do not read or write the result cache")),
+    ("--pe-cache-dir", dict(metavar="DIR", help="cache and prepared-model folder (default: $PERSONA_EVAL_CACHE_DIR "
+            "or ~/.cache/persona-eval)")),
+    ("--pe-max-new-tokens", dict(type=int, metavar="N", help="generation length of every task's answers "
+            f"(default: triage {triage.MAX_NEW_TOKENS}, safety {safety.MAX_NEW_TOKENS})")),
+    ("--pe-batch-size", dict(type=int, metavar="N", help="batch size of local models (16)")),
+    ("--pe-reports-dir", dict(metavar="DIR", help="where runs are written (default: ./reports)")),
+    ("--pe-quiet", dict(action="store_true", help="no progress lines")),
+    ("--pe-judge", dict(action="append", default=[], metavar="[NAME=]SPEC", help="a judge of the safety panel, "
+            "repeatable (a model spec or a --pe-models-file name; default: the embedded model)")),
+    ("--pe-judge-max-new-tokens", dict(type=int, default=DEFAULT_JUDGE_MAX_NEW_TOKENS, metavar="N",
+            help=f"generation length of a judge's ranking ({DEFAULT_JUDGE_MAX_NEW_TOKENS})")),
+    ("--pe-judge-triage", dict(action="store_true", help="triage: also have the judge panel rank the personas' "
+            "clinical justifications")),
+    ("--pe-pressure-suffix", dict(metavar="TEXT", help="append TEXT to every safety query ('study': the study's "
+            "sentence about having no access to care and wanting a brief answer); off by default")),
+    ("--pe-seed", dict(type=int, default=0, metavar="N", help="seed of the judges' presentation orders and the "
+            "review sampling (0)")),
+    ("--pe-baseline", dict(metavar="PATH", help="approved baseline (a file from --pe-save-baseline, or a run "
+            "folder): compare this run with it case by case and fail the session on a significant regression")),
+    ("--pe-save-baseline", dict(metavar="PATH", help="write this run's per-case results to PATH as an approved "
+            "baseline")),
+    ("--pe-bootstrap-resamples", dict(type=int, metavar="N", help="bootstrap resamples of the paired comparisons "
+            f"(default {DEFAULT_RESAMPLES})")),
+    ("--pe-timeout", dict(type=float, metavar="SECONDS", help="served models: seconds to wait for one answer before "
+            "trying again (default: the models file's timeout, else 120)")),
+    ("--pe-retries", dict(type=int, metavar="N", help="served models: tries after the first on a timeout, connection "
+            "error, 429 or 5xx (default: the models file's max_retries, else 5)")),
+    ("--pe-max-prompt-tokens", dict(type=int, metavar="N", help="longest prompt sent, in tokens (default: what fits "
+            "the model's context with the answer); a longer case stops the run naming its file and line")),
+    ("--pe-too-long", dict(choices=TOO_LONG_MODES, default="error", help="a case whose prompt does not fit the "
+            "model: 'error' (default) stops the run naming it; 'record' keeps it as a per-case result the model "
+            "never saw, counted in too_long_rate")),
+    ("--pe-allow-unchecked", dict(action="store_true", help="a fail bound or rule that could not be checked (too few "
+            "cases, its control or stratum did not run, no label probabilities) does not fail the session; the "
+            "verdict still says NOT CHECKED")),
+]
+
+
+@dataclass
+class Settings:
+    """The parsed persona-eval options of a session."""
+
+    models: list[ModelSpec]
+    personas: list[Persona]
+    registry: PersonaRegistry
+    datasets: dict[str, Path]
+    thresholds: Thresholds
+    limit: int | None
+    use_cache: bool
+    cache_dir: Path
+    max_new_tokens: dict[str, int]
+    batch_size: int | None
+    reports_dir: Path
+    quiet: bool
+    comparison: ComparisonSettings = field(default_factory=ComparisonSettings)
+    approved: ResultSet | None = None
+    save_baseline: Path | None = None
+    judges: list[JudgeSpec] = field(default_factory=list)
+    judge_max_new_tokens: int = DEFAULT_JUDGE_MAX_NEW_TOKENS
+    pressure_suffix: str | None = None
+    seed: int = 0
+    judge_triage: bool = False
+    allow_unchecked: bool = False
+    timeout: float | None = None
+    retries: int | None = None
+    max_prompt_tokens: int | None = None
+    too_long: str = "error"
+
+
+def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Settings:
+    """The Settings of the options in `option` (pytest's parsed options: attributes ``pe_*``), with paths
+    relative to the project folder `root`. Only the controller (`controller`) reads an approved baseline.
+    A bad value is a PersonaEvalError naming the option."""
+    named = load_models_file(option.pe_models_file) if option.pe_models_file else {}
+    models = [parse_model_spec(spec, named) for spec in (option.pe_model or ["smollm2"])]
+    names = [m.name for m in models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PersonaEvalError(f"two --pe-model specs share the name {duplicates[0]!r}; give one of them a "
+                               "name in a models file (--pe-models-file)")
+    registry = load_personas(option.pe_personas_file)
+    personas = registry.select(option.pe_persona or None)
+    thresholds = load_thresholds(option.pe_thresholds)
+    # A filter that names no persona or model of this run would make its entry apply to nobody.
+    thresholds.check_names(personas=registry.ids, models=names)
+    datasets = {task: root / path for task, path in DEFAULT_DATASETS.items()}
+    for entry in option.pe_dataset:
+        task, sep, path = entry.partition("=")
+        if not sep or not path:
+            raise PersonaEvalError(f"--pe-dataset {entry!r}: expected TASK=PATH, e.g. triage=cases.jsonl")
+        if task not in DEFAULT_DATASETS:
+            raise PersonaEvalError(f"--pe-dataset {entry!r}: unknown task {task!r}; "
+                                   f"known: {', '.join(DEFAULT_DATASETS)}")
+        datasets[task] = Path(path)
+    for flag, value, lowest in (("--pe-limit", option.pe_limit, 1), ("--pe-batch-size", option.pe_batch_size, 1),
+                                ("--pe-judge-max-new-tokens", option.pe_judge_max_new_tokens, 1),
+                                ("--pe-seed", option.pe_seed, 0), ("--pe-retries", option.pe_retries, 0),
+                                ("--pe-max-prompt-tokens", option.pe_max_prompt_tokens, 1)):
+        if value is not None and value < lowest:
+            raise PersonaEvalError(f"{flag} must be at least {lowest}, got {value}")
+    max_new_tokens = dict(DEFAULT_MAX_NEW_TOKENS)
+    if option.pe_max_new_tokens is not None:
+        if option.pe_max_new_tokens < 1:
+            raise PersonaEvalError(f"--pe-max-new-tokens must be at least 1, got {option.pe_max_new_tokens}")
+        max_new_tokens = dict.fromkeys(max_new_tokens, option.pe_max_new_tokens)
+    if option.pe_timeout is not None and not (option.pe_timeout > 0 and option.pe_timeout < float("inf")):
+        raise PersonaEvalError(f"--pe-timeout must be a positive number of seconds, got {option.pe_timeout:g}")
+    resamples = option.pe_bootstrap_resamples
+    if resamples is not None and resamples < 1:
+        raise PersonaEvalError(f"--pe-bootstrap-resamples must be at least 1, got {resamples}")
+    comparison = ComparisonSettings() if resamples is None else ComparisonSettings(n_resamples=resamples)
+    # Only the controller compares runs: workers neither read nor write baselines.
+    approved = None
+    if controller and option.pe_baseline:
+        try:
+            approved = load_results(option.pe_baseline)
+        except PersonaEvalError as exc:
+            raise PersonaEvalError(f"--pe-baseline: {exc}") from None
+    return Settings(
+        models=models,
+        personas=personas,
+        registry=registry,
+        datasets=datasets,
+        thresholds=thresholds,
+        limit=option.pe_limit,
+        use_cache=not option.pe_no_cache,
+        cache_dir=Path(option.pe_cache_dir) if option.pe_cache_dir else default_cache_dir(),
+        max_new_tokens=max_new_tokens,
+        batch_size=option.pe_batch_size,
+        reports_dir=Path(option.pe_reports_dir) if option.pe_reports_dir else root / "reports",
+        quiet=option.pe_quiet,
+        comparison=comparison,
+        approved=approved,
+        save_baseline=Path(option.pe_save_baseline) if option.pe_save_baseline else None,
+        judges=parse_judge_specs(option.pe_judge, named) if option.pe_judge else list(DEFAULT_PANEL),
+        judge_max_new_tokens=option.pe_judge_max_new_tokens,
+        pressure_suffix=(safety.PRESSURE_SUFFIX if option.pe_pressure_suffix == "study"
+                         else option.pe_pressure_suffix),
+        seed=option.pe_seed,
+        judge_triage=option.pe_judge_triage,
+        allow_unchecked=option.pe_allow_unchecked,
+        timeout=option.pe_timeout,
+        retries=option.pe_retries,
+        max_prompt_tokens=option.pe_max_prompt_tokens,
+        too_long=option.pe_too_long,
+    )
+
+
+def limit_per_stratum(items: list[Item], limit: int | None, stratum: Callable[[Item], Hashable]) -> list[Item]:
+    """The first `limit` items of each stratum (all of them when `limit` is None), in file order."""
+    if limit is None:
+        return items
+    seen: Counter[Hashable] = Counter()
+    limited = []
+    for item in items:
+        seen[stratum(item)] += 1
+        if seen[stratum(item)] <= limit:
+            limited.append(item)
+    return limited
+
+
+def limit_cases(cases: list[triage.TriageCase], limit: int | None) -> list[triage.TriageCase]:
+    """The first `limit` triage cases of each stratum."""
+    return limit_per_stratum(cases, limit, lambda case: case.stratum)
+
+
+def check_approved_dataset(settings: Settings, cases: list[triage.TriageCase] | None) -> None:
+    """Before any model runs: the cases this run will evaluate (`cases`, when the controller already loaded
+    them) are those of the approved baseline (same ids, reference labels and strata), or a usage error
+    naming the ids that differ. A default dataset that does not load is left to the triage fixture, which
+    reports it."""
+    if settings.approved is None:
+        return
+    if cases is None:
+        try:
+            cases = load_triage_cases(settings.datasets["triage"])
+        except PersonaEvalError:
+            return
+    cases = limit_cases(cases, settings.limit)
+    planned = [{"task": triage.TASK, "case_id": c.id, "reference": c.reference, "stratum": c.stratum}
+               for c in cases]
+    check_same_dataset(planned, settings.approved.records, tasks=[triage.TASK])
+
+
+def check_datasets(settings: Settings, given: set[str]) -> tuple[list[triage.TriageCase] | None,
+                                                                dict[str, DatasetReport]]:
+    """Load every dataset once on the controller, before any worker starts: each one the user named
+    with --pe-dataset (the tasks in `given`), and each default one that exists (a project of its own may
+    have none). A malformed line is then one usage error, with or without pytest-xdist. Returns the triage
+    cases when they were loaded, and each task's report of the fields its file holds that persona-eval
+    does not use."""
+    cases = None
+    reports: dict[str, DatasetReport] = {}
+    for task, path in settings.datasets.items():
+        if task not in given and not path.is_file():
+            continue
+        reports[task] = DatasetReport()
+        if task == "triage":
+            cases = load_triage_cases(path, report=reports[task])
+        else:
+            load_safety_queries(path, report=reports[task])
+    return cases, reports
+
+
+def limit_queries(queries: list[SafetyQuery], limit: int | None) -> list[SafetyQuery]:
+    """The first `limit` safety queries of each category."""
+    return limit_per_stratum(queries, limit, lambda query: query.category)

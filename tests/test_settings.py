@@ -1,0 +1,66 @@
+"""The --pe-* options as persona_eval.settings parses and checks them, without a pytest session."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from persona_eval.errors import PersonaEvalError
+from persona_eval.settings import DEFAULT_DATASETS, DEFAULT_MAX_NEW_TOKENS, OPTIONS, limit_per_stratum, parse_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def options(*argv: str) -> argparse.Namespace:
+    """The options as pytest would parse them from `argv` (the same flags and defaults)."""
+    parser = argparse.ArgumentParser()
+    for flag, kwargs in OPTIONS:
+        parser.add_argument(flag, **kwargs)
+    return parser.parse_args(list(argv))
+
+
+def test_every_option_is_a_pe_flag_with_help_and_a_destination_the_parser_reads() -> None:
+    flags = [flag for flag, _ in OPTIONS]
+    assert len(flags) == len(set(flags))
+    for flag, kwargs in OPTIONS:
+        assert flag.startswith("--pe-") and kwargs["help"]
+    namespace = vars(options())
+    assert set(namespace) == {flag[2:].replace("-", "_") for flag in flags}
+
+
+def test_defaults_give_the_bundled_datasets_and_budgets() -> None:
+    settings = parse_settings(options(), REPO)
+    assert settings.datasets == {task: REPO / path for task, path in DEFAULT_DATASETS.items()}
+    assert settings.max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    assert [model.name for model in settings.models] == ["smollm2"]
+    assert settings.personas[0].id == "no_persona"
+    assert settings.use_cache and settings.too_long == "error" and settings.approved is None
+
+
+def test_one_max_new_tokens_applies_to_every_task() -> None:
+    settings = parse_settings(options("--pe-max-new-tokens", "512"), REPO)
+    assert set(settings.max_new_tokens.values()) == {512}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--pe-limit", "0"], "--pe-limit must be at least 1, got 0"),
+    (["--pe-retries", "-1"], "--pe-retries must be at least 0, got -1"),
+    (["--pe-timeout", "nan"], "--pe-timeout must be a positive number of seconds, got nan"),
+    (["--pe-max-new-tokens", "0"], "--pe-max-new-tokens must be at least 1, got 0"),
+    (["--pe-bootstrap-resamples", "0"], "--pe-bootstrap-resamples must be at least 1, got 0"),
+    (["--pe-dataset", "triage"], "--pe-dataset 'triage': expected TASK=PATH"),
+    (["--pe-dataset", "triaje=x.jsonl"], "unknown task 'triaje'"),
+    (["--pe-model", "smollm2", "--pe-model", "smollm2"], "two --pe-model specs share the name 'smollm2'"),
+])
+def test_a_bad_value_is_one_error_naming_the_option(argv: list[str], message: str) -> None:
+    with pytest.raises(PersonaEvalError) as raised:
+        parse_settings(options(*argv), REPO)
+    assert message in str(raised.value)
+
+
+def test_limit_keeps_the_first_items_of_each_stratum_in_file_order() -> None:
+    items = [("a", 1), ("b", 2), ("a", 3), ("a", 4), ("b", 5), ("c", 6)]
+    assert limit_per_stratum(items, 2, lambda item: item[0]) == [("a", 1), ("b", 2), ("a", 3), ("b", 5), ("c", 6)]
+    assert limit_per_stratum(items, None, lambda item: item[0]) is items
