@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, Protocol
 
 from persona_eval.comparisons import COMPARED_METRICS
 from persona_eval.errors import ConfigError, describe_config_value
@@ -185,6 +185,28 @@ def format_number(value: float) -> str:
     return _format_pair(value, value)[0]
 
 
+class _Filtered(Protocol):
+    @property
+    def groups(self) -> tuple[str, ...] | None: ...
+    @property
+    def personas(self) -> tuple[str, ...] | None: ...
+    @property
+    def models(self) -> tuple[str, ...] | None: ...
+
+
+def _filters_match(entry: _Filtered, *, model: str, persona: str, persona_group: str | None) -> bool:
+    """Whether a bound or rule applies to (model, persona): every filter it has names them."""
+    return ((entry.groups is None or persona_group in entry.groups)
+            and (entry.personas is None or persona in entry.personas)
+            and (entry.models is None or model in entry.models))
+
+
+def _filters_json(entry: _Filtered) -> dict[str, list[str] | None]:
+    return {"groups": list(entry.groups) if entry.groups is not None else None,
+            "personas": list(entry.personas) if entry.personas is not None else None,
+            "models": list(entry.models) if entry.models is not None else None}
+
+
 @dataclass(frozen=True)
 class Bound:
     """One bound of a thresholds file: `metric` of `task` on `stratum` must stay within [min, max].
@@ -216,9 +238,7 @@ class Bound:
             object.__setattr__(self, "min_cases", DEFAULT_MIN_CASES[self.mode])
 
     def applies_to(self, model: str, persona: Persona) -> bool:
-        return ((self.groups is None or persona.group in self.groups)
-                and (self.personas is None or persona.id in self.personas)
-                and (self.models is None or model in self.models))
+        return _filters_match(self, model=model, persona=persona.id, persona_group=persona.group)
 
     def describe_limit(self) -> str:
         """The bound in words: "the maximum 0.100", "the range 0.200 to 0.800"."""
@@ -270,9 +290,7 @@ class Bound:
             "max": self.max,
             "mode": self.mode,
             "min_cases": self.min_cases,
-            "groups": list(self.groups) if self.groups is not None else None,
-            "personas": list(self.personas) if self.personas is not None else None,
-            "models": list(self.models) if self.models is not None else None,
+            **_filters_json(self),
             "why": self.why,
         }
 
@@ -412,9 +430,7 @@ class RegressionRule:
             object.__setattr__(self, "min_cases", DEFAULT_MIN_CASES[self.mode])
 
     def applies_to(self, *, model: str, persona: str, persona_group: str | None) -> bool:
-        return ((self.groups is None or persona_group in self.groups)
-                and (self.personas is None or persona in self.personas)
-                and (self.models is None or model in self.models))
+        return _filters_match(self, model=model, persona=persona, persona_group=persona_group)
 
     def crossed_by(self, delta: float) -> bool:
         """Whether `delta` (persona minus baseline) is worse than the tolerance."""
@@ -430,9 +446,7 @@ class RegressionRule:
             "mode": self.mode,
             "min_cases": self.min_cases,
             "baseline": self.baseline,
-            "groups": list(self.groups) if self.groups is not None else None,
-            "personas": list(self.personas) if self.personas is not None else None,
-            "models": list(self.models) if self.models is not None else None,
+            **_filters_json(self),
             "why": self.why,
         }
 

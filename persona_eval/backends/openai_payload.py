@@ -1,0 +1,265 @@
+"""The pure half of the OpenAI-compatible backend: request bodies built and response bodies read as plain
+dicts, tested without a network (persona_eval.backends.openai_compat is the transport)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from persona_eval.backends.base import (
+    Generation,
+    GenerationConfig,
+    LabelScoring,
+    TokenScores,
+    logsumexp,
+)
+from persona_eval.errors import BackendError, ConfigError
+from persona_eval.prompts import RenderedMessages
+
+__all__ = [
+    "build_chat_payload",
+    "build_label_tokenize_payload",
+    "build_prompt_scoring_payload",
+    "build_tokenize_payload",
+    "decoding_sent",
+    "parse_chat_response",
+    "parse_model_card",
+    "parse_process_start",
+    "parse_prompt_scoring_response",
+    "parse_tokenize_response",
+    "ranking_schema",
+    "shorten",
+    "transcript",
+]
+
+ERROR_TEXT_LIMIT = 300  # characters of a server's reply quoted in an error message
+_PROCESS_START = re.compile(r"^process_start_time_seconds(?:\{[^}]*\})?\s+(\S+)\s*$", re.MULTILINE)
+
+
+def transcript(request: RenderedMessages) -> str:
+    """A readable transcript of the chat messages, ending with the opened assistant turn.
+
+    >>> from persona_eval.prompts import RenderedMessages
+    >>> print(transcript(RenderedMessages((("system", ""), ("user", "Hi")), "")))
+    <|system|>
+    <BLANKLINE>
+    <|user|>
+    Hi
+    <|assistant|>
+    <BLANKLINE>
+    """
+    return "".join(f"<|{role}|>\n{content}\n" for role, content in request.messages) + "<|assistant|>\n"
+
+
+def ranking_schema(k: int) -> dict[str, Any]:
+    """The JSON schema of {"ranking": [k integers in 1..k]} (uniqueness is checked by the caller)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"constrained_ranking must be a positive integer, got {k!r}")
+    return {
+        "type": "object",
+        "properties": {"ranking": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": k},
+                                   "minItems": k, "maxItems": k}},
+        "required": ["ranking"],
+        "additionalProperties": False,
+    }
+
+
+def build_chat_payload(request: RenderedMessages, config: GenerationConfig, scoring: LabelScoring | None,
+                       *, model: str) -> dict[str, Any]:
+    """The body of a chat completion for `request`; with `scoring`, log-probabilities are asked for."""
+    payload: dict[str, Any] = {
+        "model": model,
+        "messages": request.as_dicts(),
+        "max_completion_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+    }
+    if scoring is not None:
+        payload["logprobs"] = True
+        payload["top_logprobs"] = scoring.top_logprobs
+    if config.constrained_ranking is not None:
+        payload["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "ranking", "schema": ranking_schema(config.constrained_ranking), "strict": True}}
+    return payload
+
+
+def decoding_sent(payload: Mapping[str, Any], config: GenerationConfig) -> dict[str, Any]:
+    """The decoding record (see :func:`~persona_eval.backends.base.requested_decoding`, without
+    ``dropped``) of a chat completion body as it is sent."""
+    return {
+        "temperature": payload.get("temperature"),
+        "top_p": payload.get("top_p"),
+        "max_tokens": payload.get("max_completion_tokens"),
+        "stop": payload.get("stop"),
+        "logprobs": bool(payload.get("logprobs", False)),
+        "top_logprobs": payload.get("top_logprobs"),
+        "constrained_ranking": config.constrained_ranking if "response_format" in payload else None,
+    }
+
+
+def parse_model_card(data: Any, model: str) -> dict[str, Any] | None:
+    """The card of `model` in a /v1/models body, or None when it is not listed there."""
+    cards = data.get("data") if isinstance(data, Mapping) else None
+    if not isinstance(cards, list):
+        return None
+    for card in cards:
+        if isinstance(card, Mapping) and card.get("id") == model:
+            return dict(card)
+    return None
+
+
+def parse_process_start(metrics: str) -> str | None:
+    """``process_start_time_seconds`` of a Prometheus text body, as an ISO 8601 UTC time, or None.
+
+    >>> parse_process_start("# TYPE process_start_time_seconds gauge\\nprocess_start_time_seconds 1.7961192e+09\\n")
+    '2026-12-01T10:00:00.000Z'
+    """
+    match = _PROCESS_START.search(metrics)
+    if match is None:
+        return None
+    try:
+        seconds = float(match.group(1))
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None
+    moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _first_choice(data: Mapping[str, Any], what: str) -> Mapping[str, Any]:
+    choices = data.get("choices") if isinstance(data, Mapping) else None
+    if not choices or not isinstance(choices[0], Mapping):
+        raise BackendError(f"the {what} response has no choices: {shorten(json.dumps(data, default=str))}")
+    return choices[0]
+
+
+def _usage(data: Mapping[str, Any]) -> dict[str, int]:
+    usage = data.get("usage") or {}
+    return {name: int(usage[name]) for name in ("prompt_tokens", "completion_tokens")
+            if isinstance(usage.get(name), int)}
+
+
+def _token_bytes(entry: Mapping[str, Any]) -> bytes:
+    raw = entry.get("bytes")
+    if isinstance(raw, list):
+        return bytes(raw)
+    return str(entry.get("token", "")).encode("utf-8")
+
+
+def _spelling_labels(scoring: LabelScoring) -> dict[str, str]:
+    """Each spelling of a label ("A", " A", "\nA") -> the label."""
+    return {spelling: label for label in reversed(scoring.labels) for spelling in scoring.variants(label)}
+
+
+def _label_scores(top: Sequence[Mapping[str, Any]], labels: Sequence[str], spelling_labels: Mapping[str, str]
+                  ) -> dict[str, float | None]:
+    found: dict[str, list[float]] = {}
+    for alternative in top:
+        label = spelling_labels.get(alternative.get("token"))  # type: ignore[arg-type]
+        if label is not None:
+            found.setdefault(label, []).append(float(alternative["logprob"]))
+    return {label: logsumexp(found[label]) if label in found else None for label in labels}
+
+
+def _token_scores(content: Sequence[Mapping[str, Any]], text: str, scoring: LabelScoring) -> list[TokenScores]:
+    """TokenScores for the tokens whose text makes up `text`, at their character offsets.
+
+    Offsets come from the tokens' bytes (a character split over two tokens starts where its first byte
+    is). A token that does not continue the text, such as the end-of-turn token vLLM lists after the
+    last one, is left out, as the transformers backend leaves out its stop token."""
+    spelling_labels = _spelling_labels(scoring)
+    tokens: list[TokenScores] = []
+    consumed = b""
+    for entry in content:
+        piece = _token_bytes(entry)
+        extended = consumed + piece
+        if not text.startswith(extended.decode("utf-8", errors="ignore")):
+            continue
+        top = entry.get("top_logprobs") or []
+        floor = min((float(t["logprob"]) for t in top), default=None)
+        tokens.append(TokenScores(offset=len(consumed.decode("utf-8", errors="replace")),
+                                  token=piece.decode("utf-8", errors="replace"),
+                                  label_logprobs=_label_scores(top, scoring.labels, spelling_labels), floor=floor))
+        consumed = extended
+    return tokens
+
+
+def parse_chat_response(data: Mapping[str, Any], scoring: LabelScoring | None) -> Generation:
+    """The Generation in a chat completion body. ``tokens`` is None without `scoring` or when the
+    server sent no log-probabilities."""
+    choice = _first_choice(data, "chat completion")
+    message = choice.get("message") or {}
+    text = message.get("content") or ""
+    tokens = None
+    logprobs = choice.get("logprobs")
+    if scoring is not None and isinstance(logprobs, Mapping) and logprobs.get("content") is not None:
+        tokens = _token_scores(logprobs["content"], text, scoring)
+    return Generation(text=text, tokens=tokens, finish_reason=choice.get("finish_reason"), usage=_usage(data))
+
+
+def build_tokenize_payload(request: RenderedMessages, scoring: LabelScoring, *, model: str) -> dict[str, Any]:
+    """The body of vLLM's /tokenize for the prompt of `request` with the assistant turn opened and
+    ``scoring.answer_prefix`` written: the tokens the label is read after."""
+    return {
+        "model": model,
+        "messages": [*request.as_dicts(), {"role": "assistant", "content": scoring.answer_prefix}],
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+        "add_special_tokens": False,
+    }
+
+
+def build_label_tokenize_payload(spelling: str, *, model: str) -> dict[str, Any]:
+    """The body of vLLM's /tokenize for one label spelling on its own (as the transformers backend
+    encodes it)."""
+    return {"model": model, "prompt": spelling, "add_special_tokens": False}
+
+
+def parse_tokenize_response(data: Mapping[str, Any]) -> list[int]:
+    tokens = data.get("tokens") if isinstance(data, Mapping) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise BackendError(f"the /tokenize response has no token list: {shorten(json.dumps(data, default=str))}")
+    return tokens
+
+
+def build_prompt_scoring_payload(prompt_tokens: Sequence[int], label_tokens: Mapping[str, Sequence[int]],
+                                 *, model: str) -> dict[str, Any]:
+    """The body of one completions call that scores every label token after `prompt_tokens`: one prompt
+    per (label, token), in label order, each echoed with its log-probabilities and nothing generated."""
+    prompts = [[*prompt_tokens, token] for label in label_tokens for token in label_tokens[label]]
+    return {"model": model, "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
+
+
+def parse_prompt_scoring_response(data: Mapping[str, Any], label_tokens: Mapping[str, Sequence[int]]
+                                  ) -> dict[str, float | None]:
+    """Each label's log-probability (logsumexp over its tokens) from the completions body that
+    :func:`build_prompt_scoring_payload` asked for; None for a label with no single-token spelling."""
+    choices = data.get("choices") if isinstance(data, Mapping) else None
+    expected = sum(len(tokens) for tokens in label_tokens.values())
+    if not isinstance(choices, list) or len(choices) != expected:
+        raise BackendError(f"the prompt-scoring response has {len(choices) if isinstance(choices, list) else 'no'} "
+                           f"choices, expected {expected}")
+    ordered = sorted(choices, key=lambda c: int(c.get("index", 0)))
+    values: list[float] = []
+    for choice in ordered:
+        logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
+        if not logprobs or logprobs[-1] is None:
+            raise BackendError("the prompt-scoring response has no log-probability for the label token "
+                               "(does the server support echo with logprobs?)")
+        values.append(float(logprobs[-1]))
+    scores: dict[str, float | None] = {}
+    position = 0
+    for label, tokens in label_tokens.items():
+        found = values[position:position + len(tokens)]
+        position += len(tokens)
+        scores[label] = logsumexp(found) if found else None
+    return scores
+
+
+def shorten(text: str) -> str:
+    """`text` cut to ERROR_TEXT_LIMIT characters, for an error message that quotes a reply."""
+    return text if len(text) <= ERROR_TEXT_LIMIT else text[:ERROR_TEXT_LIMIT] + "..."
