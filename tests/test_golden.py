@@ -88,19 +88,21 @@ class _Text(HTMLParser):
             self.lines.append(text)
 
 
-def _report_text(html: str) -> str:
+def _report_text(html: str, packages: dict[str, str]) -> str:
     parser = _Text()
     parser.feed(html)
     lines = parser.lines
     # The report's metadata lists each key on a line with its value on the next.
     for index in range(1, len(lines)):
-        if lines[index - 1] in VOLATILE_KEYS or lines[index - 1].replace(" ", "_") in VOLATILE_KEYS:
+        label = lines[index - 1]
+        if label in VOLATILE_KEYS or label.replace(" ", "_") in VOLATILE_KEYS or packages.get(label) == lines[index]:
             lines[index] = "<volatile>"
     return "\n".join(lines) + "\n"
 
 
-# What differs between any two runs of the same command: times, durations and what depends on them.
-VOLATILE_KEYS = {"run_id", "started", "finished", "duration_seconds", "seconds", "model_seconds",
+# What differs between any two runs of the same command: times, durations and what depends on them, and
+# the machine's package versions.
+VOLATILE_KEYS = {"packages", "run_id", "started", "finished", "duration_seconds", "seconds", "model_seconds",
                  "inference_seconds", "tokens_per_second", "max_in_flight", "created", "generated_at", "git_revision",
                  "elapsed_seconds", "wall_seconds"}
 
@@ -117,7 +119,7 @@ def _normalize(value: Any) -> Any:
 
 
 def _normalize_text(text: str, run_id: str, ports: dict[int, str], root: Path) -> str:
-    text = text.replace(run_id, "<run-id>").replace(str(root), "<project>")
+    text = text.replace(run_id, "<run-id>").replace(str(root), "<project>").replace(str(REPO), "<repository>")
     for port, name in ports.items():
         text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:<{name}>")
     text = re.sub(r"\b20\d\d-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:?\d\d| UTC)?", "<time>", text)
@@ -162,7 +164,7 @@ def test_the_golden_run_is_unchanged(pytester: pytest.Pytester):
         "cases.json": _dump(_normalize(_jsonl(run / "cases.jsonl"))),
         "judgments.json": _dump(_normalize(_jsonl(run / "judgments.jsonl"))),
         "summary.json": _dump(_normalize(summary)),
-        "report.txt": _report_text((run / "report.html").read_text()),
+        "report.txt": _report_text((run / "report.html").read_text(), summary["metadata"].get("packages", {})),
         "summary.md": (run / "summary.md").read_text(),
     }
     outputs = {name: _normalize_text(text, summary["run_id"], ports, pytester.path) for name, text in outputs.items()}
