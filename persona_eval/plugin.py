@@ -366,7 +366,6 @@ class Reporter:
         self.results: list[dict[str, Any]] = []
         self.summary: dict[str, Any] | None = None
         self.saved_baseline: Path | None = None
-        self.report_path: Path | None = None
         self.errors: list[str] = []
         self.started = time.time()
         self.interrupted = False
@@ -395,7 +394,6 @@ class Reporter:
         finished = finish_run(self.config.stash[state_key], settings, self.results, started=self.started,
                               args=list(self.config.invocation_params.args), dataset_reports=self.dataset_reports)
         self.summary, self.saved_baseline, self.errors = finished.summary, finished.saved_baseline, finished.errors
-        self.report_path = finished.report_path
         _report_gate(self.config, session, self.summary)
         # The session fails exactly when a fail bound or a fail regression rule is crossed, or one could not be
         # checked (unless --pe-allow-unchecked); an approved baseline that cannot be compared is a usage error.

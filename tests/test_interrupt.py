@@ -44,9 +44,7 @@ def _interrupt_when(ready: Callable[[], bool], *, settle: float = 0.5, limit: fl
     sent: list[float] = []
 
     def watch() -> None:
-        deadline = time.monotonic() + limit
-        while not ready() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_for(ready, limit)
         time.sleep(settle)
         sent.append(time.monotonic())
         _thread.interrupt_main()
@@ -124,18 +122,10 @@ def test_the_request_threads_do_not_keep_the_process_alive(answered: int) -> Non
         server.hang(after=answered)
         child = subprocess.Popen([sys.executable, "-c", CHILD, server.base_url], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, cwd=REPO)
-        try:
-            in_flight = 8 if answered else 0
-            assert _wait_for(lambda: server.faults["hang"] > 0 and server.answered == answered and
-                             len(server.requests_to("/v1/chat/completions")) == in_flight, 60.0)
-            child.send_signal(signal.SIGINT)
-            interrupted = time.monotonic()
-            stdout, stderr = child.communicate(timeout=60)
-            took = time.monotonic() - interrupted
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.communicate()
+        in_flight = 8 if answered else 0
+        stdout, stderr, took = _sigint_when(
+            child, lambda: server.faults["hang"] > 0 and server.answered == answered
+            and len(server.requests_to("/v1/chat/completions")) == in_flight, limit=60.0)
         assert child.returncode == 0, stderr
         assert "interrupted" in stdout, stderr
         assert "Traceback" not in stderr, stderr
@@ -158,6 +148,23 @@ def _plugin_args(tmp: Path, base_url: str) -> list[str]:
             "--pe-cache-dir", str(tmp / "cache"), "--pe-reports-dir", str(tmp / "reports")]
 
 
+def _sigint_when(process: subprocess.Popen[str], ready: Callable[[], bool], *, limit: float, settle: float = 0.0,
+                 exit_within: float = 60.0) -> tuple[str, str, float]:
+    """SIGINT to `process` once `ready()` holds (and `settle` seconds more); its stdout, its stderr and the
+    seconds from the signal to its exit. The process is killed if it outlives the test."""
+    try:
+        assert _wait_for(ready, limit)
+        time.sleep(settle)
+        process.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        stdout, stderr = process.communicate(timeout=exit_within)
+        return stdout, stderr, time.monotonic() - interrupted
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 def _wait_for(condition, seconds: float) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -176,17 +183,9 @@ def test_one_sigint_stops_pytest_evals_and_the_rerun_sends_only_what_is_missing(
         port = hung.port
         run = subprocess.Popen(_plugin_args(tmp_path, hung.base_url), cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-        try:
-            assert _wait_for(lambda: hung.answered == BEFORE_HANG and hung.faults["hang"] > 0, 120.0)
-            time.sleep(0.5)  # the answers are stored as they arrive
-            run.send_signal(signal.SIGINT)
-            interrupted = time.monotonic()
-            stdout, stderr = run.communicate(timeout=30)
-            took = time.monotonic() - interrupted
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.communicate()
+        # settle: the answers are stored as they arrive.
+        stdout, stderr, took = _sigint_when(run, lambda: hung.answered == BEFORE_HANG and hung.faults["hang"] > 0,
+                                            limit=120.0, settle=0.5, exit_within=30.0)
         print(f"SIGINT to exit: {took:.2f} s")
     # Without cancellation the run waits out a 120 s timeout per try; a loaded machine needs a few seconds.
     assert took < 30.0, (stdout, stderr)

@@ -20,8 +20,8 @@ from packaging.version import Version
 
 from persona_eval.backends import create_backend, openai_compat, parse_model_spec
 from persona_eval.backends.base import GenerationConfig, LabelScoring, logsumexp
-from persona_eval.backends.openai_compat import (
-    OpenAIBackend,
+from persona_eval.backends.openai_compat import OpenAIBackend
+from persona_eval.backends.openai_payload import (
     build_chat_payload,
     build_prompt_scoring_payload,
     build_tokenize_payload,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from persona_eval.backends.openai_compat import transcript
+from persona_eval.backends.openai_payload import transcript
 from persona_eval.prompts import RenderedMessages
 from persona_eval.results import read_jsonl
 from persona_eval.testing.standin import Messages, StandInServer

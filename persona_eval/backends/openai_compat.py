@@ -1,11 +1,10 @@
 """Any OpenAI-compatible endpoint (a vLLM server, a hosted API) through the openai client.
 
 Two halves. The pure half (persona_eval.backends.openai_payload) builds request bodies and reads response
-bodies (plain dicts), so it is tested without a network; its functions are importable from here too. The
-transport is the openai client with its own retries turned off: retries
-here are bounded, with exponential backoff and jitter, on timeouts, connection errors, HTTP 429 and
-5xx; after the last try a :class:`~persona_eval.errors.BackendError` names the endpoint and the last
-status.
+bodies (plain dicts), so it is tested without a network. The transport, here, is the openai client with
+its own retries turned off: retries are bounded, with exponential backoff and jitter, on timeouts,
+connection errors, HTTP 429 and 5xx; after the last try a :class:`~persona_eval.errors.BackendError`
+names the endpoint and the last status.
 
 What the backend sends and reads:
 
@@ -79,7 +78,6 @@ from persona_eval.backends.openai_payload import (
     parse_process_start,
     parse_prompt_scoring_response,
     parse_tokenize_response,
-    ranking_schema,
     shorten,
     transcript,
 )
@@ -87,22 +85,7 @@ from persona_eval.errors import BackendError, ConfigError, MissingDependencyErro
 from persona_eval.prompts import RenderedMessages, SystemPolicy
 from persona_eval.redaction import find_secrets, mask, mask_found, placeholder, register_secret
 
-__all__ = [
-    "OPENAI_API_BASE",
-    "OpenAIBackend",
-    "build_chat_payload",
-    "build_label_tokenize_payload",
-    "build_prompt_scoring_payload",
-    "build_tokenize_payload",
-    "decoding_sent",
-    "parse_chat_response",
-    "parse_model_card",
-    "parse_process_start",
-    "parse_prompt_scoring_response",
-    "parse_tokenize_response",
-    "ranking_schema",
-    "transcript",
-]
+__all__ = ["OPENAI_API_BASE", "OpenAIBackend"]
 
 OPENAI_API_BASE = "https://api.openai.com/v1"
 # A local server needs no key, but the openai client refuses to start without one.
