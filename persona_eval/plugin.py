@@ -70,6 +70,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 settings_key = pytest.StashKey[Settings]()
 state_key = pytest.StashKey[WorkerState]()
 dataset_reports_key = pytest.StashKey[dict[str, DatasetReport]]()
+datasets_key = pytest.StashKey[dict[str, list[Any]]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -78,9 +79,11 @@ def pytest_configure(config: pytest.Config) -> None:
         settings = parse_settings(config.option, Path(config.rootpath), controller=workerinput is None)
         if workerinput is None:
             given = {entry.partition("=")[0] for entry in config.option.pe_dataset}
-            cases, dataset_reports = check_datasets(settings, given)
-            check_approved_dataset(settings, cases)
+            loaded, dataset_reports = check_datasets(settings, given)
+            check_approved_dataset(settings, loaded.get("triage"))
             config.stash[dataset_reports_key] = dataset_reports
+            # Without workers the fixtures use these; a worker loads its own copy.
+            config.stash[datasets_key] = loaded
     except PersonaEvalError as exc:
         raise pytest.UsageError(f"persona-eval: {exc}") from None
     if workerinput is None and getattr(config.option, "numprocesses", None) and config.option.dist == "load":
@@ -277,7 +280,8 @@ def _run(request: pytest.FixtureRequest, condition: Condition, step: Callable[[]
 def pe_triage_cases(request: pytest.FixtureRequest, pe_settings: Settings) -> list[triage.TriageCase]:
     """The triage dataset (first --pe-limit cases of each stratum)."""
     try:
-        cases = load_triage_cases(pe_settings.datasets["triage"])
+        cases = request.config.stash.get(datasets_key, {}).get("triage") or load_triage_cases(
+            pe_settings.datasets["triage"])
     except PersonaEvalError as exc:
         _stop_run(request, f"persona-eval: {exc}", pytest.ExitCode.USAGE_ERROR)
     return limit_cases(cases, pe_settings.limit)
@@ -287,7 +291,8 @@ def pe_triage_cases(request: pytest.FixtureRequest, pe_settings: Settings) -> li
 def pe_safety_queries(request: pytest.FixtureRequest, pe_settings: Settings) -> list[SafetyQuery]:
     """The patient-safety queries (first --pe-limit queries of each category)."""
     try:
-        queries = load_safety_queries(pe_settings.datasets["safety"])
+        queries = request.config.stash.get(datasets_key, {}).get("safety") or load_safety_queries(
+            pe_settings.datasets["safety"])
     except PersonaEvalError as exc:
         _stop_run(request, f"persona-eval: {exc}", pytest.ExitCode.USAGE_ERROR)
     return limit_queries(queries, pe_settings.limit)

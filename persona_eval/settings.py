@@ -230,24 +230,21 @@ def check_approved_dataset(settings: Settings, cases: list[triage.TriageCase] | 
     check_same_dataset(planned, settings.approved.records, tasks=[triage.TASK])
 
 
-def check_datasets(settings: Settings, given: set[str]) -> tuple[list[triage.TriageCase] | None,
-                                                                dict[str, DatasetReport]]:
+def check_datasets(settings: Settings, given: set[str]) -> tuple[dict[str, list[Any]], dict[str, DatasetReport]]:
     """Load every dataset once on the controller, before any worker starts: each one the user named
     with --pe-dataset (the tasks in `given`), and each default one that exists (a project of its own may
-    have none). A malformed line is then one usage error, with or without pytest-xdist. Returns the triage
-    cases when they were loaded, and each task's report of the fields its file holds that persona-eval
-    does not use."""
-    cases = None
+    have none). A malformed line is then one usage error, with or without pytest-xdist. Returns each loaded
+    task's items (all of them, before --pe-limit), and each task's report of the fields its file holds
+    that persona-eval does not use."""
+    loaded: dict[str, list[Any]] = {}
     reports: dict[str, DatasetReport] = {}
     for task, path in settings.datasets.items():
         if task not in given and not path.is_file():
             continue
         reports[task] = DatasetReport()
-        if task == "triage":
-            cases = load_triage_cases(path, report=reports[task])
-        else:
-            load_safety_queries(path, report=reports[task])
-    return cases, reports
+        load = load_triage_cases if task == "triage" else load_safety_queries
+        loaded[task] = list(load(path, report=reports[task]))
+    return loaded, reports
 
 
 def limit_queries(queries: list[SafetyQuery], limit: int | None) -> list[SafetyQuery]:
