@@ -69,13 +69,12 @@ import numpy as np
 from persona_eval import metrics, stats
 from persona_eval.errors import ConfigError, DataError
 from persona_eval.personas import CONTROLS
-from persona_eval.tasks import triage
+from persona_eval.tasks import TaskSpec, spec_of
 
 __all__ = [
     "ALPHA",
     "APPROVED",
     "BOOTSTRAP_TEST",
-    "COMPARED_METRICS",
     "CONTROLS",
     "DEFAULT_RESAMPLES",
     "MCNEMAR_TEST",
@@ -84,6 +83,7 @@ __all__ = [
     "check_same_dataset",
     "compare_personas",
     "compare_to_approved",
+    "compared_metrics",
     "family_of",
 ]
 
@@ -95,17 +95,32 @@ INTERVAL_METHOD = "paired percentile bootstrap"
 # Every persona is compared with each of CONTROLS, in that order; a control that did not run is skipped,
 # and a control is never compared with itself.
 APPROVED = "approved"
-# Per task: the metrics compared, in report order, and the family of the test each uses.
-COMPARED_METRICS: dict[str, dict[str, str]] = {
-    triage.TASK: {
-        "accuracy": MCNEMAR_TEST,
-        "consistency_rate": MCNEMAR_TEST,
-        "risk_propensity": BOOTSTRAP_TEST,
-        "under_triage_rate": BOOTSTRAP_TEST,
-        "over_triage_rate": BOOTSTRAP_TEST,
-        "expected_calibration_error": BOOTSTRAP_TEST,
-    },
+# The test family of each metric a task may compare (TaskSpec.compared): a paired test of the cases' right
+# or wrong (McNemar) for the shares of cases, the paired bootstrap for the others.
+TEST_FAMILIES: dict[str, str] = {
+    "accuracy": MCNEMAR_TEST,
+    "consistency_rate": MCNEMAR_TEST,
+    "risk_propensity": BOOTSTRAP_TEST,
+    "under_triage_rate": BOOTSTRAP_TEST,
+    "over_triage_rate": BOOTSTRAP_TEST,
+    "expected_calibration_error": BOOTSTRAP_TEST,
 }
+
+
+def _spec(task: str) -> TaskSpec:
+    spec = spec_of(task)
+    if spec is None:  # compared_metrics is empty for such a task: never compared
+        raise ConfigError(f"task {task!r} is not known to this process")
+    return spec
+
+
+def compared_metrics(task: str) -> dict[str, str]:
+    """The metrics compared for `task`, in report order, and the family of the test each uses (empty for a
+    task without paired comparisons, or one this process does not know)."""
+    spec = spec_of(task)
+    return {metric: TEST_FAMILIES[metric] for metric in spec.compared} if spec is not None and spec.labels else {}
+
+
 FAMILY_KEYS: tuple[str, ...] = ("model", "task", "stratum", "metric", "baseline")
 _NO_PROBS = "not available: no label probabilities for {who} (the model gives no log-probabilities)"
 _UNDEFINED = "not defined on these cases ({why})"
@@ -226,10 +241,11 @@ class _Outcomes:
     generated: list[str | None]
     logit: list[str | None]
     probs: list[list[float] | None]
+    labels: tuple[str, ...]
 
     @classmethod
     def of(cls, condition: _Condition, case_ids: Sequence[str]) -> _Outcomes:
-        labels = triage.LABELS
+        labels = _spec(condition.task).labels
         reference: list[str] = []
         generated: list[str | None] = []
         logit: list[str | None] = []
@@ -254,7 +270,7 @@ class _Outcomes:
                     raise DataError(f"case {case_id!r} of {condition.describe()}: field 'label_probs' must "
                                     f"map each of {', '.join(labels)} to a probability, "
                                     f"got {distribution!r}") from None
-        return cls(condition, reference, generated, logit, probs)
+        return cls(condition, reference, generated, logit, probs, labels)
 
 
 def _value(number: float) -> float | None:
@@ -267,7 +283,7 @@ _Terms: TypeAlias = "metrics.RatioTerms | metrics.CalibrationTerms"
 def _terms(metric: str, side: _Outcomes, other: _Outcomes, n_bins: int) -> _Terms:
     """`metric`'s per-case terms for `side`, one row per case of the comparison: the sums its value and
     every resampled value come from."""
-    labels = triage.LABELS
+    labels = side.labels
     if metric == "expected_calibration_error":
         # A case without label probabilities counts for nothing: no gap, no weight.
         rows = np.array([i for i, p in enumerate(side.probs) if p is not None], dtype=int)
@@ -478,14 +494,14 @@ def compare_personas(records: Iterable[Mapping[str, Any]], *, baselines: Sequenc
     out: list[dict[str, Any]] = []
     models_tasks = list(dict.fromkeys((model, task) for model, task, _ in conditions))
     for model, task in models_tasks:
-        metric_tests = COMPARED_METRICS.get(task)
-        if metric_tests is None:
+        metric_tests = compared_metrics(task)
+        if not metric_tests:
             continue
         here = [c for (m, t, _), c in conditions.items() if (m, t) == (model, task)]
         controls = [c for name in baselines for c in here if c.persona == name]
         if not controls:
             continue
-        for stratum in triage.REPORT_STRATA:
+        for stratum in _spec(task).report_strata:
             pairs = []
             case_ids = controls[0].case_ids(stratum)
             if not case_ids:
@@ -580,8 +596,8 @@ def compare_to_approved(candidate: Iterable[Mapping[str, Any]], approved: Iterab
     comparisons: list[dict[str, Any]] = []
     skipped: list[str] = []
     for task in dict.fromkeys(task for _, task, _ in mine):
-        metric_tests = COMPARED_METRICS.get(task)
-        if metric_tests is None:
+        metric_tests = compared_metrics(task)
+        if not metric_tests:
             continue
         candidate_models = list(dict.fromkeys(m for m, t, _ in mine if t == task))
         approved_models = list(dict.fromkeys(m for m, t, _ in theirs if t == task))
@@ -597,13 +613,13 @@ def compare_to_approved(candidate: Iterable[Mapping[str, Any]], approved: Iterab
             for persona in references:
                 if all(c.persona != persona for c in personas):
                     skipped.append(f"{task} / {persona}: in the approved baseline but not run now")
-            for stratum in triage.REPORT_STRATA:
+            for stratum in _spec(task).report_strata:
                 pairs: list[_Pair] = []
                 case_order: list[str] | None = None
                 for condition in personas:
                     reference = references.get(condition.persona)
                     if reference is None:
-                        if stratum == triage.REPORT_STRATA[0]:
+                        if stratum == "all":
                             skipped.append(f"{task} / {condition.persona}: not in the approved baseline")
                         continue
                     case_ids = _check_same_cases(condition, reference, stratum, persona_side="this run's ",

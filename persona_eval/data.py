@@ -38,7 +38,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Generator, Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ __all__ = [
     "csv_records",
     "dataset_fingerprint",
     "jsonl_records",
+    "load_labelled_cases",
     "load_safety_queries",
     "load_triage_cases",
     "read_text",
@@ -86,6 +87,7 @@ _LAYOUT_FIELDS: dict[str, tuple[str, ...]] = {
     "project": ("id", "stratum", "reference", "rationale", "text", *INTAKE_FIELDS),
     "vignette": ("id", "stratum", "rationale", *_VIGNETTE_FIELDS),
     "safety query": ("id", "content", "category"),
+    "labelled case": ("id", "stratum", "reference", "rationale", "text"),
 }
 # A known field of at least this many characters is matched by spelling as well (difflib ratio at
 # least _NEAR_MISS_CUTOFF); shorter ones ("id", "age", "sex", "text") only by case, separators and
@@ -671,6 +673,39 @@ def load_triage_cases(path: str | os.PathLike[str], *, stratum: str | None = Non
     if not cases or fields is None:
         only_header = " (only a header row)" if suffix == ".csv" else ""
         raise DataError(f"no cases in the file{only_header}", path=shown)
+    fields.fill(report, shown)
+    return cases
+
+
+def load_labelled_cases(path: str | os.PathLike[str], *, labels: Sequence[str], strata: Sequence[str],
+                        report: DatasetReport | None = None) -> list[TriageCase]:
+    """The cases of a classification task of your own, from a ``.jsonl`` or ``.csv`` file in file order:
+    ``id`` (unique), ``text`` (what the model reads), ``reference`` (one of `labels`), ``stratum`` (one of
+    `strata`) and an optional ``rationale``. Raises DataError naming the file, line and field for any
+    problem, as load_triage_cases does (other fields are reported in `report`)."""
+    shown, file = str(path), Path(path)
+    suffix = _check_suffix(file, shown, _TRIAGE_SUFFIXES)
+    fields = _LayoutFields("labelled case")
+    cases: list[TriageCase] = []
+    first_line: dict[str, int] = {}
+    with contextlib.closing(_file_lines(file, shown)) as lines:
+        for number, record in _records(lines, suffix, shown):
+            where = _Where(shown, number)
+            fields.check(record, where)
+            case_id = _identifier(record, where)
+            for name, allowed in (("reference", labels), ("stratum", strata)):
+                value = _text(record, name, where)
+                if value not in allowed:
+                    raise where.error(f"{value!r} is not allowed; allowed: {', '.join(allowed)}", name)
+            if case_id in first_line:
+                raise where.error(f"duplicate id {case_id!r} (first seen at line {first_line[case_id]})", "id")
+            first_line[case_id] = number
+            cases.append(TriageCase(id=case_id, stratum=_text(record, "stratum", where),
+                                    reference=_text(record, "reference", where),
+                                    rationale=_optional_text(record, "rationale", where, default=""),
+                                    text=_text(record, "text", where), source=where.source))
+    if not cases:
+        raise DataError("no cases in the file", path=shown)
     fields.fill(report, shown)
     return cases
 

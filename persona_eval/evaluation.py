@@ -15,7 +15,7 @@ unreadable answer in every metric (the deployed model cannot triage it) and in `
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from persona_eval.parsing import AnswerSpan, find_triage_answer
 from persona_eval.personas import Persona
 from persona_eval.prompts import render_messages
 from persona_eval.runner import Progress, Runner
-from persona_eval.tasks import triage
+from persona_eval.tasks import TaskSpec, triage
 
 __all__ = ["NOT_AVAILABLE", "TOO_LONG_MODES", "TriageSettings", "evaluate_triage", "label_distribution",
            "triage_metrics"]
@@ -90,10 +90,13 @@ def _argmax(probs: Mapping[str, float] | None, labels: Sequence[str]) -> str | N
 
 @dataclass(frozen=True)
 class TriageSettings:
-    """Decoding and scoring for the triage task."""
+    """Decoding and scoring of a classification task (by default triage): its spec, the user turn of a
+    case (`prompt`: the case text in, the message out) and the template version its records carry."""
 
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=triage.MAX_NEW_TOKENS))
     scoring: LabelScoring = field(default_factory=lambda: LabelScoring(labels=triage.LABELS))
+    spec: TaskSpec = triage.SPEC
+    prompt: Callable[[str], str] = triage.user_message
     max_prompt_tokens: int | None = None  # besides the model's context; None: the context alone
     too_long: str = "error"  # a prompt that does not fit: "error" (DataError) or "record" (a per-case result)
 
@@ -105,12 +108,13 @@ class TriageSettings:
 def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, *,
                     run_id: str, model: str, settings: TriageSettings | None = None,
                     progress: Progress | None = None) -> list[dict[str, Any]]:
-    """The per-case records (lines of cases.jsonl) of `persona` on `cases`, in case order."""
+    """The per-case records (lines of cases.jsonl) of `persona` on `cases`, in case order: triage, or the
+    classification task of ``settings.spec``."""
     settings = settings or TriageSettings()
     backend = runner.backend
     policy = backend.system_policy()
     labels = list(settings.scoring.labels)
-    all_requests = [render_messages(triage.user_message(case.text), persona, policy) for case in cases]
+    all_requests = [render_messages(settings.prompt(case.text), persona, policy) for case in cases]
     lengths = check_prompt_lengths(all_requests, backend=backend, max_new_tokens=settings.generation.max_new_tokens,
                                    max_prompt_tokens=settings.max_prompt_tokens,
                                    sources=[case.source for case in cases])
@@ -143,7 +147,7 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
             cases, requests, generations, spans, distributions, sources, strict=True):
         records.append({
             "run_id": run_id,
-            "task": triage.TASK,
+            "task": settings.spec.name,
             "model": model,
             "persona": persona.id,
             "persona_group": persona.group,
@@ -161,30 +165,31 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
             "finish_reason": result.generation.finish_reason,
             "secrets_masked": result.generation.masked,
             "cached": result.cached,
-            "template_version": triage.TEMPLATE_VERSION,
+            "template_version": settings.spec.templates.get(settings.spec.name, ""),
         })
     if not too_long:
         return records
     # The over-long cases take their place in case order, as records the model never saw.
     answered = iter(records)
-    return [_too_long_record(case, all_requests[i], too_long[i], backend, persona, run_id=run_id, model=model)
+    return [_too_long_record(case, all_requests[i], too_long[i], backend, persona, run_id=run_id, model=model,
+                             spec=settings.spec)
             if i in too_long else next(answered) for i, case in enumerate(all_cases)]
 
 
 def _too_long_record(case: triage.TriageCase, request: Any, length: PromptLength, backend: Any, persona: Persona,
-                     *, run_id: str, model: str) -> dict[str, Any]:
+                     *, run_id: str, model: str, spec: TaskSpec) -> dict[str, Any]:
     """The record of a case whose prompt does not fit the model: no answer, no label, the measure kept."""
     messages = [(role, content if len(content) <= _PROMPT_KEPT else
                  content[:_PROMPT_KEPT] + f"... [{len(content) - _PROMPT_KEPT:,} more characters]")
                 for role, content in request.messages]
     shown = backend.render_prompt(type(request)(tuple(messages), request.system_prompt))
     return {
-        "run_id": run_id, "task": triage.TASK, "model": model, "persona": persona.id,
+        "run_id": run_id, "task": spec.name, "model": model, "persona": persona.id,
         "persona_group": persona.group, "stratum": case.stratum, "case_id": case.id, "reference": case.reference,
         "system_prompt": request.system_prompt, "prompt": shown, "generated_text": "", "generated_label": None,
         "logit_label": None, "label_probs": None, "probs_source": None, "probs_flagged": False,
         "finish_reason": TOO_LONG, "secrets_masked": [], "cached": False,
-        "template_version": triage.TEMPLATE_VERSION, "too_long": length.to_json(),
+        "template_version": spec.templates.get(spec.name, ""), "too_long": length.to_json(),
     }
 
 
@@ -192,16 +197,17 @@ def _value(number: float) -> float | None:
     return None if math.isnan(number) else float(number)
 
 
-def triage_metrics(records: Sequence[Mapping[str, Any]], *, logprobs_available: bool = True
-                   ) -> dict[str, dict[str, Any]]:
-    """Every triage metric for each report stratum ("all", "emergency", "primary_care").
+def triage_metrics(records: Sequence[Mapping[str, Any]], *, logprobs_available: bool = True,
+                   spec: TaskSpec = triage.SPEC) -> dict[str, dict[str, Any]]:
+    """Every metric of a classification task (by default triage) for each of its report strata ("all",
+    "emergency", "primary_care").
 
     Returns {stratum: {"n": int, "metrics": {name: float | None}, "notes": {name: reason}}}. A metric is
     None with a note when it is undefined on these cases (e.g. risk sensitivity with no errors) or not
     available for the model (no log-probabilities)."""
-    labels = triage.LABELS
+    labels = spec.labels
     out: dict[str, dict[str, Any]] = {}
-    for stratum in triage.REPORT_STRATA:
+    for stratum in spec.report_strata:
         rows = [r for r in records if stratum == "all" or r["stratum"] == stratum]
         if not rows:
             continue
@@ -230,7 +236,7 @@ def triage_metrics(records: Sequence[Mapping[str, Any]], *, logprobs_available: 
                 values[name] = math.nan
                 notes[name] = NOT_AVAILABLE
         result: dict[str, float | None] = {}
-        for name in triage.METRIC_NAMES:
+        for name in spec.metric_names:
             number = values[name]
             result[name] = _value(number)
             if result[name] is None and name not in notes:

@@ -1,5 +1,6 @@
-"""A persona-eval run without pytest: evaluate one condition (task, model, persona), and finish a run
-(join its parts, compare the personas, check the gate, write summary.json, summary.md and the report).
+"""A persona-eval run without pytest: the tasks that run (ClassificationTask, SafetyTask, registered in
+persona_eval.tasks), one condition (task, model, persona) evaluated, and a run finished (its parts
+joined, the personas compared, the gate checked, summary.json, summary.md and the report written).
 
 The pytest plugin calls these from its fixtures and its controller-side reporter; each raises
 PersonaEvalError on bad input or a failing model, and the plugin turns that into one message and exit
@@ -18,8 +19,8 @@ from typing import Any
 from persona_eval.backends import ModelSpec, create_backend
 from persona_eval.backends.base import Backend, GenerationConfig, LabelScoring
 from persona_eval.cache import NullCache, ResultCache
-from persona_eval.comparisons import compare_personas
-from persona_eval.data import DatasetReport
+from persona_eval.comparisons import compare_personas, compared_metrics
+from persona_eval.data import DatasetReport, load_safety_queries, load_triage_cases
 from persona_eval.errors import PersonaEvalError
 from persona_eval.evaluation import TriageSettings, evaluate_triage, triage_metrics
 from persona_eval.gate import approved_comparison, check_bounds, check_regressions, save_baseline
@@ -31,12 +32,12 @@ from persona_eval.report.summary import build_summary, served_model_metadata
 from persona_eval.results import finalize_cases, read_jsonl, update_latest, write_json, write_part, write_text
 from persona_eval.runner import Progress, Runner
 from persona_eval.safety_eval import evaluate_safety, judge_model_responses, persona_safety_metrics, safety_summary
-from persona_eval.settings import Settings
-from persona_eval.tasks import triage
+from persona_eval.settings import Settings, limit_per_stratum
+from persona_eval.tasks import LABEL_METRIC_NAMES, TaskSpec, register, safety, task_named, triage
 from persona_eval.tasks.safety import SafetyQuery
 
-__all__ = ["Condition", "ConditionResult", "FinishedRun", "WorkerState", "evaluate_safety_condition",
-           "evaluate_triage_condition", "finish_run", "judge_triage_condition", "runner_for"]
+__all__ = ["SAFETY", "TRIAGE", "ClassificationTask", "Condition", "ConditionResult", "FinishedRun", "SafetyTask",
+           "TaskRun", "TriageTask", "WorkerState", "finish_run", "runner_for"]
 
 Write = Callable[[str], None]
 
@@ -56,13 +57,15 @@ class Condition:
 
 @dataclass
 class WorkerState:
-    """What one process holds during a session: the run id, backends and runners, the cache."""
+    """What one process holds during a session: the run id, backends and runners, the cache, and what a
+    task computed once for several of its conditions (``memo``)."""
 
     run_id: str
     run_dir: Path
     cache: ResultCache | NullCache | None = None
     backends: dict[str, Backend] = field(default_factory=dict)
     runners: dict[str, Runner] = field(default_factory=dict)
+    memo: dict[Any, Any] = field(default_factory=dict)  # work a task shares between its conditions
 
     def close(self) -> None:
         for backend in self.backends.values():
@@ -131,91 +134,179 @@ def _payload(condition: Condition, runner: Runner, records: Sequence[Mapping[str
     }
 
 
-def triage_settings(settings: Settings) -> TriageSettings:
-    return TriageSettings(generation=GenerationConfig(max_new_tokens=settings.max_new_tokens["triage"]),
-                          scoring=LabelScoring(labels=triage.LABELS),
-                          max_prompt_tokens=settings.max_prompt_tokens, too_long=settings.too_long)
+@dataclass
+class TaskRun:
+    """What a task's condition runs with: this process's state, the session's settings, the runner of any
+    model (created on first use) and where progress lines go (None: nowhere)."""
+
+    state: WorkerState
+    settings: Settings
+    runners: Callable[[ModelSpec], Runner]
+    write: Write | None = None
 
 
-def evaluate_triage_condition(state: WorkerState, settings: Settings, condition: Condition,
-                              cases: list[triage.TriageCase], runner: Runner, *, write: Write | None = None,
-                              then: Callable[[], None] | None = None) -> ConditionResult:
-    """Run the triage cases under one (model, persona), write its part of cases.jsonl, check its bounds.
-    `then` runs once the part is written (the triage judging): its model time counts in the payload's."""
-    progress = Progress(f"triage {condition.model.name}/{condition.persona.id}", len(cases), write=write)
-    task_settings = triage_settings(settings)
-    before = _snapshot(runner)
-    records = evaluate_triage(cases, condition.persona, runner, run_id=state.run_id, model=condition.model.name,
-                              settings=task_settings, progress=progress)
-    write_part(state.run_dir, "triage", condition.model.name, condition.persona.id, records)
-    if then is not None:
-        then()
-    metrics = triage_metrics(records, logprobs_available=runner.backend.capabilities().logprobs)
-    checks = check_bounds(settings.thresholds, "triage", metrics, model=condition.model.name,
-                          persona=condition.persona)
-    payload = _payload(condition, runner, records, metrics, checks, before,
-                       decoding=runner.decoding_record(task_settings.generation, task_settings.scoring))
-    return ConditionResult(condition, records, metrics, checks, payload)
+class ClassificationTask:
+    """A task whose answer is one label of an ordered set (least to most urgent), such as triage: the
+    model's generated label and its label probabilities per case, every label metric per stratum, the
+    paired comparisons of ``spec.compared`` and the regression rules on them.
+
+    `prompt` makes the user turn of a case from its text; `loader(path, report=...)` reads a dataset file
+    into cases with ``id``, ``stratum``, ``reference``, ``text`` and ``source`` (persona_eval.data's
+    load_labelled_cases reads the common layout for any labels and strata)."""
+
+    def __init__(self, spec: TaskSpec, *, prompt: Callable[[str], str], loader: Callable[..., Sequence[Any]]) -> None:
+        if len(spec.labels) < 2:
+            raise ValueError(f"task {spec.name!r}: a classification task needs two labels or more")
+        unknown = [name for name in spec.metric_names if name not in LABEL_METRIC_NAMES]
+        if unknown:
+            raise ValueError(f"task {spec.name!r}: {', '.join(unknown)} not a metric of a classification task "
+                             f"({', '.join(LABEL_METRIC_NAMES)})")
+        self.spec, self.prompt, self.loader = spec, prompt, loader
+
+    def load(self, path: Path, report: DatasetReport | None = None) -> list[Any]:
+        return list(self.loader(path, report=report))
+
+    def limit(self, items: list[Any], limit: int | None) -> list[Any]:
+        return limit_per_stratum(items, limit, lambda case: case.stratum)
+
+    def planned(self, items: Sequence[Any]) -> list[dict[str, str]]:
+        """The cases as the approved baseline's records hold them (to check a run against one first)."""
+        return [{"task": self.spec.name, "case_id": c.id, "reference": c.reference, "stratum": c.stratum}
+                for c in items]
+
+    def task_settings(self, settings: Settings) -> TriageSettings:
+        return TriageSettings(generation=GenerationConfig(max_new_tokens=settings.max_new_tokens[self.spec.name]),
+                              scoring=LabelScoring(labels=self.spec.labels), spec=self.spec, prompt=self.prompt,
+                              max_prompt_tokens=settings.max_prompt_tokens, too_long=settings.too_long)
+
+    def evaluate(self, run: TaskRun, condition: Condition, items: list[Any]) -> ConditionResult:
+        """Run the cases under one (model, persona), write its part of cases.jsonl, check its bounds."""
+        state, settings = run.state, run.settings
+        runner = run.runners(condition.model)
+        progress = Progress(f"{self.spec.name} {condition.model.name}/{condition.persona.id}", len(items),
+                            write=run.write)
+        task_settings = self.task_settings(settings)
+        before = _snapshot(runner)
+        records = evaluate_triage(items, condition.persona, runner, run_id=state.run_id, model=condition.model.name,
+                                  settings=task_settings, progress=progress)
+        write_part(state.run_dir, self.spec.name, condition.model.name, condition.persona.id, records)
+        self.after_part(run, condition, items)
+        metrics = triage_metrics(records, logprobs_available=runner.backend.capabilities().logprobs,
+                                 spec=self.spec)
+        checks = check_bounds(settings.thresholds, self.spec.name, metrics, model=condition.model.name,
+                              persona=condition.persona)
+        payload = _payload(condition, runner, records, metrics, checks, before,
+                           decoding=runner.decoding_record(task_settings.generation, task_settings.scoring))
+        return ConditionResult(condition, records, metrics, checks, payload)
+
+    def after_part(self, run: TaskRun, condition: Condition, items: list[Any]) -> None:
+        """Called once a condition's records are written; its model time counts in the condition's."""
+
+    def summarize(self, run: TaskRun, records: list[dict[str, Any]],
+                  judgments: list[dict[str, Any]]) -> Mapping[str, Any]:
+        if not judgments:
+            return {}
+        return {f"{self.spec.name}_judging": panel_summary(judgments, personas=[p.id for p in run.settings.personas])}
 
 
-def judge_triage_condition(state: WorkerState, settings: Settings, condition: Condition,
-                           cases: list[triage.TriageCase], runners: Callable[[ModelSpec], Runner], *,
-                           write: Write | None = None) -> None:
-    """--pe-judge-triage: the panel ranks every persona's triage answer (its clinical justification) per
-    case. Needs every persona of the model (cached after the first case); writes the model's triage
-    judgments, which finish_run adds to judgments.jsonl and summary.json's "triage_judging"."""
-    runner = runners(condition.model)
-    task_settings = triage_settings(settings)
-    answers = {persona.id: evaluate_triage(cases, persona, runner, run_id=state.run_id,
-                                           model=condition.model.name, settings=task_settings)
-               for persona in settings.personas}
-    judges = [(judge.name, runners(judge.model)) for judge in settings.judges]
-    progress = Progress(f"triage judges on {condition.model.name}", len(judges) * len(cases), write=write)
-    judgments = judge_model_responses(answers, judges, TRIAGE_CRITERIA, seed=settings.seed,
-                                      max_new_tokens=settings.judge_max_new_tokens,
-                                      questions={case.id: case.text for case in cases}, progress=progress)
-    for judgment in judgments:
-        judgment["run_id"] = state.run_id
-    write_part(state.run_dir, "judgments", condition.model.name, "triage", judgments)
+class TriageTask(ClassificationTask):
+    """Triage, and with --pe-judge-triage the judge panel ranking every persona's clinical justification."""
+
+    def after_part(self, run: TaskRun, condition: Condition, items: list[Any]) -> None:
+        if not run.settings.judge_triage:
+            return
+        # The panel ranks every persona's answer per case: all personas of the model, judged once per process.
+        state, settings = run.state, run.settings
+        key = (self.spec.name, "judging", condition.model.name, tuple(case.id for case in items))
+        if key in state.memo:
+            return
+        runner = run.runners(condition.model)
+        task_settings = self.task_settings(settings)
+        answers = {persona.id: evaluate_triage(items, persona, runner, run_id=state.run_id,
+                                               model=condition.model.name, settings=task_settings)
+                   for persona in settings.personas}
+        judges = [(judge.name, run.runners(judge.model)) for judge in settings.judges]
+        progress = Progress(f"triage judges on {condition.model.name}", len(judges) * len(items), write=run.write)
+        judgments = judge_model_responses(answers, judges, TRIAGE_CRITERIA, seed=settings.seed,
+                                          max_new_tokens=settings.judge_max_new_tokens,
+                                          questions={case.id: case.text for case in items}, progress=progress)
+        for judgment in judgments:
+            judgment["run_id"] = state.run_id
+        write_part(state.run_dir, "judgments", condition.model.name, self.spec.name, judgments)
+        state.memo[key] = True
 
 
-def evaluate_safety_condition(state: WorkerState, settings: Settings, condition: Condition,
-                              queries: list[SafetyQuery], runners: Callable[[ModelSpec], Runner], *,
-                              write: Write | None = None) -> ConditionResult:
-    """Answer the safety queries under every persona of one model (cached after the first case), have the
-    judge panel rank them, and check this persona's MRR against the thresholds.
+class SafetyTask:
+    """Patient safety: every persona's answers to the queries of one model, ranked by the judge panel.
 
-    The panel ranks all personas of a model together, so every case of a model needs every persona's
-    answers: the first case of a model generates them, the others find them in the cache."""
-    runner = runners(condition.model)
-    before = _snapshot(runner)
-    responses: dict[str, list[dict[str, Any]]] = {}
-    for persona in settings.personas:
-        progress = Progress(f"safety {condition.model.name}/{persona.id}", len(queries), write=write)
-        responses[persona.id] = evaluate_safety(
-            queries, persona, runner, run_id=state.run_id, model=condition.model.name,
-            max_new_tokens=settings.max_new_tokens["safety"], pressure_suffix=settings.pressure_suffix,
-            progress=progress, max_prompt_tokens=settings.max_prompt_tokens)
-    judges = [(judge.name, runners(judge.model)) for judge in settings.judges]
-    progress = Progress(f"safety judges on {condition.model.name}",
-                        len(judges) * len(SAFETY_CRITERIA) * len(queries), write=write)
-    judgments = judge_model_responses(responses, judges, SAFETY_CRITERIA, seed=settings.seed,
-                                      max_new_tokens=settings.judge_max_new_tokens, progress=progress)
-    for judgment in judgments:
-        judgment["run_id"] = state.run_id
-    records = responses[condition.persona.id]
-    write_part(state.run_dir, "safety", condition.model.name, condition.persona.id, records)
-    # Every case of a model writes the same judgments (atomically): any subset selected with -k has them.
-    write_part(state.run_dir, "judgments", condition.model.name, "panel", judgments)
-    metrics = persona_safety_metrics(judgments, model=condition.model.name, persona=condition.persona.id,
-                                     personas=[p.id for p in settings.personas])
-    checks = check_bounds(settings.thresholds, "safety", metrics, model=condition.model.name,
-                          persona=condition.persona)
-    payload = _payload(condition, runner, records, metrics, checks, before,
-                       decoding=runner.decoding_record(
-                           GenerationConfig(max_new_tokens=settings.max_new_tokens["safety"]), None),
-                       judges=[judge.name for judge in settings.judges])
-    return ConditionResult(condition, records, metrics, checks, payload)
+    The panel ranks all personas of a model together, so the first case of a model in this process
+    answers the queries under every persona and runs the panel once; the model's other cases reuse that
+    work (pytest-xdist keeps one model's cases on one worker)."""
+
+    spec = safety.SPEC
+
+    def load(self, path: Path, report: DatasetReport | None = None) -> list[Any]:
+        return list(load_safety_queries(path, report=report))
+
+    def limit(self, items: list[Any], limit: int | None) -> list[Any]:
+        return limit_per_stratum(items, limit, lambda query: query.category)
+
+    def _panel(self, run: TaskRun, model: ModelSpec, queries: list[SafetyQuery]
+               ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+        key = (self.spec.name, model.name, tuple(q.id for q in queries))
+        if key in run.state.memo:
+            done: tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]] = run.state.memo[key]
+            return done
+        state, settings = run.state, run.settings
+        runner = run.runners(model)
+        responses: dict[str, list[dict[str, Any]]] = {}
+        for persona in settings.personas:
+            progress = Progress(f"safety {model.name}/{persona.id}", len(queries), write=run.write)
+            responses[persona.id] = evaluate_safety(
+                queries, persona, runner, run_id=state.run_id, model=model.name,
+                max_new_tokens=settings.max_new_tokens[self.spec.name], pressure_suffix=settings.pressure_suffix,
+                progress=progress, max_prompt_tokens=settings.max_prompt_tokens)
+        judges = [(judge.name, run.runners(judge.model)) for judge in settings.judges]
+        progress = Progress(f"safety judges on {model.name}", len(judges) * len(SAFETY_CRITERIA) * len(queries),
+                            write=run.write)
+        judgments = judge_model_responses(responses, judges, SAFETY_CRITERIA, seed=settings.seed,
+                                          max_new_tokens=settings.judge_max_new_tokens, progress=progress)
+        for judgment in judgments:
+            judgment["run_id"] = state.run_id
+        # Every persona's case of the model writes these judgments (atomically): any subset run with -k has them.
+        state.memo[key] = (responses, judgments)
+        return responses, judgments
+
+    def evaluate(self, run: TaskRun, condition: Condition, items: list[Any]) -> ConditionResult:
+        """This persona's answers and MRR, checked against the thresholds."""
+        runner = run.runners(condition.model)
+        before = _snapshot(runner)
+        responses, judgments = self._panel(run, condition.model, items)
+        state, settings = run.state, run.settings
+        records = responses[condition.persona.id]
+        write_part(state.run_dir, self.spec.name, condition.model.name, condition.persona.id, records)
+        write_part(state.run_dir, "judgments", condition.model.name, self.spec.name, judgments)
+        metrics = persona_safety_metrics(judgments, model=condition.model.name, persona=condition.persona.id,
+                                         personas=[p.id for p in settings.personas])
+        checks = check_bounds(settings.thresholds, self.spec.name, metrics, model=condition.model.name,
+                              persona=condition.persona)
+        payload = _payload(condition, runner, records, metrics, checks, before,
+                           decoding=runner.decoding_record(
+                               GenerationConfig(max_new_tokens=settings.max_new_tokens[self.spec.name]), None),
+                           judges=[judge.name for judge in settings.judges])
+        return ConditionResult(condition, records, metrics, checks, payload)
+
+    def summarize(self, run: TaskRun, records: list[dict[str, Any]],
+                  judgments: list[dict[str, Any]]) -> Mapping[str, Any]:
+        return {"safety": safety_summary(records, judgments)}
+
+
+TRIAGE = register(TriageTask(triage.SPEC, prompt=triage.user_message, loader=load_triage_cases))
+SAFETY = register(SafetyTask())
+
+
+def _no_runners(model: ModelSpec) -> Runner:
+    raise PersonaEvalError(f"model {model.name!r}: finishing a run calls no model")
 
 
 @dataclass
@@ -248,7 +339,7 @@ def finish_run(state: WorkerState, settings: Settings, results: list[dict[str, A
     # The comparisons and the gate read the joined cases.jsonl, which holds every condition of the run
     # whichever worker ran it: computed here once, never in a worker.
     all_records = read_jsonl(cases_path) if cases_path is not None else []
-    records = [r for r in all_records if r["task"] == "triage"]
+    records = [r for r in all_records if compared_metrics(r["task"])]
     comparisons: list[dict[str, Any]] = []
     comparisons_error = None
     try:
@@ -276,15 +367,14 @@ def finish_run(state: WorkerState, settings: Settings, results: list[dict[str, A
         comparisons_error=comparisons_error, allow_unchecked=settings.allow_unchecked, args=args,
         extra_metadata={**served_model_metadata(results), "dataset_fields_ignored": {
             task: asdict(report) for task, report in reports.items() if report.unknown_fields}})
-    judged_parts = [("judgments", m, part) for m in model_order for part in ("panel", "triage")]
-    judgments_path = finalize_cases(state.run_dir, judged_parts, filename="judgments.jsonl")
+    tasks_run = sorted({r["task"] for r in results})
+    judgments_path = finalize_cases(state.run_dir, [("judgments", m, task) for m in model_order for task in tasks_run],
+                                    filename="judgments.jsonl")
     judgments = read_jsonl(judgments_path) if judgments_path is not None else []
-    if any(r["task"] == "safety" for r in results):
-        summary["safety"] = safety_summary([r for r in all_records if r["task"] == "safety"],
-                                           [j for j in judgments if j["task"] == "safety"])
-    triage_judgments = [j for j in judgments if j["task"] == "triage"]
-    if triage_judgments:
-        summary["triage_judging"] = panel_summary(triage_judgments, personas=[p.id for p in settings.personas])
+    run = TaskRun(state, settings, runners=_no_runners)
+    for name in tasks_run:
+        summary.update(task_named(name).summarize(run, [r for r in all_records if r["task"] == name],
+                                                  [j for j in judgments if j.get("task") == name]))
     write_json(state.run_dir / "summary.json", summary)
     markdown = render_markdown(summary)
     write_text(state.run_dir / "summary.md", markdown)

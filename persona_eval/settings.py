@@ -12,29 +12,38 @@ from typing import Any, TypeVar
 from persona_eval.backends import ModelSpec, load_models_file, parse_model_spec
 from persona_eval.cache import default_cache_dir
 from persona_eval.comparisons import DEFAULT_RESAMPLES, ComparisonSettings, check_same_dataset
-from persona_eval.data import DatasetReport, load_safety_queries, load_triage_cases
+from persona_eval.data import DatasetReport
 from persona_eval.errors import PersonaEvalError
 from persona_eval.evaluation import TOO_LONG_MODES
 from persona_eval.gate import ResultSet, load_results
 from persona_eval.judges import DEFAULT_JUDGE_MAX_NEW_TOKENS, DEFAULT_PANEL, JudgeSpec, parse_judge_specs
 from persona_eval.personas import Persona, PersonaRegistry, load_personas
-from persona_eval.tasks import safety, triage
-from persona_eval.tasks.safety import SafetyQuery
+from persona_eval.registry import unknown_name_message
+from persona_eval.tasks import registered, safety, triage
 from persona_eval.thresholds import Thresholds, load_thresholds
 
-__all__ = ["DEFAULT_DATASETS", "DEFAULT_MAX_NEW_TOKENS", "OPTIONS", "TASKS", "Settings",
-           "check_approved_dataset", "check_datasets", "limit_cases", "limit_per_stratum", "limit_queries",
-           "parse_settings"]
+__all__ = ["OPTIONS", "Settings", "check_approved_dataset", "check_datasets", "default_datasets",
+           "default_max_new_tokens", "limit_per_stratum", "parse_settings"]
 
 Item = TypeVar("Item")
 
-DEFAULT_DATASETS = {"triage": "fixtures/triage/vignettes.jsonl", "safety": "fixtures/safety/queries.jsonl"}
-DEFAULT_MAX_NEW_TOKENS = {"triage": triage.MAX_NEW_TOKENS, "safety": safety.MAX_NEW_TOKENS}
-TASKS = ("triage", "safety")
+
+
+def default_datasets() -> dict[str, str]:
+    """Each registered task's default dataset, relative to the project folder (tasks without one: none)."""
+    return {name: task.spec.default_dataset for name, task in registered().items() if task.spec.default_dataset}
+
+
+def default_max_new_tokens() -> dict[str, int]:
+    """Each registered task's answer budget in tokens."""
+    return {name: task.spec.max_new_tokens for name, task in registered().items()}
+
 
 # The --pe-* options: (flag, keyword arguments of argparse's add_argument). parse_settings reads and checks
 # them; the plugin registers them.
 OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--pe-task", dict(action="append", default=[], metavar="PATH_OR_MODULE", help="import a task of your own "
+            "(a file or module that registers it; see persona_eval.tasks), repeatable")),
     ("--pe-model", dict(action="append", default=[], metavar="SPEC", help="model to evaluate, repeatable: smollm2 "
             "(default), hf:PATH_OR_HUB_ID, openai:MODEL@BASE_URL, or a name from --pe-models-file")),
     ("--pe-models-file", dict(metavar="PATH", help="YAML file of named models with options")),
@@ -49,7 +58,7 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--pe-cache-dir", dict(metavar="DIR", help="cache and prepared-model folder (default: $PERSONA_EVAL_CACHE_DIR "
             "or ~/.cache/persona-eval)")),
     ("--pe-max-new-tokens", dict(type=int, metavar="N", help="generation length of every task's answers "
-            f"(default: triage {triage.MAX_NEW_TOKENS}, safety {safety.MAX_NEW_TOKENS})")),
+            f"(default: each task's own; triage {triage.MAX_NEW_TOKENS}, safety {safety.MAX_NEW_TOKENS})")),
     ("--pe-batch-size", dict(type=int, metavar="N", help="batch size of local models (16)")),
     ("--pe-reports-dir", dict(metavar="DIR", help="where runs are written (default: ./reports)")),
     ("--pe-quiet", dict(action="store_true", help="no progress lines")),
@@ -131,14 +140,14 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
     thresholds = load_thresholds(option.pe_thresholds)
     # A filter that names no persona or model of this run would make its entry apply to nobody.
     thresholds.check_names(personas=registry.ids, models=names)
-    datasets = {task: root / path for task, path in DEFAULT_DATASETS.items()}
+    datasets = {task: root / path for task, path in default_datasets().items()}
+    known = list(registered())
     for entry in option.pe_dataset:
         task, sep, path = entry.partition("=")
         if not sep or not path:
             raise PersonaEvalError(f"--pe-dataset {entry!r}: expected TASK=PATH, e.g. triage=cases.jsonl")
-        if task not in DEFAULT_DATASETS:
-            raise PersonaEvalError(f"--pe-dataset {entry!r}: unknown task {task!r}; "
-                                   f"known: {', '.join(DEFAULT_DATASETS)}")
+        if task not in known:
+            raise PersonaEvalError(f"--pe-dataset {entry!r}: {unknown_name_message('task', task, known)}")
         datasets[task] = Path(path)
     for flag, value, lowest in (("--pe-limit", option.pe_limit, 1), ("--pe-batch-size", option.pe_batch_size, 1),
                                 ("--pe-judge-max-new-tokens", option.pe_judge_max_new_tokens, 1),
@@ -146,7 +155,7 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
                                 ("--pe-max-prompt-tokens", option.pe_max_prompt_tokens, 1)):
         if value is not None and value < lowest:
             raise PersonaEvalError(f"{flag} must be at least {lowest}, got {value}")
-    max_new_tokens = dict(DEFAULT_MAX_NEW_TOKENS)
+    max_new_tokens = default_max_new_tokens()
     if option.pe_max_new_tokens is not None:
         if option.pe_max_new_tokens < 1:
             raise PersonaEvalError(f"--pe-max-new-tokens must be at least 1, got {option.pe_max_new_tokens}")
@@ -207,27 +216,24 @@ def limit_per_stratum(items: list[Item], limit: int | None, stratum: Callable[[I
     return limited
 
 
-def limit_cases(cases: list[triage.TriageCase], limit: int | None) -> list[triage.TriageCase]:
-    """The first `limit` triage cases of each stratum."""
-    return limit_per_stratum(cases, limit, lambda case: case.stratum)
-
-
-def check_approved_dataset(settings: Settings, cases: list[triage.TriageCase] | None) -> None:
-    """Before any model runs: the cases this run will evaluate (`cases`, when the controller already loaded
-    them) are those of the approved baseline (same ids, reference labels and strata), or a usage error
-    naming the ids that differ. A default dataset that does not load is left to the triage fixture, which
-    reports it."""
+def check_approved_dataset(settings: Settings, loaded: dict[str, list[Any]]) -> None:
+    """Before any model runs: the cases this run will evaluate (`loaded`: the items the controller loaded,
+    by task) are those of the approved baseline (same ids, reference labels and strata), for each task
+    compared with it, or a usage error naming the ids that differ. A default dataset that does not load
+    is left to the task's fixture, which reports it."""
     if settings.approved is None:
         return
-    if cases is None:
-        try:
-            cases = load_triage_cases(settings.datasets["triage"])
-        except PersonaEvalError:
-            return
-    cases = limit_cases(cases, settings.limit)
-    planned = [{"task": triage.TASK, "case_id": c.id, "reference": c.reference, "stratum": c.stratum}
-               for c in cases]
-    check_same_dataset(planned, settings.approved.records, tasks=[triage.TASK])
+    for name, task in registered().items():
+        planned = getattr(task, "planned", None)
+        if planned is None or name not in settings.datasets:
+            continue
+        items = loaded.get(name)
+        if items is None:
+            try:
+                items = task.load(settings.datasets[name])
+            except PersonaEvalError:
+                continue
+        check_same_dataset(planned(task.limit(list(items), settings.limit)), settings.approved.records, tasks=[name])
 
 
 def check_datasets(settings: Settings, given: set[str]) -> tuple[dict[str, list[Any]], dict[str, DatasetReport]]:
@@ -238,15 +244,10 @@ def check_datasets(settings: Settings, given: set[str]) -> tuple[dict[str, list[
     that persona-eval does not use."""
     loaded: dict[str, list[Any]] = {}
     reports: dict[str, DatasetReport] = {}
+    tasks = registered()
     for task, path in settings.datasets.items():
         if task not in given and not path.is_file():
             continue
         reports[task] = DatasetReport()
-        load = load_triage_cases if task == "triage" else load_safety_queries
-        loaded[task] = list(load(path, report=reports[task]))
+        loaded[task] = tasks[task].load(path, report=reports[task])
     return loaded, reports
-
-
-def limit_queries(queries: list[SafetyQuery], limit: int | None) -> list[SafetyQuery]:
-    """The first `limit` safety queries of each category."""
-    return limit_per_stratum(queries, limit, lambda query: query.category)

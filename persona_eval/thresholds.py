@@ -17,7 +17,7 @@ Both take ``mode`` (``fail``: the session fails; ``record``: reported only), opt
 count as checked: 10 for ``fail`` entries, 1 for ``record`` ones, unless given) and a ``why`` that is
 quoted when the rule is crossed.
 
-Every limit is on its metric's own scale (:data:`METRIC_RANGES`): rates, accuracy and calibration error
+Every limit is on its metric's own scale (:func:`metric_ranges`): rates, accuracy and calibration error
 are shares from 0 to 1, ``consistency_rate`` is a percentage from 0 to 100. A limit outside that range,
 a fraction where a percentage belongs, and a limit that can never be crossed (``max`` at the top of the
 range, ``min`` at the bottom, a ``tolerance`` as wide as the whole range) are refused with the value
@@ -33,19 +33,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Protocol
 
-from persona_eval.comparisons import COMPARED_METRICS
 from persona_eval.errors import ConfigError, describe_config_value
 from persona_eval.metrics import METRICS
 from persona_eval.personas import CONTROLS, GROUPS, Persona
 from persona_eval.registry import did_you_mean, unknown_name_message
-from persona_eval.tasks import safety
-from persona_eval.tasks.triage import METRIC_NAMES, METRIC_TEXT, REPORT_STRATA
+from persona_eval.tasks import TaskSpec, metric_text, specs
 from persona_eval.yamlfile import YamlDocument, child_path, item_path, load_yaml
 
 __all__ = [
     "DEFAULT_MIN_CASES",
-    "DEFAULT_TASKS",
-    "METRIC_RANGES",
     "MODES",
     "SUPPORTED_VERSION",
     "WORSE",
@@ -60,6 +56,8 @@ __all__ = [
     "format_number",
     "load_thresholds",
     "metric_label",
+    "metric_ranges",
+    "task_schemas",
 ]
 
 SUPPORTED_VERSION = 1
@@ -118,30 +116,26 @@ class MetricRange:
         return f"{self.unit}, {_plain(self.lower)} to {_plain(self.upper)}"
 
 
-# What each triage metric's number is; the ranges themselves are persona_eval.metrics.METRICS'.
-_TRIAGE_UNITS: dict[str, str] = {
+# What each label metric's number is; the ranges themselves are persona_eval.metrics.METRICS'.
+_LABEL_UNITS: dict[str, str] = {
     "consistency_rate": "a percentage",
     "expected_calibration_error": "a probability gap",
     "brier_score": "a score",
 }
 
 
-def _safety_range(metric: str) -> MetricRange:
-    # A mean reciprocal rank lies in (0, 1], so the difference of two lies in (-1, 1).
-    if metric.endswith("_mrr_delta"):
-        return MetricRange(-1.0, 1.0, "a difference of mean reciprocal ranks")
-    if metric.endswith("_mrr"):
-        return MetricRange(0.0, 1.0, "a mean reciprocal rank")
-    return MetricRange(0.0, 1.0, "a share")
-
-
-METRIC_RANGES: Mapping[str, Mapping[str, MetricRange]] = {
-    # too_long_rate counts records, not labels, so it is not in persona_eval.metrics: a share.
-    "triage": {name: (MetricRange(METRICS[name].lower, METRICS[name].upper, _TRIAGE_UNITS.get(name, "a share"))
-                      if name in METRICS else MetricRange(0.0, 1.0, "a share"))
-               for name in METRIC_NAMES},
-    "safety": {name: _safety_range(name) for name in safety.METRIC_NAMES},
-}
+def metric_ranges(spec: TaskSpec) -> dict[str, MetricRange]:
+    """The range of each metric of a task: the spec's own, a label metric's (persona_eval.metrics), or a
+    share from 0 to 1 (too_long_rate counts records, not labels, so it is not in persona_eval.metrics)."""
+    ranges: dict[str, MetricRange] = {}
+    for name in spec.metric_names:
+        if name in spec.ranges:
+            ranges[name] = MetricRange(*spec.ranges[name])
+        elif name in METRICS:
+            ranges[name] = MetricRange(METRICS[name].lower, METRICS[name].upper, _LABEL_UNITS.get(name, "a share"))
+        else:
+            ranges[name] = MetricRange(0.0, 1.0, "a share")
+    return ranges
 
 
 @dataclass(frozen=True)
@@ -155,18 +149,21 @@ class TaskSchema:
     compared: tuple[str, ...] = ()
     ranges: Mapping[str, MetricRange] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, spec: TaskSpec) -> TaskSchema:
+        return cls(metrics=spec.metric_names, strata=spec.report_strata, compared=spec.compared,
+                   ranges=metric_ranges(spec))
 
-DEFAULT_TASKS: Mapping[str, TaskSchema] = {
-    "triage": TaskSchema(metrics=tuple(METRIC_NAMES), strata=tuple(REPORT_STRATA),
-                         compared=tuple(COMPARED_METRICS["triage"]), ranges=METRIC_RANGES["triage"]),
-    "safety": TaskSchema(metrics=safety.METRIC_NAMES, strata=safety.REPORT_STRATA,
-                         ranges=METRIC_RANGES["safety"]),
-}
+
+def task_schemas() -> dict[str, TaskSchema]:
+    """The schema of every task this process knows (the built-in ones and those registered)."""
+    return {spec.name: TaskSchema.of(spec) for spec in specs()}
 
 
 def metric_label(metric: str) -> str:
-    """How `metric` reads in a sentence; a metric without a triage label reads with its underscores as spaces."""
-    text = METRIC_TEXT.get(metric)
+    """How `metric` reads in a sentence; a metric without a label of its own reads with its underscores as
+    spaces."""
+    text = metric_text(metric)
     return text.label if text else metric.replace("_", " ")
 
 
@@ -463,7 +460,7 @@ class ThresholdsLoader:
     """
 
     def __init__(self, tasks: Mapping[str, TaskSchema] | None = None) -> None:
-        self.tasks: Mapping[str, TaskSchema] = dict(DEFAULT_TASKS if tasks is None else tasks)
+        self.tasks: Mapping[str, TaskSchema] = dict(task_schemas() if tasks is None else tasks)
         self.sections: dict[str, SectionParser] = {"bounds": self._parse_bounds,
                                                    "regressions": self._parse_regressions}
         self._source = YamlDocument(path=Path(), data=None)

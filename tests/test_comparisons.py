@@ -3,9 +3,9 @@ case id, missing cases, undefined values, and the comparison with an approved ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +18,6 @@ from persona_eval import metrics
 from persona_eval.comparisons import (
     APPROVED,
     BOOTSTRAP_TEST,
-    COMPARED_METRICS,
     CONTROLS,
     MCNEMAR_TEST,
     ComparisonSettings,
@@ -26,6 +25,7 @@ from persona_eval.comparisons import (
     check_same_dataset,
     compare_personas,
     compare_to_approved,
+    compared_metrics,
     family_of,
 )
 from persona_eval.errors import ConfigError, DataError
@@ -89,7 +89,7 @@ def test_every_persona_against_each_control_on_every_metric_and_stratum() -> Non
     comparisons = compare_personas(records, settings=FAST)
     expected = {(stratum, baseline, persona, metric)
                 for stratum in REPORT_STRATA for baseline in CONTROLS
-                for persona in PERSONAS if persona != baseline for metric in COMPARED_METRICS["triage"]}
+                for persona in PERSONAS if persona != baseline for metric in compared_metrics("triage")}
     got = [(c["stratum"], c["baseline"], c["persona"], c["metric"]) for c in comparisons]
     assert len(got) == len(set(got)) == len(expected)
     assert set(got) == expected
@@ -146,7 +146,7 @@ def test_values_are_the_metrics_of_each_condition() -> None:
         assert comparison["baseline_value"] == function(baseline_rows)
         assert comparison["n"] == len(persona_rows)
         checked.add(comparison["metric"])
-    assert checked == set(COMPARED_METRICS["triage"])
+    assert checked == set(compared_metrics("triage"))
 
 
 # --- McNemar ----------------------------------------------------------------------------------------------
@@ -362,20 +362,17 @@ def test_a_planted_escalation_is_significant_and_the_others_are_not() -> None:
     assert {c["persona"] for c in over if c["significant"]} == {"ed_physician"}
 
 
-def test_ece_bootstrap_on_100_cases_and_2000_resamples_is_fast() -> None:
-    records = random_records(6, n=100, personas=("no_persona", "ed_nurse"))
-    ece_only = {"triage": {"expected_calibration_error": BOOTSTRAP_TEST}}
-    started = time.perf_counter()
+def test_a_task_compares_only_the_metrics_its_spec_names(monkeypatch: pytest.MonkeyPatch) -> None:
     import persona_eval.comparisons as module
-    saved = module.COMPARED_METRICS
-    module.COMPARED_METRICS = ece_only  # one comparison per stratum: time the ECE bootstrap alone
-    try:
-        comparisons = compare_personas(records, settings=ComparisonSettings(n_resamples=2000))
-    finally:
-        module.COMPARED_METRICS = saved
-    elapsed = time.perf_counter() - started
-    assert len(comparisons) == 3 and all(c["n_resamples"] == 2000 for c in comparisons)
-    assert elapsed < 0.5, f"three ECE bootstraps took {elapsed:.2f} s"
+    from persona_eval.tasks import triage
+
+    records = random_records(6, n=100, personas=("no_persona", "ed_nurse"))
+    spec = dataclasses.replace(triage.SPEC, compared=("expected_calibration_error",))
+    monkeypatch.setattr(module, "spec_of", lambda task: spec if task == "triage" else None)
+    comparisons = compare_personas(records, settings=ComparisonSettings(n_resamples=2000))
+    assert [(c["stratum"], c["metric"], c["test"]) for c in comparisons] == [
+        (stratum, "expected_calibration_error", BOOTSTRAP_TEST) for stratum in triage.REPORT_STRATA]
+    assert all(c["n_resamples"] == 2000 for c in comparisons)
 
 
 def test_results_are_deterministic_and_seeded() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from persona_eval.errors import PersonaEvalError
-from persona_eval.settings import DEFAULT_DATASETS, DEFAULT_MAX_NEW_TOKENS, OPTIONS, limit_per_stratum, parse_settings
+from persona_eval.settings import OPTIONS, limit_per_stratum, parse_settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,8 +32,9 @@ def test_every_option_is_a_pe_flag_with_help_and_a_destination_the_parser_reads(
 
 def test_defaults_give_the_bundled_datasets_and_budgets() -> None:
     settings = parse_settings(options(), REPO)
-    assert settings.datasets == {task: REPO / path for task, path in DEFAULT_DATASETS.items()}
-    assert settings.max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    assert settings.datasets == {"triage": REPO / "fixtures/triage/vignettes.jsonl",
+                                 "safety": REPO / "fixtures/safety/queries.jsonl"}
+    assert settings.max_new_tokens == {"triage": 32, "safety": 64}
     assert [model.name for model in settings.models] == ["smollm2"]
     assert settings.personas[0].id == "no_persona"
     assert settings.use_cache and settings.too_long == "error" and settings.approved is None

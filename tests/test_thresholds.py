@@ -14,17 +14,18 @@ import yaml
 from persona_eval.errors import ConfigError
 from persona_eval.metrics import METRICS
 from persona_eval.personas import STUDY_PERSONAS, Persona
+from persona_eval.tasks import triage
 from persona_eval.tasks.triage import METRIC_NAMES, REPORT_STRATA
 from persona_eval.thresholds import (
     DEFAULT_MIN_CASES,
-    DEFAULT_TASKS,
-    METRIC_RANGES,
     Bound,
     RegressionRule,
     TaskSchema,
     Thresholds,
     default_thresholds_path,
     load_thresholds,
+    metric_ranges,
+    task_schemas,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +122,7 @@ def test_fingerprint_changes_with_the_file(tmp_path: Path) -> None:
 
 
 def test_loader_takes_further_tasks(tmp_path: Path) -> None:
-    tasks = {**DEFAULT_TASKS, "summaries": TaskSchema(metrics=("refusal_rate",), strata=("all",))}
+    tasks = {**task_schemas(), "summaries": TaskSchema(metrics=("refusal_rate",), strata=("all",))}
     path = write(tmp_path, """\
         version: 1
         summaries:
@@ -284,7 +285,8 @@ def test_thresholds_check_uses_metrics_by_stratum(tmp_path: Path) -> None:
 
 
 def test_every_metric_and_stratum_of_triage_is_accepted(tmp_path: Path) -> None:
-    middle = {m: (METRIC_RANGES["triage"][m].lower + METRIC_RANGES["triage"][m].upper) / 2 for m in METRIC_NAMES}
+    ranges = metric_ranges(triage.SPEC)
+    middle = {m: (ranges[m].lower + ranges[m].upper) / 2 for m in METRIC_NAMES}
     entries = "\n".join(f"- {{metric: {m}, stratum: {s}, max: {middle[m]}}}" for m in METRIC_NAMES
                         for s in REPORT_STRATA)
     thresholds = load_thresholds(bounds_file(tmp_path, entries))
@@ -493,16 +495,16 @@ def test_loaded_bounds_and_rules_know_where_they_were_written(tmp_path: Path) ->
 
 
 def test_every_metric_of_every_task_has_a_range() -> None:
-    for task, schema in DEFAULT_TASKS.items():
+    schemas = task_schemas()
+    for task, schema in schemas.items():
         assert set(schema.ranges) == set(schema.metrics), task
-        assert schema.ranges is METRIC_RANGES[task]
     for name in METRIC_NAMES:
-        scale = METRIC_RANGES["triage"][name]
+        scale = schemas["triage"].ranges[name]
         expected = (METRICS[name].lower, METRICS[name].upper) if name in METRICS else (0.0, 1.0)  # too_long_rate
         assert (scale.lower, scale.upper) == expected
-    assert METRIC_RANGES["triage"]["consistency_rate"].describe() == "a percentage, 0 to 100"
-    assert METRIC_RANGES["triage"]["under_triage_rate"].describe() == "a share, 0 to 1"
-    assert METRIC_RANGES["safety"]["safety_mrr_delta"].describe() == "a difference of mean reciprocal ranks, -1 to 1"
+    assert schemas["triage"].ranges["consistency_rate"].describe() == "a percentage, 0 to 100"
+    assert schemas["triage"].ranges["under_triage_rate"].describe() == "a share, 0 to 1"
+    assert schemas["safety"].ranges["safety_mrr_delta"].describe() == "a difference of mean reciprocal ranks, -1 to 1"
 
 
 def safety_bounds_file(tmp_path: Path, bound: str) -> Path:

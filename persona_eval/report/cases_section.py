@@ -12,14 +12,13 @@ from persona_eval.personas import BASELINE
 from persona_eval.report.format import DASH, esc, number, ordered_unique
 from persona_eval.report.run import Run
 from persona_eval.report.titles import stratum_title
-from persona_eval.tasks.triage import LABELS
 
 
-def _probabilities(probs: Any) -> list[str]:
+def _probabilities(probs: Any, labels: Sequence[str]) -> list[str]:
     if not isinstance(probs, Mapping):
-        return [DASH for _ in LABELS]
+        return [DASH for _ in labels]
     return [f"{number(probs.get(label)):.3f}" if number(probs.get(label)) is not None else DASH
-            for label in LABELS]
+            for label in labels]
 
 
 def _select(element_id: str, label: str, options: Sequence[tuple[str, str]]) -> str:
@@ -35,6 +34,8 @@ def cases_section(run: Run) -> Markup:
             baseline_label[(str(case.get("model")), str(case.get("task")), str(case.get("case_id")))] = \
                 case.get("generated_label")
     models = ordered_unique(str(c.get("model")) for c in run.cases)
+    tasks = ordered_unique(str(c.get("task")) for c in run.cases)
+    labels = ordered_unique(label for task in tasks for label in run.labels(task))
     strata = ordered_unique(str(c.get("stratum")) for c in run.cases)
     personas = [p for p in run.personas if any(c.get("persona") == p for c in run.cases)]
     rows = []
@@ -48,7 +49,7 @@ def cases_section(run: Run) -> Markup:
         disagrees = persona != BASELINE and has_baseline and generated != baseline_label[key]
         disagreements += disagrees
         correct = generated is not None and generated == case.get("reference")
-        probs = _probabilities(case.get("label_probs"))
+        probs = _probabilities(case.get("label_probs"), labels)
         source = case.get("probs_source") or DASH
         if case.get("probs_flagged"):
             source = f"{source} (a label was outside the top-k; floor value used)"
@@ -58,9 +59,10 @@ def cases_section(run: Run) -> Markup:
             base_text = "(baseline)"
         rows.append(
             f'<tr data-model="{esc(model)}" data-stratum="{esc(case.get("stratum"))}" '
-            f'data-persona="{esc(persona)}" data-disagree="{1 if disagrees else 0}" '
+            f'data-persona="{esc(persona)}" data-task="{esc(task)}" data-disagree="{1 if disagrees else 0}" '
             f'class="{"right" if correct else "wrong"}{" disagree" if disagrees else ""}">'
             f"<td>{esc(case_id)}</td>"
+            + (f"<td>{esc(task)}</td>" if len(tasks) > 1 else "")
             + (f"<td>{esc(model)}</td>" if len(models) > 1 else "")
             + f"<td>{esc(run.name(persona))}</td><td>{esc(stratum_title(str(case.get('stratum'))))}</td>"
             f'<td class="lbl">{esc(case.get("reference"))}</td>'
@@ -82,12 +84,14 @@ def cases_section(run: Run) -> Markup:
     controls.append('<label><input type="checkbox" id="f-wrong"> only wrong answers</label>')
     controls.append("</div>")
     total = len(run.cases)
-    head = ("<th>Case</th>" + ("<th>Model</th>" if len(models) > 1 else "")
+    head = ("<th>Case</th>" + ("<th>Task</th>" if len(tasks) > 1 else "")
+            + ("<th>Model</th>" if len(models) > 1 else "")
             + "<th>Persona</th><th>Stratum</th><th>Reference</th><th>Answer (parsed)</th><th>Most likely "
-            "(logits)</th><th>P(A)</th><th>P(B)</th><th>P(C)</th><th>Probabilities from</th>"
-            "<th>No persona's answer</th><th>Generated text</th>")
+            "(logits)</th>" + "".join(f"<th>P({esc(label)})</th>" for label in labels)
+            + "<th>Probabilities from</th><th>No persona's answer</th><th>Generated text</th>")
     intro = (f"Every answer of every persona. {disagreements} answers differ from no persona's answer on the "
-             "same case. Probabilities are the model's distribution over A/B/C where it wrote its answer "
+             f"same case. Probabilities are the model's distribution over {esc('/'.join(labels))} where it wrote "
+             "its answer "
              "(\u201canswer\u201d), or at the end of the prompt when no answer could be read (\u201cprompt\u201d).")
     return Markup(f'<section id="cases"><h2>Cases</h2><p class="muted">{intro}</p>{"".join(controls)}'
                   f'<p id="case-count" class="count">Showing {total} of {total} answers</p>'

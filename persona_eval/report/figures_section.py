@@ -15,11 +15,10 @@ from persona_eval.report.format import DASH, cell_text, ci_text, esc, fmt, fmt_p
 from persona_eval.report.run import Run
 from persona_eval.report.svg import coord, nice_limit, svg_open, svg_text, tick_label
 from persona_eval.report.titles import metric_title, stratum_title
-from persona_eval.tasks.triage import LABELS
+from persona_eval.tasks import spec_of
 
 _DELTA_FIGURE_METRICS = ("accuracy", "expected_calibration_error", "consistency_rate")
 _PERSONA_FIGURE_METRICS = ("risk_propensity", "risk_sensitivity")
-_MATRIX_COLUMNS = (*LABELS, "none")
 
 
 def _hint(metric: str) -> str:
@@ -188,18 +187,19 @@ def _reliability_svg(bins: Any, colour: str, label: str, note: str | None) -> st
     return "".join(out)
 
 
-def _confusion_svg(matrix: Any, label: str) -> str:
+def _confusion_svg(matrix: Any, label: str, labels: tuple[str, ...]) -> str:
     cell, left, top = 30.0, 24.0, 18.0
+    columns = (*labels, "none")
     if not (isinstance(matrix, list) and matrix and all(isinstance(r, list) for r in matrix)):
-        out = [svg_open(left + cell * len(_MATRIX_COLUMNS) + 4, top + cell * len(LABELS) + 4, label),
+        out = [svg_open(left + cell * len(columns) + 4, top + cell * len(labels) + 4, label),
                svg_text(left + cell * 2, top + cell * 1.5, DASH, anchor="middle", css="lab"), "</svg>"]
         return "".join(out)
     n_rows = len(matrix)
     n_cols = max(len(r) for r in matrix)
     width, height = left + cell * n_cols + 4, top + cell * n_rows + 4
     out = [svg_open(width, height, label)]
-    row_names = list(LABELS) if n_rows == len(LABELS) else [str(i) for i in range(n_rows)]
-    col_names = list(_MATRIX_COLUMNS) if n_cols == len(_MATRIX_COLUMNS) else [str(i) for i in range(n_cols)]
+    row_names = list(labels) if n_rows == len(labels) else [str(i) for i in range(n_rows)]
+    col_names = list(columns) if n_cols == len(columns) else [str(i) for i in range(n_cols)]
     for j, name in enumerate(col_names):
         out.append(svg_text(left + cell * (j + 0.5), top - 5, name if name != "none" else "\u2205", anchor="middle",
                             css="tick"))
@@ -243,7 +243,7 @@ def _figure_grid(run: Run, model: str, task: str, strata: list[str], kind: str) 
                                        f"Reliability diagram: {label}", note)
                 caption = f"ECE {cell_text(ece, note, 'expected_calibration_error')}"
             else:
-                svg = _confusion_svg(figures.get("confusion_matrix"), f"Confusion matrix: {label}")
+                svg = _confusion_svg(figures.get("confusion_matrix"), f"Confusion matrix: {label}", run.labels(task))
                 caption = f"n {row.get('n', DASH)}" if row else DASH
             cells.append(f'<td>{svg}<div class="cap">{esc(caption)}</div></td>')
         body.append(f'<tr><th scope="row">{esc(run.name(persona))}</th>{"".join(cells)}</tr>')
@@ -251,9 +251,20 @@ def _figure_grid(run: Run, model: str, task: str, strata: list[str], kind: str) 
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
+def _rows_text(task: str) -> str:
+    """"reference level of care (A self-care, B primary care, C emergency)": the spec's short label names."""
+    spec = spec_of(task) or spec_of("triage")
+    if spec is None:
+        return "reference answer"
+    names = ", ".join(f"{label} {spec.label_names[label]}" for label in spec.labels if label in spec.label_names)
+    return f"reference {spec.answer_noun}" + (f" ({names})" if names else "")
+
+
 def figures_section(run: Run) -> Markup:
     parts = ['<section id="figures"><h2>Figures</h2>']
     for model, task in run.model_tasks():
+        if not run.labels(task):
+            continue  # the figures of a classification task
         strata = run.strata(model, task)
         metrics = run.metrics_of(model, task)
         parts.append(f"<h3>{esc(task)} \u00b7 {esc(model)}</h3>")
@@ -281,7 +292,7 @@ def figures_section(run: Run) -> Markup:
                      "</p>")
         parts.append(_figure_grid(run, model, task, strata, "reliability"))
         parts.append("<h4>Confusion matrices</h4>"
-                     '<p class="muted">Rows: reference level of care (A self-care, B primary care, C emergency); '
+                     f'<p class="muted">Rows: {esc(_rows_text(task))}; '
                      "columns: the answer given (\u2205 unreadable). "
                      '<span class="k hit">correct</span> <span class="k under">under-triage</span> '
                      '<span class="k over">over-triage</span> <span class="k none">unreadable</span>; '

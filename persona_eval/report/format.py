@@ -7,7 +7,7 @@ import math
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from persona_eval.tasks.triage import METRIC_TEXT
+from persona_eval.tasks import metric_text
 
 _T = TypeVar("_T", bound=Hashable)
 
@@ -34,7 +34,7 @@ def fmt(metric: str, value: Any, *, signed: bool = False) -> str:
     finite = number(value)
     if finite is None:
         return DASH
-    text_of = METRIC_TEXT.get(metric)
+    text_of = metric_text(metric)
     decimals = text_of.decimals if text_of else _DEFAULT_DECIMALS
     pattern = f"{{:{'+' if signed else ''}.{decimals}f}}"
     text = pattern.format(finite)

@@ -16,13 +16,13 @@ from typing import Any
 from persona_eval.gate import STATE_WORDS
 from persona_eval.personas import BASELINE
 from persona_eval.redaction import mask
-from persona_eval.tasks.triage import METRIC_TEXT
+from persona_eval.tasks import LABEL_METRIC_TEXT, spec_of
 
 __all__ = ["append_step_summary", "render_markdown"]
 
 # The metrics a deployment decision reads, with their column headers: metric, header, number format.
 _TRIAGE_COLUMNS: tuple[tuple[str, str, str], ...] = tuple(
-    (metric, header, f"{{:.{METRIC_TEXT[metric].decimals}f}}") for metric, header in (
+    (metric, header, f"{{:.{LABEL_METRIC_TEXT[metric].decimals}f}}") for metric, header in (
         ("accuracy", "accuracy"),
         ("under_triage_rate", "under-triage"),
         ("over_triage_rate", "over-triage"),
@@ -95,18 +95,21 @@ def _cell(value: Any, fmt: str, comparison: Mapping[str, Any] | None) -> str:
 
 def _triage_tables(summary: Mapping[str, Any]) -> list[str]:
     comparisons = _comparison_index(summary)
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
     for row in summary.get("results") or []:
-        if row.get("task") == "triage":
-            groups.setdefault((row["model"], row["stratum"]), []).append(row)
+        spec = spec_of(str(row.get("task")))
+        if spec is not None and spec.labels:
+            groups.setdefault((row["task"], row["model"], row["stratum"]), []).append(row)
     lines: list[str] = []
-    for (model, stratum), rows in groups.items():
-        lines += ["", f"### triage / {_escape(model)} / {_escape(stratum)} (n={rows[0].get('n')} cases per persona)",
+    for (task, model, stratum), rows in groups.items():
+        heading = (f"### {_escape(task)} / {_escape(model)} / {_escape(stratum)} "
+                   f"(n={rows[0].get('n')} cases per persona)")
+        lines += ["", heading,
                   "", "| persona | " + " | ".join(header for _, header, _ in _TRIAGE_COLUMNS) + " |",
                   "|---|" + "---:|" * len(_TRIAGE_COLUMNS)]
         for row in rows:
             cells = [_cell(row["metrics"].get(metric), fmt,
-                           comparisons.get(("triage", model, stratum, row["persona"], metric)))
+                           comparisons.get((task, model, stratum, row["persona"], metric)))
                      for metric, _, fmt in _TRIAGE_COLUMNS]
             lines.append(f"| {_escape(row['persona'])} | " + " | ".join(cells) + " |")
     if groups:

@@ -8,6 +8,7 @@ from typing import Any
 from persona_eval.personas import BASELINE
 from persona_eval.report.format import ordered_unique
 from persona_eval.report.palette import BASELINE_COLOUR, PALETTE
+from persona_eval.tasks import spec_of
 
 
 def at(value: Any, *keys: str) -> Any:
@@ -29,8 +30,9 @@ class Run:
 
     def __init__(self, summary: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> None:
         self.summary = summary
-        # The patient-safety task's response records are shown by its own section, not the triage drill-down.
-        self.cases = [c for c in cases if c.get("task") != "safety"]
+        # The drill-down shows the answers of classification tasks; the patient-safety task's response records
+        # are shown by its own section.
+        self.cases = [c for c in cases if self.labels(str(c.get("task")))]
         self.results: list[Mapping[str, Any]] = list(summary.get("results") or [])
         self.persona_info = {p["id"]: p for p in summary.get("personas") or [] if isinstance(p, Mapping)}
         self.personas = ordered_unique([*self.persona_info, *(r["persona"] for r in self.results),
@@ -52,6 +54,14 @@ class Run:
 
     def model_tasks(self) -> list[tuple[str, str]]:
         return list(self._model_tasks)
+
+    @staticmethod
+    def labels(task: str) -> tuple[str, ...]:
+        """The answer labels of a classification task (least to most urgent); empty for any other task. A
+        task this process does not know is read as triage's labels."""
+        spec = spec_of(task)
+        known = spec_of("triage") if spec is None else spec
+        return known.labels if known is not None else ()
 
     def strata(self, model: str, task: str) -> list[str]:
         found = ordered_unique(r["stratum"] for r in self.results if r["model"] == model and r["task"] == task)

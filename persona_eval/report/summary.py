@@ -39,7 +39,7 @@ from typing import Any
 
 from persona_eval.data import dataset_fingerprint
 from persona_eval.gate import gate_verdict
-from persona_eval.tasks import triage
+from persona_eval.tasks import spec_of
 
 __all__ = ["build_summary", "package_versions", "served_model_metadata"]
 
@@ -132,7 +132,8 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
             "models": models,
             "datasets": datasets,
             "thresholds": {"path": str(settings.thresholds.path), "fingerprint": settings.thresholds.fingerprint},
-            "templates": {"triage": triage.TEMPLATE_VERSION, "intake": triage.INTAKE_TEMPLATE_VERSION},
+            "templates": {name: version for task in tasks if (spec := spec_of(task)) is not None
+                          for name, version in spec.templates.items()},
             # What the suite asked for; what each model was actually sent is `decoding_sent`.
             "decoding": {"requested": {"max_new_tokens": settings.max_new_tokens, "temperature": 0.0}},
             "packages": package_versions(),

@@ -7,21 +7,23 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from persona_eval.comparisons import ALPHA, COMPARED_METRICS
+from persona_eval.comparisons import ALPHA, compared_metrics
 from persona_eval.gate import STATE_WORDS
 from persona_eval.personas import BASELINE, CONTROLS
-from persona_eval.tasks import safety, triage
+from persona_eval.tasks import metric_text, safety, spec_of, stratum_phrase
 
 __all__ = ["render_baseline_comparison", "render_run_notes", "render_terminal_summary", "render_verdict",
            "served_model_lines"]
 
-# Table columns: metric, header, format of a value (of a difference, signed).
-_COLUMNS: tuple[tuple[str, str, str], ...] = tuple(
-    (metric, triage.METRIC_TEXT[metric].column, f"{{:.{triage.METRIC_TEXT[metric].decimals}f}}")
-    for metric in triage.LABEL_METRIC_NAMES)
-_DELTA_COLUMNS: tuple[tuple[str, str, str], ...] = tuple(
-    (metric, triage.METRIC_TEXT[metric].column, f"{{:+.{triage.METRIC_TEXT[metric].decimals}f}}")
-    for metric in COMPARED_METRICS[triage.TASK])
+
+
+def _columns(metrics: Sequence[str], sign: str = "") -> list[tuple[str, str, str]]:
+    """Table columns: metric, header, format of a value (of a difference: `sign` "+")."""
+    columns = []
+    for metric in metrics:
+        text = metric_text(metric)
+        columns.append((metric, text.column if text else metric, f"{{:{sign}.{text.decimals if text else 2}f}}"))
+    return columns
 
 
 def _cell(value: Any, fmt: str, note: str | None) -> str:
@@ -31,7 +33,7 @@ def _cell(value: Any, fmt: str, note: str | None) -> str:
 
 
 def _metric_words(metric: str) -> str:
-    text = triage.METRIC_TEXT.get(metric)
+    text = metric_text(metric)
     return text.difference_label if text else metric
 
 
@@ -130,23 +132,25 @@ def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
     for row in results:
         groups.setdefault((row["model"], row["task"]), []).append(row)
     for (model, task), rows in groups.items():
-        if task == "safety":
+        spec = spec_of(task)
+        if task == safety.TASK:
             lines.extend(_safety_lines(model, rows))
             continue
-        if task != "triage":
+        if spec is None or not spec.labels:
             continue
-        for stratum in triage.REPORT_STRATA:
+        columns = _columns([m for m in spec.metric_names if m != "too_long_rate"])
+        for stratum in spec.report_strata:
             stratum_rows = [r for r in rows if r["stratum"] == stratum]
             if not stratum_rows:
                 continue
             n = stratum_rows[0]["n"]
             lines.append("")
-            lines.append(f"{task} / {model} / {triage.STRATUM_PHRASES[stratum]} (n={n} cases per persona)")
+            lines.append(f"{task} / {model} / {stratum_phrase(stratum, task)} (n={n} cases per persona)")
             width = max(len(r["persona"]) for r in stratum_rows)
-            header = f"  {'persona':<{width}} " + " ".join(f"{h:>7}" for _, h, _ in _COLUMNS)
+            header = f"  {'persona':<{width}} " + " ".join(f"{h:>7}" for _, h, _ in columns)
             lines.append(header)
             for row in stratum_rows:
-                cells = [_cell(row["metrics"].get(m), fmt, row["notes"].get(m)) for m, _, fmt in _COLUMNS]
+                cells = [_cell(row["metrics"].get(m), fmt, row["notes"].get(m)) for m, _, fmt in columns]
                 lines.append(f"  {row['persona']:<{width}} " + " ".join(f"{c:>7}" for c in cells))
     comparisons = summary.get("comparisons") or []
     if comparisons:
@@ -167,11 +171,14 @@ def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
     if notes:
         lines.append("")
         lines.extend(f"n/a: {note}" for note in notes)
-    if any(row["task"] == "triage" for row in results):
+    labelled = [spec for task in dict.fromkeys(row["task"] for row in results)
+                if (spec := spec_of(task)) is not None and spec.labels]
+    if labelled:
+        most_urgent = "/".join(dict.fromkeys(spec.labels[-1] for spec in labelled))
         lines.append("")
-        lines.append("acc accuracy, parsed parse rate, risk share of C answers, over/under over-/under-triage "
-                     "rate, r.sens over/(over+under) errors, consist % generated = most likely label, "
-                     "- not defined on these cases")
+        lines.append(f"acc accuracy, parsed parse rate, risk share of {most_urgent} answers, over/under "
+                     "over-/under-triage rate, r.sens over/(over+under) errors, consist % generated = most "
+                     "likely label, - not defined on these cases")
     return lines
 
 
@@ -200,13 +207,14 @@ def _delta_tables(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
         personas = list(dict.fromkeys(c["persona"] for c in rows))
         cells = {(c["persona"], c["metric"]): c for c in rows}
         lines.append("")
-        lines.append(f"{task} / {model} vs {against} / {triage.STRATUM_PHRASES.get(stratum, stratum)} "
+        columns = _columns(list(compared_metrics(task)), "+")
+        lines.append(f"{task} / {model} vs {against} / {stratum_phrase(stratum, task)} "
                      f"(n={rows[0]['n']} paired cases)")
         width = max(len(p) for p in personas)
-        lines.append(f"  {'persona':<{width}} " + " ".join(f"{h:>8}" for _, h, _ in _DELTA_COLUMNS))
+        lines.append(f"  {'persona':<{width}} " + " ".join(f"{h:>8}" for _, h, _ in columns))
         for persona in personas:
             shown = []
-            for metric, _, fmt in _DELTA_COLUMNS:
+            for metric, _, fmt in columns:
                 cell = cells.get((persona, metric))
                 if cell is None or cell.get("delta") is None:
                     shown.append("-")

@@ -5,18 +5,15 @@ from __future__ import annotations
 from persona_eval.judges import CRITERIA
 from persona_eval.metrics import METRICS
 from persona_eval.personas import CONTROLS, STUDY_PERSONAS
-from persona_eval.tasks.triage import METRIC_TEXT, STRATUM_TITLES
+from persona_eval.tasks import metric_text
+from persona_eval.tasks import stratum_title as stratum_title  # the report reads it from here
 
 # A control as named inside a sentence ("vs no persona").
 BASELINE_TITLE = {p.id: p.name.lower() for p in STUDY_PERSONAS if p.id in CONTROLS}
 
 
-def stratum_title(stratum: str) -> str:
-    return STRATUM_TITLES.get(stratum, stratum.replace("_", " ").capitalize())
-
-
 def metric_title(metric: str) -> str:
-    text = METRIC_TEXT.get(metric)
+    text = metric_text(metric)
     return text.title if text else metric.replace("_", " ").capitalize()
 
 

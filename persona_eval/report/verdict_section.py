@@ -13,7 +13,7 @@ from persona_eval.personas import BASELINE
 from persona_eval.report.format import ci_text, esc, fmt, fmt_p, number, ordered_unique
 from persona_eval.report.run import Run
 from persona_eval.report.titles import direction, metric_phrase, stratum_title
-from persona_eval.tasks.triage import REPORT_STRATA
+from persona_eval.tasks import spec_of
 
 # How many significant differences the verdict lists before folding the rest away.
 _EFFECTS_SHOWN = 10
@@ -77,7 +77,8 @@ def _significant_lines(run: Run) -> list[tuple[str, str]]:
         found.append((direction(metric, delta) if delta is not None else "changed", comparison))
     order = {"worse": 0, "changed": 1, "better": 2}
     models = ordered_unique(m for m, _ in run.model_tasks())
-    strata = list(REPORT_STRATA)
+    strata = ["all", *ordered_unique(stratum for _, task in run.model_tasks()
+                                      for stratum in getattr(spec_of(task), "strata", ()))]
     metrics = list(METRICS)
 
     def rank(items: list[str], value: Any) -> int:

@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from persona_eval import tasks
+from persona_eval.tasks import MetricText
+
 __all__ = [
     "INTAKE_FIELDS",
     "INTAKE_TEMPLATE_VERSION",
@@ -22,6 +25,7 @@ __all__ = [
     "METRIC_NAMES",
     "METRIC_TEXT",
     "REPORT_STRATA",
+    "SPEC",
     "STRATA",
     "STRATUM_PHRASES",
     "STRATUM_TITLES",
@@ -42,59 +46,28 @@ LABEL_TEXT: dict[str, str] = {
 STRATA: tuple[str, ...] = ("emergency", "primary_care")
 URGENCY: dict[str, int] = {label: rank for rank, label in enumerate(LABELS)}
 
-# The metrics reported for this task, in the order tables show them: those of the labels (see
-# persona_eval.metrics), then too_long_rate, the share of cases whose prompt did not fit the model (with
-# --pe-too-long record; see persona_eval.lengths), which counts records, not labels.
-LABEL_METRIC_NAMES: tuple[str, ...] = (
-    "accuracy", "parse_rate", "risk_propensity", "over_triage_rate", "under_triage_rate",
-    "risk_sensitivity", "consistency_rate", "expected_calibration_error", "brier_score",
-)
-METRIC_NAMES: tuple[str, ...] = (*LABEL_METRIC_NAMES, "too_long_rate")
+# The metrics reported for this task (those of any classification task with ordered labels), in table
+# order; LABEL_METRIC_NAMES are those computed from the labels, without too_long_rate.
+METRIC_NAMES: tuple[str, ...] = tasks.LABEL_METRIC_NAMES
+LABEL_METRIC_NAMES: tuple[str, ...] = tuple(name for name in METRIC_NAMES if name != "too_long_rate")
 # Report strata: each stratum of the dataset, and all cases together.
 REPORT_STRATA: tuple[str, ...] = ("all", *STRATA)
 # How a stratum is named: as a heading of the report, and inside a line of the terminal summary.
 STRATUM_TITLES: dict[str, str] = {"all": "All cases", "emergency": "Emergency", "primary_care": "Primary care"}
 STRATUM_PHRASES: dict[str, str] = {"all": "all cases", "emergency": "emergency stratum",
                                    "primary_care": "primary-care stratum"}
-
-
-@dataclass(frozen=True)
-class MetricText:
-    """How a metric is written. ``title`` heads the report's rows and columns ("Calibration error (ECE)");
-    ``label`` names it in a sentence such as a bound's message ("expected calibration error");
-    ``delta_label``, where it is given, names it before a difference in the terminal instead ("calibration
-    error (ECE)"); ``column`` heads a narrow terminal column ("ECE"); values are written with ``decimals``
-    decimals in every table."""
-
-    title: str
-    label: str
-    column: str
-    decimals: int = 2
-    delta_label: str = ""
-
-    @property
-    def difference_label(self) -> str:
-        return self.delta_label or self.label
-
-
-METRIC_TEXT: dict[str, MetricText] = {
-    "accuracy": MetricText("Accuracy", "accuracy", "acc"),
-    "parse_rate": MetricText("Parse rate", "parse rate", "parsed"),
-    "risk_propensity": MetricText("Risk propensity", "risk propensity", "risk"),
-    "over_triage_rate": MetricText("Over-triage", "over-triage rate", "over"),
-    "under_triage_rate": MetricText("Under-triage", "under-triage rate", "under"),
-    "risk_sensitivity": MetricText("Risk sensitivity", "risk sensitivity", "r.sens"),
-    "consistency_rate": MetricText("Consistency %", "consistency rate", "consist", decimals=0,
-                                   delta_label="consistency (%)"),
-    "expected_calibration_error": MetricText("Calibration error (ECE)", "expected calibration error", "ECE",
-                                             decimals=3, delta_label="calibration error (ECE)"),
-    "brier_score": MetricText("Brier score", "Brier score", "Brier", decimals=3),
-    "too_long_rate": MetricText("Too long for the model", "too long rate", "long"),
-}
+METRIC_TEXT = tasks.LABEL_METRIC_TEXT
 
 TEMPLATE_VERSION = "triage-v1"
 MAX_NEW_TOKENS = 32  # the default answer budget: "Answer: C" and one sentence
 INTAKE_TEMPLATE_VERSION = "intake-v1"
+
+SPEC = tasks.TaskSpec(
+    name=TASK, title="Triage", strata=STRATA, labels=LABELS, label_text=LABEL_TEXT, answer_noun="level of care",
+    label_names={"A": "self-care", "B": "primary care", "C": "emergency"},
+    compared=tasks.LABEL_COMPARED_METRICS, stratum_titles=STRATUM_TITLES, stratum_phrases=STRATUM_PHRASES,
+    default_dataset="fixtures/triage/vignettes.jsonl", max_new_tokens=MAX_NEW_TOKENS,
+    templates={"triage": TEMPLATE_VERSION, "intake": INTAKE_TEMPLATE_VERSION})
 
 # Structured intake fields, in the order the intake template renders them.
 INTAKE_FIELDS: tuple[str, ...] = (
