@@ -22,7 +22,6 @@ from typing import Any, NoReturn
 import pytest
 
 from persona_eval.backends import ModelSpec
-from persona_eval.data import DatasetReport
 from persona_eval.errors import ConfigError, DataError, PersonaEvalError
 from persona_eval.redaction import mask
 from persona_eval.reporter import FATAL, PROPERTY, Reporter
@@ -48,7 +47,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(flag, **options)
 
 
-dataset_reports_key = pytest.StashKey[dict[str, DatasetReport]]()
 datasets_key = pytest.StashKey[dict[str, list[Any]]]()
 
 
@@ -96,7 +94,6 @@ def pytest_configure(config: pytest.Config) -> None:
             given = {entry.partition("=")[0] for entry in config.option.pe_dataset}
             loaded, dataset_reports = check_datasets(settings, given)
             check_approved_dataset(settings, loaded)
-            config.stash[dataset_reports_key] = dataset_reports
             # Without workers the fixtures use these; a worker loads its own copy.
             config.stash[datasets_key] = loaded
     except PersonaEvalError as exc:

@@ -59,7 +59,7 @@ def cases_section(run: Run) -> Markup:
             base_text = "(baseline)"
         rows.append(
             f'<tr data-model="{esc(model)}" data-stratum="{esc(case.get("stratum"))}" '
-            f'data-persona="{esc(persona)}" data-task="{esc(task)}" data-disagree="{1 if disagrees else 0}" '
+            f'data-persona="{esc(persona)}" data-disagree="{1 if disagrees else 0}" '
             f'class="{"right" if correct else "wrong"}{" disagree" if disagrees else ""}">'
             f"<td>{esc(case_id)}</td>"
             + (f"<td>{esc(task)}</td>" if len(tasks) > 1 else "")
