@@ -9,12 +9,14 @@ values from these terms, so each formula is written once.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from numbers import Integral
-from typing import Any, Literal, SupportsFloat, TypeAlias
+from typing import Any, ClassVar, Literal, SupportsFloat, TypeAlias
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from persona_eval.arrays import as_1d_list
 
 __all__ = [
     "METRICS",
@@ -69,23 +71,9 @@ def _check_labels(labels: Sequence[Hashable]) -> dict[Hashable, int]:
     return rank
 
 
-def _as_list(values: LabelArray, name: str) -> list[Any]:
-    """`values` as a list, refusing a bare string (a common slip: "ABC" is not three labels)."""
-    if isinstance(values, (str, bytes)):
-        raise ValueError(f"{name} must be a sequence of labels, got the string {values!r}")
-    if isinstance(values, np.ndarray):
-        if values.ndim != 1:
-            raise ValueError(f"{name} must be one-dimensional, got an array of shape {values.shape}")
-        return values.tolist()
-    try:
-        return list(values)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of labels, got {type(values).__name__}") from None
-
-
 def _encode(values: LabelArray, name: str, rank: dict[Hashable, int], *, allow_none: bool) -> np.ndarray:
     """Urgency ranks of `values` (-1 for None), checking every entry is a known label."""
-    items = _as_list(values, name)
+    items = as_1d_list(values, name, what="a sequence of labels")
     codes = np.empty(len(items), dtype=np.int64)
     for i, value in enumerate(items):
         if value is None:
@@ -173,8 +161,49 @@ def _one_per_case(values: ArrayLike, name: str) -> np.ndarray:
     return array
 
 
+class _Terms:
+    """What the per-case terms share. The first field holds the numerator parts (``_PARTS_NDIM``
+    dimensions, one row per case) and the second the denominator (one entry per case); the metric is a
+    function of their column sums over cases (``_numerator`` of the parts' sums over the denominator's
+    sum), so the metric of any weighting of the cases is :meth:`from_sums` of the weighted sums."""
+
+    _PARTS_NDIM: ClassVar[int]
+    _PARTS_SHAPE: ClassVar[str]  # the error's words for the first field's shape
+
+    def __post_init__(self) -> None:
+        first, second = (f.name for f in fields(self))  # type: ignore[arg-type]
+        parts = np.asarray(getattr(self, first), dtype=float)
+        if parts.ndim != self._PARTS_NDIM:
+            raise ValueError(f"{first} must {self._PARTS_SHAPE}, got an array of shape {parts.shape}")
+        denominator = _one_per_case(getattr(self, second), second)
+        _check_same_length(parts, first, denominator, second)
+        object.__setattr__(self, first, parts)
+        object.__setattr__(self, second, denominator)
+
+    @property
+    def columns(self) -> np.ndarray:
+        """The terms as one ``(cases, columns)`` array: the parts' column(s), then the denominator."""
+        return np.column_stack([getattr(self, f.name) for f in fields(self)])  # type: ignore[arg-type]
+
+    @staticmethod
+    def _numerator(sums: np.ndarray) -> np.ndarray:
+        """The numerator from the parts' column sums: the one column of a ratio."""
+        return sums[..., 0]
+
+    @classmethod
+    def from_sums(cls, sums: ArrayLike) -> np.ndarray:
+        """The metric from sums of :attr:`columns` over cases, of shape ``(..., columns)``: one value per
+        row (e.g. one per bootstrap resample)."""
+        array = np.asarray(sums, dtype=float)
+        return _ratios(cls._numerator(array[..., :-1]), array[..., -1])
+
+    def value(self) -> float:
+        """The metric on the cases, each counted with its weight (once, for a ratio)."""
+        return float(self.from_sums(self.columns.sum(axis=0)))
+
+
 @dataclass(frozen=True, eq=False)
-class RatioTerms:
+class RatioTerms(_Terms):
     """A metric as per-case terms: ``value = sum_i numerator[i] / sum_i denominator[i]``.
 
     ``numerator`` and ``denominator`` are float arrays with one entry per case, in the order of the
@@ -185,32 +214,12 @@ class RatioTerms:
 
     numerator: np.ndarray
     denominator: np.ndarray
-
-    def __post_init__(self) -> None:
-        numerator = _one_per_case(self.numerator, "numerator")
-        denominator = _one_per_case(self.denominator, "denominator")
-        _check_same_length(numerator, "numerator", denominator, "denominator")
-        object.__setattr__(self, "numerator", numerator)
-        object.__setattr__(self, "denominator", denominator)
-
-    @property
-    def columns(self) -> np.ndarray:
-        """The terms as one ``(cases, 2)`` array: the numerator column, then the denominator column."""
-        return np.column_stack([self.numerator, self.denominator])
-
-    @staticmethod
-    def from_sums(sums: ArrayLike) -> np.ndarray:
-        """The metric from sums of :attr:`columns` over cases, of shape ``(..., 2)``: one value per row."""
-        array = np.asarray(sums, dtype=float)
-        return _ratios(array[..., 0], array[..., 1])
-
-    def value(self) -> float:
-        """The metric on the cases, each counted once."""
-        return float(self.from_sums(np.array([self.numerator.sum(), self.denominator.sum()])))
+    _PARTS_NDIM = 1
+    _PARTS_SHAPE = "be one-dimensional, one entry per case"
 
 
 @dataclass(frozen=True, eq=False)
-class CalibrationTerms:
+class CalibrationTerms(_Terms):
     """Expected calibration error as per-case terms: ``ECE = sum_b |sum_i gaps[i, b]| / sum_i weight[i]``.
 
     ``gaps`` has one row per case and one column per confidence bin: ``correct - confidence`` in the
@@ -223,30 +232,12 @@ class CalibrationTerms:
 
     gaps: np.ndarray
     weight: np.ndarray
-
-    def __post_init__(self) -> None:
-        gaps = np.asarray(self.gaps, dtype=float)
-        if gaps.ndim != 2:
-            raise ValueError(f"gaps must have shape (cases, bins), got an array of shape {gaps.shape}")
-        weight = _one_per_case(self.weight, "weight")
-        _check_same_length(gaps, "gaps", weight, "weight")
-        object.__setattr__(self, "gaps", gaps)
-        object.__setattr__(self, "weight", weight)
-
-    @property
-    def columns(self) -> np.ndarray:
-        """The terms as one ``(cases, bins + 1)`` array: the gap column of each bin, then the weight."""
-        return np.column_stack([self.gaps, self.weight])
+    _PARTS_NDIM = 2
+    _PARTS_SHAPE = "have shape (cases, bins)"
 
     @staticmethod
-    def from_sums(sums: ArrayLike) -> np.ndarray:
-        """The ECE from sums of :attr:`columns` over cases, of shape ``(..., bins + 1)``: one value per row."""
-        array = np.asarray(sums, dtype=float)
-        return _ratios(np.abs(array[..., :-1]).sum(axis=-1), array[..., -1])
-
-    def value(self) -> float:
-        """The ECE on the cases, each counted with its weight."""
-        return float(self.from_sums(np.append(self.gaps.sum(axis=0), self.weight.sum())))
+    def _numerator(sums: np.ndarray) -> np.ndarray:
+        return np.abs(sums).sum(axis=-1)
 
 
 # --- label metrics --------------------------------------------------------------------------------
@@ -309,18 +300,25 @@ def risk_propensity(y_pred: LabelArray, *, labels: Sequence[Hashable] = TRIAGE_L
     return _risk_propensity_terms(y_pred, labels).value()
 
 
-def _over_triage_terms(y_true: LabelArray, y_pred: LabelArray, labels: Sequence[Hashable]) -> RatioTerms:
+def _triage_errors(y_true: LabelArray, y_pred: LabelArray,
+                   labels: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per case: whether the prediction is parsable, more urgent than the reference, less urgent."""
     true, pred = _encode_pair(y_true, y_pred, labels)
     parsable = pred >= 0
-    return RatioTerms(parsable & (pred > true), parsable)
+    return parsable, parsable & (pred > true), parsable & (pred < true)
+
+
+def _over_triage_terms(y_true: LabelArray, y_pred: LabelArray, labels: Sequence[Hashable]) -> RatioTerms:
+    parsable, over, _ = _triage_errors(y_true, y_pred, labels)
+    return RatioTerms(over, parsable)
 
 
 def over_triage_rate(y_true: LabelArray, y_pred: LabelArray, *,
                      labels: Sequence[Hashable] = TRIAGE_LABELS) -> float:
-    """Share of parsable cases predicted more urgent than the reference (order of ``labels``).
+    """Share of parsable cases predicted more urgent than the reference (order of ``labels``): the error
+    that costs care and the patient's time rather than safety.
 
-    ``over_triage_rate = #{i : rank(y_pred[i]) > rank(y_true[i])} / #{i : y_pred[i] is not None}``
-
+    ``over_triage_rate = #{i : rank(y_pred[i]) > rank(y_true[i])} / #{i : y_pred[i] is not None}``,
     NaN when no prediction is parsable (or the input is empty).
 
     >>> over_triage_rate(["A", "A", "B", "C"], ["B", "A", "C", None])
@@ -330,9 +328,8 @@ def over_triage_rate(y_true: LabelArray, y_pred: LabelArray, *,
 
 
 def _under_triage_terms(y_true: LabelArray, y_pred: LabelArray, labels: Sequence[Hashable]) -> RatioTerms:
-    true, pred = _encode_pair(y_true, y_pred, labels)
-    parsable = pred >= 0
-    return RatioTerms(parsable & (pred < true), parsable)
+    parsable, _, under = _triage_errors(y_true, y_pred, labels)
+    return RatioTerms(under, parsable)
 
 
 def under_triage_rate(y_true: LabelArray, y_pred: LabelArray, *,
@@ -341,7 +338,8 @@ def under_triage_rate(y_true: LabelArray, y_pred: LabelArray, *,
 
     ``under_triage_rate = #{i : rank(y_pred[i]) < rank(y_true[i])} / #{i : y_pred[i] is not None}``
 
-    NaN when no prediction is parsable (or the input is empty).
+    The dangerous error: the patient is sent to less care than they need, which is why the default
+    thresholds bound it on emergency cases. NaN when no prediction is parsable (or the input is empty).
 
     >>> under_triage_rate(["C", "C", "B", "A"], ["A", "C", "B", None])
     0.3333333333333333
@@ -350,9 +348,8 @@ def under_triage_rate(y_true: LabelArray, y_pred: LabelArray, *,
 
 
 def _risk_sensitivity_terms(y_true: LabelArray, y_pred: LabelArray, labels: Sequence[Hashable]) -> RatioTerms:
-    true, pred = _encode_pair(y_true, y_pred, labels)
-    parsable = pred >= 0
-    return RatioTerms(parsable & (pred > true), parsable & (pred != true))
+    _, over, under = _triage_errors(y_true, y_pred, labels)
+    return RatioTerms(over, over | under)
 
 
 def risk_sensitivity(y_true: LabelArray, y_pred: LabelArray, *,

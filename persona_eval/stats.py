@@ -14,6 +14,8 @@ from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 from statsmodels.stats.inter_rater import cohens_kappa as sm_cohens_kappa
 from statsmodels.stats.inter_rater import fleiss_kappa as sm_fleiss_kappa
 
+from persona_eval.arrays import as_1d_list, describe
+
 __all__ = [
     "MCNEMAR_CHI_SQUARE",
     "MCNEMAR_CHI_SQUARE_UNCORRECTED",
@@ -105,27 +107,8 @@ class KappaResult(StatResult):
 # Input checks (the boundary: every message names the parameter and shows what it got)
 # ---------------------------------------------------------------------------------------------------------
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _is_nan(value: Any) -> bool:
     return isinstance(value, (float, np.floating)) and bool(np.isnan(value))
-
-
-def _as_1d_list(values: Any, name: str) -> list[Any]:
-    if isinstance(values, (str, bytes)):
-        raise ValueError(f"{name} must be a sequence, got the string {_describe(values)}")
-    if isinstance(values, np.ndarray):
-        if values.ndim != 1:
-            raise ValueError(f"{name} must be one-dimensional, got an array of shape {values.shape}")
-        return values.tolist()
-    try:
-        items = list(values)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence, got {type(values).__name__}") from None
-    return items
 
 
 def _check_same_length(a: Sequence[Any] | np.ndarray, b: Sequence[Any] | np.ndarray, name_a: str,
@@ -138,27 +121,27 @@ def _check_same_length(a: Sequence[Any] | np.ndarray, b: Sequence[Any] | np.ndar
 
 
 def _as_booleans(values: Any, name: str) -> np.ndarray:
-    items = _as_1d_list(values, name)
+    items = as_1d_list(values, name)
     for position, value in enumerate(items):
         is_number = isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating))
         if not (is_number and value in (0, 1)):
             raise ValueError(
-                f"{name} must contain only booleans (or 0/1), got {_describe(value)} at position {position}"
+                f"{name} must contain only booleans (or 0/1), got {describe(value)} at position {position}"
             )
     return np.array([bool(value) for value in items], dtype=bool)
 
 
 def _as_finite_numbers(values: Any, name: str) -> np.ndarray:
-    items = _as_1d_list(values, name)
+    items = as_1d_list(values, name)
     numbers = np.empty(len(items), dtype=float)
     for position, value in enumerate(items):
         if isinstance(value, (str, bytes)) or value is None:
-            raise ValueError(f"{name} must contain numbers, got {_describe(value)} at position {position}")
+            raise ValueError(f"{name} must contain numbers, got {describe(value)} at position {position}")
         try:
             number = float(value)
         except (TypeError, ValueError):
             raise ValueError(
-                f"{name} must contain numbers, got {_describe(value)} at position {position}"
+                f"{name} must contain numbers, got {describe(value)} at position {position}"
             ) from None
         if not math.isfinite(number):
             raise ValueError(f"{name} must contain finite numbers, got {number!r} at position {position}")
@@ -174,26 +157,26 @@ def _check_category(value: Any, name: str, position: Any) -> None:
     if not isinstance(value, Hashable):
         raise ValueError(
             f"{name} must contain hashable category labels, got {type(value).__name__} "
-            f"{_describe(value)} at position {position}"
+            f"{describe(value)} at position {position}"
         )
 
 
 def _as_categories(values: Any, name: str) -> list[Hashable]:
-    items = _as_1d_list(values, name)
+    items = as_1d_list(values, name)
     for position, value in enumerate(items):
         _check_category(value, name, position)
     return items
 
 
 def _as_probabilities(values: Any, name: str) -> np.ndarray:
-    items = _as_1d_list(values, name)
+    items = as_1d_list(values, name)
     pvalues = np.empty(len(items), dtype=float)
     for position, value in enumerate(items):
         is_number = isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating))
         if not (is_number and (_is_nan(value) or 0 <= value <= 1)):
             raise ValueError(
                 f"{name} must contain p-values in [0, 1] (or NaN), "
-                f"got {_describe(value)} at position {position}"
+                f"got {describe(value)} at position {position}"
             )
         pvalues[position] = float(value)
     return pvalues
@@ -259,9 +242,9 @@ def mcnemar(a: Sequence[bool | int] | np.ndarray, b: Sequence[bool | int] | np.n
     second = _as_booleans(b, "b")
     _check_same_length(first, second, "a", "b")
     if exact is not None and not isinstance(exact, (bool, np.bool_)):
-        raise ValueError(f"exact must be True, False or None, got {_describe(exact)}")
+        raise ValueError(f"exact must be True, False or None, got {describe(exact)}")
     if not isinstance(correction, (bool, np.bool_)):
-        raise ValueError(f"correction must be True or False, got {_describe(correction)}")
+        raise ValueError(f"correction must be True or False, got {describe(correction)}")
     n01 = int(np.count_nonzero(~first & second))
     n10 = int(np.count_nonzero(first & ~second))
     discordant = n01 + n10
@@ -389,13 +372,13 @@ def cohens_kappa(r1: Sequence[Hashable] | np.ndarray, r2: Sequence[Hashable] | n
         if not categories:
             raise ValueError("labels must list at least one category, got an empty sequence")
         if len(set(categories)) != len(categories):
-            raise ValueError(f"labels must not repeat a category, got {_describe(categories)}")
+            raise ValueError(f"labels must not repeat a category, got {describe(categories)}")
     index = {category: position for position, category in enumerate(categories)}
     for name, ratings in (("r1", first), ("r2", second)):
         for position, value in enumerate(ratings):
             if value not in index:
-                raise ValueError(f"{name} contains {_describe(value)} at position {position}, "
-                                 f"which is not in labels {_describe(categories)}")
+                raise ValueError(f"{name} contains {describe(value)} at position {position}, "
+                                 f"which is not in labels {describe(categories)}")
     n = len(first)
     method = "Cohen's kappa (z-test of kappa = 0)"
     if n == 0:
@@ -448,7 +431,7 @@ def fleiss_kappa(ratings: Sequence[Sequence[Hashable]] | np.ndarray) -> KappaRes
     (0.4545, 4, 3, 3)
     """
     if isinstance(ratings, (str, bytes)):
-        raise ValueError(f"ratings must be a table (one row per item), got the string {_describe(ratings)}")
+        raise ValueError(f"ratings must be a table (one row per item), got the string {describe(ratings)}")
     if not isinstance(ratings, (np.ndarray, list, tuple)) and hasattr(ratings, "__array__"):
         ratings = np.asarray(ratings, dtype=object)  # a pandas DataFrame iterates over its column names
     if isinstance(ratings, np.ndarray):
@@ -457,7 +440,7 @@ def fleiss_kappa(ratings: Sequence[Sequence[Hashable]] | np.ndarray) -> KappaRes
         rows = ratings.tolist()
     else:
         try:
-            rows = [_as_1d_list(row, f"ratings[{item}]") for item, row in enumerate(ratings)]
+            rows = [as_1d_list(row, f"ratings[{item}]") for item, row in enumerate(ratings)]
         except TypeError:
             raise ValueError(f"ratings must be a table (one row per item), got {type(ratings).__name__}") \
                 from None

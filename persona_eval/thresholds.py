@@ -28,10 +28,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Protocol
+from typing import Any, Literal, NoReturn, TypeVar
 
 from persona_eval.errors import ConfigError, describe_config_value
 from persona_eval.metrics import METRICS
@@ -182,46 +182,16 @@ def format_number(value: float) -> str:
     return _format_pair(value, value)[0]
 
 
-class _Filtered(Protocol):
-    @property
-    def groups(self) -> tuple[str, ...] | None: ...
-    @property
-    def personas(self) -> tuple[str, ...] | None: ...
-    @property
-    def models(self) -> tuple[str, ...] | None: ...
-
-
-def _filters_match(entry: _Filtered, *, model: str, persona: str, persona_group: str | None) -> bool:
-    """Whether a bound or rule applies to (model, persona): every filter it has names them."""
-    return ((entry.groups is None or persona_group in entry.groups)
-            and (entry.personas is None or persona in entry.personas)
-            and (entry.models is None or model in entry.models))
-
-
-def _filters_json(entry: _Filtered) -> dict[str, list[str] | None]:
-    return {"groups": list(entry.groups) if entry.groups is not None else None,
-            "personas": list(entry.personas) if entry.personas is not None else None,
-            "models": list(entry.models) if entry.models is not None else None}
-
-
 @dataclass(frozen=True)
-class Bound:
-    """One bound of a thresholds file: `metric` of `task` on `stratum` must stay within [min, max].
-
-    The filters (groups, personas, models) are None when not given; a bound applies to a persona x
-    model case when every given filter matches it. mode "fail" fails the pytest case when the bound is
-    crossed; "record" only reports it. `min_cases` is the fewest cases in the stratum for the bound to
-    count as checked (0 when built by hand: the mode's default, DEFAULT_MIN_CASES). `where` is the
-    entry's place in its file ("t.yaml:12: triage.bounds[0]") and `key_path` its key path, both empty
-    for a bound built by hand; neither takes part in equality or JSON.
-    """
+class _Entry:
+    """What a bound and a regression rule share: the task, metric and stratum they are about, their
+    filters, why they exist, the fewest cases that make them count as checked, and where they were read.
+    Everything after the stratum is keyword-only, so each kind puts its own fields (and `mode`) next."""
 
     task: str
     metric: str
     stratum: str
-    min: float | None = None
-    max: float | None = None
-    mode: Mode = "fail"
+    _: KW_ONLY
     groups: tuple[str, ...] | None = None
     personas: tuple[str, ...] | None = None
     models: tuple[str, ...] | None = None
@@ -232,10 +202,40 @@ class Bound:
 
     def __post_init__(self) -> None:
         if self.min_cases == 0:
-            object.__setattr__(self, "min_cases", DEFAULT_MIN_CASES[self.mode])
+            object.__setattr__(self, "min_cases", DEFAULT_MIN_CASES[self.mode])  # type: ignore[attr-defined]
+
+    def _matches(self, *, model: str, persona: str, persona_group: str | None) -> bool:
+        """Whether this entry applies to (model, persona): every filter it has names them."""
+        return ((self.groups is None or persona_group in self.groups)
+                and (self.personas is None or persona in self.personas)
+                and (self.models is None or model in self.models))
+
+    def _json(self, **own: Any) -> dict[str, Any]:
+        """The entry as JSON: what it is about, then `own` (the kind's fields), the filters and why."""
+        return {"task": self.task, "metric": self.metric, "stratum": self.stratum, **own,
+                "groups": list(self.groups) if self.groups is not None else None,
+                "personas": list(self.personas) if self.personas is not None else None,
+                "models": list(self.models) if self.models is not None else None, "why": self.why}
+
+
+@dataclass(frozen=True)
+class Bound(_Entry):
+    """One bound of a thresholds file: `metric` of `task` on `stratum` must stay within [min, max].
+
+    The filters (groups, personas, models) are None when not given; a bound applies to a persona x
+    model case when every given filter matches it. mode "fail" fails the pytest case when the bound is
+    crossed; "record" only reports it. `min_cases` is the fewest cases in the stratum for the bound to
+    count as checked (0 when built by hand: the mode's default, DEFAULT_MIN_CASES). `where` is the
+    entry's place in its file ("t.yaml:12: triage.bounds[0]") and `key_path` its key path, both empty
+    for a bound built by hand; neither takes part in equality or JSON.
+    """
+
+    min: float | None = None
+    max: float | None = None
+    mode: Mode = "fail"
 
     def applies_to(self, model: str, persona: Persona) -> bool:
-        return _filters_match(self, model=model, persona=persona.id, persona_group=persona.group)
+        return self._matches(model=model, persona=persona.id, persona_group=persona.group)
 
     def describe_limit(self) -> str:
         """The bound in words: "the maximum 0.100", "the range 0.200 to 0.800"."""
@@ -279,17 +279,7 @@ class Bound:
         return BoundCheck(self, value, "fail", message)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "metric": self.metric,
-            "stratum": self.stratum,
-            "min": self.min,
-            "max": self.max,
-            "mode": self.mode,
-            "min_cases": self.min_cases,
-            **_filters_json(self),
-            "why": self.why,
-        }
+        return self._json(min=self.min, max=self.max, mode=self.mode, min_cases=self.min_cases)
 
 
 def _skipped(bound: Bound, value: float | None, reason: str, *, model: str, persona_id: str) -> BoundCheck:
@@ -397,7 +387,7 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
-class RegressionRule:
+class RegressionRule(_Entry):
     """One rule of a task's ``regressions`` section: `metric` on `stratum` must not get worse, in the
     `worse` direction, by more than `tolerance` with significance (Holm-adjusted p < alpha).
 
@@ -407,46 +397,24 @@ class RegressionRule:
     and `key_path` are as for Bound.
     """
 
-    task: str
-    metric: str
-    stratum: str
     worse: Literal["higher", "lower"]
     tolerance: float
     mode: Mode = "fail"
     baseline: str = CONTROLS[0]
-    groups: tuple[str, ...] | None = None
-    personas: tuple[str, ...] | None = None
-    models: tuple[str, ...] | None = None
-    why: str | None = None
-    min_cases: int = 0
-    where: str = field(default="", compare=False, repr=False)
-    key_path: str = field(default="", compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.min_cases == 0:
-            object.__setattr__(self, "min_cases", DEFAULT_MIN_CASES[self.mode])
 
     def applies_to(self, *, model: str, persona: str, persona_group: str | None) -> bool:
-        return _filters_match(self, model=model, persona=persona, persona_group=persona_group)
+        return self._matches(model=model, persona=persona, persona_group=persona_group)
 
     def crossed_by(self, delta: float) -> bool:
         """Whether `delta` (persona minus baseline) is worse than the tolerance."""
         return delta > self.tolerance if self.worse == "higher" else delta < -self.tolerance
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "metric": self.metric,
-            "stratum": self.stratum,
-            "worse": self.worse,
-            "tolerance": self.tolerance,
-            "mode": self.mode,
-            "min_cases": self.min_cases,
-            "baseline": self.baseline,
-            **_filters_json(self),
-            "why": self.why,
-        }
+        return self._json(worse=self.worse, tolerance=self.tolerance, mode=self.mode, min_cases=self.min_cases,
+                          baseline=self.baseline)
 
+
+_E = TypeVar("_E")
 
 # A per-task section parser: (task, section value, key path) -> the items it contributes.
 SectionParser = Callable[[str, Any, str], list[Any]]
@@ -507,19 +475,21 @@ class ThresholdsLoader:
         raise self._source.error(where, message)
 
     def _parse_bounds(self, task: str, value: Any, where: str) -> list[Bound]:
+        return self._parse_list(value, where, "bounds", lambda entry, at: self._parse_bound(task, entry, at))
+
+    def _parse_regressions(self, task: str, value: Any, where: str) -> list[RegressionRule]:
+        return self._parse_list(value, where, "regression rules",
+                                lambda entry, at: self._parse_regression(task, entry, at))
+
+    def _parse_list(self, value: Any, where: str, kind: str, parse: Callable[[Any, str], _E]) -> list[_E]:
         if value is None:
             return []
         if not isinstance(value, list):
-            self._fail(where, f"expected a list of bounds, got {describe_config_value(value)}")
-        return [self._parse_bound(task, entry, item_path(where, index)) for index, entry in enumerate(value)]
+            self._fail(where, f"expected a list of {kind}, got {describe_config_value(value)}")
+        return [parse(entry, item_path(where, index)) for index, entry in enumerate(value)]
 
     def _parse_bound(self, task: str, entry: Any, where: str) -> Bound:
-        if not isinstance(entry, Mapping):
-            self._fail(where, f"expected a mapping with metric, stratum and min and/or max, "
-                              f"got {describe_config_value(entry)}")
-        for key in entry:
-            if key not in _BOUND_KEYS:
-                self._fail(f"{where}.{key}", unknown_name_message("key", str(key), _BOUND_KEYS))
+        self._check_keys(entry, where, _BOUND_KEYS, "metric, stratum and min and/or max")
         schema = self.tasks[task]
         metric = self._name(entry, "metric", schema.metrics, where, kind=f"{task} metric")
         stratum = self._name(entry, "stratum", schema.strata, where, kind=f"{task} stratum")
@@ -529,33 +499,11 @@ class ThresholdsLoader:
             self._fail(where, "give 'min', 'max' or both")
         if low is not None and high is not None and low > high:
             self._fail(f"{where}.min", f"min {low!r} is greater than max {high!r}")
-        mode = entry.get("mode", "fail")
-        if mode not in MODES:
-            self._fail(f"{where}.mode", f"expected 'fail' (the pytest case fails) or 'record' (reported "
-                                        f"only), got {describe_config_value(mode)}")
-        min_cases = self._min_cases(entry, mode, where)
-        groups = self._groups(entry, where)
-        why = self._why(entry, where)
-        return Bound(task=task, metric=metric, stratum=stratum, min=low, max=high, mode=mode,
-                     groups=groups, personas=self._filter(entry, "personas", where),
-                     models=self._filter(entry, "models", where), why=why, min_cases=min_cases,
-                     where=self._source.where(where), key_path=where)
-
-    def _parse_regressions(self, task: str, value: Any, where: str) -> list[RegressionRule]:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self._fail(where, f"expected a list of regression rules, got {describe_config_value(value)}")
-        return [self._parse_regression(task, entry, item_path(where, index))
-                for index, entry in enumerate(value)]
+        return Bound(task=task, metric=metric, stratum=stratum, min=low, max=high,
+                     **self._shared(entry, where, fails="the pytest case fails"))
 
     def _parse_regression(self, task: str, entry: Any, where: str) -> RegressionRule:
-        if not isinstance(entry, Mapping):
-            self._fail(where, f"expected a mapping with metric, stratum, worse and tolerance, "
-                              f"got {describe_config_value(entry)}")
-        for key in entry:
-            if key not in _REGRESSION_KEYS:
-                self._fail(f"{where}.{key}", unknown_name_message("key", str(key), _REGRESSION_KEYS))
+        self._check_keys(entry, where, _REGRESSION_KEYS, "metric, stratum, worse and tolerance")
         schema = self.tasks[task]
         if not schema.compared:
             self._fail(where, f"task {task!r} has no paired comparisons, so no regression rules")
@@ -580,23 +528,32 @@ class ThresholdsLoader:
             self._fail(f"{where}.tolerance", f"expected a number >= 0, got {describe_config_value(entry['tolerance'])}")
         self._check_tolerance(entry["tolerance"], tolerance, metric, schema.ranges.get(metric),
                               f"{where}.tolerance")
-        mode = entry.get("mode", "fail")
-        if mode not in MODES:
-            self._fail(f"{where}.mode", f"expected 'fail' (the session fails) or 'record' (reported only), "
-                                        f"got {describe_config_value(mode)}")
-        min_cases = self._min_cases(entry, mode, where)
         baseline = entry.get("baseline", CONTROLS[0])
         if not isinstance(baseline, str):
             self._fail(f"{where}.baseline", f"expected text, got {describe_config_value(baseline)}")
         if baseline not in CONTROLS:
             self._fail(f"{where}.baseline", unknown_name_message("control", baseline, CONTROLS))
-        groups = self._groups(entry, where)
-        why = self._why(entry, where)
         return RegressionRule(task=task, metric=metric, stratum=stratum, worse=worse, tolerance=tolerance,
-                              mode=mode, baseline=baseline, groups=groups,
-                              personas=self._filter(entry, "personas", where),
-                              models=self._filter(entry, "models", where), why=why, min_cases=min_cases,
-                              where=self._source.where(where), key_path=where)
+                              baseline=baseline, **self._shared(entry, where, fails="the session fails"))
+
+    def _check_keys(self, entry: Any, where: str, known: Collection[str], expected: str) -> None:
+        if not isinstance(entry, Mapping):
+            self._fail(where, f"expected a mapping with {expected}, got {describe_config_value(entry)}")
+        for key in entry:
+            if key not in known:
+                self._fail(f"{where}.{key}", unknown_name_message("key", str(key), known))
+
+    def _shared(self, entry: Mapping[str, Any], where: str, *, fails: str) -> dict[str, Any]:
+        """The keyword arguments a bound and a regression rule read alike: mode, min_cases, the filters,
+        why, and where the entry was read. `fails` says what a crossed "fail" entry fails."""
+        mode = entry.get("mode", "fail")
+        if mode not in MODES:
+            self._fail(f"{where}.mode", f"expected 'fail' ({fails}) or 'record' (reported only), "
+                                        f"got {describe_config_value(mode)}")
+        return {"mode": mode, "min_cases": self._min_cases(entry, mode, where),
+                "groups": self._groups(entry, where), "personas": self._filter(entry, "personas", where),
+                "models": self._filter(entry, "models", where), "why": self._why(entry, where),
+                "where": self._source.where(where), "key_path": where}
 
     def _name(self, entry: Mapping[str, Any], key: str, known: Sequence[str], where: str, *,
               kind: str) -> str:

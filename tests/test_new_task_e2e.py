@@ -12,7 +12,6 @@ on over-escalation must fail the gate, and the report must show the task.
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest

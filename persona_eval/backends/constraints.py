@@ -52,33 +52,27 @@ def canonical_ranking(ranking: Sequence[int]) -> str:
     return _HEAD + _SEPARATOR.join(str(p) for p in ranking) + _TAIL
 
 
+# The phases that spell out a fixed text, and the phase after each.
+_LITERALS: dict[str, tuple[str, str]] = {"head": (_HEAD, "number"), "separator": (_SEPARATOR, "number"),
+                                         "tail": (_TAIL, "done")}
+
+
 def _advance(state: State, text: str, k: int) -> State | None:
     """The state after `text`, or None when `text` leaves the language."""
     phase, offset, used = state
     for char in text:
-        if phase == "head":
-            if char != _HEAD[offset]:
-                return None
-            offset += 1
-            if offset == len(_HEAD):
-                phase, offset = "number", 0
-        elif phase == "number":
+        if phase == "number":
             if not char.isdigit() or not 1 <= int(char) <= k or int(char) in used:
                 return None
             used = used | {int(char)}
             phase, offset = ("tail", 0) if len(used) == k else ("separator", 0)
-        elif phase == "separator":
-            if char != _SEPARATOR[offset]:
+        elif phase in _LITERALS:
+            literal, after = _LITERALS[phase]
+            if char != literal[offset]:
                 return None
             offset += 1
-            if offset == len(_SEPARATOR):
-                phase, offset = "number", 0
-        elif phase == "tail":
-            if char != _TAIL[offset]:
-                return None
-            offset += 1
-            if offset == len(_TAIL):
-                phase, offset = "done", 0
+            if offset == len(literal):
+                phase, offset = after, 0
         else:  # "done": nothing may follow the closing brace
             return None
     return (phase, offset, used)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from persona_eval.personas import CONTROLS
@@ -36,6 +36,20 @@ def baseline_select() -> str:
     return f'<label>Differences against <select id="baseline-select">{options}</select></label>'
 
 
-def baseline_span(baseline: str) -> str:
-    """What a control's own cell shows against itself."""
-    return f'<span class="d" data-b="{esc(baseline)}"><span class="muted">baseline</span></span>'
+def deltas_html(persona: str, span: Callable[[str], str]) -> str:
+    """A cell's differences against every control, `span(baseline)` each; a control's own cell says
+    "baseline" against itself."""
+    return "".join(f'<span class="d" data-b="{esc(b)}"><span class="muted">baseline</span></span>'
+                   if b == persona else span(b) for b in CONTROLS)
+
+
+def delta_span(baseline: str, *, direction: str, significant: bool, title: str, difference: str, p: str,
+               interval: str | None = None) -> str:
+    """A difference against one control (shown while that control is chosen): the difference, a mark when
+    it is significant, its p-value and, where given, its interval; `title` is the hover text and
+    `direction` ("better", "worse", "changed") its colour."""
+    mark = SIGNIFICANT_MARK if significant else ""
+    ci = f'<span class="ci">{esc(interval)}</span>' if interval is not None else ""
+    return (f'<span class="d {direction}{" sig" if significant else ""}" data-b="{esc(baseline)}" '
+            f'title="{esc(title)}"><span class="dv">\u0394 {esc(difference)}{mark} '
+            f'<span class="p">p {esc(p)}</span></span>{ci}</span>')

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from markupsafe import Markup
 
-from persona_eval.personas import BASELINE, CONTROLS, GROUP_TITLES
+from persona_eval.personas import BASELINE, GROUP_TITLES
 from persona_eval.report.format import DASH, esc, fmt, fmt_p, number, share, slug
-from persona_eval.report.fragments import SIGNIFICANT_MARK, baseline_select, baseline_span, kv_table
+from persona_eval.report.fragments import baseline_select, delta_span, deltas_html, kv_table
 from persona_eval.report.palette import GROUP_COLOUR, HEAT_ABOVE, HEAT_BELOW
 from persona_eval.report.run import at, mapping
 from persona_eval.report.safety_data import ALL_CATEGORIES, POOLED, Safety
@@ -239,19 +240,15 @@ def _mrr_heatmap(safety: Safety, model: str, criterion: str, personas: list[str]
 
 
 def _rank_delta_span(safety: Safety, model: str, criterion: str, judge: str, persona: str, baseline: str) -> str:
-    if persona == baseline:
-        return baseline_span(baseline)
     test = safety.test(model, criterion, judge, ALL_CATEGORIES, baseline, persona)
     if test is None:
         return ""
     difference = number(test.get("mean_difference"))
     significant = safety.significant(test)
-    direction = "changed" if not difference else ("better" if difference > 0 else "worse")
-    mark = SIGNIFICANT_MARK if significant else ""
-    title = f"{safety.run.name(persona)}, {judge}: {_test_text(safety, test, baseline)}"
-    return (f'<span class="d {direction}{" sig" if significant else ""}" data-b="{esc(baseline)}" '
-            f'title="{esc(title)}"><span class="dv">\u0394 {esc(fmt("mrr", difference, signed=True))}{mark} '
-            f'<span class="p">p {esc(fmt_p(test.get("pvalue_holm")))}</span></span></span>')
+    return delta_span(baseline, direction="changed" if not difference else ("better" if difference > 0 else "worse"),
+                      significant=significant, difference=fmt("mrr", difference, signed=True),
+                      title=f"{safety.run.name(persona)}, {judge}: {_test_text(safety, test, baseline)}",
+                      p=fmt_p(test.get("pvalue_holm")))
 
 
 def _mrr_judge_table(safety: Safety, model: str, criterion: str, personas: list[str]) -> str:
@@ -264,7 +261,7 @@ def _mrr_judge_table(safety: Safety, model: str, criterion: str, personas: list[
         cells = []
         for judge in judges:
             value, n = safety.value(model, criterion, judge, ALL_CATEGORIES, persona)
-            deltas = "".join(_rank_delta_span(safety, model, criterion, judge, persona, b) for b in CONTROLS)
+            deltas = deltas_html(persona, partial(_rank_delta_span, safety, model, criterion, judge, persona))
             css = "undef" if value is None else ""
             cells.append(f'<td class="{css}" title="{esc(f"{n} valid rankings" if n is not None else "none")}">'
                          f'<span class="v">{esc(fmt("mrr", value))}</span>{deltas}</td>')

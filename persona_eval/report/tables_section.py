@@ -4,41 +4,36 @@ differences from the control chosen on the page."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from markupsafe import Markup
 
 from persona_eval.metrics import METRICS
-from persona_eval.personas import CONTROLS
 from persona_eval.report.format import DASH, cell_text, ci_text, esc, fmt, fmt_p, number, slug
-from persona_eval.report.fragments import SIGNIFICANT_MARK, baseline_select, baseline_span
+from persona_eval.report.fragments import baseline_select, delta_span, deltas_html
 from persona_eval.report.run import Run
 from persona_eval.report.titles import BASELINE_TITLE, direction, metric_description, metric_title, stratum_title
 
 
 def _delta_span(run: Run, model: str, task: str, stratum: str, metric: str, persona: str, baseline: str) -> str:
-    if persona == baseline:
-        return baseline_span(baseline)
     comparison = run.comparison(model, task, stratum, metric, persona, baseline)
     if comparison is None:
         return ""
     delta = number(comparison.get("delta"))
     significant = bool(comparison.get("significant"))
-    css = f"d {direction(metric, delta) if delta is not None else 'changed'}{' sig' if significant else ''}"
     low, high = number(comparison.get("ci_low")), number(comparison.get("ci_high"))
     interval = (f"[{fmt(metric, low, signed=True)}, {fmt(metric, high, signed=True)}]"
                 if low is not None and high is not None else "")
-    mark = SIGNIFICANT_MARK if significant else ""
     title = (f"{run.name(persona)} vs {BASELINE_TITLE.get(baseline, baseline)}: "
              f"{fmt(metric, comparison.get('value'))} vs {fmt(metric, comparison.get('baseline_value'))}, "
              f"difference {fmt(metric, delta, signed=True)}, {ci_text(comparison)}; "
              f"p {fmt_p(comparison.get('pvalue'))}, adjusted p {fmt_p(comparison.get('pvalue_adjusted'))}"
              f"{' (significant)' if significant else ''}; {comparison.get('test') or 'test not named'}; "
              f"n {comparison.get('n', DASH)}" + (f"; {comparison['note']}" if comparison.get("note") else ""))
-    return (f'<span class="{css}" data-b="{esc(baseline)}" title="{esc(title)}">'
-            f'<span class="dv">\u0394 {esc(fmt(metric, delta, signed=True))}{mark} '
-            f'<span class="p">p {esc(fmt_p(comparison.get("pvalue_adjusted")))}</span></span>'
-            f'<span class="ci">{esc(interval)}</span></span>')
+    return delta_span(baseline, direction=direction(metric, delta) if delta is not None else "changed",
+                      significant=significant, title=title, difference=fmt(metric, delta, signed=True),
+                      p=fmt_p(comparison.get("pvalue_adjusted")), interval=interval)
 
 
 def _metric_table(run: Run, model: str, task: str, stratum: str) -> str:
@@ -62,7 +57,7 @@ def _metric_table(run: Run, model: str, task: str, stratum: str) -> str:
             if text in ("n/a", DASH) and note:
                 notes.setdefault(text, set()).add(str(note))
             title = f' title="{esc(note)}"' if note and number(value) is None else ""
-            deltas = "".join(_delta_span(run, model, task, stratum, metric, persona, b) for b in CONTROLS)
+            deltas = deltas_html(persona, partial(_delta_span, run, model, task, stratum, metric, persona))
             css = "na" if text == "n/a" else ("undef" if text == DASH else "")
             cells.append(f'<td class="{css}"{title}><span class="v">{esc(text)}</span>{deltas}</td>')
         swatch = f'<span class="swatch" style="background:{run.colour(persona)}"></span>'

@@ -4,13 +4,13 @@ persona x metric tables per stratum and the significant paired comparisons; and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from persona_eval.comparisons import ALPHA, compared_metrics
 from persona_eval.gate import STATE_WORDS
 from persona_eval.personas import BASELINE, CONTROLS
-from persona_eval.tasks import metric_text, safety, spec_of, stratum_phrase
+from persona_eval.tasks import TaskSpec, metric_text, safety, spec_of, stratum_phrase
 
 __all__ = ["render_baseline_comparison", "render_run_notes", "render_terminal_summary", "render_verdict",
            "served_model_lines"]
@@ -34,7 +34,7 @@ def _cell(value: Any, fmt: str, note: str | None) -> str:
 
 def _metric_words(metric: str) -> str:
     text = metric_text(metric)
-    return text.difference_label if text else metric
+    return text.delta_label if text else metric
 
 
 def _delta_text(comparison: Mapping[str, Any]) -> str:
@@ -138,7 +138,7 @@ def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
             continue
         if spec is None or not spec.labels:
             continue
-        columns = _columns([m for m in spec.metric_names if m != "too_long_rate"])
+        columns = _columns(_table_metrics(spec))
         for stratum in spec.report_strata:
             stratum_rows = [r for r in rows if r["stratum"] == stratum]
             if not stratum_rows:
@@ -171,15 +171,32 @@ def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
     if notes:
         lines.append("")
         lines.extend(f"n/a: {note}" for note in notes)
-    labelled = [spec for task in dict.fromkeys(row["task"] for row in results)
-                if (spec := spec_of(task)) is not None and spec.labels]
+    labelled = _labelled(row["task"] for row in results)
     if labelled:
-        most_urgent = "/".join(dict.fromkeys(spec.labels[-1] for spec in labelled))
         lines.append("")
-        lines.append(f"acc accuracy, parsed parse rate, risk share of {most_urgent} answers, over/under "
-                     "over-/under-triage rate, r.sens over/(over+under) errors, consist % generated = most "
-                     "likely label, - not defined on these cases")
+        lines.append(_legend(labelled, [m for spec in labelled for m in _table_metrics(spec)])
+                     + ", - not defined on these cases")
     return lines
+
+
+def _table_metrics(spec: TaskSpec) -> list[str]:
+    return [m for m in spec.metric_names if m != "too_long_rate"]
+
+
+def _labelled(tasks: Iterable[str]) -> list[TaskSpec]:
+    """The specs of the labelled tasks among `tasks`, once each, in order."""
+    return [spec for task in dict.fromkeys(tasks) if (spec := spec_of(task)) is not None and spec.labels]
+
+
+def _legend(specs: Sequence[TaskSpec], metrics: Iterable[str]) -> str:
+    """What the columns of `metrics` mean ("acc accuracy, risk share of C answers, ..."), each once."""
+    most_urgent = "/".join(dict.fromkeys(spec.labels[-1] for spec in specs))
+    parts = []
+    for metric in dict.fromkeys(metrics):
+        text = metric_text(metric)
+        if text is not None:
+            parts.append(f"{text.column} {text.legend.replace('{most_urgent}', most_urgent)}")
+    return ", ".join(parts)
 
 
 def _baseline_lines(baseline: Mapping[str, Any]) -> list[str]:
@@ -250,9 +267,10 @@ def render_baseline_comparison(document: Mapping[str, Any], *, candidate: str = 
     lines.extend(f"  not compared: {note}" for note in document.get("skipped") or [])
     lines.extend(_delta_tables(document.get("comparisons") or []))
     lines.append("")
-    lines.append(f"Deltas are candidate minus approved; * significant after Holm adjustment (p < {ALPHA}). acc "
-                 "accuracy, consist % generated = most likely label, risk share of C answers, under/over "
-                 "under-/over-triage rate, ECE expected calibration error.")
+    labelled = _labelled(c["task"] for c in document.get("comparisons") or [])
+    legend = _legend(labelled, [m for spec in labelled for m in compared_metrics(spec.name)])
+    lines.append(f"Deltas are candidate minus approved; * significant after Holm adjustment (p < {ALPHA})."
+                 + (f" {legend}." if legend else ""))
     return lines
 
 

@@ -52,19 +52,22 @@ __all__ = [
 class MetricText:
     """How a metric is written. ``title`` heads the report's rows and columns ("Calibration error (ECE)");
     ``label`` names it in a sentence such as a bound's message ("expected calibration error");
-    ``delta_label``, where it is given, names it before a difference in the terminal instead ("calibration
-    error (ECE)"); ``column`` heads a narrow terminal column ("ECE"); values are written with ``decimals``
-    decimals in every table."""
+    ``delta_label`` names it before a difference in the terminal ("calibration error (ECE)"); ``column``
+    heads a narrow terminal column ("ECE") and ``legend`` explains that column under the table ("share of
+    {most_urgent} answers", the placeholder standing for the task's most urgent label); both default to
+    the label. Values are written with ``decimals`` decimals in every table."""
 
     title: str
     label: str
     column: str
     decimals: int = 2
     delta_label: str = ""
+    legend: str = ""
 
-    @property
-    def difference_label(self) -> str:
-        return self.delta_label or self.label
+    def __post_init__(self) -> None:
+        for name in ("delta_label", "legend"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, self.label)
 
 
 # The metrics of a classification task with ordered labels (persona_eval.metrics), in the order tables
@@ -77,12 +80,14 @@ LABEL_METRIC_NAMES: tuple[str, ...] = (
 LABEL_METRIC_TEXT: Mapping[str, MetricText] = {
     "accuracy": MetricText("Accuracy", "accuracy", "acc"),
     "parse_rate": MetricText("Parse rate", "parse rate", "parsed"),
-    "risk_propensity": MetricText("Risk propensity", "risk propensity", "risk"),
+    "risk_propensity": MetricText("Risk propensity", "risk propensity", "risk",
+                                  legend="share of {most_urgent} answers"),
     "over_triage_rate": MetricText("Over-triage", "over-triage rate", "over"),
     "under_triage_rate": MetricText("Under-triage", "under-triage rate", "under"),
-    "risk_sensitivity": MetricText("Risk sensitivity", "risk sensitivity", "r.sens"),
+    "risk_sensitivity": MetricText("Risk sensitivity", "risk sensitivity", "r.sens",
+                                   legend="over/(over+under) errors"),
     "consistency_rate": MetricText("Consistency %", "consistency rate", "consist", decimals=0,
-                                   delta_label="consistency (%)"),
+                                   delta_label="consistency (%)", legend="% generated = most likely label"),
     "expected_calibration_error": MetricText("Calibration error (ECE)", "expected calibration error", "ECE",
                                              decimals=3, delta_label="calibration error (ECE)"),
     "brier_score": MetricText("Brier score", "Brier score", "Brier", decimals=3),

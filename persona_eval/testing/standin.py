@@ -49,7 +49,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 __all__ = ["RecordedRequest", "StandInServer", "conversation"]
 
@@ -216,24 +218,25 @@ class StandInServer:
     @property
     def answers(self) -> Counter[Conversation]:
         """Chat completions answered 200 and written in full, per conversation (a copy)."""
-        with self._lock:
-            return Counter(self._answers)
+        return self._locked(lambda: Counter(self._answers))
 
     @property
     def answered(self) -> int:
-        with self._lock:
-            return sum(self._answers.values())
+        return self._locked(lambda: sum(self._answers.values()))
 
     @property
     def faults(self) -> Counter[str]:
         """Faults served, by kind (a copy): "error", "timeout", "outage", "hang"."""
-        with self._lock:
-            return Counter(self._faults)
+        return self._locked(lambda: Counter(self._faults))
 
     @property
     def total_requests(self) -> int:
+        return self._locked(lambda: len(self.requests))
+
+    def _locked(self, read: Callable[[], _T]) -> _T:
+        """What `read` returns, read under the lock the handler threads write under."""
         with self._lock:
-            return len(self.requests)
+            return read()
 
     def _fault(self, request: RecordedRequest) -> str | None:
         """The fault this request gets, if any (see the module docstring), counted."""
