@@ -38,9 +38,10 @@ setup: $(STAMP)
 triage: $(STAMP)
 	$(VENV)/bin/pytest evals -k triage $(ARGS)
 
-# The test suite of the package itself.
+# The test suite of the package itself, on two workers; --dist loadfile keeps each file on one worker, so
+# tests/test_vllm.py's session server starts once.
 test: $(STAMP) $(VENV_VLLM)
-	PERSONA_EVAL_VLLM_PYTHON="$(abspath $(VENV_VLLM))/bin/python" $(VENV)/bin/pytest tests $(ARGS)
+	PERSONA_EVAL_VLLM_PYTHON="$(abspath $(VENV_VLLM))/bin/python" $(VENV)/bin/pytest tests -n 2 --dist loadfile $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check persona_eval tests evals bench
