@@ -1,4 +1,5 @@
-"""Prompt length bounds: which rendered prompts fit the model, found before any request is sent.
+"""Prompt length bounds: which rendered prompts fit the model, found before any request is sent; and
+the share of answers that the token budget cut (``truncated_share``).
 
 A prompt longer than the model's context is no answer of the model's: a local model fails or reads a
 truncated case, a server refuses it, and scored as "unparsable" it would count against the persona. So
@@ -35,7 +36,7 @@ message is part of the prompt) or once with every persona's requests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,12 +45,14 @@ from persona_eval.prompts import RenderedMessages
 
 __all__ = [
     "CHARS_PER_TOKEN_BOUND",
+    "TRUNCATED",
     "MeasuredBackend",
     "PromptLength",
     "PromptLimit",
     "check_prompt_lengths",
     "prompt_limit",
     "too_long_error",
+    "truncated_share",
 ]
 
 # More characters per token than any tokenizer gives on text: English averages about 4 per token, and
@@ -58,6 +61,17 @@ __all__ = [
 # character, which some vocabularies hold as one token, are the only text that could beat it.)
 CHARS_PER_TOKEN_BOUND = 16
 _OTHERS_NAMED = 3
+# The finish_reason of an answer that reached its token budget (max_new_tokens) before it ended.
+TRUNCATED = "length"
+
+
+def truncated_share(records: Sequence[Mapping[str, Any]]) -> float:
+    """The share of `records` whose answer was cut at the token budget (finish_reason "length"): such an
+    answer may have lost its label, its reasoning or its advice, so a run with many is not a fair reading
+    of the model. NaN for no records."""
+    if not records:
+        return float("nan")
+    return sum(r.get("finish_reason") == TRUNCATED for r in records) / len(records)
 
 
 class MeasuredBackend(Protocol):

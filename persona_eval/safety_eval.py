@@ -12,7 +12,7 @@ from typing import Any
 
 from persona_eval.backends.base import GenerationConfig
 from persona_eval.judges import ALL, POOLED, SAFETY_CRITERIA, judge_model_responses, mrr_table, panel_summary
-from persona_eval.lengths import check_prompt_lengths, too_long_error
+from persona_eval.lengths import TRUNCATED, check_prompt_lengths, too_long_error, truncated_share
 from persona_eval.personas import BASELINE, Persona
 from persona_eval.prompts import render_messages
 from persona_eval.runner import Progress, Runner
@@ -106,7 +106,7 @@ def safety_summary(responses: Sequence[Mapping[str, Any]], judgments: Sequence[M
         cell = counts.setdefault(record["model"], {}).setdefault(
             record["persona"], {"n": 0, "truncated": 0, "cached": 0})
         cell["n"] += 1
-        cell["truncated"] += record.get("finish_reason") == "length"
+        cell["truncated"] += record.get("finish_reason") == TRUNCATED
         cell["cached"] += bool(record.get("cached"))
     suffixes = sorted({r["pressure_suffix"] for r in rows if r.get("pressure_suffix")})
     judged = [j for j in judgments if j.get("task", safety.TASK) == safety.TASK]
@@ -123,14 +123,16 @@ def safety_summary(responses: Sequence[Mapping[str, Any]], judgments: Sequence[M
 
 
 def persona_safety_metrics(judgments: Sequence[Mapping[str, Any]], *, model: str, persona: str,
-                           personas: Sequence[str]) -> dict[str, dict[str, Any]]:
+                           personas: Sequence[str], responses: Sequence[Mapping[str, Any]] = ()
+                           ) -> dict[str, dict[str, Any]]:
     """The safety metrics of one persona of `model`, per stratum ("all" and each category key), in the
     shape of evaluation.triage_metrics: {stratum: {"n", "metrics", "notes"}}.
 
     ``safety_mrr``: the persona's mean reciprocal rank under the safety criterion, pooled over judges;
     ``<criterion>_mrr_delta``: that MRR minus no_persona's (positive: the judges prefer the persona);
     ``invalid_ranking_share``: the share of the panel's rankings of this model that were invalid (the
-    same for every persona of the model)."""
+    same for every persona of the model); ``truncated_rate``: the share of the persona's `responses` (its
+    response records) cut at the token budget, None without them."""
     own = [j for j in judgments if j["model"] == model and j.get("task", safety.TASK) == safety.TASK]
     table = mrr_table(own, personas=personas).get(model, {})
     invalid_share = (sum(1 for j in own if not j.get("valid")) / len(own)) if own else None
@@ -148,6 +150,8 @@ def persona_safety_metrics(judgments: Sequence[Mapping[str, Any]], *, model: str
             mine, base = mrr(criterion, persona), mrr(criterion, BASELINE)
             metrics[f"{criterion}_mrr_delta"] = None if mine is None or base is None else mine - base
         metrics["invalid_ranking_share"] = invalid_share
+        answered = [r for r in responses if number == ALL or str(r.get("category")) == number]
+        metrics["truncated_rate"] = truncated_share(answered) if answered else None
         for name, value in metrics.items():
             if value is None:
                 notes[name] = "not defined: no valid ranking of this persona (or of no_persona) here"

@@ -174,8 +174,8 @@ class ClassificationTask:
         return [{"task": self.spec.name, "case_id": c.id, "reference": c.reference, "stratum": c.stratum}
                 for c in items]
 
-    def task_settings(self, settings: Settings) -> TriageSettings:
-        return TriageSettings(generation=GenerationConfig(max_new_tokens=settings.max_new_tokens[self.spec.name]),
+    def task_settings(self, settings: Settings, model: ModelSpec) -> TriageSettings:
+        return TriageSettings(generation=GenerationConfig(max_new_tokens=settings.answer_budget(model, self.spec.name)),
                               scoring=LabelScoring(labels=self.spec.labels), spec=self.spec, prompt=self.prompt,
                               max_prompt_tokens=settings.max_prompt_tokens, too_long=settings.too_long)
 
@@ -185,7 +185,7 @@ class ClassificationTask:
         runner = run.runners(condition.model)
         progress = Progress(f"{self.spec.name} {condition.model.name}/{condition.persona.id}", len(items),
                             write=run.write)
-        task_settings = self.task_settings(settings)
+        task_settings = self.task_settings(settings, condition.model)
         before = _snapshot(runner)
         records = evaluate_triage(items, condition.persona, runner, run_id=state.run_id, model=condition.model.name,
                                   settings=task_settings, progress=progress)
@@ -221,7 +221,7 @@ class TriageTask(ClassificationTask):
         if key in state.memo:
             return
         runner = run.runners(condition.model)
-        task_settings = self.task_settings(settings)
+        task_settings = self.task_settings(settings, condition.model)
         answers = {persona.id: evaluate_triage(items, persona, runner, run_id=state.run_id,
                                                model=condition.model.name, settings=task_settings)
                    for persona in settings.personas}
@@ -264,7 +264,7 @@ class SafetyTask:
             progress = Progress(f"safety {model.name}/{persona.id}", len(queries), write=run.write)
             responses[persona.id] = evaluate_safety(
                 queries, persona, runner, run_id=state.run_id, model=model.name,
-                max_new_tokens=settings.max_new_tokens[self.spec.name], pressure_suffix=settings.pressure_suffix,
+                max_new_tokens=settings.answer_budget(model, self.spec.name), pressure_suffix=settings.pressure_suffix,
                 progress=progress, max_prompt_tokens=settings.max_prompt_tokens)
         judges = [(judge.name, run.runners(judge.model)) for judge in settings.judges]
         progress = Progress(f"safety judges on {model.name}", len(judges) * len(SAFETY_CRITERIA) * len(queries),
@@ -287,12 +287,13 @@ class SafetyTask:
         write_part(state.run_dir, self.spec.name, condition.model.name, condition.persona.id, records)
         write_part(state.run_dir, "judgments", condition.model.name, self.spec.name, judgments)
         metrics = persona_safety_metrics(judgments, model=condition.model.name, persona=condition.persona.id,
-                                         personas=[p.id for p in settings.personas])
+                                         personas=[p.id for p in settings.personas], responses=records)
         checks = check_bounds(settings.thresholds, self.spec.name, metrics, model=condition.model.name,
                               persona=condition.persona)
         payload = _payload(condition, runner, records, metrics, checks, before,
                            decoding=runner.decoding_record(
-                               GenerationConfig(max_new_tokens=settings.max_new_tokens[self.spec.name]), None),
+                               GenerationConfig(max_new_tokens=settings.answer_budget(condition.model, self.spec.name)),
+                               None),
                            judges=[judge.name for judge in settings.judges])
         return ConditionResult(condition, records, metrics, checks, payload)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from persona_eval.backends import ModelSpec, load_models_file, parse_model_spec
+from persona_eval.backends import SERVED_MAX_NEW_TOKENS, ModelSpec, load_models_file, parse_model_spec
 from persona_eval.cache import default_cache_dir
 from persona_eval.comparisons import DEFAULT_RESAMPLES, ComparisonSettings, check_same_dataset
 from persona_eval.data import DatasetReport
@@ -57,8 +57,9 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--pe-no-cache", dict(action="store_true", help="do not read or write the result cache")),
     ("--pe-cache-dir", dict(metavar="DIR", help="cache and prepared-model folder (default: $PERSONA_EVAL_CACHE_DIR "
             "or ~/.cache/persona-eval)")),
-    ("--pe-max-new-tokens", dict(type=int, metavar="N", help="generation length of every task's answers "
-            f"(default: each task's own; triage {triage.MAX_NEW_TOKENS}, safety {safety.MAX_NEW_TOKENS})")),
+    ("--pe-max-new-tokens", dict(type=int, metavar="N", help="answer budget in tokens of every model and task, "
+            f"over the models file's max_new_tokens (default: a served model {SERVED_MAX_NEW_TOKENS}; a local "
+            f"one its task's, triage {triage.MAX_NEW_TOKENS}, safety {safety.MAX_NEW_TOKENS})")),
     ("--pe-batch-size", dict(type=int, metavar="N", help="batch size of local models (16)")),
     ("--pe-reports-dir", dict(metavar="DIR", help="where runs are written (default: ./reports)")),
     ("--pe-quiet", dict(action="store_true", help="no progress lines")),
@@ -68,8 +69,9 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
             help=f"generation length of a judge's ranking ({DEFAULT_JUDGE_MAX_NEW_TOKENS})")),
     ("--pe-judge-triage", dict(action="store_true", help="triage: also have the judge panel rank the personas' "
             "clinical justifications")),
-    ("--pe-pressure-suffix", dict(metavar="TEXT", help="append TEXT to every safety query ('study': the study's "
-            "sentence about having no access to care and wanting a brief answer); off by default")),
+    ("--pe-pressure-suffix", dict(metavar="TEXT", default="study", help="append TEXT to every safety query "
+            "(default 'study': the study's sentence about having no access to care and wanting a brief answer; "
+            "'none': nothing)")),
     ("--pe-seed", dict(type=int, default=0, metavar="N", help="seed of the judges' presentation orders and the "
             "review sampling (0)")),
     ("--pe-baseline", dict(metavar="PATH", help="approved baseline (a file from --pe-save-baseline, or a run "
@@ -122,6 +124,17 @@ class Settings:
     retries: int | None = None
     max_prompt_tokens: int | None = None
     too_long: str = "error"
+    max_new_tokens_given: bool = False  # --pe-max-new-tokens: every model and task gets max_new_tokens
+
+    def answer_budget(self, model: ModelSpec, task: str) -> int:
+        """The answer budget of `task` on `model`: --pe-max-new-tokens, else the model's own (models
+        file), else its default (a served model's, or the task's own for a local model)."""
+        if not self.max_new_tokens_given:
+            own = model.max_new_tokens(task)
+            if own is not None:
+                return own
+            return model.default_max_new_tokens(self.max_new_tokens[task])
+        return self.max_new_tokens[task]
 
 
 def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Settings:
@@ -135,13 +148,18 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
     if duplicates:
         raise PersonaEvalError(f"two --pe-model specs share the name {duplicates[0]!r}; give one of them a "
                                "name in a models file (--pe-models-file)")
+    known = list(registered())
+    for model in models:
+        budget = model.options.get("max_new_tokens")
+        for task in budget if isinstance(budget, dict) else ():
+            if task not in known:
+                raise model.error(f"max_new_tokens.{task}", unknown_name_message("task", str(task), known))
     registry = load_personas(option.pe_personas_file)
     personas = registry.select(option.pe_persona or None)
     thresholds = load_thresholds(option.pe_thresholds)
     # A filter that names no persona or model of this run would make its entry apply to nobody.
     thresholds.check_names(personas=registry.ids, models=names)
     datasets = {task: root / path for task, path in default_datasets().items()}
-    known = list(registered())
     for entry in option.pe_dataset:
         task, sep, path = entry.partition("=")
         if not sep or not path:
@@ -183,6 +201,7 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
         use_cache=not option.pe_no_cache,
         cache_dir=Path(option.pe_cache_dir) if option.pe_cache_dir else default_cache_dir(),
         max_new_tokens=max_new_tokens,
+        max_new_tokens_given=option.pe_max_new_tokens is not None,
         batch_size=option.pe_batch_size,
         reports_dir=Path(option.pe_reports_dir) if option.pe_reports_dir else root / "reports",
         quiet=option.pe_quiet,
@@ -191,8 +210,7 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
         save_baseline=Path(option.pe_save_baseline) if option.pe_save_baseline else None,
         judges=parse_judge_specs(option.pe_judge, named) if option.pe_judge else list(DEFAULT_PANEL),
         judge_max_new_tokens=option.pe_judge_max_new_tokens,
-        pressure_suffix=(safety.PRESSURE_SUFFIX if option.pe_pressure_suffix == "study"
-                         else option.pe_pressure_suffix),
+        pressure_suffix=_pressure_suffix(option.pe_pressure_suffix),
         seed=option.pe_seed,
         judge_triage=option.pe_judge_triage,
         allow_unchecked=option.pe_allow_unchecked,
@@ -201,6 +219,13 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
         max_prompt_tokens=option.pe_max_prompt_tokens,
         too_long=option.pe_too_long,
     )
+
+
+def _pressure_suffix(value: str | None) -> str | None:
+    """The safety queries' suffix: the study's by default ("study"), none for "none" (or empty text)."""
+    if value is None or value == "study":
+        return safety.PRESSURE_SUFFIX
+    return None if value.strip().lower() in ("", "none") else value
 
 
 def limit_per_stratum(items: list[Item], limit: int | None, stratum: Callable[[Item], Hashable]) -> list[Item]:

@@ -126,7 +126,8 @@ _LABEL_UNITS: dict[str, str] = {
 
 def metric_ranges(spec: TaskSpec) -> dict[str, MetricRange]:
     """The range of each metric of a task: the spec's own, a label metric's (persona_eval.metrics), or a
-    share from 0 to 1 (too_long_rate counts records, not labels, so it is not in persona_eval.metrics)."""
+    share from 0 to 1 (too_long_rate and truncated_rate count records, not labels, so they are not in
+    persona_eval.metrics)."""
     ranges: dict[str, MetricRange] = {}
     for name in spec.metric_names:
         if name in spec.ranges:

@@ -309,6 +309,7 @@ def _expected(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
             [r["reference"] for r in with_probs], probs),
         "brier_score": metrics.brier_score([r["reference"] for r in with_probs], probs),
         "too_long_rate": sum(r.get("finish_reason") == "too_long" for r in rows) / len(rows),
+        "truncated_rate": sum(r.get("finish_reason") == "length" for r in rows) / len(rows),
     }
 
 

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from persona_eval.backends import BACKENDS, ModelSpec, create_backend, load_models_file, parse_model_spec
+from persona_eval.backends import (
+    BACKENDS,
+    SERVED_MAX_NEW_TOKENS,
+    ModelSpec,
+    create_backend,
+    load_models_file,
+    parse_model_spec,
+)
 from persona_eval.backends.hf import HFBackend, weights_fingerprint
 from persona_eval.errors import ConfigError
 
@@ -252,6 +259,10 @@ def test_dtype_auto_is_refused_with_what_to_give(tmp_path: Path) -> None:
     ("openai", "api_key_env", "MY KEY", "expected the name of an environment variable"),
     ("openai", "revision", "''", "expected text naming the deployed weights"),
     ("openai", "revision", "[1]", "got a list"),
+    ("openai", "max_new_tokens", "0", "expected a whole number >= 1, got 0"),
+    ("hf", "max_new_tokens", "'long'", "or a mapping of task names to numbers of tokens"),
+    ("embedded", "max_new_tokens", "{triage: 0}", "triage: expected a whole number >= 1, got 0"),
+    ("openai", "max_new_tokens", "{}", "expected a number of tokens, or a mapping"),
 ])
 def test_bad_option_values_name_the_file_line_and_option(tmp_path: Path, backend: str, option: str,
                                                          value: str, fragment: str) -> None:
@@ -487,3 +498,20 @@ def test_device_auto_resolves_when_the_backend_is_made(tmp_path: Path, monkeypat
     path = _write(tmp_path, "models:\n  m:\n    backend: hf\n    model: org/some-model\n    device: auto\n")
     backend = create_backend(load_models_file(path)["m"], cache_dir=tmp_path)
     assert backend._device == resolved  # type: ignore[attr-defined]
+
+
+def test_an_answer_budget_per_model_and_task_is_read_and_never_reaches_the_backend(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n"
+                    "  reasoner:\n    backend: openai\n    model: r1\n    base_url: http://127.0.0.1:9/v1\n"
+                    "    max_new_tokens: {triage: 2048}\n"
+                    "  local:\n    backend: embedded\n    max_new_tokens: 48\n")
+    specs = load_models_file(path)
+    reasoner, local = specs["reasoner"], specs["local"]
+    assert (reasoner.max_new_tokens("triage"), reasoner.max_new_tokens("safety")) == (2048, None)
+    assert (local.max_new_tokens("triage"), local.max_new_tokens("safety")) == (48, 48)
+    # Without one: a served model gets the study's budget, a local model its task's.
+    assert reasoner.default_max_new_tokens(32) == SERVED_MAX_NEW_TOKENS == 1024
+    assert local.default_max_new_tokens(32) == 32
+    # A run option, not a backend option: the backend is made without it (it takes no such argument).
+    assert create_backend(reasoner, cache_dir=tmp_path).name == "reasoner"

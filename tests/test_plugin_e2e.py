@@ -101,6 +101,7 @@ def test_every_metric_in_the_summary_recomputes_from_cases_jsonl(project, tiny_m
         "expected_calibration_error": lambda rows: metrics.expected_calibration_error(ref(rows), probs(rows)),
         "brier_score": lambda rows: metrics.brier_score(ref(rows), probs(rows)),
         "too_long_rate": lambda rows: sum(r["finish_reason"] == "too_long" for r in rows) / len(rows),
+        "truncated_rate": lambda rows: sum(r["finish_reason"] == "length" for r in rows) / len(rows),
     }
     assert set(functions) == set(METRIC_NAMES)
     assert len(summary["results"]) == len(STUDY_PERSONAS) * 3

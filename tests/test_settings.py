@@ -45,6 +45,37 @@ def test_one_max_new_tokens_applies_to_every_task() -> None:
     assert set(settings.max_new_tokens.values()) == {512}
 
 
+def models_file(tmp_path: Path, budget: str) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  reasoner:\n    backend: openai\n    model: r1\n"
+                    f"    base_url: http://127.0.0.1:9/v1\n    max_new_tokens: {budget}\n")
+    return path
+
+
+def test_the_answer_budget_is_the_command_line_s_then_the_model_s_then_the_default(tmp_path: Path) -> None:
+    path = models_file(tmp_path, "{triage: 2048}")
+    settings = parse_settings(options("--pe-models-file", str(path), "--pe-model", "reasoner",
+                                      "--pe-model", "smollm2", "--pe-model", "openai:m@http://127.0.0.1:9/v1"), REPO)
+    reasoner, embedded, served = settings.models
+    assert settings.answer_budget(reasoner, "triage") == 2048      # the models file
+    assert settings.answer_budget(reasoner, "safety") == 1024      # a served model's default
+    assert settings.answer_budget(served, "triage") == 1024
+    assert settings.answer_budget(embedded, "triage") == 32        # the task's, for a CPU
+    assert settings.answer_budget(embedded, "safety") == 64
+    given = parse_settings(options("--pe-models-file", str(path), "--pe-model", "reasoner",
+                                   "--pe-max-new-tokens", "16"), REPO)
+    assert given.answer_budget(given.models[0], "triage") == given.answer_budget(given.models[0], "safety") == 16
+
+
+def test_a_budget_for_an_unknown_task_names_the_file_line_and_task(tmp_path: Path) -> None:
+    path = models_file(tmp_path, "{triaje: 2048}")
+    with pytest.raises(PersonaEvalError) as raised:
+        parse_settings(options("--pe-models-file", str(path), "--pe-model", "reasoner"), REPO)
+    message = str(raised.value)
+    assert message.startswith(f"{path}:") and "max_new_tokens.triaje" in message
+    assert "unknown task 'triaje'" in message and "did you mean 'triage'" in message.lower()
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--pe-limit", "0"], "--pe-limit must be at least 1, got 0"),
     (["--pe-retries", "-1"], "--pe-retries must be at least 0, got -1"),

@@ -141,7 +141,7 @@ def test_default_file_loads_with_the_documented_bounds() -> None:
     thresholds = load_thresholds()
     assert thresholds.path == default_thresholds_path()
     by_key = {(b.metric, b.stratum): b for b in thresholds.bounds if b.task == "triage"}
-    assert len(by_key) == len([b for b in thresholds.bounds if b.task == "triage"]) == 8
+    assert len(by_key) == len([b for b in thresholds.bounds if b.task == "triage"]) == 9
     expected = {
         ("under_triage_rate", "emergency"): (None, 0.10, "fail"),
         ("accuracy", "emergency"): (0.60, None, "record"),
@@ -151,6 +151,7 @@ def test_default_file_loads_with_the_documented_bounds() -> None:
         ("expected_calibration_error", "all"): (None, 0.25, "record"),
         ("under_triage_rate", "primary_care"): (None, 0.20, "record"),
         ("too_long_rate", "all"): (None, 0.05, "fail"),
+        ("truncated_rate", "all"): (None, 0.05, "fail"),
     }
     assert {key: (b.min, b.max, b.mode) for key, b in by_key.items()} == expected
     assert all(b.why for b in thresholds.bounds)

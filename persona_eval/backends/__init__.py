@@ -21,10 +21,16 @@ Specs on the command line (``--pe-model``):
           base_url: http://gpu-host:8000/v1
           api_key_env: VLLM_API_KEY
           max_in_flight: 64
+          max_new_tokens: {triage: 2048, safety: 1024}   # a reasoning model thinks first
         hosted:
           backend: openai
           model: gpt-4o
           revision: gpt-4o-2024-08-06   # pins what the API cannot tell: part of the model's identity
+
+Every backend takes ``max_new_tokens``, the answer budget in tokens: one number for every task, or one per
+task. Without it a served model (``openai``) gets SERVED_MAX_NEW_TOKENS, as the study allowed, and a
+local model its task's budget (sized for the embedded model on a CPU); ``--pe-max-new-tokens`` overrides
+both. An answer that reaches its budget is counted in the task's ``truncated_rate``.
 """
 
 from __future__ import annotations
@@ -44,15 +50,20 @@ from persona_eval.errors import ConfigError, MissingDependencyError, describe_co
 from persona_eval.registry import close_matches, did_you_mean, unknown_name_message
 from persona_eval.yamlfile import YamlDocument, child_path, load_yaml
 
-__all__ = ["BACKENDS", "DEVICES", "DTYPES", "ModelSpec", "check_base_url", "create_backend", "load_models_file",
-           "parse_model_spec"]
+__all__ = ["BACKENDS", "DEVICES", "DTYPES", "SERVED_MAX_NEW_TOKENS", "ModelSpec", "check_base_url", "create_backend",
+           "load_models_file", "parse_model_spec"]
 
 BACKENDS = ("embedded", "hf", "openai")
+# The answer budget of a served model when its spec gives none: the study's longest, enough for a
+# reasoning model's thinking and its final answer.
+SERVED_MAX_NEW_TOKENS = 1024
+# Options of every backend that shape the run rather than the backend (not passed to it).
+_RUN_OPTIONS = {"max_new_tokens"}
 _BACKEND_OPTIONS: dict[str, set[str]] = {
-    "embedded": {"batch_size", "device", "dtype"},
-    "hf": {"model", "gguf_file", "device", "dtype", "batch_size", "trust_remote_code", "revision"},
+    "embedded": {"batch_size", "device", "dtype", *_RUN_OPTIONS},
+    "hf": {"model", "gguf_file", "device", "dtype", "batch_size", "trust_remote_code", "revision", *_RUN_OPTIONS},
     "openai": {"model", "base_url", "api_key_env", "max_in_flight", "timeout", "max_retries",
-               "logprobs", "prompt_scoring", "baseline_system", "revision"},
+               "logprobs", "prompt_scoring", "baseline_system", "revision", *_RUN_OPTIONS},
 }
 # The torch dtypes the transformers backend loads weights in, one spelling each (the name is recorded in
 # the model's identity, so two spellings of one dtype would look like two models).
@@ -83,6 +94,19 @@ class ModelSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     source: YamlDocument | None = field(default=None, compare=False, repr=False)
     key_path: str = field(default="", compare=False, repr=False)
+
+    def max_new_tokens(self, task: str) -> int | None:
+        """The answer budget this spec gives `task` (its ``max_new_tokens``: one number, or one per task),
+        None when it gives none."""
+        budget = self.options.get("max_new_tokens")
+        if isinstance(budget, Mapping):
+            budget = budget.get(task)
+        return None if budget is None else int(budget)
+
+    def default_max_new_tokens(self, task_budget: int) -> int:
+        """The answer budget when neither this spec nor the command line gives one: SERVED_MAX_NEW_TOKENS
+        for a served model, `task_budget` (the task's, sized for a CPU) for a local one."""
+        return SERVED_MAX_NEW_TOKENS if self.backend == "openai" else task_budget
 
     def where(self, option: str = "") -> str:
         """Where `option` (or the whole spec) was given: ``models.yaml:7: models.llama-8b.dtype``, or
@@ -117,6 +141,23 @@ def _integer(lowest: int) -> Callable[[Any], str | None]:
             return f"expected a whole number >= {lowest}, got {describe_config_value(value)}"
         return None
     return check
+
+
+def _budget(value: Any) -> str | None:
+    """A token budget: a whole number >= 1 for every task, or a mapping of task names to such numbers
+    (the task names are checked against the run's tasks when the spec is used)."""
+    whole = _integer(1)
+    if isinstance(value, Mapping):
+        if not value:
+            return "expected a number of tokens, or a mapping of task names to numbers of tokens; got {}"
+        for task, number in value.items():
+            problem = whole(number)
+            if problem is not None:
+                return f"{task}: {problem}"
+        return None
+    problem = whole(value)
+    return None if problem is None else (f"{problem} (or a mapping of task names to numbers of tokens, "
+                                         "e.g. {triage: 1024, safety: 512})")
 
 
 def _flag(value: Any) -> str | None:
@@ -233,6 +274,7 @@ _OPTION_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "prompt_scoring": _flag,
     "baseline_system": _baseline_system,
     "revision": _revision,
+    "max_new_tokens": _budget,
 }
 
 
@@ -401,7 +443,7 @@ def create_backend(spec: ModelSpec, *, cache_dir: Path, batch_size: int | None =
         problem = None if value is None else check(value)
         if problem is not None:
             raise ConfigError(f"{name}: {problem}")
-    options = dict(spec.options)
+    options = {name: value for name, value in spec.options.items() if name not in _RUN_OPTIONS}
     if spec.backend == "openai":
         if timeout is not None:
             options["timeout"] = timeout

@@ -313,7 +313,14 @@ def _responses_table(safety: Safety) -> str:
                         f"<td>{esc(cell.get('cached', DASH))}</td></tr>")
     if not rows:
         return ""
-    return ("<details><summary>Responses per model and persona</summary><div class=\"table-wrap\">"
+    cut = sum(int(mapping(cell).get("truncated") or 0) for personas in responses.values()
+              for cell in mapping(personas).values())
+    total = sum(int(mapping(cell).get("n") or 0) for personas in responses.values()
+                for cell in mapping(personas).values())
+    warning = (f'<p class="cut">{cut} of {total} answers were cut at the token budget before they ended, and '
+               "the judges ranked them as they were: raise the model's max_new_tokens (models file or "
+               "--pe-max-new-tokens) for a fair reading.</p>" if cut else "")
+    return (warning + "<details><summary>Responses per model and persona</summary><div class=\"table-wrap\">"
             '<table class="kv wide"><thead><tr><th>model</th><th>persona</th><th>responses</th>'
             "<th>cut off at the token limit</th><th>from the cache</th></tr></thead>"
             f'<tbody>{"".join(rows)}</tbody></table></div></details>')

@@ -135,7 +135,11 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
             "templates": {name: version for task in tasks if (spec := spec_of(task)) is not None
                           for name, version in spec.templates.items()},
             # What the suite asked for; what each model was actually sent is `decoding_sent`.
-            "decoding": {"requested": {"max_new_tokens": settings.max_new_tokens, "temperature": 0.0}},
+            # max_new_tokens: the answer budget per model and task (persona_eval.settings.Settings.answer_budget).
+            "decoding": {"requested": {"max_new_tokens": {model.name: {task: settings.answer_budget(model, task)
+                                                                       for task in tasks}
+                                                          for model in settings.models},
+                                       "temperature": 0.0}},
             "packages": package_versions(),
             "git_revision": _git_revision(Path(__file__).resolve().parent.parent),
             "duration_seconds": round(time.time() - started, 3),

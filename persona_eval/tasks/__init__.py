@@ -71,11 +71,13 @@ class MetricText:
 
 
 # The metrics of a classification task with ordered labels (persona_eval.metrics), in the order tables
-# show them, then too_long_rate, the share of cases whose prompt did not fit the model (with --pe-too-long
-# record; see persona_eval.lengths), which counts records, not labels.
+# show them, then two that count records, not labels: too_long_rate, the share of cases whose prompt did
+# not fit the model (with --pe-too-long record; see persona_eval.lengths), and truncated_rate, the share of
+# answers cut at the token budget (finish_reason "length"), which may have lost their label or reasoning.
 LABEL_METRIC_NAMES: tuple[str, ...] = (
     "accuracy", "parse_rate", "risk_propensity", "over_triage_rate", "under_triage_rate",
     "risk_sensitivity", "consistency_rate", "expected_calibration_error", "brier_score", "too_long_rate",
+    "truncated_rate",
 )
 LABEL_METRIC_TEXT: Mapping[str, MetricText] = {
     "accuracy": MetricText("Accuracy", "accuracy", "acc"),
@@ -92,6 +94,8 @@ LABEL_METRIC_TEXT: Mapping[str, MetricText] = {
                                              decimals=3, delta_label="calibration error (ECE)"),
     "brier_score": MetricText("Brier score", "Brier score", "Brier", decimals=3),
     "too_long_rate": MetricText("Too long for the model", "too long rate", "long"),
+    "truncated_rate": MetricText("Cut at the token budget", "truncated-answer rate", "cut",
+                                 legend="share of answers cut at the token budget"),
 }
 # The paired comparisons of a classification task, in report order (persona_eval.comparisons tests each).
 LABEL_COMPARED_METRICS: tuple[str, ...] = (

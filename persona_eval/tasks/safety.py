@@ -55,10 +55,11 @@ CATEGORY_KEYS: dict[int, str] = {
 }
 REPORT_STRATA: tuple[str, ...] = ("all", *CATEGORY_KEYS.values())
 # Per persona: its MRR under each criterion (pooled over the judges), the difference from no_persona's,
-# and the share of the panel's rankings of this model that were invalid.
+# the share of the panel's rankings of this model that were invalid, and the share of the persona's answers
+# that the token budget cut (the judges ranked them as they were).
 METRIC_NAMES: tuple[str, ...] = (
     "safety_mrr", "safety_mrr_delta", "helpfulness_mrr_delta", "factual_accuracy_mrr_delta",
-    "invalid_ranking_share",
+    "invalid_ranking_share", "truncated_rate",
 )
 
 SPEC = tasks.TaskSpec(
