@@ -22,7 +22,7 @@ from typing import Any
 from persona_eval import metrics
 from persona_eval.backends.base import Generation, GenerationConfig, LabelScoring
 from persona_eval.errors import ConfigError
-from persona_eval.lengths import PromptLength, check_prompt_lengths, too_long_error, truncated_share
+from persona_eval.lengths import TRUNCATED, PromptLength, check_prompt_lengths, finish_share, too_long_error
 from persona_eval.parsing import AnswerSpan, find_triage_answer
 from persona_eval.personas import Persona
 from persona_eval.prompts import render_messages
@@ -220,8 +220,8 @@ def triage_metrics(records: Sequence[Mapping[str, Any]], *, logprobs_available: 
             "over_triage_rate": metrics.over_triage_rate(y_true, y_pred, labels=labels),
             "under_triage_rate": metrics.under_triage_rate(y_true, y_pred, labels=labels),
             "risk_sensitivity": metrics.risk_sensitivity(y_true, y_pred, labels=labels),
-            "too_long_rate": sum(r.get("finish_reason") == TOO_LONG for r in rows) / len(rows),
-            "truncated_rate": truncated_share(rows),
+            "too_long_rate": finish_share(rows, TOO_LONG),
+            "truncated_rate": finish_share(rows, TRUNCATED),
         }
         notes: dict[str, str] = {}
         with_probs = [r for r in rows if r["label_probs"] is not None]

@@ -57,17 +57,6 @@ def _metrics_frame(results: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=_METRIC_COLUMNS)
 
 
-def _flat(entries: Sequence[Mapping[str, Any]], nested: str) -> pd.DataFrame:
-    """`entries` with the mapping under `nested` (the bound or rule) spread into ``<nested>_<key>`` columns."""
-    rows = []
-    for entry in entries:
-        row = {key: value for key, value in entry.items() if key != nested}
-        for key, value in (entry.get(nested) or {}).items():
-            row[f"{nested}_{key}"] = value
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def _cases_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     rows = []
     for record in records:
@@ -96,6 +85,7 @@ def load_run(path: str | Path) -> RunFrames:
     records = read_jsonl(cases_path) if cases_path.is_file() else []
     return RunFrames(metrics=_metrics_frame(summary.get("results") or []),
                      comparisons=pd.DataFrame(summary.get("comparisons") or []),
-                     checks=_flat(summary.get("checks") or [], "bound"),
-                     regressions=_flat(summary.get("regressions") or [], "rule"),
+                     # The bound or rule of each entry spread into bound_<key> / rule_<key> columns.
+                     checks=pd.json_normalize(summary.get("checks") or [], sep="_", max_level=1),
+                     regressions=pd.json_normalize(summary.get("regressions") or [], sep="_", max_level=1),
                      cases=_cases_frame(records), summary=summary)

@@ -1,5 +1,5 @@
 """Prompt length bounds: which rendered prompts fit the model, found before any request is sent; and
-the share of answers that the token budget cut (``truncated_share``).
+the share of records that ended one way (``finish_share``: cut at the token budget, too long to send).
 
 A prompt longer than the model's context is no answer of the model's: a local model fails or reads a
 truncated case, a server refuses it, and scored as "unparsable" it would count against the persona. So
@@ -50,9 +50,9 @@ __all__ = [
     "PromptLength",
     "PromptLimit",
     "check_prompt_lengths",
+    "finish_share",
     "prompt_limit",
     "too_long_error",
-    "truncated_share",
 ]
 
 # More characters per token than any tokenizer gives on text: English averages about 4 per token, and
@@ -65,13 +65,13 @@ _OTHERS_NAMED = 3
 TRUNCATED = "length"
 
 
-def truncated_share(records: Sequence[Mapping[str, Any]]) -> float:
-    """The share of `records` whose answer was cut at the token budget (finish_reason "length"): such an
-    answer may have lost its label, its reasoning or its advice, so a run with many is not a fair reading
-    of the model. NaN for no records."""
+def finish_share(records: Sequence[Mapping[str, Any]], finish_reason: str) -> float:
+    """The share of `records` that ended with `finish_reason`: TRUNCATED, an answer cut at the token budget
+    (it may have lost its label, its reasoning or its advice), or "too_long", a case the model never saw.
+    NaN for no records."""
     if not records:
         return float("nan")
-    return sum(r.get("finish_reason") == TRUNCATED for r in records) / len(records)
+    return sum(r.get("finish_reason") == finish_reason for r in records) / len(records)
 
 
 class MeasuredBackend(Protocol):

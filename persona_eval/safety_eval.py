@@ -12,7 +12,7 @@ from typing import Any
 
 from persona_eval.backends.base import GenerationConfig
 from persona_eval.judges import ALL, POOLED, SAFETY_CRITERIA, judge_model_responses, mrr_table, panel_summary
-from persona_eval.lengths import TRUNCATED, check_prompt_lengths, too_long_error, truncated_share
+from persona_eval.lengths import TRUNCATED, check_prompt_lengths, finish_share, too_long_error
 from persona_eval.personas import BASELINE, Persona
 from persona_eval.prompts import render_messages
 from persona_eval.runner import Progress, Runner
@@ -151,7 +151,7 @@ def persona_safety_metrics(judgments: Sequence[Mapping[str, Any]], *, model: str
             metrics[f"{criterion}_mrr_delta"] = None if mine is None or base is None else mine - base
         metrics["invalid_ranking_share"] = invalid_share
         answered = [r for r in responses if number == ALL or str(r.get("category")) == number]
-        metrics["truncated_rate"] = truncated_share(answered) if answered else None
+        metrics["truncated_rate"] = finish_share(answered, TRUNCATED) if answered else None
         for name, value in metrics.items():
             if value is None:
                 notes[name] = "not defined: no valid ranking of this persona (or of no_persona) here"

@@ -305,18 +305,17 @@ def _invalid_table(safety: Safety) -> str:
 def _responses_table(safety: Safety) -> str:
     responses = mapping(safety.block.get("responses"))
     rows = []
+    cut = total = 0
     for model, personas in responses.items():
         for persona, cell in mapping(personas).items():
             cell = mapping(cell)
+            cut += int(cell.get("truncated") or 0)
+            total += int(cell.get("n") or 0)
             rows.append(f"<tr><td>{esc(model)}</td><td>{esc(safety.run.name(str(persona)))}</td>"
                         f"<td>{esc(cell.get('n', DASH))}</td><td>{esc(cell.get('truncated', DASH))}</td>"
                         f"<td>{esc(cell.get('cached', DASH))}</td></tr>")
     if not rows:
         return ""
-    cut = sum(int(mapping(cell).get("truncated") or 0) for personas in responses.values()
-              for cell in mapping(personas).values())
-    total = sum(int(mapping(cell).get("n") or 0) for personas in responses.values()
-                for cell in mapping(personas).values())
     warning = (f'<p class="cut">{cut} of {total} answers were cut at the token budget before they ended, and '
                "the judges ranked them as they were: raise the model's max_new_tokens (models file or "
                "--pe-max-new-tokens) for a fair reading.</p>" if cut else "")

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LABEL_METRIC_NAMES",
     "LABEL_METRIC_TEXT",
+    "RECORD_METRIC_NAMES",
     "MetricText",
     "Task",
     "TaskSpec",
@@ -79,6 +80,7 @@ LABEL_METRIC_NAMES: tuple[str, ...] = (
     "risk_sensitivity", "consistency_rate", "expected_calibration_error", "brier_score", "too_long_rate",
     "truncated_rate",
 )
+RECORD_METRIC_NAMES: tuple[str, ...] = ("too_long_rate", "truncated_rate")  # counted from records, not labels
 LABEL_METRIC_TEXT: Mapping[str, MetricText] = {
     "accuracy": MetricText("Accuracy", "accuracy", "acc"),
     "parse_rate": MetricText("Parse rate", "parse rate", "parsed"),

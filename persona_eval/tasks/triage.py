@@ -49,8 +49,7 @@ URGENCY: dict[str, int] = {label: rank for rank, label in enumerate(LABELS)}
 # The metrics reported for this task (those of any classification task with ordered labels), in table
 # order; LABEL_METRIC_NAMES are those computed from the labels, without too_long_rate and truncated_rate.
 METRIC_NAMES: tuple[str, ...] = tasks.LABEL_METRIC_NAMES
-LABEL_METRIC_NAMES: tuple[str, ...] = tuple(name for name in METRIC_NAMES
-                                            if name not in ("too_long_rate", "truncated_rate"))
+LABEL_METRIC_NAMES: tuple[str, ...] = tuple(name for name in METRIC_NAMES if name not in tasks.RECORD_METRIC_NAMES)
 # Report strata: each stratum of the dataset, and all cases together.
 REPORT_STRATA: tuple[str, ...] = ("all", *STRATA)
 # How a stratum is named: as a heading of the report, and inside a line of the terminal summary.
