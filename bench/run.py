@@ -27,14 +27,14 @@ def batch_throughput(cache_dir: Path, n_cases: int = 16) -> dict[str, float]:
     from persona_eval.backends.hf import HFBackend
     from persona_eval.data import load_triage_cases
     from persona_eval.personas import STUDY_PERSONAS
-    from persona_eval.prompts import render_messages
-    from persona_eval.tasks.triage import user_message
+    from persona_eval.templates import DEFAULT_TEMPLATES, render_case, template_named
 
     backend = HFBackend("smollm2", str(prepare_embedded_model(cache_dir)))
     cases = load_triage_cases(REPO / "fixtures/triage/vignettes.jsonl")[:n_cases]
     persona = STUDY_PERSONAS[2]
-    requests = [render_messages(user_message(c.text), persona, backend.system_policy()) for c in cases]
-    config, scoring = GenerationConfig(max_new_tokens=32), LabelScoring()
+    requests = [render_case(c.text, persona, backend.system_policy()) for c in cases]
+    config = GenerationConfig(max_new_tokens=32)
+    scoring = LabelScoring(answer_prefix=template_named(DEFAULT_TEMPLATES["triage"], task="triage").answer_prefix)
     backend.generate(requests[:2], config, scoring)  # warm-up: load weights
     result = {}
     for batch_size in (1, 4, 16):

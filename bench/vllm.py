@@ -45,19 +45,19 @@ def measure(base_url: str, model: str, *, n_cases: int, levels: tuple[int, ...],
     from persona_eval.personas import STUDY_PERSONAS
     from persona_eval.prompts import render_messages
     from persona_eval.runner import Runner
-    from persona_eval.tasks.triage import user_message
+    from persona_eval.templates import DEFAULT_TEMPLATES, render_case, template_named
 
     cases = load_triage_cases(REPO / "fixtures/triage/vignettes.jsonl")
     persona = STUDY_PERSONAS[3]
-    scoring = LabelScoring()
+    scoring = LabelScoring(answer_prefix=template_named(DEFAULT_TEMPLATES["triage"], task="triage").answer_prefix)
     config = GenerationConfig(max_new_tokens=32 if workload == "triage" else 64)
 
     def requests_for(backend: OpenAIBackend, offset: int) -> list[Any]:
         if workload == "triage":
-            texts = [user_message(cases[(offset + i) % len(cases)].text) for i in range(n_cases)]
-        else:
-            texts = [f"Write a long story about patient number {offset + i} and a day at the hospital."
-                     for i in range(n_cases)]
+            return [render_case(cases[(offset + i) % len(cases)].text, persona, backend.system_policy())
+                    for i in range(n_cases)]
+        texts = [f"Write a long story about patient number {offset + i} and a day at the hospital."
+                 for i in range(n_cases)]
         return [render_messages(text, persona, backend.system_policy()) for text in texts]
 
     # One backend for every level, its client made and its connection opened before the clock starts
@@ -116,9 +116,8 @@ def suite_overhead(n_requests: int = 200) -> dict[str, Any]:
     from persona_eval.cache import NullCache, ResultCache
     from persona_eval.data import load_triage_cases
     from persona_eval.personas import STUDY_PERSONAS
-    from persona_eval.prompts import render_messages
     from persona_eval.runner import Runner
-    from persona_eval.tasks.triage import user_message
+    from persona_eval.templates import DEFAULT_TEMPLATES, render_case, template_named
 
     words = ["A", ".", " Stay", " home", " and", " manage", " with", " self", "-", "care"]
     alternatives = [" A", " B", " C", "A", "B", "C", *(f" w{i}" for i in range(14))]
@@ -149,13 +148,14 @@ def suite_overhead(n_requests: int = 200) -> dict[str, Any]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     cases = load_triage_cases(REPO / "fixtures/triage/vignettes.jsonl")
-    config, scoring = GenerationConfig(max_new_tokens=32), LabelScoring()
+    config = GenerationConfig(max_new_tokens=32)
+    scoring = LabelScoring(answer_prefix=template_named(DEFAULT_TEMPLATES["triage"], task="triage").answer_prefix)
     result: dict[str, Any] = {"requests": n_requests, "reply_bytes": len(reply)}
     try:
         for label in ("no_cache", "sqlite_cache"):
             backend = OpenAIBackend("stand-in", model="stand-in", base_url=base_url, max_in_flight=1)
-            requests = [render_messages(user_message(f"{cases[i % len(cases)].text} ({i})"), STUDY_PERSONAS[3],
-                                        backend.system_policy()) for i in range(n_requests + 5)]
+            requests = [render_case(f"{cases[i % len(cases)].text} ({i})", STUDY_PERSONAS[3],
+                                    backend.system_policy()) for i in range(n_requests + 5)]
             with tempfile.TemporaryDirectory(prefix="pe-bench-overhead-") as folder:
                 cache = NullCache() if label == "no_cache" else ResultCache.in_dir(folder)
                 runner = Runner(backend, cache)

@@ -1,9 +1,22 @@
 """One condition (model x persona x task) from cases to per-case records and per-stratum metrics.
 
-One generation pass per case gives two labels: the label parsed from the generated text, and the
-latent label, the argmax of the model's label distribution read at the position where the answer
-letter was generated. Only when no answer is found in the text are the labels scored at the prompt
-boundary instead (``probs_source = "prompt"``); never a second pass over a case whose answer was found.
+Each case gives two label distributions, read at two positions named in every record and in summary.json:
+
+* **the answer letter** (``label_probs``, ``probs_source = "answer"``): the distribution at the generated
+  token that holds the answer letter, after any reasoning and the template's final-answer marker (the
+  study code's position). Calibration (ECE, Brier score) uses it. Where no answer is found in the text,
+  the prompt-boundary distribution stands in (``probs_source = "prompt"``).
+* **the prompt boundary** (``latent_probs``, ``latent_label``): the distribution right after the prompt
+  and the template's fixed ``answer_prefix`` ("## Final Response\n"), before the model has written
+  anything of its own: its latent preference, as lm-evaluation-harness scores a multiple-choice prompt.
+  The consistency rate compares the generated label with this ``logit_label``. The transformers backend
+  reads it in the generation pass from the prompt's KV cache (a few tokens more, not a second pass over
+  the prompt); a server scores the prompt plus prefix, which its prefix cache makes cheap.
+
+With a template that asks for the answer first (``answer_first``) and greedy decoding, the latent label
+is read at the very token that is generated, so it equals the generated label by construction: then
+``logit_label`` is None and the consistency rate is not reported (``CONSISTENCY_TAUTOLOGICAL``), never
+shown as 100.
 
 Before anything is sent, every prompt is measured against the model's context and
 ``TriageSettings.max_prompt_tokens`` (persona_eval.lengths). A case that does not fit is a DataError naming
@@ -15,7 +28,7 @@ unreadable answer in every metric (the deployed model cannot triage it) and in `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,14 +38,19 @@ from persona_eval.errors import ConfigError
 from persona_eval.lengths import TRUNCATED, PromptLength, check_prompt_lengths, finish_share, too_long_error
 from persona_eval.parsing import AnswerSpan, find_triage_answer
 from persona_eval.personas import Persona
-from persona_eval.prompts import render_messages
+from persona_eval.prompts import PromptTemplate, render_template
 from persona_eval.runner import Progress, Runner
 from persona_eval.tasks import TaskSpec, triage
+from persona_eval.templates import DEFAULT_TEMPLATES, template_named
 
-__all__ = ["NOT_AVAILABLE", "TOO_LONG_MODES", "TriageSettings", "evaluate_triage", "label_distribution",
-           "triage_metrics"]
+__all__ = ["CONSISTENCY_TAUTOLOGICAL", "NOT_AVAILABLE", "NO_LATENT", "TOO_LONG_MODES", "TriageSettings",
+           "evaluate_triage", "label_distribution", "label_positions", "triage_metrics"]
 
 NOT_AVAILABLE = "not available for this model (it returns no log-probabilities)"
+NO_LATENT = "not available: no label distribution at the prompt boundary (the model's server scores no prompts)"
+CONSISTENCY_TAUTOLOGICAL = ("not reported: the prompt template asks for the answer first, so under greedy decoding "
+                            "the latent label is read at the generated answer token and equals it by construction; "
+                            "use a template that lets the model reason before its answer (e.g. study)")
 _PROB_METRICS = ("consistency_rate", "expected_calibration_error", "brier_score")
 TOO_LONG_MODES = ("error", "record")
 TOO_LONG = "too_long"  # the finish_reason of a case whose prompt does not fit the model
@@ -88,21 +106,45 @@ def _argmax(probs: Mapping[str, float] | None, labels: Sequence[str]) -> str | N
     return max(labels, key=lambda label: (probs[label], -labels.index(label)))
 
 
+def _default_template() -> PromptTemplate:
+    return template_named(DEFAULT_TEMPLATES["triage"], task="triage")
+
+
 @dataclass(frozen=True)
 class TriageSettings:
-    """Decoding and scoring of a classification task (by default triage): its spec, the user turn of a
-    case (`prompt`: the case text in, the message out) and the template version its records carry."""
+    """Decoding and scoring of a classification task (by default triage): its spec and its prompt
+    template. ``scoring.answer_prefix`` should be the template's (the task's settings make it so)."""
 
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=triage.MAX_NEW_TOKENS))
-    scoring: LabelScoring = field(default_factory=lambda: LabelScoring(labels=triage.LABELS))
+    scoring: LabelScoring = field(default_factory=lambda: LabelScoring(
+        labels=triage.LABELS, answer_prefix=_default_template().answer_prefix))
     spec: TaskSpec = triage.SPEC
-    prompt: Callable[[str], str] = triage.user_message
+    template: PromptTemplate = field(default_factory=_default_template)
     max_prompt_tokens: int | None = None  # besides the model's context; None: the context alone
     too_long: str = "error"  # a prompt that does not fit: "error" (DataError) or "record" (a per-case result)
 
     def __post_init__(self) -> None:
         if self.too_long not in TOO_LONG_MODES:
             raise ConfigError(f"too_long must be one of {', '.join(TOO_LONG_MODES)}, got {self.too_long!r}")
+
+    @property
+    def consistency_tautological(self) -> bool:
+        """Whether the latent label would be the generated one by construction (answer first, greedy)."""
+        return self.template.answer_first and self.generation.temperature == 0
+
+    def context(self) -> dict[str, Any]:
+        """What the cache key holds of the task besides the prompt text and decoding: the template."""
+        return {"template": self.template.key()}
+
+
+def label_positions(settings: TriageSettings) -> dict[str, str]:
+    """Where each probability-based figure of `settings` is read, as summary.json and the report say it."""
+    boundary = f"prompt boundary + {settings.template.answer_prefix!r}"
+    return {
+        "consistency_rate": ("not reported (answer-first template under greedy decoding: tautological)"
+                             if settings.consistency_tautological else boundary),
+        "calibration": f"generated answer letter (where no answer was found: the {boundary})",
+    }
 
 
 def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, *,
@@ -114,7 +156,9 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
     backend = runner.backend
     policy = backend.system_policy()
     labels = list(settings.scoring.labels)
-    all_requests = [render_messages(settings.prompt(case.text), persona, policy) for case in cases]
+    spec, template = settings.spec, settings.template
+    all_requests = [render_template(template, case.text, persona, labels=spec.labels, label_text=spec.label_text,
+                                    policy=policy) for case in cases]
     lengths = check_prompt_lengths(all_requests, backend=backend, max_new_tokens=settings.generation.max_new_tokens,
                                    max_prompt_tokens=settings.max_prompt_tokens,
                                    sources=[case.source for case in cases])
@@ -128,23 +172,34 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
         progress.advance(len(too_long))
     # Scoring is always asked for (one cache key whatever the backend finds out); a backend that learns
     # during the run that the model gives no log-probabilities reports it in its capabilities.
-    generations = runner.generate(requests, settings.generation, settings.scoring, progress=progress)
+    context = settings.context()
+    generations = runner.generate(requests, settings.generation, settings.scoring, progress=progress,
+                                  context=context)
     capabilities = backend.capabilities()
 
     spans = [find_triage_answer(g.generation.text, labels=labels) for g in generations]
     distributions = [label_distribution(g.generation, span, labels) if capabilities.logprobs else (None, False)
                      for g, span in zip(generations, spans, strict=True)]
     sources: list[str | None] = ["answer" if d[0] is not None else None for d in distributions]
-    fallback = [i for i, d in enumerate(distributions) if d[0] is None]
-    if fallback and capabilities.logprobs and capabilities.prompt_scoring:
-        scored = runner.score_labels([requests[i] for i in fallback], settings.scoring)
-        for i, label_logprobs in zip(fallback, scored, strict=True):
-            distributions[i] = _complete(label_logprobs, None, labels)
-            sources[i] = "prompt" if distributions[i][0] is not None else None
+    # The prompt-boundary reading: from the generation pass where the backend gives it, else scored.
+    boundary: list[Mapping[str, float | None] | None] = [
+        g.generation.prompt_label_logprobs if capabilities.logprobs else None for g in generations]
+    unscored = [i for i, b in enumerate(boundary) if b is None]
+    if unscored and capabilities.logprobs and capabilities.prompt_scoring:
+        scored = runner.score_labels([requests[i] for i in unscored], settings.scoring, context=context)
+        for i, label_logprobs in zip(unscored, scored, strict=True):
+            boundary[i] = label_logprobs
+    latent = [_complete(b, None, labels) if b is not None else (None, False) for b in boundary]
+    for i, (probs, _) in enumerate(distributions):
+        if probs is None and latent[i][0] is not None:
+            distributions[i] = latent[i]
+            sources[i] = "prompt"
 
     records = []
-    for case, request, result, span, (probs, flagged), source in zip(
-            cases, requests, generations, spans, distributions, sources, strict=True):
+    tautological = settings.consistency_tautological
+    for case, request, result, span, (probs, flagged), source, (latent_probs, _) in zip(
+            cases, requests, generations, spans, distributions, sources, latent, strict=True):
+        latent_label = _argmax(latent_probs, labels)
         records.append({
             "run_id": run_id,
             "task": settings.spec.name,
@@ -158,26 +213,29 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
             "prompt": result.prompt,
             "generated_text": result.generation.text,
             "generated_label": span.label if span else None,
-            "logit_label": _argmax(probs, labels),
+            "logit_label": None if tautological else latent_label,
+            "latent_label": latent_label,
+            "latent_probs": latent_probs,
             "label_probs": probs,
             "probs_source": source,
             "probs_flagged": flagged,
             "finish_reason": result.generation.finish_reason,
             "secrets_masked": result.generation.masked,
             "cached": result.cached,
-            "template_version": settings.spec.templates.get(settings.spec.name, ""),
+            "template_version": template.name,
+            "template": template.key(),
         })
     if not too_long:
         return records
     # The over-long cases take their place in case order, as records the model never saw.
     answered = iter(records)
     return [_too_long_record(case, all_requests[i], too_long[i], backend, persona, run_id=run_id, model=model,
-                             spec=settings.spec)
+                             spec=settings.spec, template=template)
             if i in too_long else next(answered) for i, case in enumerate(all_cases)]
 
 
 def _too_long_record(case: triage.TriageCase, request: Any, length: PromptLength, backend: Any, persona: Persona,
-                     *, run_id: str, model: str, spec: TaskSpec) -> dict[str, Any]:
+                     *, run_id: str, model: str, spec: TaskSpec, template: PromptTemplate) -> dict[str, Any]:
     """The record of a case whose prompt does not fit the model: no answer, no label, the measure kept."""
     messages = [(role, content if len(content) <= _PROMPT_KEPT else
                  content[:_PROMPT_KEPT] + f"... [{len(content) - _PROMPT_KEPT:,} more characters]")
@@ -187,9 +245,10 @@ def _too_long_record(case: triage.TriageCase, request: Any, length: PromptLength
         "run_id": run_id, "task": spec.name, "model": model, "persona": persona.id,
         "persona_group": persona.group, "stratum": case.stratum, "case_id": case.id, "reference": case.reference,
         "system_prompt": request.system_prompt, "prompt": shown, "generated_text": "", "generated_label": None,
-        "logit_label": None, "label_probs": None, "probs_source": None, "probs_flagged": False,
-        "finish_reason": TOO_LONG, "secrets_masked": [], "cached": False,
-        "template_version": spec.templates.get(spec.name, ""), "too_long": length.to_json(),
+        "logit_label": None, "latent_label": None, "latent_probs": None, "label_probs": None,
+        "probs_source": None, "probs_flagged": False, "finish_reason": TOO_LONG, "secrets_masked": [],
+        "cached": False, "template_version": template.name, "template": template.key(),
+        "too_long": length.to_json(),
     }
 
 
@@ -198,13 +257,14 @@ def _value(number: float) -> float | None:
 
 
 def triage_metrics(records: Sequence[Mapping[str, Any]], *, logprobs_available: bool = True,
-                   spec: TaskSpec = triage.SPEC) -> dict[str, dict[str, Any]]:
+                   spec: TaskSpec = triage.SPEC, consistency_note: str | None = None) -> dict[str, dict[str, Any]]:
     """Every metric of a classification task (by default triage) for each of its report strata ("all",
     "emergency", "primary_care").
 
     Returns {stratum: {"n": int, "metrics": {name: float | None}, "notes": {name: reason}}}. A metric is
     None with a note when it is undefined on these cases (e.g. risk sensitivity with no errors) or not
-    available for the model (no log-probabilities)."""
+    available for the model (no log-probabilities); `consistency_note` (e.g. CONSISTENCY_TAUTOLOGICAL) makes the
+    consistency rate None with that note."""
     labels = spec.labels
     out: dict[str, dict[str, Any]] = {}
     for stratum in spec.report_strata:
@@ -232,6 +292,11 @@ def triage_metrics(records: Sequence[Mapping[str, Any]], *, logprobs_available: 
             truth = [r["reference"] for r in with_probs]
             values["expected_calibration_error"] = metrics.expected_calibration_error(truth, probs, labels=labels)
             values["brier_score"] = metrics.brier_score(truth, probs, labels=labels)
+            if consistency_note is None and all("latent_probs" in r and r["latent_probs"] is None for r in rows):
+                consistency_note = NO_LATENT
+            if consistency_note is not None:
+                values["consistency_rate"] = math.nan
+                notes["consistency_rate"] = consistency_note
         else:
             for name in _PROB_METRICS:
                 values[name] = math.nan

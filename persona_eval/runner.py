@@ -33,7 +33,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,21 +243,24 @@ class Runner:
         return cache_key({"kind": kind, "identity": self.identity(), "prompt": prompt, **self.extra_key, **parts})
 
     def _generate_key(self, prompt: str, config: GenerationConfig, scoring: LabelScoring | None,
-                      sent: dict[str, Any] | None) -> str:
-        parts: dict[str, Any] = {"decoding": config.key(), "scoring": scoring.key() if scoring else None}
+                      sent: dict[str, Any] | None, context: Mapping[str, Any] | None = None) -> str:
+        parts: dict[str, Any] = {"decoding": config.key(), "scoring": scoring.key() if scoring else None,
+                                 **(context or {})}
         if sent is not None:
             parts["sent"] = sent
         return self._key("generate", prompt, **parts)
 
     # -- requests -----------------------------------------------------------------------------------
     def generate(self, requests: Sequence[RenderedMessages], config: GenerationConfig,
-                 scoring: LabelScoring | None, *, progress: Progress | None = None) -> list[CachedGeneration]:
-        """One generation per request, in order."""
+                 scoring: LabelScoring | None, *, progress: Progress | None = None,
+                 context: Mapping[str, Any] | None = None) -> list[CachedGeneration]:
+        """One generation per request, in order. `context` (plain JSON, e.g. the prompt template's id and
+        hash) is part of every cache key besides the prompt text and decoding."""
         started = time.perf_counter()
         prompts = [self.backend.render_prompt(r) for r in requests]
         self.identity()
         sent = self._sent(config, scoring)
-        keys = [self._generate_key(p, config, scoring, sent) for p in prompts]
+        keys = [self._generate_key(p, config, scoring, sent, context) for p in prompts]
         found = self.cache.get_many(list(dict.fromkeys(keys)))
         results: list[CachedGeneration | None] = [
             CachedGeneration(Generation.from_json(found[k]), p, True) if k in found else None
@@ -275,7 +278,7 @@ class Runner:
             # A generation sent with less than was planned (a parameter refused meanwhile) is stored
             # under the key of what was sent for it.
             stored = {(keys[i] if g.sent is None or g.sent == sent
-                       else self._generate_key(prompts[i], config, scoring, g.sent)): g.to_json()
+                       else self._generate_key(prompts[i], config, scoring, g.sent, context)): g.to_json()
                       for i, g in zip(indices, generations, strict=True)}
             self.cache.put_many(stored)
             for i, g in zip(indices, generations, strict=True):
@@ -294,11 +297,11 @@ class Runner:
         self.stats.wall_seconds += time.perf_counter() - started
         return [r for r in results if r is not None]
 
-    def score_labels(self, requests: Sequence[RenderedMessages], scoring: LabelScoring
-                     ) -> list[dict[str, float | None]]:
+    def score_labels(self, requests: Sequence[RenderedMessages], scoring: LabelScoring, *,
+                     context: Mapping[str, Any] | None = None) -> list[dict[str, float | None]]:
         """Label log-probabilities at the prompt boundary, one mapping per request, in order."""
         prompts = [self.backend.render_prompt(r) for r in requests]
-        keys = [self._key("score_labels", p, scoring=scoring.key()) for p in prompts]
+        keys = [self._key("score_labels", p, scoring=scoring.key(), **(context or {})) for p in prompts]
         found = self.cache.get_many(list(dict.fromkeys(keys)))
         results: list[dict[str, float | None] | None] = [found[k]["label_logprobs"] if k in found else None
                                                          for k in keys]
@@ -308,7 +311,10 @@ class Runner:
             return self.backend.score_labels([requests[i] for i in indices], scoring)
 
         def store(indices: list[int], scores: list[dict[str, float | None]]) -> None:
-            self.cache.put_many({keys[i]: {"label_logprobs": s} for i, s in zip(indices, scores, strict=True)})
+            # A reading with no label at all (a server found to score no prompts) is not a result: kept
+            # out of the cache, so that a server that can score is asked next time.
+            self.cache.put_many({keys[i]: {"label_logprobs": s} for i, s in zip(indices, scores, strict=True)
+                                 if any(v is not None for v in s.values())})
             for i, s in zip(indices, scores, strict=True):
                 results[i] = s
 

@@ -22,10 +22,17 @@ from persona_eval.cache import NullCache, ResultCache
 from persona_eval.comparisons import compare_personas, compared_metrics
 from persona_eval.data import DatasetReport, load_safety_queries, load_triage_cases
 from persona_eval.errors import PersonaEvalError
-from persona_eval.evaluation import TriageSettings, evaluate_triage, triage_metrics
+from persona_eval.evaluation import (
+    CONSISTENCY_TAUTOLOGICAL,
+    TriageSettings,
+    evaluate_triage,
+    label_positions,
+    triage_metrics,
+)
 from persona_eval.gate import approved_comparison, check_bounds, check_regressions, save_baseline
 from persona_eval.judges import SAFETY_CRITERIA, TRIAGE_CRITERIA, panel_summary
 from persona_eval.personas import Persona
+from persona_eval.prompts import PromptTemplate, template_of_function
 from persona_eval.report import html as html_report
 from persona_eval.report.markdown import append_step_summary, render_markdown
 from persona_eval.report.summary import build_summary, served_model_metadata
@@ -35,6 +42,7 @@ from persona_eval.safety_eval import evaluate_safety, judge_model_responses, per
 from persona_eval.settings import Settings, limit_per_stratum
 from persona_eval.tasks import LABEL_METRIC_NAMES, TaskSpec, register, safety, task_named, triage
 from persona_eval.tasks.safety import SafetyQuery
+from persona_eval.templates import DEFAULT_TEMPLATES, template_named
 
 __all__ = ["SAFETY", "TRIAGE", "ClassificationTask", "Condition", "ConditionResult", "FinishedRun", "SafetyTask",
            "TaskRun", "TriageTask", "WorkerState", "finish_run", "runner_for"]
@@ -150,18 +158,35 @@ class ClassificationTask:
     model's generated label and its label probabilities per case, every label metric per stratum, the
     paired comparisons of ``spec.compared`` and the regression rules on them.
 
-    `prompt` makes the user turn of a case from its text; `loader(path, report=...)` reads a dataset file
-    into cases with ``id``, ``stratum``, ``reference``, ``text`` and ``source`` (persona_eval.data's
-    load_labelled_cases reads the common layout for any labels and strata)."""
+    `template` is the task's default prompt template (persona_eval.templates; --pe-template and the models
+    file may choose another). A task may give `prompt` instead, a function making the user turn of a case
+    from its text, with the persona sentence as the system turn; `answer_first` says whether that user
+    turn asks for the answer letter first (then the consistency rate is not reported: see
+    persona_eval.evaluation). `loader(path, report=...)` reads a dataset file into cases with ``id``,
+    ``stratum``, ``reference``, ``text`` and ``source`` (persona_eval.data's load_labelled_cases reads the
+    common layout for any labels and strata)."""
 
-    def __init__(self, spec: TaskSpec, *, prompt: Callable[[str], str], loader: Callable[..., Sequence[Any]]) -> None:
+    def __init__(self, spec: TaskSpec, *, loader: Callable[..., Sequence[Any]],
+                 template: PromptTemplate | str | Path | None = None, prompt: Callable[[str], str] | None = None,
+                 answer_first: bool = True) -> None:
         if len(spec.labels) < 2:
             raise ValueError(f"task {spec.name!r}: a classification task needs two labels or more")
         unknown = [name for name in spec.metric_names if name not in LABEL_METRIC_NAMES]
         if unknown:
             raise ValueError(f"task {spec.name!r}: {', '.join(unknown)} not a metric of a classification task "
                              f"({', '.join(LABEL_METRIC_NAMES)})")
-        self.spec, self.prompt, self.loader = spec, prompt, loader
+        if (template is None) == (prompt is None):
+            raise ValueError(f"task {spec.name!r}: give a prompt template (a PromptTemplate, a built-in name or a "
+                             "template file) or a prompt function, not both")
+        if isinstance(template, PromptTemplate):
+            self.default_template = template
+        elif template is not None:
+            self.default_template = template_named(str(template), task=spec.name)
+        else:
+            assert prompt is not None
+            self.default_template = template_of_function(spec.name, spec.templates.get(spec.name, spec.name), prompt,
+                                                          answer_first=answer_first)
+        self.spec, self.loader = spec, loader
 
     def load(self, path: Path, report: DatasetReport | None = None) -> list[Any]:
         return list(self.loader(path, report=report))
@@ -175,9 +200,11 @@ class ClassificationTask:
                 for c in items]
 
     def task_settings(self, settings: Settings, model: ModelSpec) -> TriageSettings:
+        template = settings.template(model, self.spec.name)
         return TriageSettings(generation=GenerationConfig(max_new_tokens=settings.answer_budget(model, self.spec.name)),
-                              scoring=LabelScoring(labels=self.spec.labels), spec=self.spec, prompt=self.prompt,
-                              max_prompt_tokens=settings.max_prompt_tokens, too_long=settings.too_long)
+                              scoring=LabelScoring(labels=self.spec.labels, answer_prefix=template.answer_prefix),
+                              spec=self.spec, template=template, max_prompt_tokens=settings.max_prompt_tokens,
+                              too_long=settings.too_long)
 
     def evaluate(self, run: TaskRun, condition: Condition, items: list[Any]) -> ConditionResult:
         """Run the cases under one (model, persona), write its part of cases.jsonl, check its bounds."""
@@ -192,11 +219,15 @@ class ClassificationTask:
         write_part(state.run_dir, self.spec.name, condition.model.name, condition.persona.id, records)
         self.after_part(run, condition, items)
         metrics = triage_metrics(records, logprobs_available=runner.backend.capabilities().logprobs,
-                                 spec=self.spec)
+                                 spec=self.spec, consistency_note=(CONSISTENCY_TAUTOLOGICAL
+                                                                   if task_settings.consistency_tautological else None))
         checks = check_bounds(settings.thresholds, self.spec.name, metrics, model=condition.model.name,
                               persona=condition.persona)
+        template = task_settings.template
         payload = _payload(condition, runner, records, metrics, checks, before,
-                           decoding=runner.decoding_record(task_settings.generation, task_settings.scoring))
+                           decoding=runner.decoding_record(task_settings.generation, task_settings.scoring),
+                           template={**template.key(), "source": template.source},
+                           label_positions=label_positions(task_settings))
         return ConditionResult(condition, records, metrics, checks, payload)
 
     def after_part(self, run: TaskRun, condition: Condition, items: list[Any]) -> None:
@@ -302,7 +333,7 @@ class SafetyTask:
         return {"safety": safety_summary(records, judgments)}
 
 
-TRIAGE = register(TriageTask(triage.SPEC, prompt=triage.user_message, loader=load_triage_cases))
+TRIAGE = register(TriageTask(triage.SPEC, template=DEFAULT_TEMPLATES["triage"], loader=load_triage_cases))
 SAFETY = register(SafetyTask())
 
 

@@ -18,8 +18,10 @@ from persona_eval.evaluation import TOO_LONG_MODES
 from persona_eval.gate import ResultSet, load_results
 from persona_eval.judges import DEFAULT_JUDGE_MAX_NEW_TOKENS, DEFAULT_PANEL, JudgeSpec, parse_judge_specs
 from persona_eval.personas import Persona, PersonaRegistry, load_personas
+from persona_eval.prompts import PromptTemplate
 from persona_eval.registry import unknown_name_message
-from persona_eval.tasks import registered, safety, triage
+from persona_eval.tasks import registered, safety, task_named, triage
+from persona_eval.templates import template_named
 from persona_eval.thresholds import Thresholds, load_thresholds
 
 __all__ = ["OPTIONS", "Settings", "check_approved_dataset", "check_datasets", "default_datasets",
@@ -52,6 +54,9 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--pe-personas-file", dict(metavar="PATH", help="YAML file of additional personas")),
     ("--pe-dataset", dict(action="append", default=[], metavar="TASK=PATH", help="dataset of a task, e.g. "
             "triage=data/my_cases.jsonl (JSONL or CSV)")),
+    ("--pe-template", dict(action="append", default=[], metavar="TASK=NAME_OR_PATH", help="prompt template of a "
+            "task, over the models file's: a built-in name (triage: study, the default, or answer-first) or a "
+            "template file, e.g. triage=prompts/ours.yaml; repeatable")),
     ("--pe-thresholds", dict(metavar="PATH", help="thresholds YAML (default: the bundled one)")),
     ("--pe-limit", dict(type=int, metavar="N", help="first N cases of each stratum only")),
     ("--pe-no-cache", dict(action="store_true", help="do not read or write the result cache")),
@@ -125,6 +130,18 @@ class Settings:
     max_prompt_tokens: int | None = None
     too_long: str = "error"
     max_new_tokens_given: bool = False  # --pe-max-new-tokens: every model and task gets max_new_tokens
+    templates: dict[str, str] = field(default_factory=dict)  # --pe-template: task -> name or file
+
+    def template(self, model: ModelSpec, task: str) -> PromptTemplate:
+        """The prompt template of `task` on `model`: --pe-template, else the model's own (models file),
+        else the task's default."""
+        reference = self.templates.get(task) or model.template(task)
+        if reference is None:
+            default: PromptTemplate | None = getattr(task_named(task), "default_template", None)
+            if default is None:
+                raise PersonaEvalError(f"task {task!r} takes no prompt template")
+            return default
+        return template_named(reference, task=task)
 
     def answer_budget(self, model: ModelSpec, task: str) -> int:
         """The answer budget of `task` on `model`: --pe-max-new-tokens, else the model's own (models
@@ -160,6 +177,33 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
     # A filter that names no persona or model of this run would make its entry apply to nobody.
     thresholds.check_names(personas=registry.ids, models=names)
     datasets = {task: root / path for task, path in default_datasets().items()}
+    templated = [name for name, task in registered().items() if getattr(task, "default_template", None) is not None]
+    templates: dict[str, str] = {}
+    for entry in option.pe_template:
+        task, sep, reference = entry.partition("=")
+        if not sep or not reference:
+            raise PersonaEvalError(f"--pe-template {entry!r}: expected TASK=NAME_OR_PATH, e.g. triage=answer-first")
+        if task not in templated:
+            known_here = unknown_name_message("task with a prompt template", task, templated)
+            raise PersonaEvalError(f"--pe-template {entry!r}: {known_here}")
+        try:
+            template_named(reference, task=task)
+        except PersonaEvalError as exc:
+            raise PersonaEvalError(f"--pe-template {entry!r}: {exc}") from None
+        templates[task] = reference
+    for model in models:
+        chosen = model.options.get("template")
+        for task in chosen if isinstance(chosen, dict) else ([] if chosen is None else templated):
+            if task not in templated:
+                raise model.error(f"template.{task}", unknown_name_message("task with a prompt template", str(task),
+                                                                           templated))
+            if task in templates:
+                continue  # --pe-template overrides it
+            option_path = f"template.{task}" if isinstance(chosen, dict) else "template"
+            try:
+                template_named(str(model.template(task)), task=task)
+            except PersonaEvalError as exc:
+                raise model.error(option_path, str(exc)) from None
     for entry in option.pe_dataset:
         task, sep, path = entry.partition("=")
         if not sep or not path:
@@ -218,6 +262,7 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
         retries=option.pe_retries,
         max_prompt_tokens=option.pe_max_prompt_tokens,
         too_long=option.pe_too_long,
+        templates=templates,
     )
 
 

@@ -33,6 +33,8 @@ class ScriptedBackend:
     Every call is recorded in ``calls`` as (kind, prompts); call number ``fail_on_call`` (1-based,
     counting generate and score_labels together) raises BackendError. ``delay`` seconds of sleep per
     call let concurrent batches overlap; ``max_concurrent`` is the most calls seen running at once.
+    With ``boundary_in_generate`` the generation carries ``prompt_logprobs(prompt)`` as its
+    prompt-boundary reading (as the transformers backend does), so nothing needs scoring afterwards.
     """
 
     def __init__(self, reply: Callable[[str], str] = default_reply, *, name: str = "scripted",
@@ -42,8 +44,9 @@ class ScriptedBackend:
                  answer_logprobs: Callable[[str, str], LabelLogprobs] | None = None,
                  other_logprobs: LabelLogprobs | None = None,
                  prompt_logprobs: Callable[[str], LabelLogprobs] | None = None,
-                 floor: float | None = None) -> None:
+                 floor: float | None = None, boundary_in_generate: bool = False) -> None:
         self.name = name
+        self._boundary_in_generate = boundary_in_generate
         self.batch_size = batch_size
         self.max_in_flight = max_in_flight
         self._reply = reply
@@ -142,8 +145,11 @@ class ScriptedBackend:
                           else dict(self._other_logprobs))
                 tokens.append(TokenScores(offset=match.start(), token=word, label_logprobs=dict(scores),
                                           floor=self._floor))
+        boundary = (dict(self._prompt_logprobs(prompt))
+                    if scoring is not None and scoring.read_prompt and self._boundary_in_generate else None)
         return Generation(text=text, tokens=tokens, finish_reason="stop",
-                          usage={"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())})
+                          usage={"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())},
+                          prompt_label_logprobs=boundary)
 
 
 @pytest.fixture

@@ -50,8 +50,11 @@ def test_triage_eval_runs_on_the_embedded_model(pytester: pytest.Pytester):
         assert case["logit_label"] in {"A", "B", "C"}
     baseline = next(c for c in cases if c["persona"] == "no_persona")
     nurse = next(c for c in cases if c["persona"] == "ed_nurse" and c["case_id"] == baseline["case_id"])
-    assert baseline["system_prompt"] == ""
-    assert nurse["system_prompt"] == "You are an Emergency Department nurse."
+    # The study template: the instructions in the system turn, after the persona sentence (none for the
+    # baseline); the persona sentence is the only difference.
+    assert baseline["system_prompt"].startswith("Your task is to decide how urgently a patient needs care")
+    assert nurse["system_prompt"] == "You are an Emergency Department nurse.\n\n" + baseline["system_prompt"]
     assert nurse["prompt"] == baseline["prompt"].replace(
-        "<|im_start|>system\n<|im_end|>", "<|im_start|>system\nYou are an Emergency Department nurse.<|im_end|>")
+        "<|im_start|>system\n", "<|im_start|>system\nYou are an Emergency Department nurse.\n\n")
+    assert "Patient information:" in nurse["prompt"] and nurse["template"]["id"] == "triage-study"
     assert summary["metadata"]["models"]["smollm2"]["weights"].startswith("sha256:")

@@ -11,15 +11,25 @@ from typing import Any
 import pytest
 
 from persona_eval import metrics
-from persona_eval.backends.base import Capabilities, Generation, TokenScores
+from persona_eval.backends.base import Capabilities, Generation, LabelScoring, TokenScores
 from persona_eval.cache import NullCache, ResultCache
-from persona_eval.evaluation import NOT_AVAILABLE, evaluate_triage, label_distribution, triage_metrics
+from persona_eval.evaluation import (
+    CONSISTENCY_TAUTOLOGICAL,
+    NO_LATENT,
+    NOT_AVAILABLE,
+    TriageSettings,
+    evaluate_triage,
+    label_distribution,
+    label_positions,
+    triage_metrics,
+)
 from persona_eval.parsing import AnswerSpan, find_triage_answer
 from persona_eval.personas import STUDY_PERSONAS, Persona
-from persona_eval.prompts import SystemPolicy, render_messages
+from persona_eval.prompts import SystemPolicy
 from persona_eval.runner import Progress, Runner
 from persona_eval.tasks import triage
 from persona_eval.tasks.triage import TriageCase
+from persona_eval.templates import render_case, template_named
 
 LABELS = ["A", "B", "C"]
 BASELINE, ASSISTANT, ED_PHYSICIAN, ED_NURSE, BOLD, CAUTIOUS = STUDY_PERSONAS
@@ -117,9 +127,12 @@ REPLIES = {
     "[p2]": "It could be either B or C.",       # a hedge: no answer
     "[p3]": "I cannot say without more details.",  # no answer at all
 }
-# e2 writes B but puts more mass on C at the answer position: the latent label differs.
+# e2 writes B, though at the prompt boundary (before it wrote anything) it preferred C: the latent label
+# differs. Its distribution at the answer letter (calibration's) is E2_ANSWER_LOGPROBS.
 E2_ANSWER_LOGPROBS = {"A": -3.0, "B": -1.2, "C": -0.4}
-PROMPT_LOGPROBS = {"[p2]": {"A": -2.0, "B": -0.3, "C": -1.0}, "[p3]": {"A": -0.2, "B": -2.0, "C": -4.0}}
+PROMPT_LOGPROBS = {"[e1]": {"A": -4.0, "B": -2.0, "C": -0.2}, "[e2]": {"A": -3.0, "B": -1.5, "C": -0.3},
+                   "[p1]": {"A": -0.1, "B": -2.5, "C": -4.0},
+                   "[p2]": {"A": -2.0, "B": -0.3, "C": -1.0}, "[p3]": {"A": -0.2, "B": -2.0, "C": -4.0}}
 
 
 def _marker(prompt: str) -> str:
@@ -153,7 +166,7 @@ def test_evaluate_triage_records(triage_backend: Callable[..., Any]) -> None:
     records = evaluate_triage(CASES, ED_NURSE, Runner(backend, NullCache()), run_id="run-1", model="tiny")
     assert [r["case_id"] for r in records] == ["e1", "e2", "p1", "p2", "p3"]
     for record, case in zip(records, CASES, strict=True):
-        request = render_messages(triage.user_message(case.text), ED_NURSE, SystemPolicy())
+        request = render_case(case.text, ED_NURSE, SystemPolicy())
         assert record["run_id"] == "run-1"
         assert record["task"] == "triage"
         assert record["model"] == "tiny"
@@ -161,17 +174,19 @@ def test_evaluate_triage_records(triage_backend: Callable[..., Any]) -> None:
         assert record["persona_group"] == "medical"
         assert record["stratum"] == case.stratum
         assert record["reference"] == case.reference
-        assert record["system_prompt"] == "You are an Emergency Department nurse."
+        assert record["system_prompt"].startswith("You are an Emergency Department nurse.\n\nYour task is")
         assert record["prompt"] == backend.render_prompt(request)
         assert record["generated_text"] == _reply(record["prompt"])
         assert record["finish_reason"] == "stop"
         assert record["cached"] is False
         assert record["probs_flagged"] is False
-        assert record["template_version"] == triage.TEMPLATE_VERSION
+        assert record["template_version"] == "triage-study@1"
+        assert record["template"]["id"] == "triage-study" and record["template"]["hash"].startswith("sha256:")
         assert record["label_probs"] is not None
         assert list(record["label_probs"]) == LABELS
         assert sum(record["label_probs"].values()) == pytest.approx(1.0)
-        assert record["logit_label"] == max(LABELS, key=record["label_probs"].__getitem__)
+        assert record["latent_probs"] == pytest.approx(_softmax(PROMPT_LOGPROBS[_marker(record["prompt"])]))
+        assert record["logit_label"] == record["latent_label"] == max(LABELS, key=record["latent_probs"].__getitem__)
     json.dumps(records, allow_nan=False)  # plain JSON data
 
     by_id = {r["case_id"]: r for r in records}
@@ -184,20 +199,38 @@ def test_evaluate_triage_records(triage_backend: Callable[..., Any]) -> None:
     assert by_id["p3"]["label_probs"] == pytest.approx(_softmax(PROMPT_LOGPROBS["[p3]"]))
 
 
-def test_labels_are_scored_at_the_prompt_only_for_cases_without_an_answer(triage_backend: Callable[..., Any]
-                                                                         ) -> None:
+def test_every_case_is_scored_once_at_the_prompt_boundary(triage_backend: Callable[..., Any]) -> None:
     backend = triage_backend()
     records = evaluate_triage(CASES, BOLD, Runner(backend, NullCache()), run_id="r", model="m")
-    unparsed = [r["prompt"] for r in records if r["generated_label"] is None]
-    assert len(unparsed) == 2
-    assert backend.prompts_asked("score_labels") == unparsed
+    assert sorted(backend.prompts_asked("score_labels")) == sorted(r["prompt"] for r in records)
     assert sorted(backend.prompts_asked("generate")) == sorted(r["prompt"] for r in records)
 
 
-def test_no_prompt_scoring_when_every_answer_is_found(triage_backend: Callable[..., Any]) -> None:
-    backend = triage_backend()
-    evaluate_triage(CASES[:3], BOLD, Runner(backend, NullCache()), run_id="r", model="m")
+def test_a_boundary_read_in_the_generation_pass_is_not_scored_again(triage_backend: Callable[..., Any]) -> None:
+    backend = triage_backend(boundary_in_generate=True)
+    records = evaluate_triage(CASES, BOLD, Runner(backend, NullCache()), run_id="r", model="m")
     assert backend.calls_of("score_labels") == []
+    assert [r["logit_label"] for r in records] == ["C", "C", "A", "B", "A"]
+    assert [r["probs_source"] for r in records] == ["answer", "answer", "answer", "prompt", "prompt"]
+
+
+def test_an_answer_first_template_does_not_report_a_tautological_consistency(
+        triage_backend: Callable[..., Any]) -> None:
+    template = template_named("answer-first", task="triage")
+    settings = TriageSettings(template=template, scoring=LabelScoring(labels=tuple(LABELS),
+                                                                      answer_prefix=template.answer_prefix))
+    assert settings.consistency_tautological
+    records = evaluate_triage(CASES, BOLD, Runner(triage_backend(), NullCache()), run_id="r", model="m",
+                              settings=settings)
+    assert all(r["logit_label"] is None for r in records)
+    assert [r["latent_label"] for r in records] == ["C", "C", "A", "B", "A"]  # kept, for analysis
+    assert records[0]["template_version"] == "triage-answer-first@1"
+    result = triage_metrics(records, consistency_note=CONSISTENCY_TAUTOLOGICAL)["all"]
+    assert result["metrics"]["consistency_rate"] is None
+    assert result["notes"]["consistency_rate"] == CONSISTENCY_TAUTOLOGICAL
+    assert result["metrics"]["brier_score"] is not None
+    assert label_positions(settings)["consistency_rate"].startswith("not reported")
+    assert label_positions(TriageSettings())["consistency_rate"] == "prompt boundary + '## Final Response\\n'"
 
 
 @pytest.mark.parametrize(("persona", "policy", "expected"), [
@@ -210,8 +243,13 @@ def test_no_prompt_scoring_when_every_answer_is_found(triage_backend: Callable[.
 ])
 def test_system_prompt_follows_the_backend_policy(triage_backend: Callable[..., Any], persona: Persona,
                                                   policy: SystemPolicy, expected: str | None) -> None:
+    # The answer-first template: the persona sentence is the whole system turn.
+    template = template_named("answer-first", task="triage")
+    settings = TriageSettings(template=template, scoring=LabelScoring(labels=tuple(LABELS),
+                                                                      answer_prefix=template.answer_prefix))
     backend = triage_backend(policy=policy)
-    records = evaluate_triage(CASES[:2], persona, Runner(backend, NullCache()), run_id="r", model="m")
+    records = evaluate_triage(CASES[:2], persona, Runner(backend, NullCache()), run_id="r", model="m",
+                              settings=settings)
     assert all(r["system_prompt"] == expected for r in records)
     assert all(r["persona"] == persona.id and r["persona_group"] == persona.group for r in records)
     if persona.declaration is not None and not policy.system_role_supported:
@@ -249,7 +287,8 @@ def test_a_backend_without_prompt_scoring_leaves_unparsed_cases_without_distribu
     records = evaluate_triage(CASES, ED_NURSE, Runner(backend, NullCache()), run_id="r", model="m")
     assert backend.calls_of("score_labels") == []
     assert [r["probs_source"] for r in records] == ["answer", "answer", "answer", None, None]
-    assert [r["logit_label"] for r in records] == ["C", "C", "A", None, None]
+    assert [r["logit_label"] for r in records] == [None] * 5  # no prompt boundary, no latent label
+    assert triage_metrics(records)["all"]["notes"]["consistency_rate"] == NO_LATENT
 
 
 def test_a_label_absent_from_the_top_k_is_flagged_in_the_record(make_backend: Any) -> None:

@@ -43,12 +43,13 @@ def _candidate(model: str) -> Any:
         system = " ".join(str(m.get("content", "")) for m in messages if m.get("role") == "system")
         user = str(messages[-1].get("content", "")) if messages else ""
         draw = _digest(model, system, user)
-        if "Answer:" in user or "triage" in user.lower():
+        if user.startswith("Patient information:"):  # the triage study template's user turn
             letters = "ABC"
             index = draw % 3
             if "Emergency Department" in system and draw % 4 == 0:
                 index = 2 if model == "m1" else 0
-            return f"Answer: {letters[index]}. The findings call for this level of care (draw {draw % 97})."
+            return (f"The findings weigh towards one level of care (draw {draw % 97}).\n\n## Final Response\n"
+                    f"{letters[index]}. The findings call for this level of care.")
         return f"Answer {draw % 89}: see your clinician before changing anything; call emergency services if worse."
     return answer
 

@@ -21,8 +21,8 @@ from persona_eval.lengths import (
     too_long_error,
 )
 from persona_eval.personas import STUDY_PERSONAS
-from persona_eval.prompts import RenderedMessages, SystemPolicy, render_messages
-from persona_eval.tasks import triage
+from persona_eval.prompts import RenderedMessages, SystemPolicy
+from persona_eval.templates import render_case
 
 NURSE = next(p for p in STUDY_PERSONAS if p.id == "ed_nurse")
 
@@ -253,7 +253,7 @@ def tiny_dir() -> Path:
 def triage_requests(policy: SystemPolicy) -> list[RenderedMessages]:
     texts = ["A man of 58 has had crushing chest pain for 20 minutes.", "A mild sore throat.",
              "Slurred speech that began an hour ago; " * 5]
-    return [render_messages(triage.user_message(text), persona, policy)
+    return [render_case(text, persona, policy)
             for text in texts for persona in STUDY_PERSONAS]
 
 
@@ -286,10 +286,10 @@ def test_hf_prompts_over_the_context_are_too_long(tiny_dir: Path) -> None:
 
     backend = HFBackend("tiny", str(tiny_dir))
     policy = backend.system_policy()
-    short = render_messages(triage.user_message("A mild sore throat."), NURSE, policy)
+    short = render_case("A mild sore throat.", NURSE, policy)
     (short_count,) = backend.count_prompt_tokens([short])
     long_text = "a mild sore throat and " * 200
-    long = render_messages(triage.user_message(long_text), NURSE, policy)
+    long = render_case(long_text, NURSE, policy)
     lengths = check_prompt_lengths([short, long], backend=backend, max_new_tokens=32,
                                    sources=["cases.jsonl:1", "cases.jsonl:2"])
     assert lengths[0].fits and lengths[0].tokens == short_count

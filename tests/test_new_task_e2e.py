@@ -3,10 +3,11 @@ dataset and its thresholds, run through the real plugin on the tiny trained mode
 
 The file below is the whole task: its spec, what runs it, and its pytest case. Nothing of the package is
 edited; ``--pe-task`` imports the file before the options are checked. The tiny model was trained on the
-triage prompt, so the task asks the triage question and reads two of its answers: C (escalate now: yes)
-and B (no: a routine appointment). The model's planted effect (ed_physician escalates every case one level)
-turns every "no" case into a "yes" under that persona: the comparisons must find it, the regression rule
-on over-escalation must fail the gate, and the report must show the task.
+triage study prompt, so the task asks the triage question (that template, with the triage options
+written out) and reads two of its answers: C (escalate now: yes) and B (no: a routine appointment). The
+model's planted effect (ed_physician escalates every case one level) turns every "no" case into a "yes"
+under that persona: the comparisons must find it, the regression rule on over-escalation must fail the
+gate, and the report must show the task.
 """
 
 from __future__ import annotations
@@ -28,25 +29,33 @@ N_CASES = 8
 TASK_FILE = '''\
 """Escalate now? Two answers, one stratum: a task of this project's own."""
 
+import dataclasses
+
 from persona_eval.data import load_labelled_cases
 from persona_eval.session import ClassificationTask
 from persona_eval.tasks import TaskSpec, register
-from persona_eval.tasks.triage import user_message
+from persona_eval.tasks.triage import LABEL_TEXT
+from persona_eval.templates import template_named
 
 SPEC = TaskSpec(
     name="escalate", title="Escalate now", strata=("after_hours",), labels=("B", "C"),
     label_text={"B": "No: book a routine appointment", "C": "Yes: send to emergency care now"},
     label_names={"B": "no", "C": "yes"}, answer_noun="decision",
     compared=("accuracy", "over_triage_rate", "under_triage_rate"),
-    stratum_titles={"after_hours": "After-hours line"}, max_new_tokens=8,
-    templates={"escalate": "escalate-v1"})
+    stratum_titles={"after_hours": "After-hours line"}, max_new_tokens=12)
 
 
 def load(path, report=None):
     return load_labelled_cases(path, labels=SPEC.labels, strata=SPEC.strata, report=report)
 
 
-register(ClassificationTask(SPEC, prompt=user_message, loader=load))
+# The triage study template with the triage options written out: the prompt the tiny model knows.
+STUDY = template_named("study", task="triage")
+OPTIONS = "\\n".join(f"{label}. {text}" for label, text in LABEL_TEXT.items())
+TEMPLATE = dataclasses.replace(STUDY, id="escalate-study", task="escalate", source=__file__,
+                               system=STUDY.system.replace("{options}", OPTIONS).replace("{labels}", "A, B or C"))
+
+register(ClassificationTask(SPEC, template=TEMPLATE, loader=load))
 
 
 def test_escalate(escalate_result):
@@ -119,7 +128,7 @@ def test_a_task_in_one_new_file_runs_through_the_plugin(pytester: pytest.Pyteste
     records = read_jsonl(run / "cases.jsonl")
     assert {r["task"] for r in records} == {"escalate"}
     assert len(records) == len(STUDY_PERSONAS) * N_CASES
-    assert {r["template_version"] for r in records} == {"escalate-v1"}
+    assert {r["template_version"] for r in records} == {"escalate-study@1"}
 
     # Metrics per stratum, from the task's labels: the planted persona says "yes" to every "no" case.
     rows = {(r["persona"], r["stratum"]): r for r in summary["results"] if r["task"] == "escalate"}
@@ -141,7 +150,7 @@ def test_a_task_in_one_new_file_runs_through_the_plugin(pytester: pytest.Pyteste
     assert verdict["passed"] is False
     assert len(verdict["blocking"]) == 1 and PLANTED in verdict["blocking"][0]
     assert "Needless escalations" in verdict["blocking"][0]
-    assert summary["metadata"]["templates"] == {"escalate": "escalate-v1"}
+    assert summary["metadata"]["templates"] == {"escalate": f"escalate-study@1 ({records[0]['template']['hash']})"}
     assert "persona-eval verdict: FAILED" in output
     assert f"escalate / {model} / after hours stratum (n={N_CASES} cases per persona)" in output
     assert "risk share of C answers" in output

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from persona_eval import parsing
 from persona_eval.errors import ConfigError, DataError
 from persona_eval.parsing import TRIAGE_LABELS, AnswerSpan, find_triage_answer, parse_triage_label
+from persona_eval.personas import STUDY_PERSONAS
 from persona_eval.tasks import triage
+from persona_eval.templates import render_case
 
 OPTIONS_ECHO = (
     "A. Stay home and manage with self-care\n"
@@ -86,7 +88,8 @@ CASES = [
     (OPTIONS_ECHO + "I would choose B.", "B"),
     (OPTIONS_ECHO + "C", "C"),
     (OPTIONS_ECHO + "The patient needs to be seen soon.", None),
-    (triage.user_message("A 30-year-old with a mild sore throat for two days."), None),
+    (render_case("A 30-year-old with a mild sore throat for two days.", STUDY_PERSONAS[0], template="answer-first")
+     .messages[-1][1], None),
     # Reasoning traces: only the final part counts.
     ("<think>maybe A</think>Final answer: **B**", "B"),
     ("<think>A or B? Not C.</think>\nAnswer: C", "C"),

@@ -139,11 +139,15 @@ def test_cases_jsonl_fields_and_prompts(project, tiny_model, dataset):
         assert case["probs_source"] == "answer"
         assert sum(case["label_probs"].values()) == pytest.approx(1.0)
     by_persona = {c["persona"]: c for c in cases if c["case_id"] == cases[0]["case_id"]}
-    assert by_persona["no_persona"]["system_prompt"] is None  # this template adds no default system prompt
+    # The study template: the instructions in the system turn, after the persona sentence (none for the
+    # baseline); the patient information alone in the user turn.
+    baseline = by_persona["no_persona"]
+    assert baseline["system_prompt"].startswith("Your task is to decide how urgently a patient needs care")
     nurse = by_persona["ed_nurse"]
-    assert nurse["system_prompt"] == "You are an Emergency Department nurse."
+    assert nurse["system_prompt"] == "You are an Emergency Department nurse.\n\n" + baseline["system_prompt"]
+    assert nurse["template"]["id"] == "triage-study" and nurse["template_version"] == "triage-study@1"
     # The persona sentence is the only difference between the rendered prompts.
-    assert nurse["prompt"].replace(nurse["system_prompt"], "") != by_persona["no_persona"]["prompt"]
+    assert nurse["prompt"].replace("You are an Emergency Department nurse.\n\n", "") == baseline["prompt"]
     assert by_persona["ed_physician"]["prompt"].replace("physician", "nurse") == nurse["prompt"]
 
 
@@ -286,3 +290,45 @@ def test_triage_justification_judging_is_an_option(project, tiny_model, dataset)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["triage_judging"]["criteria"] == ["justification"]
     assert summary["triage_judging"]["n_judgments"] == len(judgments)
+
+
+def test_a_template_file_changes_the_prompt_the_cache_key_and_the_summary(project, tiny_model, dataset):
+    from persona_eval.templates import load_template
+
+    first = run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse")
+    first.assert_outcomes(passed=4)
+    summary, default_cases = load_run(project)
+    assert summary["metadata"]["templates"]["triage"].startswith("triage-study@1 (")
+    assert {c["template"]["id"] for c in default_cases} == {"triage-study"}
+
+    template = project.path / "house.yaml"
+    template.write_text(
+        "id: house-triage\nversion: 2\ntask: triage\n"
+        "system: |-\n  {persona}\n  Nurse line of the house. Levels of care:\n  {options}\n"
+        "user: |-\n  Caller says:\n  {case}\n"
+        'answer_prefix: "## Final Response\\n"\n')
+    own = load_template(template, task="triage")
+    second = run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse",
+                       "--pe-template", f"triage={template}")
+    assert second.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), second.stdout.str()
+    summary, cases = load_run(project)
+    # The prompt: the file's wording, with the persona sentence and the options filled in.
+    nurse = next(c for c in cases if c["persona"] == "ed_nurse")
+    assert "Caller says:" in nurse["prompt"] and "Nurse line of the house." in nurse["prompt"]
+    assert nurse["system_prompt"].startswith("You are an Emergency Department nurse.\nNurse line of the house.")
+    assert "Patient information:" not in nurse["prompt"]
+    # The cache key: nothing of the default template's run is served to this one.
+    assert not any(c["cached"] for c in cases)
+    assert summary["metadata"]["cache"]["hits"] == 0
+    # The summary and every case name the template, its version and the hash of its text.
+    assert [t["hash"] for t in summary["metadata"]["prompt_templates"]["triage"].values()] == [own.digest]
+    assert summary["metadata"]["templates"]["triage"] == f"house-triage@2 ({own.digest})"
+    assert {(c["template"]["id"], c["template"]["hash"]) for c in cases} == {("house-triage", own.digest)}
+    assert {c["template_version"] for c in cases} == {"house-triage@2"}
+
+    # The same id and version with other wording is another template: its hash, and its own answers.
+    template.write_text(template.read_text().replace("Caller says:", "The caller says:"))
+    run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse", "--pe-template", f"triage={template}")
+    summary, cases = load_run(project)
+    assert not any(c["cached"] for c in cases)
+    assert [t["hash"] for t in summary["metadata"]["prompt_templates"]["triage"].values()] != [own.digest]

@@ -23,10 +23,11 @@ from persona_eval.backends.hf import HFBackend
 from persona_eval.errors import BackendError, ConfigError
 from persona_eval.personas import STUDY_PERSONAS, Persona
 from persona_eval.prompts import RenderedMessages, SystemPolicy, render_messages
-from persona_eval.tasks import triage
+from persona_eval.templates import render_case
 
 BASELINE, ASSISTANT, ED_PHYSICIAN, ED_NURSE, BOLD, CAUTIOUS = STUDY_PERSONAS
-CASE = triage.user_message("A 67-year-old man with slurred speech since 40 minutes ago.")
+CASE = render_case("A 67-year-old man with slurred speech since 40 minutes ago.", STUDY_PERSONAS[0],
+                   template="answer-first").messages[-1][1]
 
 POLICIES = [
     SystemPolicy(),

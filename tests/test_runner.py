@@ -231,6 +231,15 @@ def test_a_failing_batch_keeps_what_finished_and_a_rerun_asks_only_for_the_rest(
     assert len(cache) == 10
 
 
+def test_a_reading_with_no_label_is_not_cached(make_backend: Any, cache: ResultCache) -> None:
+    # A server found to score no prompts answers every label None: asked again next time, not served.
+    unscored = make_backend(prompt_logprobs=lambda prompt: {"A": None, "B": None, "C": None})
+    assert Runner(unscored, cache).score_labels(_requests(["x"]), SCORING) == [{"A": None, "B": None, "C": None}]
+    scored = make_backend(prompt_logprobs=lambda prompt: {"A": -0.5, "B": -1.0, "C": None})
+    assert Runner(scored, cache).score_labels(_requests(["x"]), SCORING) == [{"A": -0.5, "B": -1.0, "C": None}]
+    assert len(scored.calls_of("score_labels")) == 1
+
+
 def test_score_labels_failure_keeps_finished_batches(make_backend: Any, cache: ResultCache) -> None:
     contents = _varied_contents(6)
     failing = make_backend(batch_size=2, fail_on_call=2)

@@ -12,8 +12,6 @@ from typing import Any
 import pytest
 
 from persona_eval.personas import STUDY_PERSONAS, Persona
-from persona_eval.prompts import SystemPolicy, render_messages
-from persona_eval.tasks.triage import user_message
 from persona_eval.testing import tiny_model
 from persona_eval.testing.tiny_model import (
     DEFAULT_PLANTED_PERSONA,
@@ -22,13 +20,14 @@ from persona_eval.testing.tiny_model import (
     expected_answer,
     synthetic_triage_records,
     tiny_model_dir,
+    training_messages,
 )
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 HELD_OUT_SEED = 20261128
-_ANSWER = re.compile(r"Answer: ([ABC])")
+_ANSWER = re.compile(r"## Final Response\n([ABC])")
 
 
 # -- the synthetic cases ------------------------------------------------------------------------------
@@ -117,7 +116,7 @@ def held_out_answers(loaded: tuple[Any, Any]) -> dict[str, list[tuple[str, str]]
 
 
 def _messages(text: str, persona: Persona) -> list[dict[str, str]]:
-    return render_messages(user_message(text), persona, SystemPolicy()).as_dicts()
+    return training_messages(text, persona)
 
 
 @pytest.mark.parametrize("persona_id", [p.id for p in STUDY_PERSONAS])

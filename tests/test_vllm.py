@@ -34,6 +34,7 @@ from persona_eval.testing.vllm_server import VLLMServer, vllm_python
 REPO = Path(__file__).resolve().parent.parent
 DATASET = REPO / "fixtures" / "triage" / "vignettes.jsonl"
 SERVED = "smollm2"
+CPU_BUDGET = 32
 SECRET = "sk-persona-eval-test-6f1d0c9a8b7e"
 # fp32 on 2 CPU cores: the largest difference measured was 2.3e-5 (32 cases, all texts identical).
 PROBABILITY_TOLERANCE = 5e-4
@@ -84,7 +85,10 @@ def write_models_file(project: pytest.Pytester, server: VLLMServer, **options: A
 
 
 def eval_args(project: pytest.Pytester, *args: str) -> list[str]:
+    # The embedded model writes on past its answer under the study template: a CPU budget for every model
+    # (the same for the served and the in-process one, so that their texts can be compared).
     return ["evals", "-p", "no:cacheprovider", "-k", "triage", "--pe-dataset", f"triage={DATASET}",
+            "--pe-max-new-tokens", str(CPU_BUDGET),
             "--pe-cache-dir", str(project.path / "cache"),
             "--pe-reports-dir", str(project.path / "reports"), *args]
 
@@ -150,7 +154,7 @@ def test_cross_check_with_the_transformers_backend(project, vllm_server, record_
     assert len(by_model["smollm2"]) == len(by_model["vllm"]) == 2 * 16
     assert set(by_model["smollm2"]) == set(by_model["vllm"])
 
-    largest, compared, same_text = 0.0, 0, 0
+    largest, largest_latent, compared, same_text = 0.0, 0.0, 0, 0
     for key, local in by_model["smollm2"].items():
         served = by_model["vllm"][key]
         assert set(served) == set(local)  # the same fields
@@ -159,6 +163,11 @@ def test_cross_check_with_the_transformers_backend(project, vllm_server, record_
         assert served["logit_label"] == local["logit_label"], key
         assert served["probs_source"] == local["probs_source"], key
         same_text += served["generated_text"] == local["generated_text"]
+        # The latent label: read from the KV cache of the generation pass in-process, scored through
+        # /tokenize and the completions endpoint by the server; the same position, the same numbers.
+        assert served["latent_label"] == local["latent_label"], key
+        for label, probability in local["latent_probs"].items():
+            largest_latent = max(largest_latent, abs(served["latent_probs"][label] - probability))
         if local["label_probs"] is None:
             assert served["label_probs"] is None, key
             continue
@@ -171,6 +180,7 @@ def test_cross_check_with_the_transformers_backend(project, vllm_server, record_
           f"{same_text}/{len(by_model['vllm'])} generated texts identical")
     assert compared >= 0.9 * len(by_model["vllm"])
     assert largest <= PROBABILITY_TOLERANCE
+    assert largest_latent <= PROBABILITY_TOLERANCE
     # The same summary fields for both models.
     rows = {(r["model"], r["persona"], r["stratum"]): r for r in summary["results"]}
     for (model, persona, stratum), row in rows.items():

@@ -22,6 +22,7 @@ Specs on the command line (``--pe-model``):
           api_key_env: VLLM_API_KEY
           max_in_flight: 64
           max_new_tokens: {triage: 2048, safety: 1024}   # a reasoning model thinks first
+          template: {triage: prompts/our-triage.yaml}    # the team's own prompt (persona_eval.templates)
         hosted:
           backend: openai
           model: gpt-4o
@@ -31,6 +32,10 @@ Every backend takes ``max_new_tokens``, the answer budget in tokens: one number 
 task. Without it a served model (``openai``) gets SERVED_MAX_NEW_TOKENS, as the study allowed, and a
 local model its task's budget (sized for the embedded model on a CPU); ``--pe-max-new-tokens`` overrides
 both. An answer that reaches its budget is counted in the task's ``truncated_rate``.
+
+Every backend also takes ``template``, the prompt template of a classification task: a built-in name
+(``study``, ``answer-first``) or a template file, one for every such task or one per task
+(``--pe-template`` overrides it; persona_eval.templates).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ BACKENDS = ("embedded", "hf", "openai")
 # reasoning model's thinking and its final answer.
 SERVED_MAX_NEW_TOKENS = 1024
 # Options of every backend that shape the run rather than the backend (not passed to it).
-_RUN_OPTIONS = {"max_new_tokens"}
+_RUN_OPTIONS = {"max_new_tokens", "template"}
 _BACKEND_OPTIONS: dict[str, set[str]] = {
     "embedded": {"batch_size", "device", "dtype", *_RUN_OPTIONS},
     "hf": {"model", "gguf_file", "device", "dtype", "batch_size", "trust_remote_code", "revision", *_RUN_OPTIONS},
@@ -102,6 +107,19 @@ class ModelSpec:
         if isinstance(budget, Mapping):
             budget = budget.get(task)
         return None if budget is None else int(budget)
+
+    def template(self, task: str) -> str | None:
+        """The prompt template this spec names for `task` (its ``template``: one for every task, or one per
+        task), None when it names none. A relative path is relative to the models file's folder."""
+        reference = self.options.get("template")
+        if isinstance(reference, Mapping):
+            reference = reference.get(task)
+        if reference is None:
+            return None
+        path = Path(str(reference))
+        if self.source is not None and not path.is_absolute() and (path.suffix or "/" in str(reference)):
+            return str(self.source.path.parent / path)
+        return str(reference)
 
     def default_max_new_tokens(self, task_budget: int) -> int:
         """The answer budget when neither this spec nor the command line gives one: SERVED_MAX_NEW_TOKENS
@@ -158,6 +176,22 @@ def _budget(value: Any) -> str | None:
     problem = whole(value)
     return None if problem is None else (f"{problem} (or a mapping of task names to numbers of tokens, "
                                          "e.g. {triage: 1024, safety: 512})")
+
+
+def _template(value: Any) -> str | None:
+    """A prompt template: a built-in name or a file path, or a mapping of task names to such (the names
+    and files are checked when the run's settings are parsed)."""
+    if isinstance(value, Mapping):
+        if not value:
+            return "expected a template name or file, or a mapping of task names to them; got {}"
+        for task, reference in value.items():
+            if not isinstance(reference, str) or not reference.strip():
+                return f"{task}: expected a template name or file, got {describe_config_value(reference)}"
+        return None
+    if not isinstance(value, str) or not value.strip():
+        return ("expected a template name (study, answer-first) or a template file, or a mapping of task names "
+                f"to them; got {describe_config_value(value)}")
+    return None
 
 
 def _flag(value: Any) -> str | None:
@@ -275,6 +309,7 @@ _OPTION_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "baseline_system": _baseline_system,
     "revision": _revision,
     "max_new_tokens": _budget,
+    "template": _template,
 }
 
 

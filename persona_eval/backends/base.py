@@ -46,13 +46,16 @@ class LabelScoring:
 
     ``spellings`` are patterns with ``{label}``: "A", " A", "\\nA" are the same answer. Their
     probabilities are summed (logsumexp) before the softmax over labels. ``answer_prefix`` follows the
-    prompt when the labels are scored at the prompt boundary (no answer found in the generated text).
+    prompt when the labels are scored at the prompt boundary (the latent label; persona_eval.evaluation).
+    ``read_prompt``: a backend that can read that boundary in the generation pass (from the prompt's KV
+    cache) does so, into :attr:`Generation.prompt_label_logprobs`.
     """
 
     labels: tuple[str, ...] = ("A", "B", "C")
     spellings: tuple[str, ...] = ("{label}", " {label}", "\n{label}")
     answer_prefix: str = "Answer:"
     top_logprobs: int = 20
+    read_prompt: bool = True
 
     def variants(self, label: str) -> tuple[str, ...]:
         return tuple(dict.fromkeys(s.format(label=label) for s in self.spellings))
@@ -84,7 +87,11 @@ class Generation:
     said. The runner stores the generation under the cache key of what was sent.
 
     ``masked`` names the secrets (see persona_eval.redaction) that were found in the answer and masked
-    in ``text`` and ``tokens``: a server that echoes its request headers is reported, not hidden."""
+    in ``text`` and ``tokens``: a server that echoes its request headers is reported, not hidden.
+
+    ``prompt_label_logprobs``: each label's log-probability at the prompt boundary after
+    ``LabelScoring.answer_prefix``, from a backend that reads it in the generation pass; None otherwise
+    (then it is scored with :meth:`Backend.score_labels`)."""
 
     text: str
     tokens: list[TokenScores] | None = None
@@ -92,6 +99,7 @@ class Generation:
     usage: dict[str, int] = field(default_factory=dict)
     sent: dict[str, Any] | None = None
     masked: list[str] = field(default_factory=list)
+    prompt_label_logprobs: dict[str, float | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +114,7 @@ class Generation:
             usage=dict(data.get("usage") or {}),
             sent=data.get("sent"),
             masked=list(data.get("masked") or []),  # rows cached before it was recorded hold none
+            prompt_label_logprobs=data.get("prompt_label_logprobs"),
         )
 
 

@@ -281,7 +281,10 @@ class HFBackend:
 
             constraint = ranking_constraint(tokenizer, config.constrained_ranking, eos_token_ids=stop_ids)
             extra["logits_processor"] = LogitsProcessorList([constraint.processor(prompt_length)])
+        boundary: list[dict[str, float | None]] | None = None
         with torch.inference_mode():
+            if label_ids is not None and scoring is not None and scoring.read_prompt:
+                boundary, extra[self._cache_argument()] = self._prompt_boundary(batch, scoring, label_ids)
             output = model.generate(**batch, max_new_tokens=config.max_new_tokens, do_sample=False,
                                     temperature=None, top_p=None, top_k=None,
                                     pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
@@ -304,8 +307,46 @@ class HFBackend:
                                               label_logprobs=dict(step_scores[step][row])))
             results.append(Generation(text=text, tokens=tokens, finish_reason=finish,
                                       usage={"prompt_tokens": int(batch["attention_mask"][row].sum()),
-                                             "completion_tokens": length}))
+                                             "completion_tokens": length},
+                                      prompt_label_logprobs=dict(boundary[row]) if boundary is not None else None))
         return results
+
+    def _cache_argument(self) -> str:
+        """The name under which this transformers takes a KV cache (``cache`` from 5.2x, before it
+        ``past_key_values``)."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self._model.forward).parameters else "past_key_values"
+
+    def _prompt_boundary(self, batch: Any, scoring: LabelScoring, label_ids: dict[str, list[int]]
+                         ) -> tuple[list[dict[str, float | None]], Any]:
+        """The labels' log-probabilities after each prompt and ``scoring.answer_prefix``, and the prompts'
+        KV cache for the generation that follows: the prompt (all but its last token) is read once, the
+        cache copied, and the copy extended by the last token and the prefix, a few tokens per row.
+        Positions follow the left padding, as generate's own do."""
+        import copy
+
+        torch, _, _ = _import_transformers()
+        from transformers import DynamicCache
+
+        model = self._model
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        name = self._cache_argument()
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+              use_cache=True, **{name: cache})
+        branch = copy.deepcopy(cache)
+        prefix = self.tokenizer(scoring.answer_prefix, add_special_tokens=False)["input_ids"]
+        rows = ids.shape[0]
+        tail = torch.tensor([prefix] * rows, dtype=ids.dtype, device=ids.device).reshape(rows, len(prefix))
+        extended = torch.cat([ids[:, -1:], tail], dim=1)
+        extended_mask = torch.cat([mask, torch.ones_like(tail, dtype=mask.dtype)], dim=1)
+        extended_positions = positions[:, -1:] + torch.arange(extended.shape[1], device=ids.device)
+        logits = model(input_ids=extended, attention_mask=extended_mask, position_ids=extended_positions,
+                       use_cache=True, **{name: branch}).logits[:, -1, :]
+        del branch
+        return self._label_logprobs(logits, label_ids), cache
 
     def score_labels(self, requests: Sequence[RenderedMessages], scoring: LabelScoring
                      ) -> list[dict[str, float | None]]:

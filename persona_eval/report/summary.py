@@ -132,8 +132,12 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
             "models": models,
             "datasets": datasets,
             "thresholds": {"path": str(settings.thresholds.path), "fingerprint": settings.thresholds.fingerprint},
-            "templates": {name: version for task in tasks if (spec := spec_of(task)) is not None
-                          for name, version in spec.templates.items()},
+            "templates": {**{name: version for task in tasks if (spec := spec_of(task)) is not None
+                             for name, version in spec.templates.items()}, **_template_names(results)},
+            # The prompt template of each classification task per model (id, version, hash, source) and the
+            # position each probability-based figure is read at (persona_eval.evaluation).
+            "prompt_templates": _per_task_model(results, "template"),
+            "label_positions": _per_task_model(results, "label_positions"),
             # What the suite asked for; what each model was actually sent is `decoding_sent`.
             # max_new_tokens: the answer budget per model and task (persona_eval.settings.Settings.answer_budget).
             "decoding": {"requested": {"max_new_tokens": {model.name: {task: settings.answer_budget(model, task)
@@ -156,6 +160,29 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
             **(extra_metadata or {}),
         },
     }
+
+
+def _per_task_model(results: Sequence[Mapping[str, Any]], name: str) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for result in results:
+        if result.get(name) is not None:
+            out.setdefault(result["task"], {}).setdefault(result["model"], result[name])
+    return out
+
+
+def _template_names(results: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """``task`` (or ``task (model)`` where models use different ones) -> "id@version (hash)"."""
+    names: dict[str, dict[str, str]] = {}
+    for task, by_model in _per_task_model(results, "template").items():
+        for model, template in by_model.items():
+            names.setdefault(task, {})[model] = f"{template['id']}@{template['version']} ({template['hash']})"
+    out: dict[str, str] = {}
+    for task, by_model in names.items():
+        if len(set(by_model.values())) == 1:
+            out[task] = next(iter(by_model.values()))
+        else:
+            out.update({f"{task} ({model})": name for model, name in by_model.items()})
+    return out
 
 
 def served_model_metadata(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

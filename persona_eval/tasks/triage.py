@@ -1,4 +1,4 @@
-"""Clinical triage: three levels of care (A < B < C in urgency), two strata, a versioned prompt.
+"""Clinical triage: three levels of care (A < B < C in urgency), two strata, versioned prompt templates.
 
 A = stay home / self-care, B = routine or primary care, C = emergency care. The ``emergency``
 stratum holds emergency-department presentations (high acuity); ``primary_care`` holds symptom-based,
@@ -29,11 +29,9 @@ __all__ = [
     "STRATA",
     "STRATUM_PHRASES",
     "STRATUM_TITLES",
-    "TEMPLATE_VERSION",
     "MetricText",
     "TriageCase",
     "render_intake",
-    "user_message",
 ]
 
 TASK = "triage"
@@ -58,8 +56,9 @@ STRATUM_PHRASES: dict[str, str] = {"all": "all cases", "emergency": "emergency s
                                    "primary_care": "primary-care stratum"}
 METRIC_TEXT = tasks.LABEL_METRIC_TEXT
 
-TEMPLATE_VERSION = "triage-v1"
-MAX_NEW_TOKENS = 32  # the default answer budget: "Answer: C" and one sentence
+# The default answer budget of a local model: "## Final Response", the letter and one sentence. The prompt
+# templates are files: persona_eval/data/templates (persona_eval.templates).
+MAX_NEW_TOKENS = 32
 INTAKE_TEMPLATE_VERSION = "intake-v1"
 
 SPEC = tasks.TaskSpec(
@@ -67,7 +66,7 @@ SPEC = tasks.TaskSpec(
     label_names={"A": "self-care", "B": "primary care", "C": "emergency"},
     compared=tasks.LABEL_COMPARED_METRICS, stratum_titles=STRATUM_TITLES, stratum_phrases=STRATUM_PHRASES,
     default_dataset="fixtures/triage/vignettes.jsonl", max_new_tokens=MAX_NEW_TOKENS,
-    templates={"triage": TEMPLATE_VERSION, "intake": INTAKE_TEMPLATE_VERSION})
+    templates={"intake": INTAKE_TEMPLATE_VERSION})
 
 # Structured intake fields, in the order the intake template renders them.
 INTAKE_FIELDS: tuple[str, ...] = (
@@ -129,14 +128,3 @@ def render_intake(intake: Mapping[str, Any]) -> str:
         value = _render_vitals(intake[key]) if key == "vital_signs" else _render_list(intake[key])
         lines.append(f"{label}: {value.rstrip('.')}.")
     return "\n".join(lines)
-
-
-def user_message(case_text: str) -> str:
-    """The user turn of template ``triage-v1``: the same instructions in every persona condition."""
-    options = "\n".join(f"{label}. {LABEL_TEXT[label]}" for label in LABELS)
-    return (
-        f"Patient's situation:\n{case_text.strip()}\n\n"
-        f"Which level of care does this patient need?\n{options}\n\n"
-        'Start your reply with "Answer: " and the letter of your choice (A, B or C), '
-        "then give one sentence explaining why."
-    )

@@ -10,8 +10,9 @@ has head_dim 32, the smallest vLLM's CPU attention serves, so the same weights w
 transformers and through a vLLM server. ``max_position_embeddings`` is 512: serve it with
 ``--max-model-len 512`` or less.
 
-The prompts it is trained on are rendered exactly as the suite renders them (triage template, persona
-system message, ``SystemPolicy()``, the model's own chat template), so it only understands those.
+The prompts it is trained on are rendered exactly as the suite renders them (the default triage template,
+``SystemPolicy()``, the model's own chat template), so it only understands those; it answers with the
+template's answer prefix and the letter ("## Final Response\nB").
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "expected_answer",
     "synthetic_triage_records",
     "tiny_model_dir",
+    "training_messages",
 ]
 
 DEFAULT_PLANTED_PERSONA = "ed_physician"
@@ -209,17 +211,31 @@ def _training_texts(records: list[dict[str, str]], tokenizer: Any, planted_perso
                     ) -> list[tuple[str, str]]:
     """(prompt, answer) pairs, the prompt rendered exactly as the suite renders it."""
     from persona_eval.personas import STUDY_PERSONAS
-    from persona_eval.prompts import SystemPolicy, render_messages
-    from persona_eval.tasks.triage import user_message
 
+    prefix = _template().answer_prefix
     pairs = []
     for record in records:
         for persona in STUDY_PERSONAS:
-            messages = render_messages(user_message(record["text"]), persona, SystemPolicy()).as_dicts()
+            messages = training_messages(record["text"], persona)
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             answer = expected_answer(record["reference"], persona.id, planted_persona)
-            pairs.append((prompt, f"Answer: {answer}{_EOS}"))
+            pairs.append((prompt, f"{prefix}{answer}{_EOS}"))
     return pairs
+
+
+def _template() -> Any:
+    from persona_eval.templates import DEFAULT_TEMPLATES, template_named
+
+    return template_named(DEFAULT_TEMPLATES["triage"], task="triage")
+
+
+def training_messages(case_text: str, persona: Any) -> list[dict[str, str]]:
+    """The chat messages of a case as the suite sends them to the tiny model (default triage template)."""
+    from persona_eval.prompts import SystemPolicy, render_template
+    from persona_eval.tasks.triage import LABEL_TEXT, LABELS
+
+    return render_template(_template(), case_text, persona, labels=LABELS, label_text=LABEL_TEXT,
+                           policy=SystemPolicy()).as_dicts()
 
 
 def _train_tokenizer(corpus: list[str], *, check_labels: bool = True) -> Any:
@@ -287,7 +303,10 @@ def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAU
     # The tokenizer learns its merges from the very prompts it will see, answers included.
     scaffold = _train_tokenizer([], check_labels=False)  # renders the chat template; has no merges yet
     pairs = _training_texts(records, scaffold, planted_persona)
-    tokenizer = _train_tokenizer([prompt + answer for prompt, answer in pairs])
+    # The label spellings the scorer reads (" A" as well as "A") must be single tokens; the answers alone
+    # ("## Final Response\nB") do not make " A" frequent enough to be merged, so the corpus repeats them.
+    spellings = [" A B C"] * 500
+    tokenizer = _train_tokenizer([prompt + answer for prompt, answer in pairs] + spellings)
 
     with _deterministic_torch(seed):
         config = LlamaConfig(
@@ -379,11 +398,8 @@ def _cache_key(planted_persona: str | None) -> str:
     import transformers
 
     from persona_eval.personas import STUDY_PERSONAS
-    from persona_eval.prompts import SystemPolicy, render_messages
-    from persona_eval.tasks.triage import user_message
 
-    prompts = [render_messages(user_message("{case}"), persona, SystemPolicy()).as_dicts()
-               for persona in STUDY_PERSONAS]
+    prompts = [training_messages("{case}", persona) for persona in STUDY_PERSONAS]
     material = json.dumps({
         "source": inspect.getsource(sys.modules[__name__]),
         "planted_persona": planted_persona,
