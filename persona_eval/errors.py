@@ -34,21 +34,28 @@ class ConfigError(PersonaEvalError):
 
 
 class DataError(PersonaEvalError):
-    """A dataset that cannot be used as it is: malformed line, missing field, bad label, duplicate id."""
+    """A dataset that cannot be used as it is: malformed line, missing field, bad label, duplicate id.
+
+    The message starts with where: ``path:line`` for a text file, ``path: row N`` for a table (Parquet, a
+    ``datasets`` folder), whose rows have no line numbers; then the field, if any.
+    """
 
     def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
-                 field: str | None = None) -> None:
+                 field: str | None = None, row: int | None = None) -> None:
         where = ""
         if path is not None:
             where = str(path)
             if line is not None:
                 where += f":{line}"
+            if row is not None:
+                where += f": row {row}"
             if field is not None:
                 where += f": field '{field}'"
             where += ": "
         super().__init__(where + message)
         self.path = path
         self.line = line
+        self.row = row
         self.field = field
 
 
