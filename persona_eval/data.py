@@ -1,6 +1,7 @@
 """Dataset loading and validation: triage cases and safety queries, with errors that cite file:line:field.
 
-Triage cases come in two layouts, each as JSON lines (``.jsonl``) or CSV with a header row (``.csv``):
+Triage cases come in two layouts, each as JSON lines (``.jsonl``), CSV with a header row (``.csv``), a
+Parquet file (``.parquet``) or a folder written by Hugging Face ``datasets``' ``save_to_disk``:
 
 ``project``
     ``id``, ``stratum``, ``reference`` (A/B/C), ``rationale``, and either ``text`` (the vignette) or the
@@ -10,11 +11,23 @@ Triage cases come in two layouts, each as JSON lines (``.jsonl``) or CSV with a 
     the common vignette-benchmark layout: ``case_description`` and ``urgency_level`` (em -> C,
     ne -> B, sc -> A); ``id``, ``rationale`` and ``stratum`` are optional.
 
+Safety queries come as ``.jsonl``, ``.parquet`` or a ``datasets`` folder.
+
 Conventions shared by every loader here: blank lines (and all-empty CSV rows) are skipped, but line
 numbers stay those of the file, 1-based (a CSV header is line 1; a CSV record that spans lines is
 numbered by its first line). A field whose value is null or blank text counts as absent, so an empty
 CSV cell is an absent field. Surrounding whitespace is removed from text values. Every problem raises
 DataError naming the file, the line and the field.
+
+Tables (Parquet, ``datasets`` folders) have rows, not lines: messages and ``source`` say "row N", the
+row's 1-based position (all-null rows are skipped and keep their numbers). A column is a field; each row
+goes through arrow's conversion to Python and the same validation as a JSON line, with a map as an
+object, a struct without its null members (a struct column gives every row every member), and NaN as
+null. A ``datasets`` folder is one Dataset: a DatasetDict folder is refused with its splits listed, and
+each split's subfolder is a Dataset folder, so ``PATH/test`` names the test split (as a loader argument
+and in ``--pe-dataset triage=PATH/test`` alike). Reading Parquet needs pyarrow (the ``parquet`` extra),
+reading a folder needs ``datasets`` (the ``datasets`` extra); both are imported only when such a source
+is read, and a missing one is a DataError giving the install command.
 
 Fields a layout does not know: one that looks like a mistake for a field of the layout (another case,
 ``-`` or a space for ``_``, singular for plural, or a close spelling: ``Presenting Symptoms``,
@@ -23,9 +36,10 @@ the field it resembles is given on the same line too, since otherwise its value 
 the model. Any other unknown field (``annotator``, ``source_url``) is ignored; pass a DatasetReport as
 ``report=`` to learn which were, on how many lines (lines where the field has a value).
 
-Size: a file is read one line at a time, so memory holds one line beyond what is kept of the cases. A
-file over MAX_FILE_BYTES is refused before it is read, a line over MAX_LINE_BYTES (a CSV record: all its
-lines) when it is reached, and a field over MAX_FIELD_CHARS when its line is read.
+Size: a file is read one line at a time, so memory holds one line beyond what is kept of the cases; a
+table, ROW_BATCH rows at a time. A file over MAX_FILE_BYTES (a folder: its files together) is refused
+before it is read, a line over MAX_LINE_BYTES (a CSV record: all its lines) when it is reached, and a
+field over MAX_FIELD_CHARS when its line or row is read.
 """
 
 from __future__ import annotations
@@ -34,8 +48,10 @@ import contextlib
 import csv
 import difflib
 import hashlib
+import importlib
 import io
 import json
+import math
 import os
 import re
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
@@ -53,6 +69,7 @@ __all__ = [
     "MAX_FIELD_CHARS",
     "MAX_FILE_BYTES",
     "MAX_LINE_BYTES",
+    "ROW_BATCH",
     "URGENCY_LEVELS",
     "DatasetReport",
     "csv_records",
@@ -67,8 +84,14 @@ __all__ = [
 FORMATS: tuple[str, ...] = ("project", "vignette")
 # The vignette benchmark's urgency codes: emergency, non-emergency (see a doctor), self-care.
 URGENCY_LEVELS: dict[str, str] = {"em": "C", "ne": "B", "sc": "A"}
-_TRIAGE_SUFFIXES = (".jsonl", ".csv")
-_SAFETY_SUFFIXES = (".jsonl",)
+_TRIAGE_SUFFIXES = (".jsonl", ".csv", ".parquet")
+_SAFETY_SUFFIXES = (".jsonl", ".parquet")
+# What a path names besides a file of one of those suffixes: a folder written by datasets' save_to_disk.
+_FOLDER = "datasets folder"
+_TABLES = (".parquet", _FOLDER)  # sources whose records are rows, numbered from 1, not lines of text
+# The rows converted to Python at a time from a table: a bounded amount of memory per batch whatever the
+# file's row groups, and few enough calls into arrow that the conversion costs nothing next to validation.
+ROW_BATCH = 256
 _VIGNETTE_FIELDS = ("case_description", "urgency_level")
 
 # The most characters one field may hold. A clinical vignette is a few thousand characters and the
@@ -103,16 +126,19 @@ Record = dict[str, Any]
 
 @dataclass(frozen=True)
 class _Where:
-    """A line of a data file, to build messages and ``source`` strings from."""
+    """A line of a data file (a row of a table), to build messages and ``source`` strings from."""
 
     path: str
     line: int
+    unit: str = "line"  # or "row"
 
     @property
     def source(self) -> str:
-        return f"{self.path}:{self.line}"
+        return f"{self.path}:{self.line}" if self.unit == "line" else f"{self.path}: row {self.line}"
 
     def error(self, message: str, field: str | None = None) -> DataError:
+        if self.unit == "row":
+            return DataError(message, path=self.path, row=self.line, field=field)
         return DataError(message, path=self.path, line=self.line, field=field)
 
 
@@ -120,11 +146,12 @@ class _Where:
 class DatasetReport:
     """What a loader ignored in a file: each field no layout field matches -> on how many lines it has a
     value (``unknown_fields``) and the first of them (``first_lines``). Pass one as ``report=``; the
-    loader fills it in (and sets ``path``) when the file loads."""
+    loader fills it in (and sets ``path``, and ``unit`` to "row" for a table) when the file loads."""
 
     path: str = ""
     unknown_fields: dict[str, int] = field(default_factory=dict)
     first_lines: dict[str, int] = field(default_factory=dict)
+    unit: str = "line"
 
     def message(self) -> str | None:
         """One line for people, or None when nothing was ignored.
@@ -134,7 +161,7 @@ class DatasetReport:
         """
         if not self.unknown_fields:
             return None
-        listed = ", ".join(f"{name} ({count:,} line{'' if count == 1 else 's'})"
+        listed = ", ".join(f"{name} ({count:,} {self.unit}{'' if count == 1 else 's'})"
                            for name, count in sorted(self.unknown_fields.items()))
         return f"{self.path}: fields not used by persona-eval (ignored): {listed}"
 
@@ -216,9 +243,9 @@ class _LayoutFields:
             self.unknown[name] = self.unknown.get(name, 0) + 1
             self.first_lines.setdefault(name, where.line)
 
-    def fill(self, report: DatasetReport | None, path: str) -> None:
+    def fill(self, report: DatasetReport | None, path: str, unit: str) -> None:
         if report is not None:
-            report.path = path
+            report.path, report.unit = path, unit
             report.unknown_fields = dict(sorted(self.unknown.items()))
             report.first_lines = {name: self.first_lines[name] for name in report.unknown_fields}
 
@@ -414,20 +441,26 @@ def _detect_format(record: Mapping[str, Any]) -> str:
     return "project"
 
 
-def _check_suffix(path: Path, shown: str, supported: tuple[str, ...]) -> str:
+def _source_kind(path: Path, shown: str, supported: tuple[str, ...]) -> str:
+    """The suffix of a data file `path` names, or _FOLDER for a folder without one of those suffixes (a
+    folder named like a data file is reported as a directory where a file was expected)."""
     suffix = path.suffix.lower()
-    if suffix not in supported:
-        raise DataError(f"unsupported file type {path.suffix or '(no extension)'!r}; "
-                        f"supported: {', '.join(supported)}", path=shown)
-    return suffix
+    if suffix in supported:
+        return suffix
+    if path.is_dir():
+        return _FOLDER
+    if not suffix and not path.exists():
+        raise DataError("no such file or folder", path=shown)
+    raise DataError(f"unsupported file type {path.suffix or '(no extension)'!r}; supported: "
+                    f"{', '.join(supported)}, or a folder written by datasets' save_to_disk", path=shown)
 
 
 def _mib(size: int) -> str:
     return f"{size / (1 << 20):,.0f} MiB" if size >= 1 << 20 else f"{size:,} bytes"
 
 
-def _too_large(size: int, shown: str) -> DataError:
-    return DataError(f"the file is {_mib(size)}; at most {_mib(MAX_FILE_BYTES)} are read (ten thousand "
+def _too_large(size: int, shown: str, what: str = "file is") -> DataError:
+    return DataError(f"the {what} {_mib(size)}; at most {_mib(MAX_FILE_BYTES)} are read (ten thousand "
                      "vignettes are under 50 MiB)", path=shown)
 
 
@@ -628,16 +661,128 @@ def _records(lines: Iterator[tuple[int, str]], suffix: str, shown: str) -> Itera
     return _parse_jsonl(lines, shown)
 
 
+def _optional_module(name: str, shown: str, purpose: str, package: str, extra: str) -> Any:
+    """The module `name`, imported now (never when persona_eval.data is), or a DataError that names the
+    file and the extra that installs it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise DataError(f'{purpose} needs {package}: pip install "persona-eval[{extra}]"', path=shown) from None
+
+
+def _plain(value: Any) -> Any:
+    """A value arrow converted to Python, as JSON would give it: a map (which arrow gives as a list of
+    (key, value) pairs) as a dict; a struct without its null members, since a struct column has every
+    member on every row and null is how a row leaves one out; NaN, pandas' missing value, as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {name: item for name, item in ((name, _plain(item)) for name, item in value.items())
+                if item is not None}
+    if isinstance(value, list):
+        if value and all(isinstance(item, tuple) for item in value):
+            return _plain(dict(value))
+        return [_plain(item) for item in value]
+    return value
+
+
+def _table_rows(batches: Iterable[Any], shown: str, errors: tuple[type[BaseException], ...],
+                broken: str) -> Iterator[tuple[int, Record]]:
+    """(row number from 1, record) of each row of arrow record batches (or tables). Rows whose fields
+    are all null or blank text are skipped, as all-empty CSV rows are, and keep their numbers; an
+    exception of `errors` while reading is a DataError saying `broken`."""
+    number = 0
+    batches = iter(batches)
+    while True:
+        try:
+            batch = next(batches, None)
+        except errors as exc:
+            raise DataError(f"{broken} ({exc})", path=shown, row=number + 1) from None
+        if batch is None:
+            return
+        for row in batch.to_pylist():
+            number += 1
+            record = {str(name): _plain(item) for name, item in row.items()}
+            if any(_present(record, name) for name in record):
+                yield number, record
+
+
+def _parquet_rows(path: Path, shown: str) -> Generator[tuple[int, Record], None, None]:
+    parquet = _optional_module("pyarrow.parquet", shown, "reading Parquet", "pyarrow", "parquet")
+    arrow = importlib.import_module("pyarrow")
+    errors = (arrow.ArrowException, OSError)
+    with _open(path, shown) as handle:
+        try:
+            table = parquet.ParquetFile(handle)
+        except errors as exc:
+            raise DataError(f"not a readable Parquet file ({exc})", path=shown) from None
+        yield from _table_rows(table.iter_batches(batch_size=ROW_BATCH), shown, errors,
+                               "the Parquet file is damaged from about this row on")
+
+
+def _folder_files(path: Path) -> list[Path]:
+    """The files under `path`, in sorted order of their paths relative to it."""
+    files = (item for item in path.rglob("*") if item.is_file())
+    return sorted(files, key=lambda item: item.relative_to(path).as_posix())
+
+
+def _folder_rows(path: Path, shown: str) -> Generator[tuple[int, Record], None, None]:
+    if not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
+        raise DataError("is a directory, not a data file nor a folder written by datasets' save_to_disk "
+                        "(it holds no state.json or dataset_dict.json)", path=shown)
+    size = sum(item.stat().st_size for item in _folder_files(path))
+    if size > MAX_FILE_BYTES:
+        raise _too_large(size, shown, "folder's files are")
+    datasets = _optional_module("datasets", shown, "reading a datasets folder", "datasets", "datasets")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets documents no error kinds, and a damaged folder raises many
+        raise DataError(f"cannot read the datasets folder ({type(exc).__name__}: {exc})", path=shown) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        # Each split of a DatasetDict folder is a Dataset folder of its own, so a path names one.
+        splits = sorted(loaded)
+        if not splits:
+            raise DataError("holds a DatasetDict with no splits", path=shown)
+        raise DataError(f"holds a DatasetDict with the splits {', '.join(map(repr, splits))}; give the "
+                        f"folder of one, e.g. {Path(shown) / splits[0]}", path=shown)
+    # Arrow tables, whatever format the dataset was saved with (numpy, pandas, torch), so that every
+    # value reaches validation as plain Python, as it comes from a Parquet file.
+    arrow = importlib.import_module("pyarrow")
+    yield from _table_rows(loaded.with_format("arrow").iter(batch_size=ROW_BATCH), shown,
+                           (arrow.ArrowException, OSError), "the datasets folder is damaged from about this row on")
+
+
+def _unit(kind: str) -> str:
+    return "row" if kind in _TABLES else "line"
+
+
+def _noun(kind: str) -> str:
+    return "folder" if kind == _FOLDER else "file"
+
+
+def _read(path: Path, shown: str, kind: str) -> Generator[tuple[int, Record], None, None]:
+    """(line or row number, record) of each record of the data file or folder `path` of kind `kind`
+    (see _source_kind); close it to release the file."""
+    if kind == ".parquet":
+        yield from _parquet_rows(path, shown)
+    elif kind == _FOLDER:
+        yield from _folder_rows(path, shown)
+    else:
+        with contextlib.closing(_file_lines(path, shown)) as lines:
+            yield from _records(lines, kind, shown)
+
+
 def load_triage_cases(path: str | os.PathLike[str], *, stratum: str | None = None,
                       format: str | None = None, report: DatasetReport | None = None) -> list[TriageCase]:
-    """The triage cases of a ``.jsonl`` or ``.csv`` file, in file order, validated.
+    """The triage cases of a ``.jsonl``, ``.csv`` or ``.parquet`` file or a ``datasets`` folder, in file
+    order, validated.
 
     The layout (``project`` or ``vignette``, see the module docstring) is detected from the first
     record's fields; ``format=`` forces it. ``stratum=`` is a default, never an override: it fills the
     stratum of lines that give none (in either layout), and lines that give one keep theirs.
-    ``TriageCase.source`` is "path:line". Ids must be unique within the file; a vignette-layout line
-    without an id gets "<file stem>-<line>". ``report``, when given, is filled in with the fields that
-    were ignored.
+    ``TriageCase.source`` is "path:line" ("path: row N" for a table). Ids must be unique within the file;
+    a vignette-layout line without an id gets "<file stem>-<line or row>". ``report``, when given, is
+    filled in with the fields that were ignored.
 
     Raises DataError naming the file, line and field for any problem in the file (including a missing
     file, an unsupported extension, a field name that looks like a mistake for one of the layout, and a
@@ -648,15 +793,16 @@ def load_triage_cases(path: str | os.PathLike[str], *, stratum: str | None = Non
     if stratum is not None and stratum not in STRATA:
         raise ConfigError(unknown_name_message("stratum", stratum, STRATA))
     shown, file = str(path), Path(path)
-    suffix = _check_suffix(file, shown, _TRIAGE_SUFFIXES)
+    kind = _source_kind(file, shown, _TRIAGE_SUFFIXES)
+    unit = _unit(kind)
 
     layout = format
     fields: _LayoutFields | None = None
     cases: list[TriageCase] = []
     first_line: dict[str, int] = {}
-    with contextlib.closing(_file_lines(file, shown)) as lines:
-        for number, record in _records(lines, suffix, shown):
-            where = _Where(shown, number)
+    with contextlib.closing(_read(file, shown, kind)) as records:
+        for number, record in records:
+            where = _Where(shown, number, unit)
             if layout is None:
                 layout = _detect_format(record)
             if fields is None:
@@ -667,30 +813,32 @@ def load_triage_cases(path: str | os.PathLike[str], *, stratum: str | None = Non
             else:
                 case = _project_case(record, where, stratum)
             if case.id in first_line:
-                raise where.error(f"duplicate id {case.id!r} (first seen at line {first_line[case.id]})", "id")
+                raise where.error(f"duplicate id {case.id!r} (first seen at {unit} {first_line[case.id]})", "id")
             first_line[case.id] = number
             cases.append(case)
     if not cases or fields is None:
-        only_header = " (only a header row)" if suffix == ".csv" else ""
-        raise DataError(f"no cases in the file{only_header}", path=shown)
-    fields.fill(report, shown)
+        only_header = " (only a header row)" if kind == ".csv" else ""
+        raise DataError(f"no cases in the {_noun(kind)}{only_header}", path=shown)
+    fields.fill(report, shown, unit)
     return cases
 
 
 def load_labelled_cases(path: str | os.PathLike[str], *, labels: Sequence[str], strata: Sequence[str],
                         report: DatasetReport | None = None) -> list[TriageCase]:
-    """The cases of a classification task of your own, from a ``.jsonl`` or ``.csv`` file in file order:
+    """The cases of a classification task of your own, from a ``.jsonl``, ``.csv`` or ``.parquet`` file or a
+    ``datasets`` folder, in file order:
     ``id`` (unique), ``text`` (what the model reads), ``reference`` (one of `labels`), ``stratum`` (one of
     `strata`) and an optional ``rationale``. Raises DataError naming the file, line and field for any
     problem, as load_triage_cases does (other fields are reported in `report`)."""
     shown, file = str(path), Path(path)
-    suffix = _check_suffix(file, shown, _TRIAGE_SUFFIXES)
+    kind = _source_kind(file, shown, _TRIAGE_SUFFIXES)
+    unit = _unit(kind)
     fields = _LayoutFields("labelled case")
     cases: list[TriageCase] = []
     first_line: dict[str, int] = {}
-    with contextlib.closing(_file_lines(file, shown)) as lines:
-        for number, record in _records(lines, suffix, shown):
-            where = _Where(shown, number)
+    with contextlib.closing(_read(file, shown, kind)) as records:
+        for number, record in records:
+            where = _Where(shown, number, unit)
             fields.check(record, where)
             case_id = _identifier(record, where)
             for name, allowed in (("reference", labels), ("stratum", strata)):
@@ -698,15 +846,15 @@ def load_labelled_cases(path: str | os.PathLike[str], *, labels: Sequence[str], 
                 if value not in allowed:
                     raise where.error(f"{value!r} is not allowed; allowed: {', '.join(allowed)}", name)
             if case_id in first_line:
-                raise where.error(f"duplicate id {case_id!r} (first seen at line {first_line[case_id]})", "id")
+                raise where.error(f"duplicate id {case_id!r} (first seen at {unit} {first_line[case_id]})", "id")
             first_line[case_id] = number
             cases.append(TriageCase(id=case_id, stratum=_text(record, "stratum", where),
                                     reference=_text(record, "reference", where),
                                     rationale=_optional_text(record, "rationale", where, default=""),
                                     text=_text(record, "text", where), source=where.source))
     if not cases:
-        raise DataError("no cases in the file", path=shown)
-    fields.fill(report, shown)
+        raise DataError(f"no cases in the {_noun(kind)}", path=shown)
+    fields.fill(report, shown, unit)
     return cases
 
 
@@ -724,7 +872,8 @@ def _category(record: Mapping[str, Any], where: _Where) -> int:
 
 def load_safety_queries(path: str | os.PathLike[str], *, report: DatasetReport | None = None
                         ) -> list[SafetyQuery]:
-    """The patient-safety queries of a ``.jsonl`` file in the public benchmark's layout, in file order.
+    """The patient-safety queries of a ``.jsonl`` or ``.parquet`` file or a ``datasets`` folder, in the
+    public benchmark's layout, in file order.
 
     Each line holds ``id`` (an integer or non-empty text; unique in the file), ``content`` (the query)
     and ``category`` (an integer key of persona_eval.tasks.safety.CATEGORIES). Other fields are ignored
@@ -732,41 +881,53 @@ def load_safety_queries(path: str | os.PathLike[str], *, report: DatasetReport |
     these (see the module docstring). Raises DataError naming the file, line and field for any problem.
     """
     shown, file = str(path), Path(path)
-    _check_suffix(file, shown, _SAFETY_SUFFIXES)
+    kind = _source_kind(file, shown, _SAFETY_SUFFIXES)
+    unit = _unit(kind)
     fields = _LayoutFields("safety query")
     queries: list[SafetyQuery] = []
     first_line: dict[str, int] = {}
-    with contextlib.closing(_file_lines(file, shown)) as lines:
-        for number, record in _parse_jsonl(lines, shown):
-            where = _Where(shown, number)
+    with contextlib.closing(_read(file, shown, kind)) as records:
+        for number, record in records:
+            where = _Where(shown, number, unit)
             fields.check(record, where)
             query_id = _identifier(record, where)
             content = _text(record, "content", where)
             category = _category(record, where)
             if query_id in first_line:
-                raise where.error(f"duplicate id {query_id!r} (first seen at line {first_line[query_id]})", "id")
+                raise where.error(f"duplicate id {query_id!r} (first seen at {unit} {first_line[query_id]})", "id")
             first_line[query_id] = number
             queries.append(SafetyQuery(id=query_id, content=content, category=category, source=where.source))
     if not queries:
-        raise DataError("no queries in the file", path=shown)
-    fields.fill(report, shown)
+        raise DataError(f"no queries in the {_noun(kind)}", path=shown)
+    fields.fill(report, shown, unit)
     return queries
+
+
+def _hash_file(path: Path, digest: Any) -> None:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
 
 
 def dataset_fingerprint(path: str | os.PathLike[str]) -> str:
     """``sha256:<hex>`` of the file's bytes, for run metadata and cache keys.
 
     Any change to the file, even whitespace, changes the fingerprint; the same bytes always give the same.
+    For a folder (a ``datasets`` folder): of its files in sorted order of their relative paths, each
+    given by that path and its length before its bytes, so a renamed, moved or added file changes it too.
     """
     digest = hashlib.sha256()
+    folder = Path(path)
     try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
+        if folder.is_dir():
+            for item in _folder_files(folder):
+                name = item.relative_to(folder).as_posix().encode()
+                digest.update(b"%d:%s:%d:" % (len(name), name, item.stat().st_size))
+                _hash_file(item, digest)
+        else:
+            _hash_file(folder, digest)
     except FileNotFoundError:
         raise DataError("no such file", path=str(path)) from None
-    except IsADirectoryError:
-        raise DataError("is a directory, not a data file", path=str(path)) from None
     except OSError as exc:
         raise DataError(f"cannot read the file ({exc.strerror})", path=str(path)) from None
     return f"sha256:{digest.hexdigest()}"

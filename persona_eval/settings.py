@@ -53,7 +53,8 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "no_persona is always included)")),
     ("--pe-personas-file", dict(metavar="PATH", help="YAML file of additional personas")),
     ("--pe-dataset", dict(action="append", default=[], metavar="TASK=PATH", help="dataset of a task, e.g. "
-            "triage=data/my_cases.jsonl (JSONL or CSV)")),
+            "triage=data/my_cases.jsonl (JSONL, CSV, Parquet, or a datasets save_to_disk folder: "
+            "FOLDER/SPLIT for a split)")),
     ("--pe-template", dict(action="append", default=[], metavar="TASK=NAME_OR_PATH", help="prompt template of a "
             "task, over the models file's: a built-in name (triage: study, the default, or answer-first) or a "
             "template file, e.g. triage=prompts/ours.yaml; repeatable")),
@@ -316,7 +317,7 @@ def check_datasets(settings: Settings, given: set[str]) -> tuple[dict[str, list[
     reports: dict[str, DatasetReport] = {}
     tasks = registered()
     for task, path in settings.datasets.items():
-        if task not in given and not path.is_file():
+        if task not in given and not path.exists():  # a file, or a datasets folder
             continue
         reports[task] = DatasetReport()
         loaded[task] = tasks[task].load(path, report=reports[task])

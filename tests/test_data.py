@@ -382,7 +382,7 @@ def test_unknown_extension_names_the_supported_ones(tmp_path: Path, name: str) -
     path = write_lines(tmp_path / name, [TEXT_CASE])
     message = load_error(path)
     assert message.startswith(f"{path}: unsupported file type ")
-    assert message.endswith("; supported: .jsonl, .csv")
+    assert message.endswith("; supported: .jsonl, .csv, .parquet, or a folder written by datasets' save_to_disk")
 
 
 def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
@@ -489,7 +489,7 @@ def test_safety_file_errors(tmp_path: Path) -> None:
         load_safety_queries(empty)
     csv_path = tmp_path / "queries.csv"
     csv_path.write_text("id,content,category\n1,q,1\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"unsupported file type '\.csv'; supported: \.jsonl$"):
+    with pytest.raises(DataError, match=r"unsupported file type '\.csv'; supported: \.jsonl, \.parquet, or a folder"):
         load_safety_queries(csv_path)
     with pytest.raises(DataError, match="no such file"):
         load_safety_queries(tmp_path / "absent.jsonl")
