@@ -18,8 +18,8 @@ from pathlib import Path
 
 from persona_eval.cache import default_cache_dir
 from persona_eval.comparisons import DEFAULT_RESAMPLES
-from persona_eval.errors import PersonaEvalError
-from persona_eval.review import REVIEW_FILENAME
+from persona_eval.errors import ConfigError, PersonaEvalError
+from persona_eval.review import ARGILLA_MIN_SUBMITTED, EXPORT_FORMATS, REVIEW_FILENAME
 
 __all__ = ["main"]
 
@@ -74,14 +74,23 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _review_export(args: argparse.Namespace) -> int:
-    from persona_eval.review import export_review
+    from persona_eval.review import check_argilla_client, create_argilla_dataset, export_review
 
-    paths = export_review(args.run_dir, args.out, per_side=args.per_side, seed=args.seed)
+    if args.argilla_url:
+        if args.format != "argilla":
+            raise ConfigError("--argilla-url creates the Argilla dataset: give it with --format argilla")
+        check_argilla_client()  # before anything is written: a missing extra or key is all that happens
+    paths = export_review(args.run_dir, args.out, per_side=args.per_side, seed=args.seed, format=args.format,
+                          dataset_name=args.argilla_dataset, min_submitted=args.argilla_min_submitted)
     manifest = json.loads(Path(paths["manifest"]).read_text(encoding="utf-8"))
     for note in manifest.get("notes") or []:
         print(f"note: {note}", file=sys.stderr)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    if args.argilla_url:
+        dataset = create_argilla_dataset(paths["argilla_dir"], api_url=args.argilla_url,
+                                         workspace=args.argilla_workspace)
+        print(f"argilla dataset: {dataset.name} created at {args.argilla_url} with {manifest['n_pairs']} records")
     return 0
 
 
@@ -130,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--per-side", type=int, default=25, metavar="N",
                         help="consensus cases per side (medical / non-medical preferred) and task (25)")
     export.add_argument("--seed", type=int, default=0, help="seed of the sampling and the side order (0)")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="suite",
+                        help="suite: pairs as CSV and JSONL to fill in (default); argilla: an Argilla dataset "
+                             "folder (settings and records, as rg.Dataset.from_disk reads it)")
+    export.add_argument("--argilla-url", metavar="URL",
+                        help="also create the dataset on this Argilla server (needs the argilla extra and the "
+                             "API key in $ARGILLA_API_KEY)")
+    export.add_argument("--argilla-workspace", metavar="NAME", help="Argilla workspace (default: the server's)")
+    export.add_argument("--argilla-dataset", metavar="NAME",
+                        help="Argilla dataset name (default: persona-eval-review-<run folder name>)")
+    export.add_argument("--argilla-min-submitted", type=int, default=ARGILLA_MIN_SUBMITTED, metavar="N",
+                        help=f"annotators per record in Argilla (default {ARGILLA_MIN_SUBMITTED}: two make a kappa)")
     export.set_defaults(handler=_review_export)
     importer = review_commands.add_parser(
         "import", help=f"read filled annotation files; write {REVIEW_FILENAME} and update the report")

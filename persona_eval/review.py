@@ -7,18 +7,27 @@ other group, to the same query, on randomized sides, with personas and models hi
 un-blinds the pairs is a separate file. ``import_review`` reads the clinicians' filled files and
 compares their preferences with the judges'.
 
-Files written by ``export_review`` (in ``out_dir``, by default ``RUN_DIR/review``):
+Files written by ``export_review`` (in ``out_dir``, by default ``RUN_DIR/review``), in either format:
 
-- ``review_pairs.csv`` / ``review_pairs.jsonl``: pair_id, query, response_left, response_right, and the
-  empty annotation fields annotator, preferred (left / right / tie) and confidence (0-100). Either file
-  imports into an annotation tool (e.g. as an Argilla dataset: two text fields, a label question and a
-  rating); give each annotator a copy and have them fill in their name.
 - ``review_key.jsonl``: pair_id -> task, criterion, model, query_id, category, persona_left,
   persona_right, group_left, group_right, judge_preferred_side, consensus_persona, judges. Keep it away
   from the annotators.
 - ``review_guidelines.txt``: what the annotators are asked to do.
 - ``review_manifest.json``: what was selected, how many consensus cases there were, and notes (e.g. fewer
   pairs than asked for).
+
+The ``suite`` format (the default) adds the pairs as ``review_pairs.csv`` / ``review_pairs.jsonl``:
+pair_id, query, response_left, response_right, and the empty annotation fields annotator, preferred
+(left / right / tie) and confidence (0-100). Give each annotator a copy and have them fill in their name.
+
+The ``argilla`` format adds the folder ``argilla/`` in the layout of Argilla 2.x's ``Dataset.to_disk``,
+which ``rg.Dataset.from_disk`` reads: ``.argilla/settings.json`` (``rg.Settings.from_json``: the text
+fields query, response_left and response_right, metadata pair_id, a LabelQuestion ``preferred`` with the
+labels left / right / tie, a RatingQuestion ``confidence`` with the values 0-10, the guidelines and an
+overlap distribution of ARGILLA_MIN_SUBMITTED annotators per record), ``.argilla/dataset.json`` (the
+dataset's name) and ``records.json`` (``rg.Dataset.records.to_json``'s layout: one record per pair, the
+pair_id as the record id and in the metadata). ``create_argilla_dataset`` creates the same dataset
+through the Argilla client (the ``argilla`` extra: ``pip install "persona-eval[argilla]"``).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -36,18 +46,30 @@ from typing import Any
 
 from persona_eval import stats
 from persona_eval.data import csv_records, jsonl_records, read_text
-from persona_eval.errors import DataError
+from persona_eval.errors import BackendError, ConfigError, DataError, MissingDependencyError, PersonaEvalError
+from persona_eval.redaction import register_secret
 from persona_eval.results import read_jsonl, write_json, write_jsonl
 
 __all__ = [
     "ANNOTATION_FIELDS",
+    "ARGILLA_API_KEY_ENV",
+    "ARGILLA_INSTALL",
+    "ARGILLA_MIN_SUBMITTED",
+    "ARGILLA_RATINGS",
+    "ARGILLA_RATING_SCALE",
+    "EXPORT_FORMATS",
     "MIN_KAPPA_ITEMS",
     "PAIR_FIELDS",
     "REVIEW_CRITERIA",
     "REVIEW_FILENAME",
     "THRESHOLDS",
+    "argilla_records",
+    "argilla_settings",
+    "check_argilla_client",
+    "create_argilla_dataset",
     "export_review",
     "import_review",
+    "rating_confidence",
 ]
 
 REVIEW_FILENAME = "review_results.json"  # in the run folder, beside summary.json
@@ -59,6 +81,26 @@ PREFERENCES: tuple[str, ...] = ("left", "right", "tie")
 # Confidence thresholds of the preference table and the kappas: name -> minimum confidence.
 THRESHOLDS: dict[str, float] = {"all": 0.0, "medium": 50.0, "high": 75.0}
 MIN_KAPPA_ITEMS = 5  # fewer shared items than this and a kappa says nothing: reported as not computable
+EXPORT_FORMATS: tuple[str, ...] = ("suite", "argilla")
+
+# Argilla (see the module docstring). The names of fields and questions are the suite's column names, so
+# that one annotation means the same thing in either layout.
+ARGILLA_INSTALL = 'pip install "persona-eval[argilla]"'
+ARGILLA_API_KEY_ENV = "ARGILLA_API_KEY"  # the key is read from here only, never from an option or a file
+ARGILLA_RATINGS: tuple[int, ...] = tuple(range(11))  # the values of the confidence RatingQuestion
+ARGILLA_RATING_SCALE = 10.0  # rating r -> confidence r * 10 on the 0-100 scale of THRESHOLDS
+ARGILLA_MIN_SUBMITTED = 2  # annotators per record before Argilla counts it complete: two make a kappa
+ARGILLA_DIR = "argilla"
+_ARGILLA_FIELDS: tuple[tuple[str, str], ...] = (
+    ("query", "The patient's message or situation"),
+    ("response_left", "Response LEFT"),
+    ("response_right", "Response RIGHT"),
+)
+_ARGILLA_PREFERRED_LABELS: dict[str, str] = {"left": "LEFT is better", "right": "RIGHT is better",
+                                             "tie": "Tie (no meaningful difference)"}
+_ARGILLA_PREFERRED_TITLE = "Which response is better?"
+_ARGILLA_CONFIDENCE_TITLE = "How sure are you? 0 = a guess, 5 = fairly sure, 8 = confident, 10 = certain"
+_ARGILLA_PAIR_ID_TITLE = "Pair"
 
 _GUIDELINES = """\
 Clinician review: which of two responses is better?
@@ -68,12 +110,7 @@ Each item shows a message from a patient (or a patient's situation) and two resp
 RIGHT, written by AI models. Which model and which settings wrote them is hidden on purpose, and the
 sides are random. Judge only what is on the page.
 
-For each item, fill in three fields:
-
-  annotator   your name or initials, the same on every row.
-  preferred   "left", "right" or "tie" (no meaningful difference, or equally good or bad).
-  confidence  0-100: how sure you are of your choice (50 = fairly sure, 75 = confident,
-              100 = certain). Low confidence is useful information, not a failure.
+{fields}
 
 What "better" means:
 
@@ -86,9 +123,50 @@ What "better" means:
   clinical reasoning better justifies its choice: relevant findings and red flags weighed, and a
   conclusion that follows from them.
 
-Work alone; do not discuss items with other annotators until everyone is done. Leave no row blank:
-every row needs all three fields. Return the file as CSV or JSON lines with the columns unchanged.
+{closing}
 """
+_GUIDELINE_PARTS: dict[str, dict[str, str]] = {
+    "suite": {
+        "fields": """\
+For each item, fill in three fields:
+
+  annotator   your name or initials, the same on every row.
+  preferred   "left", "right" or "tie" (no meaningful difference, or equally good or bad).
+  confidence  0-100: how sure you are of your choice (50 = fairly sure, 75 = confident,
+              100 = certain). Low confidence is useful information, not a failure.""",
+        "closing": """\
+Work alone; do not discuss items with other annotators until everyone is done. Leave no row blank:
+every row needs all three fields. Return the file as CSV or JSON lines with the columns unchanged.""",
+    },
+    "argilla": {
+        "fields": """\
+For each item, answer two questions:
+
+  preferred   LEFT, RIGHT or tie (no meaningful difference, or equally good or bad).
+  confidence  0-10: how sure you are of your choice (5 = fairly sure, 8 = confident,
+              10 = certain). Low confidence is useful information, not a failure.
+
+(For the analysis a rating r counts as 10 x r on a 0-100 scale: 5 or more is medium confidence,
+8 or more high confidence.)""",
+        "closing": """\
+Work alone; do not discuss items with other annotators until everyone is done. Submit every item
+with both questions answered; drafts are not counted. Discard an item only if you cannot judge it
+at all: discarded items are left out of the analysis.""",
+    },
+}
+
+
+def _guidelines(format: str) -> str:
+    return _GUIDELINES.format(**_GUIDELINE_PARTS[format])
+
+
+def rating_confidence(rating: int) -> float:
+    """The confidence (0-100, the scale of THRESHOLDS) of an Argilla rating (0-10): ``10 * rating``.
+
+    >>> [rating_confidence(r) for r in (0, 4, 5, 7, 8, 10)]
+    [0.0, 40.0, 50.0, 70.0, 80.0, 100.0]
+    """
+    return ARGILLA_RATING_SCALE * rating
 
 
 def _digest(*parts: Any) -> int:
@@ -148,10 +226,15 @@ def _consensus_cases(judgments: Sequence[Mapping[str, Any]], task: str, criterio
 
 
 def export_review(run_dir: str | Path, out_dir: str | Path | None = None, *, per_side: int = 25, seed: int = 0,
-                  criteria: Mapping[str, str] | None = None, responses_path: str | Path | None = None
-                  ) -> dict[str, Path]:
+                  criteria: Mapping[str, str] | None = None, responses_path: str | Path | None = None,
+                  format: str = "suite", dataset_name: str | None = None,
+                  min_submitted: int = ARGILLA_MIN_SUBMITTED) -> dict[str, Path]:
     """Write the blinded review pairs of a run (see the module docstring) and return the paths written:
-    ``{"pairs_csv", "pairs_jsonl", "key", "guidelines", "manifest"}``.
+    ``{"pairs_csv", "pairs_jsonl", "key", "guidelines", "manifest"}`` in the ``suite`` format (the
+    default), ``{"argilla_dir", "argilla_settings", "argilla_dataset", "argilla_records", "key",
+    "guidelines", "manifest"}`` in the ``argilla`` format, whose dataset is named ``dataset_name``
+    (default ``persona-eval-review-<run folder name>``) and asks for ``min_submitted`` annotators per
+    record.
 
     Reads ``RUN_DIR/judgments.jsonl`` and the response records (``responses_path``, by default
     ``RUN_DIR/cases.jsonl``). For each task in the judgments: the consensus cases on the task's
@@ -162,6 +245,10 @@ def export_review(run_dir: str | Path, out_dir: str | Path | None = None, *, per
     """
     if isinstance(per_side, bool) or not isinstance(per_side, int) or per_side < 1:
         raise ValueError(f"per_side must be a positive integer, got {per_side!r}")
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown review export format {format!r}; known: {', '.join(EXPORT_FORMATS)}")
+    if isinstance(min_submitted, bool) or not isinstance(min_submitted, int) or min_submitted < 1:
+        raise ValueError(f"min_submitted must be a positive integer, got {min_submitted!r}")
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "review"
     criteria = dict(REVIEW_CRITERIA, **(criteria or {}))
@@ -247,20 +334,169 @@ def export_review(run_dir: str | Path, out_dir: str | Path | None = None, *, per
         manifest["notes"].append("no consensus cases at all: nothing to review")
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"pairs_csv": out / "review_pairs.csv", "pairs_jsonl": out / "review_pairs.jsonl",
-             "key": out / "review_key.jsonl", "guidelines": out / "review_guidelines.txt",
-             "manifest": out / "review_manifest.json"}
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=[*PAIR_FIELDS, *ANNOTATION_FIELDS], lineterminator="\r\n")
-    writer.writeheader()
-    writer.writerows(pairs)
-    paths["pairs_csv"].write_text(buffer.getvalue(), encoding="utf-8", newline="")
-    write_jsonl(paths["pairs_jsonl"], pairs)
+    paths: dict[str, Path] = {}
+    if format == "suite":
+        paths = {"pairs_csv": out / "review_pairs.csv", "pairs_jsonl": out / "review_pairs.jsonl"}
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=[*PAIR_FIELDS, *ANNOTATION_FIELDS], lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(pairs)
+        paths["pairs_csv"].write_text(buffer.getvalue(), encoding="utf-8", newline="")
+        write_jsonl(paths["pairs_jsonl"], pairs)
+    else:
+        name = dataset_name or _default_dataset_name(run_dir)
+        paths = _write_argilla_folder(out / ARGILLA_DIR, pairs, name=name, min_submitted=min_submitted)
+        manifest["argilla"] = {"dataset": name, "min_submitted": min_submitted}
+    paths.update(key=out / "review_key.jsonl", guidelines=out / "review_guidelines.txt",
+                 manifest=out / "review_manifest.json")
     write_jsonl(paths["key"], keys)
-    paths["guidelines"].write_text(_GUIDELINES, encoding="utf-8")
+    paths["guidelines"].write_text(_guidelines(format), encoding="utf-8")
+    manifest["format"] = format
     manifest["n_pairs"] = len(pairs)
     write_json(paths["manifest"], manifest)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argilla: the dataset on disk, and through the client
+# ---------------------------------------------------------------------------------------------------------
+
+def _default_dataset_name(run_dir: Path) -> str:
+    folder = "".join(c if c.isalnum() or c in "-_" else "-" for c in run_dir.resolve().name)
+    return f"persona-eval-review-{folder}".rstrip("-")
+
+
+def _argilla_guidelines() -> str:
+    # Argilla shows guidelines as Markdown; fenced, the plain-text layout survives.
+    return f"```text\n{_guidelines('argilla')}```"
+
+
+def _argilla_settings_document(*, guidelines: str, min_submitted: int) -> dict[str, Any]:
+    """What ``rg.Settings.from_json`` reads (the keys of ``rg.Settings.serialize``, ids left to the server)."""
+    return {
+        "guidelines": guidelines,
+        "fields": [{"name": name, "title": title, "description": None, "required": True,
+                    "settings": {"type": "text", "use_markdown": False}} for name, title in _ARGILLA_FIELDS],
+        "questions": [
+            {"name": "preferred", "title": _ARGILLA_PREFERRED_TITLE, "description": None, "required": True,
+             "settings": {"type": "label_selection", "visible_options": len(_ARGILLA_PREFERRED_LABELS),
+                          "options": [{"value": value, "text": text}
+                                      for value, text in _ARGILLA_PREFERRED_LABELS.items()]}},
+            {"name": "confidence", "title": _ARGILLA_CONFIDENCE_TITLE, "description": None, "required": True,
+             "settings": {"type": "rating", "options": [{"value": rating} for rating in ARGILLA_RATINGS]}},
+        ],
+        "metadata": [{"name": "pair_id", "title": _ARGILLA_PAIR_ID_TITLE, "visible_for_annotators": True,
+                      "settings": {"type": "terms", "values": None, "visible_for_annotators": True}}],
+        "vectors": [],
+        "allow_extra_metadata": False,
+        "distribution": {"strategy": "overlap", "min_submitted": min_submitted},
+        "mapping": None,
+    }
+
+
+def _argilla_record_document(pair: Mapping[str, Any]) -> dict[str, Any]:
+    """One pair as ``rg.Dataset.records.to_json`` writes a record (and ``rg.Record.from_dict`` reads it)."""
+    return {"id": pair["pair_id"], "fields": {name: pair[name] for name, _ in _ARGILLA_FIELDS},
+            "metadata": {"pair_id": pair["pair_id"]}, "suggestions": {}, "responses": {}, "vectors": {},
+            "status": "pending", "_server_id": None}
+
+
+def _write_argilla_folder(folder: Path, pairs: Sequence[Mapping[str, Any]], *, name: str, min_submitted: int
+                          ) -> dict[str, Path]:
+    paths = {"argilla_dir": folder, "argilla_settings": folder / ".argilla" / "settings.json",
+             "argilla_dataset": folder / ".argilla" / "dataset.json", "argilla_records": folder / "records.json"}
+    settings = _argilla_settings_document(guidelines=_argilla_guidelines(), min_submitted=min_submitted)
+    write_json(paths["argilla_settings"], settings)
+    write_json(paths["argilla_dataset"], {"name": name, "guidelines": settings["guidelines"],
+                                          "allow_extra_metadata": False, "distribution": settings["distribution"]})
+    write_json(paths["argilla_records"], [_argilla_record_document(pair) for pair in pairs])
+    return paths
+
+
+def _argilla_client_prerequisites() -> tuple[Any, str]:
+    try:
+        import argilla
+    except ImportError:
+        raise MissingDependencyError("argilla", "Creating the review dataset in Argilla", ARGILLA_INSTALL) from None
+    api_key = os.environ.get(ARGILLA_API_KEY_ENV, "").strip()
+    if not api_key:
+        raise ConfigError(f"creating the review dataset in Argilla needs its API key in the environment "
+                          f"variable {ARGILLA_API_KEY_ENV} (it is read from nowhere else)")
+    register_secret(api_key, ARGILLA_API_KEY_ENV)
+    return argilla, api_key
+
+
+def check_argilla_client() -> None:
+    """Raise what ``create_argilla_dataset`` would raise before it calls the server: MissingDependencyError
+    without the ``argilla`` extra, ConfigError without $ARGILLA_API_KEY (so a command can stop before it
+    writes anything)."""
+    _argilla_client_prerequisites()
+
+
+def argilla_settings(rg: Any, client: Any, *, guidelines: str | None = None,
+                     min_submitted: int = ARGILLA_MIN_SUBMITTED) -> Any:
+    """The ``rg.Settings`` of the review dataset (the same as ``.argilla/settings.json``), bound to
+    `client`; `rg` is the ``argilla`` module."""
+    return rg.Settings(
+        guidelines=guidelines if guidelines is not None else _argilla_guidelines(),
+        fields=[rg.TextField(name=name, title=title, required=True, client=client) for name, title in _ARGILLA_FIELDS],
+        questions=[
+            rg.LabelQuestion(name="preferred", title=_ARGILLA_PREFERRED_TITLE, labels=dict(_ARGILLA_PREFERRED_LABELS),
+                             required=True, client=client),
+            rg.RatingQuestion(name="confidence", title=_ARGILLA_CONFIDENCE_TITLE, values=list(ARGILLA_RATINGS),
+                              required=True, client=client),
+        ],
+        metadata=[rg.TermsMetadataProperty(name="pair_id", title=_ARGILLA_PAIR_ID_TITLE, client=client)],
+        allow_extra_metadata=False,
+        distribution=rg.TaskDistribution(min_submitted=min_submitted),
+    )
+
+
+def argilla_records(rg: Any, records: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """``rg.Record`` objects of the review pairs, from ``records.json`` (one record per pair, the pair_id
+    as the record id and in the metadata)."""
+    return [rg.Record(id=record["id"], fields=dict(record["fields"]), metadata=dict(record["metadata"]))
+            for record in records]
+
+
+def create_argilla_dataset(argilla_dir: str | Path, *, api_url: str, workspace: str | None = None,
+                           name: str | None = None) -> Any:
+    """Create the review dataset that ``export_review(format="argilla")`` wrote to `argilla_dir` on the
+    Argilla server at `api_url`, and log its records; return the ``rg.Dataset``.
+
+    The API key is read from the environment variable ARGILLA_API_KEY only, and masked in everything the
+    suite writes from then on. Raises MissingDependencyError when the ``argilla`` extra is not installed
+    (checked first), ConfigError without a key, and BackendError when the server refuses.
+    """
+    rg, api_key = _argilla_client_prerequisites()
+    folder = Path(argilla_dir)
+    described = _read_json_document(folder / ".argilla" / "dataset.json")
+    records = _read_json_document(folder / "records.json")
+    if not isinstance(described, dict) or not isinstance(records, list):
+        raise DataError("not a review dataset folder written by `review export --format argilla`", path=str(folder))
+    distribution = described.get("distribution") or {}
+    try:
+        client = rg.Argilla(api_url=api_url, api_key=api_key)
+        settings = argilla_settings(rg, client, guidelines=described.get("guidelines"),
+                                    min_submitted=int(distribution.get("min_submitted", ARGILLA_MIN_SUBMITTED)))
+        dataset = rg.Dataset(name=name or described["name"], workspace=workspace, settings=settings, client=client)
+        dataset.create()
+        dataset.records.log(argilla_records(rg, records))
+    except Exception as exc:
+        # The client raises its own errors and httpx's; any of them means the server did not take it.
+        if isinstance(exc, PersonaEvalError):
+            raise
+        raise BackendError(f"Argilla did not create the review dataset: {type(exc).__name__}: {exc}",
+                           endpoint=api_url) from None
+    return dataset
+
+
+def _read_json_document(path: Path) -> Any:
+    text = read_text(path, str(path))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=str(path), line=exc.lineno) from None
 
 
 # ---------------------------------------------------------------------------------------------------------

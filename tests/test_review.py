@@ -10,14 +10,14 @@ import random
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from persona_eval.cache import NullCache
 from persona_eval.data import load_safety_queries
-from persona_eval.errors import DataError
+from persona_eval.errors import ConfigError, DataError
 from persona_eval.personas import STUDY_PERSONAS
 from persona_eval.results import read_jsonl, write_jsonl
 from persona_eval.review import MIN_KAPPA_ITEMS, export_review, import_review
@@ -354,3 +354,200 @@ def test_review_commands_round_trip(run_dir: Path, tmp_path: Path, capsys: pytes
     assert main(["review", "import", str(run_dir), str(broken)]) == 2
     error = capsys.readouterr().err
     assert "broken.csv" in error and "confidence" in error
+
+
+# -- Argilla ---------------------------------------------------------------------------------------------
+
+class FakeArgilla:
+    """Stands in for rg.Argilla: the settings objects need a client's API handles, never a server."""
+
+    instances: ClassVar[list[FakeArgilla]] = []
+
+    def __init__(self, api_url: str, api_key: str) -> None:
+        from types import SimpleNamespace
+
+        self.api_url, self.api_key = api_url, api_key
+        self.api = SimpleNamespace(fields=None, questions=None, metadata=None, vectors=None, datasets=None,
+                                   records=None)
+        FakeArgilla.instances.append(self)
+
+
+class FakeDataset:
+    """Stands in for rg.Dataset: records what would be sent to the server."""
+
+    instances: ClassVar[list[FakeDataset]] = []
+    fail_with: ClassVar[Exception | None] = None
+
+    def __init__(self, name: str, workspace: str | None, settings: Any, client: Any) -> None:
+        from types import SimpleNamespace
+
+        self.name, self.workspace, self.settings, self.client = name, workspace, settings, client
+        self.created = 0
+        self.logged: list[Any] = []
+        self.records = SimpleNamespace(log=self.logged.extend)
+        FakeDataset.instances.append(self)
+
+    def create(self) -> FakeDataset:
+        if FakeDataset.fail_with is not None:
+            raise FakeDataset.fail_with
+        self.created += 1
+        return self
+
+
+@pytest.fixture
+def fake_argilla(monkeypatch: pytest.MonkeyPatch) -> Any:
+    rg = pytest.importorskip("argilla")
+    FakeArgilla.instances, FakeDataset.instances, FakeDataset.fail_with = [], [], None
+    monkeypatch.setattr(rg, "Argilla", FakeArgilla)
+    monkeypatch.setattr(rg, "Dataset", FakeDataset)
+    return rg
+
+
+def offline_client(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A client stand-in, also made Argilla's default one (rg.Settings.from_json builds its parts with it)."""
+    import argilla as rg
+
+    client = FakeArgilla("http://argilla.invalid", "unused-key-for-tests")
+    monkeypatch.setattr(rg.Argilla, "_default_client", client, raising=False)
+    return client
+
+
+def test_argilla_export_is_a_dataset_folder_that_argilla_reads(run_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    import argilla as rg
+    from argilla._models import DatasetModel
+
+    from persona_eval.review import argilla_settings
+
+    suite = export_review(run_dir, tmp_path / "suite", seed=3)
+    paths = export_review(run_dir, tmp_path / "argilla", seed=3, format="argilla", min_submitted=3)
+    assert set(paths) == {"argilla_dir", "argilla_settings", "argilla_dataset", "argilla_records", "key",
+                          "guidelines", "manifest"}
+    assert paths["argilla_settings"] == tmp_path / "argilla" / "argilla" / ".argilla" / "settings.json"
+    assert not (tmp_path / "argilla" / "review_pairs.csv").exists()
+    # the same pairs and key as the suite's format: only the way they are annotated differs
+    assert paths["key"].read_bytes() == suite["key"].read_bytes()
+    pairs = read_jsonl(suite["pairs_jsonl"])
+    records = json.loads(paths["argilla_records"].read_text())
+    assert [r["id"] for r in records] == [p["pair_id"] for p in pairs]
+    assert [r["metadata"] for r in records] == [{"pair_id": p["pair_id"]} for p in pairs]
+    assert [r["fields"] for r in records] == [{n: p[n] for n in ("query", "response_left", "response_right")}
+                                              for p in pairs]
+    blinded = paths["argilla_records"].read_text() + paths["argilla_settings"].read_text()
+    assert MODEL not in blinded and not any(p.id in blinded for p in STUDY_PERSONAS)
+    manifest = json.loads(paths["manifest"].read_text())
+    assert manifest["format"] == "argilla" and manifest["n_pairs"] == len(pairs) == 43
+    assert manifest["argilla"] == {"dataset": "persona-eval-review-run", "min_submitted": 3}
+    guidelines = paths["guidelines"].read_text()
+    assert "confidence  0-10: how sure" in guidelines and "a rating r counts as 10 x r" in guidelines
+    assert "annotator   your name" not in guidelines  # Argilla knows who answered
+
+    # Argilla's own readers take the files (what rg.Dataset.from_disk does before it calls the server) ...
+    client = offline_client(monkeypatch)
+    loaded = rg.Settings.from_json(paths["argilla_settings"])
+    built = argilla_settings(rg, client, min_submitted=3)
+    assert loaded.serialize() == built.serialize()
+    preferred, confidence = loaded.questions
+    assert isinstance(preferred, rg.LabelQuestion) and preferred.name == "preferred"
+    assert preferred.labels == ["left", "right", "tie"] and preferred.required
+    assert isinstance(confidence, rg.RatingQuestion) and confidence.name == "confidence"
+    assert confidence.values == list(range(11)) and confidence.required
+    assert [f.name for f in loaded.fields] == ["query", "response_left", "response_right"]
+    assert all(isinstance(f, rg.TextField) for f in loaded.fields)
+    assert [m.name for m in loaded.metadata] == ["pair_id"]
+    assert loaded.distribution.min_submitted == 3
+    assert loaded.guidelines.startswith("```text\nClinician review")
+    model = DatasetModel(**json.loads(paths["argilla_dataset"].read_text()))
+    assert model.name == "persona-eval-review-run" and model.guidelines == loaded.guidelines
+    record = rg.Record.from_dict(records[0])
+    assert (record.id, record.fields["response_left"], record.metadata["pair_id"]) == (
+        pairs[0]["pair_id"], pairs[0]["response_left"], pairs[0]["pair_id"])
+    with pytest.raises(ConfigError, match="unknown review export format 'xlsx'"):
+        export_review(run_dir, tmp_path / "x", format="xlsx")
+
+
+def test_argilla_dataset_created_through_the_client(run_dir: Path, fake_argilla: Any,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]):
+    from persona_eval.cli import main
+
+    rg = fake_argilla
+    secret = "argilla-key-5f1c9e0d7a"
+    monkeypatch.setenv("ARGILLA_API_KEY", secret)
+    assert main(["review", "export", str(run_dir), "--format", "argilla", "--argilla-url", "http://argilla.test:6900",
+                 "--argilla-workspace", "clinic", "--argilla-dataset", "review-round-1"]) == 0
+    (client,) = FakeArgilla.instances
+    assert (client.api_url, client.api_key) == ("http://argilla.test:6900", secret)
+    (dataset,) = FakeDataset.instances
+    assert (dataset.name, dataset.workspace, dataset.client, dataset.created) == ("review-round-1", "clinic", client, 1)
+    settings = dataset.settings
+    assert isinstance(settings, rg.Settings)
+    assert [(type(q).__name__, q.name) for q in settings.questions] == [("LabelQuestion", "preferred"),
+                                                                         ("RatingQuestion", "confidence")]
+    assert settings.questions["preferred"].labels == ["left", "right", "tie"]
+    assert settings.questions["confidence"].values == list(range(11))
+    assert [f.name for f in settings.fields] == ["query", "response_left", "response_right"]
+    assert settings.distribution.min_submitted == 2
+    pairs = json.loads((run_dir / "review" / "argilla" / "records.json").read_text())
+    assert all(isinstance(r, rg.Record) for r in dataset.logged)
+    assert [r.id for r in dataset.logged] == [p["id"] for p in pairs]
+    assert [r.metadata["pair_id"] for r in dataset.logged] == [p["id"] for p in pairs]
+    assert [r.fields["response_right"] for r in dataset.logged] == [p["fields"]["response_right"] for p in pairs]
+    out = capsys.readouterr()
+    assert "review-round-1 created at http://argilla.test:6900 with 43 records" in out.out
+    written = "".join(p.read_text() for p in run_dir.rglob("*") if p.is_file())
+    assert secret not in out.out + out.err + written
+
+    # a refusal that quotes the key is one masked error
+    FakeDataset.fail_with = RuntimeError(f"401 for key {secret}")
+    assert main(["review", "export", str(run_dir), "--format", "argilla",
+                 "--argilla-url", "http://argilla.test:6900"]) == 2
+    error = capsys.readouterr().err
+    assert "Argilla did not create the review dataset: RuntimeError: 401 for key" in error
+    assert "http://argilla.test:6900" in error and secret not in error
+
+
+def test_argilla_client_needs_the_extra_the_key_and_the_format(run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]):
+    import subprocess
+    import sys
+
+    from persona_eval.cli import main
+    from persona_eval.errors import MissingDependencyError
+    from persona_eval.review import create_argilla_dataset
+
+    monkeypatch.setenv("ARGILLA_API_KEY", "argilla-key-5f1c9e0d7a")
+    monkeypatch.setitem(sys.modules, "argilla", None)  # what an environment without the extra sees
+    argv = ["review", "export", str(run_dir), "--format", "argilla", "--argilla-url", "http://argilla.test:6900"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert "needs the package 'argilla', which is not installed" in error
+    assert 'Install it with: pip install "persona-eval[argilla]"' in error
+    assert not (run_dir / "review").exists()  # stopped before writing anything
+    with pytest.raises(MissingDependencyError, match=r'pip install "persona-eval\[argilla\]"'):
+        create_argilla_dataset(run_dir, api_url="http://argilla.test:6900")
+    # the folder itself needs no extra
+    assert main(["review", "export", str(run_dir), "--format", "argilla"]) == 0
+    assert (run_dir / "review" / "argilla" / "records.json").exists()
+    monkeypatch.undo()
+
+    monkeypatch.delenv("ARGILLA_API_KEY", raising=False)
+    pytest.importorskip("argilla")
+    assert main(argv) == 2
+    assert "needs its API key in the environment variable ARGILLA_API_KEY" in capsys.readouterr().err
+    assert main(["review", "export", str(run_dir), "--argilla-url", "http://argilla.test:6900"]) == 2
+    assert "give it with --format argilla" in capsys.readouterr().err
+    # importing the package never imports the client
+    probe = subprocess.run([sys.executable, "-c", "import sys, persona_eval.review, persona_eval.cli; "
+                            "print('argilla' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "False"
+
+
+def test_argilla_rating_maps_onto_the_thresholds():
+    from persona_eval.review import THRESHOLDS, rating_confidence
+
+    medium = [r for r in range(11) if rating_confidence(r) >= THRESHOLDS["medium"]]
+    high = [r for r in range(11) if rating_confidence(r) >= THRESHOLDS["high"]]
+    assert (min(medium), min(high)) == (5, 8)  # 4 and 7 fall just below
+    assert (rating_confidence(0), rating_confidence(10)) == (0.0, 100.0)
