@@ -99,6 +99,8 @@ def _review_import(args: argparse.Namespace) -> int:
     from persona_eval.review import import_review
 
     result = import_review(args.run_dir, args.files)
+    for status, count in (result.get("skipped_responses") or {}).items():
+        print(f"note: {count} {status} Argilla response(s) left out", file=sys.stderr)
     preference = result.get("preference", {}).get("all", {}).get("all", {})
     print(f"clinician review: {preference.get('n', 0)} annotations read; results in "
           f"{Path(args.run_dir) / REVIEW_FILENAME}")
@@ -154,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     importer = review_commands.add_parser(
         "import", help=f"read filled annotation files; write {REVIEW_FILENAME} and update the report")
     importer.add_argument("run_dir", metavar="RUN_DIR")
-    importer.add_argument("files", metavar="FILES", nargs="+", help="annotation files (CSV or JSONL)")
+    importer.add_argument("files", metavar="FILES", nargs="+",
+                          help="filled pairs (CSV or JSONL) or Argilla exports (records.to_json .json or its "
+                               "to_disk folder, to_list(flatten=True) as .json, the Hugging Face export as .jsonl)")
     importer.set_defaults(handler=_review_import)
     return parser
 

@@ -28,6 +28,17 @@ overlap distribution of ARGILLA_MIN_SUBMITTED annotators per record), ``.argilla
 dataset's name) and ``records.json`` (``rg.Dataset.records.to_json``'s layout: one record per pair, the
 pair_id as the record id and in the metadata). ``create_argilla_dataset`` creates the same dataset
 through the Argilla client (the ``argilla`` extra: ``pip install "persona-eval[argilla]"``).
+
+``import_review`` reads the suite's filled CSV / JSON lines files and Argilla's own exports, telling
+them apart by their fields: ``dataset.records.to_json`` (a JSON array of nested records,
+``responses: {question: [{value, user_id}]}``), ``dataset.records.to_list(flatten=True)`` dumped as a JSON
+array, or the Hugging Face export (``dataset.records.to_datasets()`` written with ``to_json``: JSON lines
+of flattened records, ``preferred.responses`` / ``preferred.responses.users`` /
+``preferred.responses.status`` lists, the same for ``confidence``). An Argilla record becomes one
+annotation per responding user, the user id as the annotator; draft and discarded responses are left out
+and counted. A rating r of the 0-10 confidence question counts as confidence ``10 * r`` on the suite's
+0-100 scale (ARGILLA_RATING_SCALE), so the thresholds read: medium (>= 50) is a rating of 5 or more,
+high (>= 75) a rating of 8 or more (7 is 70, below it); ratings are whole numbers, so no rounding arises.
 """
 
 from __future__ import annotations
@@ -39,8 +50,8 @@ import json
 import math
 import os
 import random
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +112,7 @@ _ARGILLA_PREFERRED_LABELS: dict[str, str] = {"left": "LEFT is better", "right": 
 _ARGILLA_PREFERRED_TITLE = "Which response is better?"
 _ARGILLA_CONFIDENCE_TITLE = "How sure are you? 0 = a guess, 5 = fairly sure, 8 = confident, 10 = certain"
 _ARGILLA_PAIR_ID_TITLE = "Pair"
+_ARGILLA_STATUSES = ("submitted", "draft", "discarded")  # of a response; only submitted ones count
 
 _GUIDELINES = """\
 Clinician review: which of two responses is better?
@@ -503,15 +515,95 @@ def _read_json_document(path: Path) -> Any:
 # Import
 # ---------------------------------------------------------------------------------------------------------
 
-def _annotations(path: Path, key: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The annotation rows of one filled file, validated; DataError names file, line, row and field."""
+_ANNOTATION_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+def _json_array_records(text: str, shown: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The objects of a JSON array (Argilla's ``records.to_json``), each with the line it starts on."""
+    decoder = json.JSONDecoder()
+    position, line = 0, 1
+
+    def skip(at: int) -> int:
+        while at < len(text) and text[at] in " \t\r\n":
+            at += 1
+        return at
+
+    def line_of(at: int) -> int:
+        nonlocal position, line
+        line += text.count("\n", position, at)
+        position = at
+        return line
+
+    at = skip(0)
+    if text[at] != "[":
+        raise DataError("expected a JSON array of records (as Argilla's records.to_json writes)", path=shown,
+                        line=line_of(at))
+    at = skip(at + 1)
+    if at < len(text) and text[at] == "]":
+        return
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=shown, line=exc.lineno) from None
+        except RecursionError:
+            raise DataError("malformed JSON: nested too deeply", path=shown, line=line_of(at)) from None
+        if not isinstance(value, dict):
+            raise DataError(f"expected a JSON object (one record), got a {type(value).__name__}", path=shown,
+                            line=line_of(at))
+        yield line_of(at), value
+        at = skip(end)
+        if at < len(text) and text[at] == ",":
+            at = skip(at + 1)
+            continue
+        if at < len(text) and text[at] == "]" and skip(at + 1) == len(text):
+            return
+        raise DataError("malformed JSON: expected ',' or the closing ']' of the array", path=shown,
+                        line=line_of(min(at, len(text))))
+
+
+def _layout(record: Mapping[str, Any]) -> str:
+    """``argilla-nested`` (records.to_json), ``argilla-flat`` (to_list(flatten=True), the Hugging Face
+    export) or ``suite`` (the suite's own filled pairs)."""
+    if isinstance(record.get("fields"), dict) and "responses" in record:
+        return "argilla-nested"
+    if "_server_id" in record or any(str(name).endswith(".responses") for name in record):
+        return "argilla-flat"
+    return "suite"
+
+
+def _annotations(path: Path, key: Mapping[str, Mapping[str, Any]]) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """The annotation rows of one filled file or Argilla export, validated, and the number of responses
+    left out by status (draft, discarded); DataError names file, line, row (or record) and field."""
+    if path.is_dir() and (path / "records.json").is_file():
+        path = path / "records.json"  # a folder written by Argilla's Dataset.to_disk
     shown = str(path)
     suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
-        raise DataError(f"unsupported file type {path.suffix or '(no extension)'!r}; supported: .csv, .jsonl",
-                        path=shown)
+    if suffix not in _ANNOTATION_SUFFIXES:
+        raise DataError(f"unsupported file type {path.suffix or '(no extension)'!r}; supported: "
+                        f"{', '.join(_ANNOTATION_SUFFIXES)}", path=shown)
     text = read_text(path, shown)
-    records = csv_records(text, shown) if suffix == ".csv" else jsonl_records(text, shown)
+    if suffix == ".csv":
+        records: Iterator[tuple[int, dict[str, Any]]] = csv_records(text, shown)
+    elif suffix == ".jsonl":
+        records = jsonl_records(text, shown)
+    else:
+        records = _json_array_records(text, shown)
+    first = next(records, None)
+    if first is None:
+        raise DataError("no annotation rows in the file", path=shown)
+    layout = _layout(first[1])
+    everything = [first, *records]
+    if layout == "suite":
+        return _suite_rows(everything, key, shown), Counter()
+    if suffix == ".csv":
+        raise DataError("this looks like an Argilla export; read it as JSON (records.to_json, or the Hugging "
+                        "Face export's to_json), not CSV", path=shown, line=first[0])
+    return _argilla_rows(everything, key, shown, layout)
+
+
+def _suite_rows(records: Sequence[tuple[int, Mapping[str, Any]]], key: Mapping[str, Mapping[str, Any]], shown: str
+                ) -> list[dict[str, Any]]:
     rows = []
     for row_number, (line, record) in enumerate(records, start=1):
         def error(message: str, field: str, line: int = line, row_number: int = row_number) -> DataError:
@@ -547,9 +639,111 @@ def _annotations(path: Path, key: Mapping[str, Mapping[str, Any]]) -> list[dict[
             raise error(f"expected a number from 0 to 100, got {raw!r}", "confidence")
         rows.append({"pair_id": pair_id, "annotator": annotator, "preferred": preferred,
                      "confidence": confidence, "source": f"{shown}:{line}"})
-    if not rows:
-        raise DataError("no annotation rows in the file", path=shown)
     return rows
+
+
+def _argilla_responses(record: Mapping[str, Any], question: str, layout: str,
+                       error: Any) -> list[tuple[str, Any, str | None, str]]:
+    """(user id, value, status, field) of each response to `question` in one exported record."""
+    if layout == "argilla-flat":
+        field = f"{question}.responses"
+        values = record.get(field)
+        users = record.get(f"{field}.users")
+        statuses = record.get(f"{field}.status")
+        if values is None and users is None:
+            return []
+        for name, column in ((field, values), (f"{field}.users", users)):
+            if not isinstance(column, list):
+                raise error(f"expected a list (one entry per responding user), got {column!r}", name)
+        assert isinstance(values, list) and isinstance(users, list)
+        if len(users) != len(values):
+            raise error(f"{len(values)} response(s) but {len(users)} user(s) in {field}.users", f"{field}.users")
+        if statuses is None:
+            statuses = [None] * len(values)
+        if not isinstance(statuses, list) or len(statuses) != len(values):
+            raise error(f"expected a list of {len(values)} status(es), got {statuses!r}", f"{field}.status")
+        return [(user, value, status, field) for user, value, status in zip(users, values, statuses, strict=True)]
+    field = f"responses.{question}"
+    responses = record.get("responses") or {}
+    if not isinstance(responses, dict):
+        raise error(f"expected an object of responses by question, got {responses!r}", "responses")
+    given = responses.get(question) or []
+    if not isinstance(given, list) or not all(isinstance(r, dict) for r in given):
+        raise error(f"expected a list of {{value, user_id}} objects, got {given!r}", field)
+    return [(r.get("user_id"), r.get("value"), r.get("status"), field) for r in given]
+
+
+def _rating(value: Any) -> int | None:
+    """A 0-10 rating as Argilla stores it (an integer; 7.0 from a float column is 7), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value in ARGILLA_RATINGS else None
+
+
+def _argilla_rows(records: Sequence[tuple[int, Mapping[str, Any]]], key: Mapping[str, Mapping[str, Any]],
+                  shown: str, layout: str) -> tuple[list[dict[str, Any]], Counter[str]]:
+    rows: list[dict[str, Any]] = []
+    skipped: Counter[str] = Counter()
+    for record_number, (line, record) in enumerate(records, start=1):
+        def error(message: str, field: str, line: int = line, record_number: int = record_number) -> DataError:
+            return DataError(f"record {record_number}: {message}", path=shown, line=line, field=field)
+
+        if _layout(record) != layout:
+            raise error(f"not in the layout of the file's first record ({layout})", "responses")
+        metadata = record.get("metadata") if layout == "argilla-nested" else record
+        metadata = metadata if isinstance(metadata, dict) else {}
+        pair_field = "pair_id" if layout == "argilla-flat" else "metadata.pair_id"
+        raw_pair = metadata.get("pair_id")
+        if raw_pair in (None, ""):
+            raw_pair, pair_field = record.get("id"), "id"
+        pair_id = str(raw_pair).strip() if raw_pair is not None else ""
+        if not pair_id:
+            raise error("missing; every record needs the pair_id of the exported pair (metadata or id)", "pair_id")
+        if pair_id not in key:
+            raise error(f"unknown pair_id {pair_id!r}: not in the review key of this run", pair_field)
+
+        by_user: dict[str, dict[str, tuple[Any, str | None, str]]] = {}
+        for question in ("preferred", "confidence"):
+            for user, value, status, field in _argilla_responses(record, question, layout, error):
+                if user in (None, ""):
+                    raise error("a response without its user id", f"{field}.users" if layout == "argilla-flat"
+                                else f"{field}.user_id")
+                if status is not None and status not in _ARGILLA_STATUSES:
+                    raise error(f"unknown response status {status!r}; expected one of "
+                                f"{', '.join(_ARGILLA_STATUSES)}", f"{field}.status")
+                answers = by_user.setdefault(str(user), {})
+                if question in answers:
+                    raise error(f"user {user} answered {question!r} twice", field)
+                answers[question] = (value, status, field)
+        for user, answers in by_user.items():
+            statuses = {status for _, status, _ in answers.values()}
+            left_out = next((s for s in ("discarded", "draft") if s in statuses), None)
+            if left_out is not None:
+                skipped[left_out] += 1
+                continue
+            for question in ("preferred", "confidence"):
+                if question not in answers:
+                    other = "confidence" if question == "preferred" else "preferred"
+                    raise error(f"user {user} submitted {other!r} but no {question!r}",
+                                f"{question}.responses" if layout == "argilla-flat" else f"responses.{question}")
+            value, _, field = answers["preferred"]
+            preferred = str(value).strip().lower() if isinstance(value, str) else ""
+            if preferred not in PREFERENCES:
+                raise error(f"user {user}: expected left, right or tie, got {value!r}", field)
+            value, _, field = answers["confidence"]
+            rating = _rating(value)
+            if rating is None:
+                raise error(f"user {user}: expected a whole-number rating from 0 to 10, got {value!r}", field)
+            rows.append({"pair_id": pair_id, "annotator": user, "preferred": preferred,
+                         "confidence": rating_confidence(rating), "source": f"{shown}:{line}"})
+    if not rows:
+        counted = ", ".join(f"{count} {status}" for status, count in sorted(skipped.items()))
+        raise DataError("no submitted responses in this Argilla export"
+                        + (f" ({counted} left out)" if counted else "")
+                        + "; export the records with their responses", path=shown)
+    return rows, skipped
 
 
 def _share(count: int, total: int) -> float | None:
@@ -583,10 +777,15 @@ def import_review(run_dir: str | Path, files: Sequence[str | Path], *, key_path:
     """Read filled annotation files, compare clinicians with each other and with the judges, write
     ``RUN_DIR/review_results.json`` and return it.
 
-    Files are CSV (with a header) or JSON lines, one per annotator or several annotators in one file;
-    each row needs pair_id, annotator, preferred (left / right / tie) and confidence (0-100); other
-    columns are ignored. A malformed or incomplete row, an unknown pair_id, or the same pair twice from
-    one annotator raises DataError naming the file, line, row and field.
+    Files are the suite's own or Argilla's exports, told apart by their fields (see the module
+    docstring). The suite's: CSV (with a header) or JSON lines, one per annotator or several annotators
+    in one file; each row needs pair_id, annotator, preferred (left / right / tie) and confidence
+    (0-100); other columns are ignored. Argilla's: ``records.to_json`` (.json, or the folder of
+    ``Dataset.to_disk``), ``records.to_list(flatten=True)`` as a JSON array (.json), or the Hugging Face
+    export as JSON lines (.jsonl); each submitted response of a user is one annotation, its 0-10 rating
+    r read as confidence 10 * r. A malformed or incomplete row or record, an unknown pair_id, a rating
+    outside 0-10, or the same pair twice from one annotator raises DataError naming the file, line, row
+    (or record) and field.
 
     The result (thresholds "all" >= 0, "medium" >= 50, "high" >= 75 confidence):
 
@@ -598,6 +797,7 @@ def import_review(run_dir: str | Path, files: Sequence[str | Path], *, key_path:
     - ``judge_agreement``: {threshold: {"n", "agree", "agreement", "ties", "agreement_excluding_ties",
       "kappa", "pvalue", "reason"}}: how often the clinicians chose the judges' consensus side.
     - ``annotators``, ``n_annotations``, ``n_pairs``, ``unannotated_pairs``, ``files``.
+    - ``skipped_responses``: {status: count} of the Argilla responses left out (draft, discarded).
     """
     run_dir = Path(run_dir)
     key_file = Path(key_path) if key_path is not None else run_dir / "review" / "review_key.jsonl"
@@ -606,8 +806,11 @@ def import_review(run_dir: str | Path, files: Sequence[str | Path], *, key_path:
         raise DataError("no annotation files given")
     rows: list[dict[str, Any]] = []
     seen: dict[tuple[str, str], str] = {}
+    skipped: Counter[str] = Counter()
     for file in files:
-        for row in _annotations(Path(file), key):
+        file_rows, file_skipped = _annotations(Path(file), key)
+        skipped.update(file_skipped)
+        for row in file_rows:
             previous = seen.get((row["annotator"], row["pair_id"]))
             if previous is not None:
                 path, _, line = row["source"].rpartition(":")
@@ -663,6 +866,7 @@ def import_review(run_dir: str | Path, files: Sequence[str | Path], *, key_path:
         "clinician_kappa": clinician_kappa,
         "judge_agreement": judge_agreement,
         "min_kappa_items": MIN_KAPPA_ITEMS,
+        "skipped_responses": dict(sorted(skipped.items())),
     }
     write_json(run_dir / REVIEW_FILENAME, result)
     return result

@@ -358,6 +358,11 @@ def test_review_commands_round_trip(run_dir: Path, tmp_path: Path, capsys: pytes
 
 # -- Argilla ---------------------------------------------------------------------------------------------
 
+DATA = Path(__file__).resolve().parent / "data"
+USER_A, USER_B, USER_C = ("a1111111-1111-4111-8111-111111111111", "b2222222-2222-4222-8222-222222222222",
+                          "c3333333-3333-4333-8333-333333333333")
+
+
 class FakeArgilla:
     """Stands in for rg.Argilla: the settings objects need a client's API handles, never a server."""
 
@@ -551,3 +556,201 @@ def test_argilla_rating_maps_onto_the_thresholds():
     high = [r for r in range(11) if rating_confidence(r) >= THRESHOLDS["high"]]
     assert (min(medium), min(high)) == (5, 8)  # 4 and 7 fall just below
     assert (rating_confidence(0), rating_confidence(10)) == (0.0, 100.0)
+
+
+def suite_rows(annotations: list[tuple[str, str, str, int]]) -> list[dict[str, Any]]:
+    """(annotator, pair_id, preferred, rating) as the suite's own filled rows (confidence 10 x rating)."""
+    return [{"pair_id": pair, "annotator": who, "preferred": preferred, "confidence": 10 * rating}
+            for who, pair, preferred, rating in annotations]
+
+
+def comparable(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k not in ("files", "skipped_responses")}
+
+
+HAND_FIXTURE = [(USER_A, "safety-001", "left", 9), (USER_B, "safety-001", "tie", 5),
+                (USER_A, "safety-002", "right", 8), (USER_B, "safety-002", "right", 4),
+                (USER_A, "safety-003", "left", 7)]
+
+
+@pytest.mark.parametrize(("name", "skipped"), [("argilla_export_hf.jsonl", {"discarded": 1, "draft": 1}),
+                                               ("argilla_records.json", {})])
+def test_argilla_hand_written_exports_read_as_the_same_annotations(run_dir: Path, tmp_path: Path, exported: Any,
+                                                                   name: str, skipped: dict[str, int]):
+    suite = import_review(run_dir, [write_csv(tmp_path / "same.csv", suite_rows(HAND_FIXTURE))])
+    result = import_review(run_dir, [DATA / name])
+    assert comparable(result) == comparable(suite)
+    assert result["skipped_responses"] == skipped and suite["skipped_responses"] == {}
+    assert result["annotators"] == [USER_A, USER_B] and result["n_annotations"] == 5
+    # the rating boundaries, through the whole import: 9, 5, 8 are medium; 9 and 8 high; 4 and 7 neither
+    assert [result["judge_agreement"][t]["n"] for t in ("all", "medium", "high")] == [5, 4, 2]
+    assert "safety-004" in result["unannotated_pairs"]
+
+
+def argilla_records_with_responses(records: list[dict[str, Any]], key: dict[str, dict[str, Any]],
+                                   users: dict[str, Callable[[int, dict[str, Any]], tuple[str, int]]],
+                                   *, unfinished: bool) -> list[Any]:
+    """The exported records as Argilla holds them once annotated: rg.Record with rg.Response objects."""
+    import argilla as rg
+
+    annotated = []
+    for index, document in enumerate(records):
+        record = rg.Record.from_dict(document)
+        for user, choose in users.items():
+            preferred, rating = choose(index, key[record.id])
+            record.responses.add(rg.Response("preferred", preferred, user_id=user, status="submitted"))
+            record.responses.add(rg.Response("confidence", rating, user_id=user, status="submitted"))
+        if unfinished and index % 4 == 0:
+            record.responses.add(rg.Response("preferred", "left", user_id=USER_C, status="draft"))
+        if unfinished and index % 4 == 1:
+            record.responses.add(rg.Response("preferred", None, user_id=USER_C, status="discarded"))
+        annotated.append(record)
+    return annotated
+
+
+def rating_a(index: int, entry: dict[str, Any]) -> tuple[str, int]:
+    """Agrees with the judges on two pairs in three; ratings 9, 6, 2 in turn."""
+    side = judge_side(entry) if index % 3 else flip(judge_side(entry))
+    return side, (9, 6, 2)[index % 3]
+
+
+def rating_b(index: int, entry: dict[str, Any]) -> tuple[str, int]:
+    """Agrees with A except on every fifth pair (a tie); ratings on the threshold boundaries 4, 5, 7, 8."""
+    side, _ = rating_a(index, entry)
+    return ("tie" if index % 5 == 0 else side), (4, 5, 7, 8)[index % 4]
+
+
+def test_argilla_round_trip_equals_the_suite_layout(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """export --format argilla -> annotate as Argilla holds it -> each of Argilla's export layouts -> import:
+    the same results as the same annotations in the suite's own layout."""
+    from types import SimpleNamespace
+
+    import argilla as rg
+    from argilla.records._io import GenericIO, HFDatasetsIO, JsonIO
+
+    from persona_eval.review import argilla_settings
+
+    paths = export_review(run_dir, format="argilla")
+    key = {e["pair_id"]: e for e in read_jsonl(paths["key"])}
+    records = json.loads(paths["argilla_records"].read_text())
+    users = {USER_A: rating_a, USER_B: rating_b}
+    expected_rows = suite_rows([(user, record["id"], *choose(index, key[record["id"]]))
+                                for user, choose in users.items() for index, record in enumerate(records)])
+    expected = import_review(run_dir, [write_csv(tmp_path / "suite.csv", expected_rows)])
+    assert expected["n_annotations"] == 86
+
+    client = offline_client(monkeypatch)
+    annotated = argilla_records_with_responses(records, key, users, unfinished=True)
+    flat = tmp_path / "flat.json"  # dataset.records.to_list(flatten=True), dumped
+    flat.write_text(json.dumps(GenericIO.to_list(annotated, flatten=True)))
+    hub = tmp_path / "hub.jsonl"  # dataset.records.to_datasets(), written by the datasets library
+    schema = argilla_settings(rg, client).schema
+    HFDatasetsIO.to_datasets(annotated, SimpleNamespace(schema=schema)).to_json(str(hub))
+    nested = tmp_path / "nested"  # dataset.to_disk: records.to_json in a folder (responses without status)
+    nested.mkdir()
+    JsonIO.to_json(argilla_records_with_responses(records, key, users, unfinished=False), nested / "records.json")
+
+    for source, skipped in ((flat, {"discarded": 11, "draft": 11}), (hub, {"discarded": 11, "draft": 11}),
+                            (nested, {})):
+        result = import_review(run_dir, [source])
+        assert comparable(result) == comparable(expected), source
+        assert result["skipped_responses"] == skipped
+    for name in ("all", "medium", "high"):
+        assert expected["judge_agreement"][name]["n"] > 0
+    # B's 7s count as medium and not high; B's 8s count as high
+    b_high = sum(1 for r in expected_rows if r["annotator"] == USER_B and r["confidence"] >= 75)
+    assert b_high == sum(1 for index in range(len(records)) if index % 4 == 3)
+
+
+def hand_records() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (DATA / "argilla_export_hf.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("edit", "field", "message"), [
+    (lambda r: r["confidence.responses"].__setitem__(0, 11), "confidence.responses",
+     "expected a whole-number rating from 0 to 10, got 11"),
+    (lambda r: r["confidence.responses"].__setitem__(0, -1), "confidence.responses", "got -1"),
+    (lambda r: r["confidence.responses"].__setitem__(0, 7.5), "confidence.responses", "got 7.5"),
+    (lambda r: r["confidence.responses"].__setitem__(0, "high"), "confidence.responses", "got 'high'"),
+    (lambda r: r["confidence.responses"].__setitem__(0, True), "confidence.responses", "got True"),
+    (lambda r: r["preferred.responses"].__setitem__(0, "maybe"), "preferred.responses",
+     "expected left, right or tie, got 'maybe'"),
+    (lambda r: r["preferred.responses.users"].pop(), "preferred.responses.users", "2 response(s) but 1 user(s)"),
+    (lambda r: r.update({"preferred.responses.users": "someone"}), "preferred.responses.users",
+     "expected a list (one entry per responding user), got 'someone'"),
+    (lambda r: r["preferred.responses.status"].__setitem__(0, "pending"), "preferred.responses.status",
+     "unknown response status 'pending'"),
+    (lambda r: r.update({"confidence.responses": [4], "confidence.responses.users": [USER_A],
+                         "confidence.responses.status": ["submitted"]}),
+     "confidence.responses", f"user {USER_B} submitted 'preferred' but no 'confidence'"),
+    (lambda r: r.update(pair_id="safety-999", id="safety-999"), "pair_id", "unknown pair_id 'safety-999'"),
+    (lambda r: r.update(pair_id=None, id=None), "pair_id", "missing; every record needs the pair_id"),
+])
+def test_bad_argilla_export_lines_name_file_line_and_field(run_dir: Path, tmp_path: Path, exported: Any,
+                                                           edit: Callable[[dict[str, Any]], None], field: str,
+                                                           message: str):
+    records = hand_records()
+    edit(records[1])
+    path = tmp_path / "export.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError) as caught:
+        import_review(run_dir, [path])
+    assert str(caught.value).startswith(f"{path}:2: field '{field}': record 2: ")
+    assert message in str(caught.value)
+    assert (caught.value.path, caught.value.line, caught.value.field) == (str(path), 2, field)
+    assert not (run_dir / "review_results.json").exists()
+
+
+def test_bad_argilla_json_files(run_dir: Path, tmp_path: Path, exported: Any):
+    records = json.loads((DATA / "argilla_records.json").read_text())
+    records[2]["responses"]["confidence"][0]["value"] = 12
+    # one record per line, so that each starts on its own line (records.to_json writes them all on one)
+    bad = tmp_path / "records.json"
+    bad.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
+    with pytest.raises(DataError, match=r"records\.json:4: field 'responses\.confidence': record 3: user "
+                                        rf"{USER_A}: expected a whole-number rating from 0 to 10, got 12"):
+        import_review(run_dir, [bad])
+    one_line = tmp_path / "one_line.json"
+    one_line.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"one_line\.json:1: field 'responses\.confidence': record 3: "):
+        import_review(run_dir, [one_line])
+    broken = tmp_path / "broken.json"
+    broken.write_text("[\n" + json.dumps(records[0]) + ",\n{\"id\": ,}\n]\n")
+    with pytest.raises(DataError, match=r"broken\.json:3: malformed JSON: Expecting value \(column 8\)"):
+        import_review(run_dir, [broken])
+    unclosed = tmp_path / "unclosed.json"
+    unclosed.write_text("[\n" + json.dumps(records[0]) + "\n" + json.dumps(records[1]) + "]")
+    with pytest.raises(DataError, match=r"unclosed\.json:3: malformed JSON: expected ',' or the closing"):
+        import_review(run_dir, [unclosed])
+    not_array = tmp_path / "object.json"
+    not_array.write_text(json.dumps(records[0]))
+    with pytest.raises(DataError, match=r"object\.json:1: expected a JSON array of records"):
+        import_review(run_dir, [not_array])
+    nothing = tmp_path / "unanswered.json"
+    nothing.write_text(json.dumps([records[3]]))
+    with pytest.raises(DataError, match=r"unanswered\.json: no submitted responses in this Argilla export"):
+        import_review(run_dir, [nothing])
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(hand_records()[0]) + "\n"
+                     + json.dumps({"pair_id": "safety-002", "annotator": "A", "preferred": "left", "confidence": 5})
+                     + "\n")
+    with pytest.raises(DataError, match=r"mixed\.jsonl:2: field 'responses': record 2: not in the layout"):
+        import_review(run_dir, [mixed])
+    as_csv = tmp_path / "hub.csv"
+    as_csv.write_text("id,_server_id,preferred.responses\nsafety-001,x,['left']\n")
+    with pytest.raises(DataError, match=r"hub\.csv:2: this looks like an Argilla export; read it as JSON"):
+        import_review(run_dir, [as_csv])
+    # the same user twice on one pair, across two exports, is caught as for the suite's files
+    with pytest.raises(DataError, match=rf"annotator '{USER_A}' rated pair 'safety-001' twice"):
+        import_review(run_dir, [DATA / "argilla_records.json", DATA / "argilla_export_hf.jsonl"])
+
+
+def test_review_import_command_reads_an_argilla_export(run_dir: Path, exported: Any,
+                                                       capsys: pytest.CaptureFixture[str]):
+    from persona_eval.cli import main
+
+    assert main(["review", "import", str(run_dir), str(DATA / "argilla_export_hf.jsonl")]) == 0
+    out = capsys.readouterr()
+    assert "5 annotations read" in out.out
+    assert "note: 1 discarded Argilla response(s) left out" in out.err
+    assert "note: 1 draft Argilla response(s) left out" in out.err
