@@ -8,7 +8,8 @@
   where the metric is undefined or not available) and ``note`` (why, or None); the values of
   summary.json's ``results``.
 - ``comparisons``: one row per paired comparison (summary.json's ``comparisons``): persona against a
-  control or the approved run, ``delta``, interval, p-values, ``significant``.
+  control or the approved run, ``delta``, interval, p-values, ``significant`` (a nullable boolean: <NA>
+  where no comparison could be made).
 - ``checks``: one row per bound checked, and ``regressions`` one per regression rule, with ``status``
   ("pass", "fail", "skipped") and ``blocking``; the bound or rule itself in flat columns.
 - ``cases``: one row per case record of cases.jsonl, with ``prob_<label>`` columns for the label
@@ -83,8 +84,11 @@ def load_run(path: str | Path) -> RunFrames:
     summary = read_json(summary_path)
     cases_path = folder / "cases.jsonl"
     records = read_jsonl(cases_path) if cases_path.is_file() else []
-    return RunFrames(metrics=_metrics_frame(summary.get("results") or []),
-                     comparisons=pd.DataFrame(summary.get("comparisons") or []),
+    comparisons = pd.DataFrame(summary.get("comparisons") or [])
+    if "significant" in comparisons:
+        # A comparison that could not be made (e.g. a metric not reported) is neither: pandas' nullable boolean.
+        comparisons["significant"] = comparisons["significant"].astype("boolean")
+    return RunFrames(metrics=_metrics_frame(summary.get("results") or []), comparisons=comparisons,
                      # The bound or rule of each entry spread into bound_<key> / rule_<key> columns.
                      checks=pd.json_normalize(summary.get("checks") or [], sep="_", max_level=1),
                      regressions=pd.json_normalize(summary.get("regressions") or [], sep="_", max_level=1),

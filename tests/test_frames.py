@@ -50,7 +50,9 @@ def test_comparisons_checks_and_cases_are_frames_of_their_files(run_dir: Path) -
     run = load_run(run_dir / "summary.json")  # the summary file names its run too
     summary = run.summary
     assert len(run.comparisons) == len(summary["comparisons"])
-    assert run.comparisons["significant"].dtype == bool
+    assert run.comparisons["significant"].dtype == "boolean"
+    # A comparison that could not be made is <NA>, exactly where summary.json has null.
+    assert list(run.comparisons["significant"].isna()) == [c["significant"] is None for c in summary["comparisons"]]
     assert len(run.checks) == len(summary["checks"]) and {"bound_metric", "bound_max", "status"} <= set(run.checks)
     assert len(run.regressions) == len(summary["regressions"]) and "rule_tolerance" in run.regressions
     cases = json.loads((GOLDEN / "cases.json").read_text())

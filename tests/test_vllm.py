@@ -36,8 +36,9 @@ DATASET = REPO / "fixtures" / "triage" / "vignettes.jsonl"
 SERVED = "smollm2"
 CPU_BUDGET = 32
 SECRET = "sk-persona-eval-test-6f1d0c9a8b7e"
-# fp32 on 2 CPU cores: the largest difference measured was 2.3e-5 (32 cases, all texts identical).
-PROBABILITY_TOLERANCE = 5e-4
+# fp32 on 2 CPU cores, study template: the largest difference measured at the answer letter was 7.2e-4 (32
+# cases, all texts identical; vLLM gives the top 20 log-probabilities, transformers all of them).
+PROBABILITY_TOLERANCE = 1e-3
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -176,7 +177,8 @@ def test_cross_check_with_the_transformers_backend(project, vllm_server, record_
         compared += 1
     record_property("largest_probability_difference", largest)
     record_property("compared_cases", compared)
-    print(f"\ncross-check: {compared} cases with label probabilities, largest difference {largest:.2e}; "
+    print(f"\ncross-check: {compared} cases with label probabilities, largest difference {largest:.2e} "
+          f"(latent {largest_latent:.2e}); "
           f"{same_text}/{len(by_model['vllm'])} generated texts identical")
     assert compared >= 0.9 * len(by_model["vllm"])
     assert largest <= PROBABILITY_TOLERANCE
