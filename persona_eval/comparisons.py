@@ -501,7 +501,7 @@ def compare_personas(records: Iterable[Mapping[str, Any]], *, baselines: Sequenc
         controls = [c for name in baselines for c in here if c.persona == name]
         if not controls:
             continue
-        for stratum in _spec(task).report_strata:
+        for stratum in _spec(task).report_strata_of(row["stratum"] for c in here for row in c.rows.values()):
             pairs = []
             case_ids = controls[0].case_ids(stratum)
             if not case_ids:
@@ -613,7 +613,7 @@ def compare_to_approved(candidate: Iterable[Mapping[str, Any]], approved: Iterab
             for persona in references:
                 if all(c.persona != persona for c in personas):
                     skipped.append(f"{task} / {persona}: in the approved baseline but not run now")
-            for stratum in _spec(task).report_strata:
+            for stratum in _spec(task).report_strata_of(row["stratum"] for c in personas for row in c.rows.values()):
                 pairs: list[_Pair] = []
                 case_order: list[str] | None = None
                 for condition in personas:

@@ -11,6 +11,11 @@ Parquet file (``.parquet``) or a folder written by Hugging Face ``datasets``' ``
     the common vignette-benchmark layout: ``case_description`` and ``urgency_level`` (em -> C,
     ne -> B, sc -> A); ``id``, ``rationale`` and ``stratum`` are optional.
 
+A stratum is any name the dataset uses (``paediatrics``, ``telehealth``): the study's two,
+``emergency`` and ``primary_care``, are the fixture set's, not the only ones (see stratum_problem for
+what a name may be). A file whose lines carry no stratum takes a default one (``stratum=``;
+``--pe-dataset triage:STRATUM=PATH`` on the command line).
+
 Safety queries come as ``.jsonl``, ``.parquet`` or a ``datasets`` folder.
 
 Conventions shared by every loader here: blank lines (and all-empty CSV rows) are skipped, but line
@@ -79,6 +84,7 @@ __all__ = [
     "load_safety_queries",
     "load_triage_cases",
     "read_text",
+    "stratum_problem",
 ]
 
 FORMATS: tuple[str, ...] = ("project", "vignette")
@@ -118,6 +124,7 @@ _LAYOUT_FIELDS: dict[str, tuple[str, ...]] = {
 _NEAR_MISS_MIN_CHARS = 5
 _NEAR_MISS_CUTOFF = 0.8
 _IRREGULAR_PLURALS = {"strata": "stratum"}
+_STRATUM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 # How the size error names a field's value.
 _FIELD_NOUNS = {"text": "case text", "case_description": "case text", "content": "query text"}
 
@@ -305,16 +312,57 @@ def _identifier(record: Mapping[str, Any], where: _Where, default: str | None = 
     return value.strip()
 
 
-def _stratum(record: Mapping[str, Any], where: _Where, default: str | None) -> str:
+def stratum_problem(name: str) -> str | None:
+    """Why `name` cannot be a triage stratum, or None when it can.
+
+    A dataset may use any strata of its own (``paediatrics``, ``telehealth``, ``site-b``): letters,
+    digits, ``_`` and ``-``, at most 64 characters, but not ``all`` (the report's row over every case),
+    and not a near miss of the study's strata (``Emergency``, ``primary care``, ``emergancy``), which
+    would otherwise split the cases of one stratum in two and leave its bounds unchecked.
+
+    >>> stratum_problem("paediatrics") is None, stratum_problem("primary-care")
+    (True, "looks like a mistake for the stratum 'primary_care'; write it as 'primary_care'")
+    """
+    if not _STRATUM_NAME.match(name):
+        return ("a stratum is letters, digits, '_' and '-' (at most 64 characters, starting with a letter or "
+                "a digit)")
+    if name.lower() == "all":
+        return "'all' is the report's row over every case, not a stratum"
+    for known in STRATA:
+        if name != known and (_field_key(name) == known
+                              or difflib.SequenceMatcher(None, name.lower(), known).ratio() >= _NEAR_MISS_CUTOFF):
+            return f"looks like a mistake for the stratum {known!r}; write it as {known!r}"
+    return None
+
+
+class _Strata:
+    """The strata one file uses: each name checked once, and two spellings of one name refused."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, tuple[str, str]] = {}  # folded name -> (name, where first seen)
+        self.checked: set[str] = set()
+
+    def check(self, name: str, where: _Where) -> str:
+        if name not in self.checked:
+            problem = stratum_problem(name)
+            if problem is not None:
+                raise where.error(f"stratum {name!r}: {problem}", "stratum")
+            self.checked.add(name)
+        seen, at = self.first.setdefault(_field_key(name), (name, where.source))
+        if seen != name:
+            raise where.error(f"stratum {name!r} is another spelling of {seen!r} (first seen at {at}); "
+                              "one stratum needs one name", "stratum")
+        return name
+
+
+def _stratum(record: Mapping[str, Any], where: _Where, default: str | None, strata: _Strata) -> str:
     if not _present(record, "stratum"):
         if default is None:
             raise _missing(record, "stratum", where,
-                           "; give it on each line or pass stratum= to load_triage_cases")
+                           "; give it on each line, or a default for the file: --pe-dataset triage:STRATUM=PATH "
+                           "(stratum= of load_triage_cases)")
         return default
-    value = _text(record, "stratum", where)
-    if value not in STRATA:
-        raise where.error(f"unknown stratum {value!r}; allowed: {', '.join(STRATA)}", "stratum")
-    return value
+    return strata.check(_text(record, "stratum", where), where)
 
 
 def _reference(record: Mapping[str, Any], where: _Where) -> str:
@@ -401,9 +449,9 @@ def _intake(record: Mapping[str, Any], where: _Where) -> dict[str, Any] | None:
     return intake
 
 
-def _project_case(record: Record, where: _Where, stratum: str | None) -> TriageCase:
+def _project_case(record: Record, where: _Where, stratum: str | None, strata: _Strata) -> TriageCase:
     case_id = _identifier(record, where)
-    case_stratum = _stratum(record, where, stratum)
+    case_stratum = _stratum(record, where, stratum, strata)
     reference = _reference(record, where)
     rationale = _text(record, "rationale", where)
     intake = _intake(record, where)
@@ -421,9 +469,9 @@ def _project_case(record: Record, where: _Where, stratum: str | None) -> TriageC
                       text=text, source=where.source, intake=intake)
 
 
-def _vignette_case(record: Record, where: _Where, stratum: str | None, stem: str) -> TriageCase:
+def _vignette_case(record: Record, where: _Where, stratum: str | None, stem: str, strata: _Strata) -> TriageCase:
     case_id = _identifier(record, where, default=f"{stem}-{where.line}")
-    case_stratum = _stratum(record, where, stratum)
+    case_stratum = _stratum(record, where, stratum, strata)
     reference = _urgency(record, where)
     rationale = _optional_text(record, "rationale", where, default="")
     text = _text(record, "case_description", where)
@@ -790,8 +838,8 @@ def load_triage_cases(path: str | os.PathLike[str], *, stratum: str | None = Non
     """
     if format is not None and format not in FORMATS:
         raise ConfigError(unknown_name_message("dataset format", format, FORMATS))
-    if stratum is not None and stratum not in STRATA:
-        raise ConfigError(unknown_name_message("stratum", stratum, STRATA))
+    if stratum is not None and (problem := stratum_problem(stratum)) is not None:
+        raise ConfigError(f"default stratum {stratum!r}: {problem}")
     shown, file = str(path), Path(path)
     kind = _source_kind(file, shown, _TRIAGE_SUFFIXES)
     unit = _unit(kind)
@@ -800,6 +848,7 @@ def load_triage_cases(path: str | os.PathLike[str], *, stratum: str | None = Non
     fields: _LayoutFields | None = None
     cases: list[TriageCase] = []
     first_line: dict[str, int] = {}
+    strata = _Strata()
     with contextlib.closing(_read(file, shown, kind)) as records:
         for number, record in records:
             where = _Where(shown, number, unit)
@@ -809,9 +858,9 @@ def load_triage_cases(path: str | os.PathLike[str], *, stratum: str | None = Non
                 fields = _LayoutFields(layout)
             fields.check(record, where)
             if layout == "vignette":
-                case = _vignette_case(record, where, stratum, file.stem)
+                case = _vignette_case(record, where, stratum, file.stem, strata)
             else:
-                case = _project_case(record, where, stratum)
+                case = _project_case(record, where, stratum, strata)
             if case.id in first_line:
                 raise where.error(f"duplicate id {case.id!r} (first seen at {unit} {first_line[case.id]})", "id")
             first_line[case.id] = number

@@ -259,7 +259,7 @@ def _value(number: float) -> float | None:
 def triage_metrics(records: Sequence[Mapping[str, Any]], *, logprobs_available: bool = True,
                    spec: TaskSpec = triage.SPEC, consistency_note: str | None = None) -> dict[str, dict[str, Any]]:
     """Every metric of a classification task (by default triage) for each of its report strata ("all",
-    "emergency", "primary_care").
+    "emergency", "primary_care", or those the records' dataset uses: TaskSpec.open_strata).
 
     Returns {stratum: {"n": int, "metrics": {name: float | None}, "notes": {name: reason}}}. A metric is
     None with a note when it is undefined on these cases (e.g. risk sensitivity with no errors) or not
@@ -267,7 +267,7 @@ def triage_metrics(records: Sequence[Mapping[str, Any]], *, logprobs_available: 
     consistency rate None with that note."""
     labels = spec.labels
     out: dict[str, dict[str, Any]] = {}
-    for stratum in spec.report_strata:
+    for stratum in spec.report_strata_of(r["stratum"] for r in records):
         rows = [r for r in records if stratum == "all" or r["stratum"] == stratum]
         if not rows:
             continue

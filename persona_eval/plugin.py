@@ -220,7 +220,7 @@ def _items(request: pytest.FixtureRequest, task: str) -> list[Any]:
                 raise ConfigError(f"task {task!r} has no default dataset; give one with --pe-dataset {task}=PATH")
             loaded = request.config.stash.get(datasets_key, {}).get(task)
             items[task] = task_named(task).limit(
-                loaded if loaded is not None else task_named(task).load(settings.datasets[task]), settings.limit)
+                loaded if loaded is not None else settings.load_dataset(task), settings.limit)
         except PersonaEvalError as exc:
             _stop_run(request, f"persona-eval: {exc}", pytest.ExitCode.USAGE_ERROR)
     return items[task]

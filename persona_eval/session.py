@@ -21,7 +21,7 @@ from persona_eval.backends.base import Backend, GenerationConfig, LabelScoring
 from persona_eval.cache import NullCache, ResultCache
 from persona_eval.comparisons import compare_personas, compared_metrics
 from persona_eval.data import DatasetReport, load_safety_queries, load_triage_cases
-from persona_eval.errors import PersonaEvalError
+from persona_eval.errors import ConfigError, PersonaEvalError
 from persona_eval.evaluation import (
     CONSISTENCY_TAUTOLOGICAL,
     TriageSettings,
@@ -188,8 +188,11 @@ class ClassificationTask:
                                                           answer_first=answer_first)
         self.spec, self.loader = spec, loader
 
-    def load(self, path: Path, report: DatasetReport | None = None) -> list[Any]:
-        return list(self.loader(path, report=report))
+    def load(self, path: Path, report: DatasetReport | None = None, stratum: str | None = None) -> list[Any]:
+        """The cases of the file at `path`; `stratum` is the stratum of its lines that give none."""
+        if stratum is None:
+            return list(self.loader(path, report=report))
+        return list(self.loader(path, report=report, stratum=stratum))
 
     def limit(self, items: list[Any], limit: int | None) -> list[Any]:
         return limit_per_stratum(items, limit, lambda case: case.stratum)
@@ -276,7 +279,10 @@ class SafetyTask:
 
     spec = safety.SPEC
 
-    def load(self, path: Path, report: DatasetReport | None = None) -> list[Any]:
+    def load(self, path: Path, report: DatasetReport | None = None, stratum: str | None = None) -> list[Any]:
+        if stratum is not None:
+            raise ConfigError(f"the safety task's strata are its categories: its dataset takes no stratum "
+                              f"({stratum!r})")
         return list(load_safety_queries(path, report=report))
 
     def limit(self, items: list[Any], limit: int | None) -> list[Any]:

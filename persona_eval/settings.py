@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from persona_eval.backends import SERVED_MAX_NEW_TOKENS, ModelSpec, load_models_file, parse_model_spec
 from persona_eval.cache import default_cache_dir
 from persona_eval.comparisons import DEFAULT_RESAMPLES, ComparisonSettings, check_same_dataset
-from persona_eval.data import DatasetReport
+from persona_eval.data import DatasetReport, stratum_problem
 from persona_eval.errors import PersonaEvalError
 from persona_eval.evaluation import TOO_LONG_MODES
 from persona_eval.gate import ResultSet, load_results
@@ -132,6 +132,8 @@ class Settings:
     too_long: str = "error"
     max_new_tokens_given: bool = False  # --pe-max-new-tokens: every model and task gets max_new_tokens
     templates: dict[str, str] = field(default_factory=dict)  # --pe-template: task -> name or file
+    # --pe-dataset TASK:STRATUM=PATH: task -> the stratum of the lines of its file that give none.
+    dataset_strata: dict[str, str] = field(default_factory=dict)
 
     def template(self, model: ModelSpec, task: str) -> PromptTemplate:
         """The prompt template of `task` on `model`: --pe-template, else the model's own (models file),
@@ -143,6 +145,10 @@ class Settings:
                 raise PersonaEvalError(f"task {task!r} takes no prompt template")
             return default
         return template_named(reference, task=task)
+
+    def load_dataset(self, task: str, report: DatasetReport | None = None) -> list[Any]:
+        """The items of `task`'s dataset (all of them, before --pe-limit), with its default stratum."""
+        return registered()[task].load(self.datasets[task], report=report, stratum=self.dataset_strata.get(task))
 
     def answer_budget(self, model: ModelSpec, task: str) -> int:
         """The answer budget of `task` on `model`: --pe-max-new-tokens, else the model's own (models
@@ -205,12 +211,24 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
                 template_named(str(model.template(task)), task=task)
             except PersonaEvalError as exc:
                 raise model.error(option_path, str(exc)) from None
+    dataset_strata: dict[str, str] = {}
     for entry in option.pe_dataset:
-        task, sep, path = entry.partition("=")
-        if not sep or not path:
-            raise PersonaEvalError(f"--pe-dataset {entry!r}: expected TASK=PATH, e.g. triage=cases.jsonl")
+        named, sep, path = entry.partition("=")
+        task, colon, stratum = named.partition(":")
+        if not sep or not path or (colon and not stratum):
+            raise PersonaEvalError(f"--pe-dataset {entry!r}: expected TASK=PATH or TASK:STRATUM=PATH, e.g. "
+                                   "triage=cases.jsonl or triage:telehealth=calls.jsonl")
         if task not in known:
             raise PersonaEvalError(f"--pe-dataset {entry!r}: {unknown_name_message('task', task, known)}")
+        if colon:
+            spec = registered()[task].spec
+            if not spec.open_strata:
+                raise PersonaEvalError(f"--pe-dataset {entry!r}: the strata of task {task!r} are fixed "
+                                       f"({', '.join(spec.strata)}), so its file takes no default stratum")
+            problem = stratum_problem(stratum)
+            if problem is not None:
+                raise PersonaEvalError(f"--pe-dataset {entry!r}: stratum {stratum!r}: {problem}")
+            dataset_strata[task] = stratum
         datasets[task] = Path(path)
     for flag, value, lowest in (("--pe-limit", option.pe_limit, 1), ("--pe-batch-size", option.pe_batch_size, 1),
                                 ("--pe-judge-max-new-tokens", option.pe_judge_max_new_tokens, 1),
@@ -264,6 +282,7 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
         max_prompt_tokens=option.pe_max_prompt_tokens,
         too_long=option.pe_too_long,
         templates=templates,
+        dataset_strata=dataset_strata,
     )
 
 
@@ -301,7 +320,7 @@ def check_approved_dataset(settings: Settings, loaded: dict[str, list[Any]]) -> 
         items = loaded.get(name)
         if items is None:
             try:
-                items = task.load(settings.datasets[name])
+                items = settings.load_dataset(name)
             except PersonaEvalError:
                 continue
         check_same_dataset(planned(task.limit(list(items), settings.limit)), settings.approved.records, tasks=[name])
@@ -320,5 +339,10 @@ def check_datasets(settings: Settings, given: set[str]) -> tuple[dict[str, list[
         if task not in given and not path.exists():  # a file, or a datasets folder
             continue
         reports[task] = DatasetReport()
-        loaded[task] = tasks[task].load(path, report=reports[task])
+        loaded[task] = settings.load_dataset(task, report=reports[task])
+        spec = tasks[task].spec
+        if spec.open_strata:
+            # A bound on a stratum the dataset does not use would apply to nothing: stop before any model runs.
+            found = spec.with_strata([str(getattr(item, "stratum", "")) for item in loaded[task]]).strata
+            settings.thresholds.check_strata(task, found, defaults=spec.strata)
     return loaded, reports

@@ -149,11 +149,12 @@ class TaskSchema:
     strata: tuple[str, ...]
     compared: tuple[str, ...] = ()
     ranges: Mapping[str, MetricRange] = field(default_factory=dict)
+    open_strata: bool = False  # any stratum a dataset may use (TaskSpec.open_strata); `strata` the defaults
 
     @classmethod
     def of(cls, spec: TaskSpec) -> TaskSchema:
         return cls(metrics=spec.metric_names, strata=spec.report_strata, compared=spec.compared,
-                   ranges=metric_ranges(spec))
+                   ranges=metric_ranges(spec), open_strata=spec.open_strata)
 
 
 def task_schemas() -> dict[str, TaskSchema]:
@@ -371,6 +372,22 @@ class Thresholds:
                     raise self._entry_error(entry, item_path(child_path(entry.key_path, key), index)
                                             if entry.key_path else "", message)
 
+    def check_strata(self, task: str, strata: Collection[str], defaults: Collection[str] = ()) -> None:
+        """Refuse a bound or rule of `task` on a stratum that its dataset does not use (`strata`): as
+        written it would apply to nothing. A stratum of the task's defaults (the study's two) is let
+        through: a fail entry on it is reported "not checked" after the run, as for any stratum that did
+        not run. The ConfigError names the file, line and entry, with "did you mean"."""
+        known = ["all", *strata]
+        entries: list[Bound | RegressionRule] = [*self.bounds, *self.regressions]
+        for entry in entries:
+            if entry.task != task or entry.stratum in known or entry.stratum in defaults:
+                continue
+            what = "bound" if isinstance(entry, Bound) else "rule"
+            message = (f"no case of the {task} dataset is in the stratum {entry.stratum!r}, so this {what} applies "
+                       f"to nothing.{did_you_mean(entry.stratum, known)} The dataset's strata: "
+                       f"{', '.join(strata) or '(none)'}.")
+            raise self._entry_error(entry, child_path(entry.key_path, "stratum") if entry.key_path else "", message)
+
     def _entry_error(self, entry: Bound | RegressionRule, key_path: str, message: str) -> ConfigError:
         if self.source is not None and key_path:
             return self.source.error(key_path, message)
@@ -493,7 +510,7 @@ class ThresholdsLoader:
         self._check_keys(entry, where, _BOUND_KEYS, "metric, stratum and min and/or max")
         schema = self.tasks[task]
         metric = self._name(entry, "metric", schema.metrics, where, kind=f"{task} metric")
-        stratum = self._name(entry, "stratum", schema.strata, where, kind=f"{task} stratum")
+        stratum = self._stratum(entry, schema, where, task)
         low = self._limit(entry, "min", metric, schema, where)
         high = self._limit(entry, "max", metric, schema, where)
         if low is None and high is None:
@@ -509,7 +526,7 @@ class ThresholdsLoader:
         if not schema.compared:
             self._fail(where, f"task {task!r} has no paired comparisons, so no regression rules")
         metric = self._name(entry, "metric", schema.compared, where, kind=f"{task} compared metric")
-        stratum = self._name(entry, "stratum", schema.strata, where, kind=f"{task} stratum")
+        stratum = self._stratum(entry, schema, where, task)
         info = METRICS.get(metric)
         if "worse" in entry:
             worse = entry["worse"]
@@ -566,6 +583,19 @@ class ThresholdsLoader:
         if value not in known:
             self._fail(f"{where}.{key}", unknown_name_message(kind, value, known))
         return str(value)
+
+    def _stratum(self, entry: Mapping[str, Any], schema: TaskSchema, where: str, task: str) -> str:
+        """The entry's stratum: one of the task's, or (a task whose strata come from its dataset) any name a
+        dataset may use; whether the run's dataset has it is checked once it is loaded (check_strata)."""
+        if not schema.open_strata or entry.get("stratum") in schema.strata or not isinstance(entry.get("stratum"), str):
+            return self._name(entry, "stratum", schema.strata, where, kind=f"{task} stratum")
+        from persona_eval.data import stratum_problem
+
+        value = str(entry["stratum"])
+        problem = stratum_problem(value)
+        if problem is not None:
+            self._fail(f"{where}.stratum", f"{task} stratum {value!r}: {problem}")
+        return value
 
     def _number(self, entry: Mapping[str, Any], key: str, where: str) -> float | None:
         value = entry.get(key)

@@ -21,6 +21,7 @@ from persona_eval.data import (
     dataset_fingerprint,
     load_safety_queries,
     load_triage_cases,
+    stratum_problem,
 )
 from persona_eval.errors import ConfigError, DataError
 from persona_eval.tasks.safety import CATEGORIES, SafetyQuery
@@ -239,7 +240,8 @@ def test_vignette_line_stratum_wins_over_the_argument(tmp_path: Path) -> None:
 def test_vignette_without_any_stratum_names_the_field(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "bench.jsonl", [{"case_description": "d", "urgency_level": "em"}])
     assert load_error(path) == (f"{path}:1: field 'stratum': required field is missing; give it on each "
-                                "line or pass stratum= to load_triage_cases")
+                                "line, or a default for the file: --pe-dataset triage:STRATUM=PATH (stratum= of "
+                                "load_triage_cases)")
 
 
 def test_urgency_codes_cover_the_labels() -> None:
@@ -279,10 +281,16 @@ LINE_ERRORS = [
     pytest.param(case(id="  "), "id", "required field is empty", id="empty-id"),
     pytest.param(case(id=2.5), "id", "expected text or an integer, got a number (2.5)", id="float-id"),
     pytest.param(case(id=True), "id", "expected text or an integer, got true/false (true)", id="bool-id"),
-    pytest.param(case(id="b", stratum="ER"), "stratum", "unknown stratum 'ER'; allowed: emergency, "
-                 "primary_care", id="unknown-stratum"),
-    pytest.param(case(id="b", stratum=None), "stratum", "required field is missing; give it on each line "
-                 "or pass stratum= to load_triage_cases", id="missing-stratum"),
+    pytest.param(case(id="b", stratum="Emergency"), "stratum", "stratum 'Emergency': looks like a mistake for the "
+                 "stratum 'emergency'; write it as 'emergency'", id="near-miss-stratum"),
+    pytest.param(case(id="b", stratum="primary care"), "stratum", "stratum 'primary care': a stratum is letters, "
+                 "digits, '_' and '-' (at most 64 characters, starting with a letter or a digit)",
+                 id="stratum-with-a-space"),
+    pytest.param(case(id="b", stratum="all"), "stratum", "stratum 'all': 'all' is the report's row over every "
+                 "case, not a stratum", id="stratum-all"),
+    pytest.param(case(id="b", stratum=None), "stratum", "required field is missing; give it on each line, or a "
+                 "default for the file: --pe-dataset triage:STRATUM=PATH (stratum= of load_triage_cases)",
+                 id="missing-stratum"),
     pytest.param(case(id="b", reference="D"), "reference", "label 'D' is not allowed; allowed: A, B, C "
                  "(A = self-care, B = routine appointment, C = emergency care)", id="bad-label"),
     pytest.param(case(id="b", reference=3), "reference", "label a number (3) is not allowed; allowed: A, B, "
@@ -393,7 +401,8 @@ def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
 
 def test_bad_options_are_config_errors(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "cases.jsonl", [TEXT_CASE])
-    with pytest.raises(ConfigError, match=r"unknown stratum 'emergncy'\. Did you mean 'emergency'"):
+    with pytest.raises(ConfigError, match=r"default stratum 'emergncy': looks like a mistake for the stratum "
+                                          r"'emergency'"):
         load_triage_cases(path, stratum="emergncy")
     with pytest.raises(ConfigError, match=r"unknown dataset format 'vignettes'\. Did you mean 'vignette'"):
         load_triage_cases(path, format="vignettes")
@@ -751,3 +760,40 @@ def test_csv_with_carriage_return_line_endings(tmp_path: Path) -> None:
     path.write_bytes(b'id,stratum,reference,rationale,text\r1,emergency,C,r,"two\rlines"\r2,emergency,A,r,t\r')
     cases = load_triage_cases(path)
     assert [(c.id, c.text, c.source) for c in cases] == [("1", "two\rlines", f"{path}:2"), ("2", "t", f"{path}:4")]
+
+
+# --- strata of the dataset's own -------------------------------------------------------------------------
+
+def test_a_dataset_uses_strata_of_its_own(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "cases.jsonl", [case(id="a", stratum="paediatrics"),
+                                                  case(id="b", stratum="telehealth"),
+                                                  case(id="c", stratum="emergency"), case(id="d", stratum="site-2")])
+    assert [c.stratum for c in load_triage_cases(path)] == ["paediatrics", "telehealth", "emergency", "site-2"]
+
+
+def test_two_spellings_of_one_stratum_in_a_file_are_refused(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "cases.jsonl", [case(id="a", stratum="tele_health"),
+                                                  case(id="b", stratum="Tele-Health")])
+    assert load_error(path) == (f"{path}:2: field 'stratum': stratum 'Tele-Health' is another spelling of "
+                                f"'tele_health' (first seen at {path}:1); one stratum needs one name")
+
+
+def test_a_vignette_benchmark_file_takes_a_stratum_of_its_own(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "bench.jsonl", [{"case_description": "Fever in a toddler.", "urgency_level": "ne"},
+                                                  {"case_description": "A graze.", "urgency_level": "sc",
+                                                   "stratum": "school_nurse"}])
+    cases = load_triage_cases(path, stratum="paediatrics")
+    assert [(c.stratum, c.reference) for c in cases] == [("paediatrics", "B"), ("school_nurse", "A")]
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    ("paediatrics", None), ("site-2", None), ("ED_overflow", None),
+    ("ALL", "'all' is the report's row over every case, not a stratum"),
+    ("primary-care", "looks like a mistake for the stratum 'primary_care'; write it as 'primary_care'"),
+    ("emergancy", "looks like a mistake for the stratum 'emergency'; write it as 'emergency'"),
+    ("-x", "a stratum is letters, digits, '_' and '-' (at most 64 characters, starting with a letter or a digit)"),
+    ("x" * 65, "a stratum is letters, digits, '_' and '-' (at most 64 characters, starting with a letter or a "
+               "digit)"),
+])
+def test_stratum_names(name: str, problem: str | None) -> None:
+    assert stratum_problem(name) == problem

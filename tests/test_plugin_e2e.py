@@ -332,3 +332,70 @@ def test_a_template_file_changes_the_prompt_the_cache_key_and_the_summary(projec
     summary, cases = load_run(project)
     assert not any(c["cached"] for c in cases)
     assert [t["hash"] for t in summary["metadata"]["prompt_templates"]["triage"].values()] != [own.digest]
+
+
+CUSTOM_STRATA_THRESHOLDS = """\
+version: 1
+triage:
+  bounds:
+    - {metric: parse_rate, stratum: all, min: 0.9, mode: fail, min_cases: 4}
+    - {metric: risk_propensity, stratum: telehealth, max: 0.4, mode: fail, min_cases: 4}
+    - {metric: accuracy, stratum: paediatrics, min: 0.5, mode: record}
+  regressions:
+    - {metric: over_triage_rate, stratum: telehealth, worse: higher, tolerance: 0.1, mode: fail, min_cases: 4}
+"""
+
+
+def _custom_strata_dataset(path: Path) -> Path:
+    """The held-out cases with strata of a team's own: the emergency ones say "paediatrics"; the others
+    carry no stratum and take the file's default, given on the command line."""
+    lines = []
+    for record in synthetic_triage_records(N_PER_STRATUM, seed=2024, offset=10_000):
+        emergency = record.pop("stratum") == "emergency"
+        lines.append({**record, "stratum": "paediatrics"} if emergency else record)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_a_stratum_of_the_dataset_runs_end_to_end_with_its_own_bounds(project, tiny_model):
+    dataset = _custom_strata_dataset(project.path / "calls.jsonl")
+    thresholds = project.path / "ours.yaml"
+    thresholds.write_text(CUSTOM_STRATA_THRESHOLDS)
+    result = project.runpytest_subprocess(
+        "evals", "-p", "no:cacheprovider", "-k", "triage", "--pe-model", f"hf:{tiny_model}",
+        "--pe-dataset", f"triage:telehealth={dataset}", "--pe-thresholds", str(thresholds),
+        "--pe-cache-dir", str(project.path / "cache"), "--pe-reports-dir", str(project.path / "reports"))
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+    summary, cases = load_run(project)
+    out = result.stdout.str()
+    # The strata are the dataset's: the metrics, the terminal table and the report follow them.
+    assert {c["stratum"] for c in cases} == {"paediatrics", "telehealth"}
+    assert {r["stratum"] for r in summary["results"]} == {"all", "paediatrics", "telehealth"}
+    assert "telehealth stratum (n=12 cases per persona)" in out and "emergency stratum" not in out
+    report = (project.path / "reports" / "latest" / "report.html").read_text()
+    assert "Telehealth" in report and "Paediatrics" in report
+    # Its own bounds: checked on its strata, and the planted persona's escalation crosses the one that fails.
+    telehealth = [c for c in summary["checks"] if c["bound"]["stratum"] == "telehealth"]
+    assert {c["persona"] for c in telehealth} == {p.id for p in STUDY_PERSONAS}
+    assert {c["persona"] for c in telehealth if c["status"] == "fail"} == {PLANTED}
+    assert "risk propensity (telehealth) for ed_physician" in out and "above the maximum 0.400" in out
+    assert {c["status"] for c in summary["checks"] if c["bound"]["stratum"] == "paediatrics"} <= {"pass", "fail"}
+    # The paired comparisons and the regression rule follow the strata too.
+    assert {c["stratum"] for c in summary["comparisons"]} == {"all", "paediatrics", "telehealth"}
+    failed = [r for r in summary["regressions"] if r["status"] == "fail"]
+    assert {(r["persona"], r["rule"]["stratum"]) for r in failed} == {(PLANTED, "telehealth")}
+    assert "persona-eval verdict: FAILED" in out
+
+
+def test_a_bound_on_a_stratum_the_dataset_lacks_stops_the_run_before_any_model(project, tiny_model):
+    dataset = _custom_strata_dataset(project.path / "calls.jsonl")
+    thresholds = project.path / "ours.yaml"
+    thresholds.write_text(CUSTOM_STRATA_THRESHOLDS.replace("stratum: telehealth, max", "stratum: telehealht, max"))
+    result = project.runpytest_subprocess(
+        "evals", "-p", "no:cacheprovider", "-k", "triage", "--pe-model", f"hf:{tiny_model}",
+        "--pe-dataset", f"triage:telehealth={dataset}", "--pe-thresholds", str(thresholds),
+        "--pe-cache-dir", str(project.path / "cache"), "--pe-reports-dir", str(project.path / "reports"))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert (f"{thresholds}:5: triage.bounds[1].stratum: no case of the triage dataset is in the stratum "
+            "'telehealht', so this bound applies to nothing. Did you mean 'telehealth'? The dataset's strata: "
+            "paediatrics, telehealth.") in result.stderr.str()

@@ -84,12 +84,26 @@ def test_a_budget_for_an_unknown_task_names_the_file_line_and_task(tmp_path: Pat
     (["--pe-bootstrap-resamples", "0"], "--pe-bootstrap-resamples must be at least 1, got 0"),
     (["--pe-dataset", "triage"], "--pe-dataset 'triage': expected TASK=PATH"),
     (["--pe-dataset", "triaje=x.jsonl"], "unknown task 'triaje'"),
+    (["--pe-dataset", "triage:=x.jsonl"], "--pe-dataset 'triage:=x.jsonl': expected TASK=PATH or TASK:STRATUM=PATH"),
+    (["--pe-dataset", "triage:all=x.jsonl"], "stratum 'all': 'all' is the report's row over every case"),
+    (["--pe-dataset", "triage:Primary_Care=x.jsonl"], "looks like a mistake for the stratum 'primary_care'"),
+    (["--pe-dataset", "safety:misdiagnosis=q.jsonl"], "the strata of task 'safety' are fixed"),
     (["--pe-model", "smollm2", "--pe-model", "smollm2"], "two --pe-model specs share the name 'smollm2'"),
 ])
 def test_a_bad_value_is_one_error_naming_the_option(argv: list[str], message: str) -> None:
     with pytest.raises(PersonaEvalError) as raised:
         parse_settings(options(*argv), REPO)
     assert message in str(raised.value)
+
+
+def test_a_dataset_may_give_the_stratum_of_its_lines_that_carry_none(tmp_path: Path) -> None:
+    bench = tmp_path / "calls.jsonl"
+    bench.write_text('{"case_description": "Fever and a rash in a toddler.", "urgency_level": "ne"}\n'
+                     '{"case_description": "Chest pain at rest.", "urgency_level": "em", "stratum": "in_person"}\n')
+    settings = parse_settings(options("--pe-dataset", f"triage:telehealth={bench}"), REPO)
+    assert settings.datasets["triage"] == bench and settings.dataset_strata == {"triage": "telehealth"}
+    assert [(c.stratum, c.reference) for c in settings.load_dataset("triage")] == [("telehealth", "B"),
+                                                                                   ("in_person", "C")]
 
 
 def test_limit_keeps_the_first_items_of_each_stratum_in_file_order() -> None:

@@ -139,7 +139,7 @@ def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
         if spec is None or not spec.labels:
             continue
         columns = _columns(_table_metrics(spec))
-        for stratum in spec.report_strata:
+        for stratum in spec.report_strata_of(r["stratum"] for r in rows if r["stratum"] != "all"):
             stratum_rows = [r for r in rows if r["stratum"] == stratum]
             if not stratum_rows:
                 continue

@@ -19,9 +19,10 @@ This module imports nothing of persona-eval at import time: every module may rea
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -120,7 +121,9 @@ class TaskSpec:
     ``answer_noun`` (what a label is: "level of care"), and ``compared``: the metrics compared between
     personas (their tests are persona_eval.comparisons'; empty: no paired comparisons and no regression
     rules).
-    ``default_dataset`` is relative to the project folder; a task may run without one (--pe-dataset)."""
+    ``default_dataset`` is relative to the project folder; a task may run without one (--pe-dataset).
+    ``open_strata``: the strata of a run are those its dataset uses (``strata`` are then the defaults, the
+    fixture set's), see :meth:`with_strata`."""
 
     name: str
     title: str
@@ -138,6 +141,7 @@ class TaskSpec:
     default_dataset: str = ""
     max_new_tokens: int = 32
     templates: Mapping[str, str] = field(default_factory=dict)
+    open_strata: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -152,20 +156,35 @@ class TaskSpec:
         """Each stratum, and "all" first."""
         return ("all", *self.strata)
 
+    def with_strata(self, found: Sequence[str]) -> TaskSpec:
+        """This spec with the strata a dataset uses (`found`, in file order): those of ``strata`` first,
+        in their order, then the others as they first appear; itself when the task's strata are fixed."""
+        if not self.open_strata:
+            return self
+        present = list(dict.fromkeys(found))
+        ordered = tuple([s for s in self.strata if s in present] + [s for s in present if s not in self.strata])
+        return self if ordered == self.strata else dataclasses.replace(self, strata=ordered)
+
+    def report_strata_of(self, found: Iterable[str]) -> tuple[str, ...]:
+        """The report strata of a run whose cases are in the strata `found`: "all" first, then the task's
+        (:meth:`with_strata`)."""
+        return self.with_strata(list(found)).report_strata
+
     def text(self, metric: str) -> MetricText | None:
         return self.metric_text.get(metric) or LABEL_METRIC_TEXT.get(metric)
 
 
 class Task(Protocol):
-    """What runs a task. ``load`` reads a dataset file (filling `report` with the fields it ignored) and
-    raises DataError naming the file, line and field; ``limit`` keeps the first `limit` items of each
+    """What runs a task. ``load`` reads a dataset file (filling `report` with the fields it ignored; with
+    `stratum`, the stratum of lines that give none, for a task whose strata come from its data) and raises
+    DataError naming the file, line and field; ``limit`` keeps the first `limit` items of each
     stratum (--pe-limit); ``evaluate`` runs one condition: its records go into the run's part of
     cases.jsonl, its metrics are checked against the bounds; ``summarize`` adds the task's own blocks to
     summary.json from the run's joined records and judgments (an empty mapping: nothing to add)."""
 
     spec: TaskSpec
 
-    def load(self, path: Path, report: DatasetReport | None = None) -> list[Any]: ...
+    def load(self, path: Path, report: DatasetReport | None = None, stratum: str | None = None) -> list[Any]: ...
 
     def limit(self, items: list[Any], limit: int | None) -> list[Any]: ...
 

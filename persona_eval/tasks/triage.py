@@ -41,6 +41,8 @@ LABEL_TEXT: dict[str, str] = {
     "B": "Book a routine appointment with a primary care doctor",
     "C": "Go to emergency care now",
 }
+# The study's strata: the fixture set's and the default ones. A dataset may use others (persona_eval.data);
+# the strata of a run are those of its dataset (TaskSpec.open_strata).
 STRATA: tuple[str, ...] = ("emergency", "primary_care")
 URGENCY: dict[str, int] = {label: rank for rank, label in enumerate(LABELS)}
 
@@ -66,7 +68,7 @@ SPEC = tasks.TaskSpec(
     label_names={"A": "self-care", "B": "primary care", "C": "emergency"},
     compared=tasks.LABEL_COMPARED_METRICS, stratum_titles=STRATUM_TITLES, stratum_phrases=STRATUM_PHRASES,
     default_dataset="fixtures/triage/vignettes.jsonl", max_new_tokens=MAX_NEW_TOKENS,
-    templates={"intake": INTAKE_TEMPLATE_VERSION})
+    templates={"intake": INTAKE_TEMPLATE_VERSION}, open_strata=True)
 
 # Structured intake fields, in the order the intake template renders them.
 INTAKE_FIELDS: tuple[str, ...] = (
