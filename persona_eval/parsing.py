@@ -1,4 +1,5 @@
-"""Answers out of generated text: the model's final lettered choice and where that letter sits."""
+"""Answers out of generated text: the reasoning trace and the final response, the model's final lettered
+choice and where that letter sits."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from functools import lru_cache
 
 from persona_eval.errors import ConfigError, DataError
 
-__all__ = ["TRIAGE_LABELS", "AnswerSpan", "find_triage_answer", "parse_triage_label"]
+__all__ = ["TRIAGE_LABELS", "AnswerSpan", "find_triage_answer", "parse_triage_label", "split_reasoning"]
 
 # The triage options, in the order the prompt lists them (kept equal to persona_eval.tasks.triage.LABELS
 # by a test; not imported, so that task modules stay free to import the parser).
@@ -52,21 +53,57 @@ _ONE_LETTER_WORDS = frozenset({"A", "I"})
 _PHRASE_CONTINUES = re.compile(r"[ \t]+(?!(?:because|since|as|given|due)\b)[a-z0-9]")
 
 
-def _final_part(text: str) -> int | None:
-    """Where the final response begins in ``text``, or None when the model never finished thinking."""
-    start = 0
+def _split_point(text: str) -> tuple[int, int | None]:
+    """(where the reasoning ends, where the final response begins) in ``text``: (0, 0) when it holds no
+    reasoning marker, (len(text), None) when the model never finished thinking."""
+    end = start = 0
     closes = list(_THINK_CLOSE.finditer(text))
     if closes:
-        start = closes[-1].end()
+        end, start = closes[-1].start(), closes[-1].end()
     rest = text[start:]
     if _THINK_OPEN.search(rest):
-        return None
+        return len(text), None
     headings = list(_FINAL_RESPONSE.finditer(rest))
     if headings:
-        return start + headings[-1].end()
+        return start + headings[-1].start(), start + headings[-1].end()
     if _THINKING_HEADING.search(rest):
-        return None
-    return start
+        return len(text), None
+    return end, start
+
+
+def _final_part(text: str) -> int | None:
+    """Where the final response begins in ``text``, or None when the model never finished thinking."""
+    return _split_point(text)[1]
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """The reasoning trace and the final response of a generated reply: ``(trace, final_response)``.
+
+    The same reading as :func:`find_triage_answer`: a trace is what stands in ``<think>...</think>``
+    (also ``<thinking>``, ``<reasoning>``, or only the closing tag, when the chat template opened it) or
+    before a "Final Response" heading ("## Thinking ... ## Final Response ...", HuatuoGPT-o1 style). The
+    trace comes without its tags and headings and both parts without surrounding whitespace; the trace
+    is None when nothing stands before the final response. A reply whose reasoning never finished (cut
+    at the token budget) has an empty final response. A reply with no reasoning marker is returned as it
+    is: ``(None, text)``.
+
+    >>> split_reasoning("<think>Sudden weakness: a stroke until shown otherwise.</think>\\n\\nAnswer: C")
+    ('Sudden weakness: a stroke until shown otherwise.', 'Answer: C')
+    >>> split_reasoning("## Thinking\\nMild and improving.\\n\\n## Final Response\\nA. Stay home.")
+    ('Mild and improving.', 'A. Stay home.')
+    >>> split_reasoning("<think>Chest pain, sweating, and")
+    ('Chest pain, sweating, and', '')
+    >>> split_reasoning("Answer: B")
+    (None, 'Answer: B')
+    """
+    if not isinstance(text, str):
+        raise DataError(f"text: expected the generated text as a str, got {type(text).__name__}")
+    end, start = _split_point(text)
+    if start == 0:
+        return None, text
+    trace = _THINKING_HEADING.sub("", _THINK_CLOSE.sub("", _THINK_OPEN.sub("", text[:end]))).strip()
+    final = "" if start is None else text[start:].strip()
+    return trace or None, final
 
 
 def _undecorated(text: str, start: int) -> tuple[str, list[int]]:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from persona_eval import parsing
 from persona_eval.errors import ConfigError, DataError
-from persona_eval.parsing import TRIAGE_LABELS, AnswerSpan, find_triage_answer, parse_triage_label
+from persona_eval.parsing import TRIAGE_LABELS, AnswerSpan, find_triage_answer, parse_triage_label, split_reasoning
 from persona_eval.personas import STUDY_PERSONAS
 from persona_eval.tasks import triage
 from persona_eval.templates import render_case
@@ -222,6 +222,39 @@ def test_long_degenerate_text_parses_in_linear_time(text: str) -> None:
     assert time.perf_counter() - began < 5.0
 
 
+# --- The reasoning trace and the final response ------------------------------------------------------
+@pytest.mark.parametrize(("reply", "expected"), [
+    # Tag style, as a server with a reasoning parser returns it (persona_eval.backends.openai_payload).
+    ("<think>Chest pain and sweating.</think>\n\nAnswer: C", ("Chest pain and sweating.", "Answer: C")),
+    ("<thinking>\nMild.\n</thinking>A", ("Mild.", "A")),
+    ("<REASONING>x</REASONING> B", ("x", "B")),
+    # Only the closing tag: the chat template opened the trace in the prompt.
+    ("Weakness on one side.</think>\nC", ("Weakness on one side.", "C")),
+    ("</think>C", (None, "C")),
+    # Heading style (HuatuoGPT-o1), with and without the thinking heading.
+    ("## Thinking\nMild and improving.\n\n## Final Response\nA. Stay home.", ("Mild and improving.", "A. Stay home.")),
+    ("**Thinking:**\nFever for 2 days.\n**Final Response:** B", ("Fever for 2 days.", "B")),
+    ("The findings weigh towards care.\n\n## Final Response\nC.", ("The findings weigh towards care.", "C.")),
+    ("## Final Response\nC", (None, "C")),
+    # Unfinished: cut at the token budget inside the trace.
+    ("<think>Chest pain, sweating, and", ("Chest pain, sweating, and", "")),
+    ("## Thinking\nThe patient has", ("The patient has", "")),
+    ("<think>Done.</think>Answer: <think>again", ("Done.Answer: again", "")),
+    ("<think></think>", (None, "")),
+    # No trace: the text as it is.
+    ("Answer: B", (None, "Answer: B")),
+    ("  Thinking about it, C.  ", (None, "  Thinking about it, C.  ")),
+    ("", (None, "")),
+])
+def test_split_reasoning(reply: str, expected: tuple[str | None, str]) -> None:
+    assert split_reasoning(reply) == expected
+
+
+def test_split_reasoning_of_text_that_is_not_a_string_is_a_data_error() -> None:
+    with pytest.raises(DataError, match="text"):
+        split_reasoning(None)  # type: ignore[arg-type]
+
+
 def test_docstring_examples() -> None:
     result = doctest.testmod(parsing)
     assert result.attempted > 0 and result.failed == 0
@@ -294,3 +327,47 @@ def test_closed_thinking_before_a_reply_changes_nothing(thoughts: str, fragments
         assert with_thinking is None
     else:
         assert with_thinking == AnswerSpan(plain.label, plain.start + len(prefix), plain.end + len(prefix))
+
+
+# Text with no reasoning marker in it: no "<", "#", "think" or "final response" can be formed.
+PLAIN_TEXT = st.text(alphabet="abcABC .,:;-\n", max_size=120)
+
+
+def _with_trace(trace: str, answer: str, style: str) -> str:
+    if style == "tags":
+        return f"<think>{trace}</think>\n\n{answer}"
+    if style == "closing tag":
+        return f"{trace}</think>{answer}"
+    return f"## Thinking\n{trace}\n\n## Final Response\n{answer}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(trace=PLAIN_TEXT, answer=PLAIN_TEXT, style=st.sampled_from(["tags", "closing tag", "headings"]))
+def test_split_reasoning_gives_back_the_trace_and_the_answer(trace: str, answer: str, style: str) -> None:
+    text = _with_trace(trace, answer, style)
+    assert split_reasoning(text) == (trace.strip() or None, answer.strip())
+    # The answer read from the whole reply is the one read from its final response alone.
+    assert parse_triage_label(text) == parse_triage_label(answer)
+    # Cut anywhere inside the trace, the reply has no final response and no answer.
+    cut = text[:len(text) - len(answer) - len("</think>") - 2] if style == "tags" else None
+    if cut is not None:
+        assert split_reasoning(cut)[1] == "" and find_triage_answer(cut) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_split_reasoning_never_raises_and_the_final_response_ends_the_text(text: str) -> None:
+    trace, final = split_reasoning(text)
+    assert trace is None or (trace == trace.strip() and trace)
+    assert final == text or text.rstrip().endswith(final)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(FRAGMENTS, max_size=20))
+def test_no_final_response_means_no_answer(fragments: list[str]) -> None:
+    text = "".join(fragments)
+    trace, final = split_reasoning(text)
+    if not final.strip():
+        assert find_triage_answer(text) is None
+    if trace is None and "think" not in text.lower() and "final response" not in text.lower():
+        assert final == text
