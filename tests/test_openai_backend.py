@@ -33,7 +33,7 @@ from persona_eval.backends.openai_payload import (
 )
 from persona_eval.errors import BackendError, ConfigError
 from persona_eval.evaluation import NOT_AVAILABLE, label_distribution
-from persona_eval.parsing import find_triage_answer
+from persona_eval.parsing import find_triage_answer, split_reasoning
 from persona_eval.personas import STUDY_PERSONAS
 from persona_eval.prompts import RenderedMessages, render_messages
 from persona_eval.testing.standin import RecordedRequest, StandInServer
@@ -835,3 +835,126 @@ def test_describe_wait_counts_the_tries_that_failed_since_the_last_answer():
     assert backend.describe_wait()["failed_in_a_row"] == 0
     with pytest.raises(BackendError):
         backend.generate([request()], GenerationConfig(), None)
+
+
+# -- reasoning replies: the trace apart from the content ---------------------------------------------------
+
+
+def reasoning_response(reasoning: str | None, content: str | None, entries: list[dict[str, Any]] | None,
+                       *, field: str = "reasoning_content", finish: str = "stop") -> dict[str, Any]:
+    data = chat_response(content or "", entries, finish)
+    data["choices"][0]["message"] = {"role": "assistant", field: reasoning, "content": content}
+    return data
+
+
+def answer_entries(pieces: list[str]) -> list[dict[str, Any]]:
+    """Tokens whose letter pieces (" A", " C") put their own label first, the others a neutral token."""
+    listed = []
+    for piece in pieces:
+        letter = piece.strip()
+        scores = {f"_{label}": (-0.1 if label == letter else -3.0) for label in "ABC"}
+        listed.append(entry(piece, -0.1, top(**scores) if letter in "ABC" and letter else top(x=-0.1, **scores)))
+    return listed
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_a_trace_returned_apart_is_kept_before_the_content_and_the_letter_is_read_in_the_content(field):
+    content_pieces = ["\n\n", "Answer", ":", " C"]
+    generation = parse_chat_response(
+        reasoning_response("Maybe A, a mild case?", "".join(content_pieces), answer_entries(content_pieces),
+                           field=field), SCORING)
+    assert generation.text == "<think>Maybe A, a mild case?</think>\n\n\n\nAnswer: C"
+    assert split_reasoning(generation.text) == ("Maybe A, a mild case?", "Answer: C")
+    span = find_triage_answer(generation.text)
+    assert span is not None and span.label == "C"
+    assert generation.tokens is not None
+    assert all(generation.text.startswith(token.token, token.offset) for token in generation.tokens)
+    assert generation.tokens[-1].offset == generation.text.rindex(" C")
+    probs, _ = label_distribution(generation, span, ["A", "B", "C"])
+    assert probs is not None and max(probs, key=probs.get) == "C"
+
+
+def test_logprobs_that_list_the_trace_tokens_too_are_aligned_on_the_content():
+    # vLLM lists every generated token, the trace's (here with a draft letter " A") included, and its end.
+    trace_pieces = ["Maybe", " A", ",", " mild", "?", "</think>"]
+    content_pieces = ["\n\n", "Answer", ":", " C"]
+    entries = [*answer_entries(trace_pieces + content_pieces), entry("<|im_end|>", -0.01, [])]
+    generation = parse_chat_response(
+        reasoning_response("Maybe A, mild?", "".join(content_pieces), entries), SCORING)
+    assert generation.tokens is not None
+    assert [token.token for token in generation.tokens] == content_pieces
+    assert all(generation.text.startswith(token.token, token.offset) for token in generation.tokens)
+    span = find_triage_answer(generation.text)
+    probs, _ = label_distribution(generation, span, ["A", "B", "C"])
+    assert span is not None and probs is not None and max(probs, key=probs.get) == "C"
+
+
+def test_a_token_holding_the_end_of_the_trace_and_the_start_of_the_content_is_cut_to_its_content():
+    entries = answer_entries(["Mild", "</think>\n\nAnswer", ":", " B"])
+    generation = parse_chat_response(reasoning_response("Mild", "\n\nAnswer: B", entries), SCORING)
+    assert generation.tokens is not None
+    assert [token.token for token in generation.tokens] == ["\n\nAnswer", ":", " B"]
+    assert generation.tokens[0].offset == generation.text.index("\n\nAnswer")
+
+
+def test_logprobs_that_do_not_spell_the_content_give_no_token_scores():
+    entries = answer_entries(["Something", " else"])
+    generation = parse_chat_response(reasoning_response("Mild", "Answer: B", entries), SCORING)
+    assert generation.tokens == []
+    span = find_triage_answer(generation.text)
+    assert span is not None and label_distribution(generation, span, ["A", "B", "C"]) == (None, False)
+
+
+def test_a_trace_cut_at_the_budget_stays_unfinished_and_has_no_answer():
+    generation = parse_chat_response(reasoning_response("Chest pain, so C or", None, None, finish="length"),
+                                     SCORING)
+    assert generation.text == "<think>Chest pain, so C or"
+    assert split_reasoning(generation.text) == ("Chest pain, so C or", "")
+    assert find_triage_answer(generation.text) is None and generation.finish_reason == "length"
+    # A finished trace with nothing after it is closed: the model ended its turn.
+    closed = parse_chat_response(reasoning_response("Nothing to add.", None, None), SCORING)
+    assert closed.text == "<think>Nothing to add.</think>\n\n"
+
+
+def test_a_message_without_a_trace_or_with_an_empty_one_is_read_as_before():
+    for reasoning in (None, "", "  \n"):
+        generation = parse_chat_response(reasoning_response(reasoning, "Answer: A", None), SCORING)
+        assert generation.text == "Answer: A"
+
+
+@pytest.mark.parametrize("style", ["reasoning_content", "reasoning", "headings", "tags"])
+def test_the_stand_in_returns_reasoning_replies_that_the_backend_reads(style):
+    with StandInServer(served_name="m", reasoning=style, think=lambda messages: "Draft: A, then weigh it.",
+                       answer=lambda messages: "Answer: C") as server:
+        (generation,) = standin_backend(server).generate([request()], GenerationConfig(max_new_tokens=64), SCORING)
+        message = server.respond(RecordedRequest("POST", "/v1/chat/completions", {}, {
+            "model": "m", "messages": [], "logprobs": True, "top_logprobs": 5}))[1]["choices"][0]["message"]
+    assert split_reasoning(generation.text) == ("Draft: A, then weigh it.", "Answer: C")
+    if style in ("reasoning_content", "reasoning"):
+        assert message[style] == "Draft: A, then weigh it." and "think" not in message["content"]
+    else:
+        assert "Draft" in message["content"]
+    span = find_triage_answer(generation.text)
+    probs, _ = label_distribution(generation, span, ["A", "B", "C"])
+    assert span is not None and span.label == "C" and probs is not None and max(probs, key=probs.get) == "C"
+
+
+def test_the_stand_in_cuts_a_reasoning_reply_at_the_budget_inside_the_trace():
+    with StandInServer(served_name="m", reasoning="reasoning_content", answer=lambda messages: "Answer: C",
+                       think=lambda messages: "one two three four five six") as server:
+        (generation,) = standin_backend(server).generate([request()], GenerationConfig(max_new_tokens=3), SCORING)
+    assert generation.text == "<think>one two three" and generation.finish_reason == "length"
+    assert find_triage_answer(generation.text) is None
+
+
+def test_a_secret_in_the_trace_is_masked_too(monkeypatch, no_registered_secrets):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with StandInServer(served_name="m", reasoning="reasoning_content", answer=lambda messages: "Answer: B",
+                       think=lambda messages: f"The header said {KEY}; anyway B.") as server:
+        (generation,) = standin_backend(server).generate([request()], GenerationConfig(max_new_tokens=64), SCORING)
+    assert KEY not in generation.text and generation.masked == ["OPENAI_API_KEY"]
+    trace, final = split_reasoning(generation.text)
+    assert trace == "The header said [secret $OPENAI_API_KEY masked]; anyway B." and final == "Answer: B"
+    assert generation.tokens and all(generation.text.startswith(t.token, t.offset) for t in generation.tokens)
+    probs, _ = label_distribution(generation, find_triage_answer(generation.text), ["A", "B", "C"])
+    assert probs is not None and max(probs, key=probs.get) == "B"

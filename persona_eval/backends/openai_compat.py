@@ -14,6 +14,12 @@ What the backend sends and reads:
   label scoring it asks for ``logprobs`` and ``top_logprobs`` and reads, at every generated token, each
   label's log-probability (logsumexp over the label's spellings found in the top-k; None when none is
   there) and the lowest top-k log-probability, the ``floor`` for an absent label.
+* **Reasoning replies**: a server with a reasoning parser returns the trace apart from the answer
+  (``reasoning_content``, in newer vLLM ``reasoning``). The generation keeps it: its text is
+  ``<think>TRACE</think>``, a blank line and the content (the trace unclosed when the budget ran out
+  inside it), which persona_eval.parsing reads as any inline trace, and the token scores are those of the
+  content's tokens at their place in that text (vLLM lists the trace's tokens too; they are left out).
+  Secrets are masked in the trace as in the answer, and the cache holds the text as recorded.
 * **The prompt-boundary fallback** (``score_labels``), exact, not top-k: the server's own tokenizer
   renders the chat with the assistant turn opened and the answer prefix written (vLLM's ``/tokenize``
   with ``continue_final_message``), each single-token label spelling is appended, and one completions

@@ -21,6 +21,7 @@ from persona_eval.errors import BackendError, ConfigError
 from persona_eval.prompts import RenderedMessages
 
 __all__ = [
+    "REASONING_FIELDS",
     "build_chat_payload",
     "build_label_tokenize_payload",
     "build_prompt_scoring_payload",
@@ -34,6 +35,7 @@ __all__ = [
     "ranking_schema",
     "shorten",
     "transcript",
+    "with_reasoning",
 ]
 
 ERROR_TEXT_LIMIT = 300  # characters of a server's reply quoted in an error message
@@ -188,17 +190,89 @@ def _token_scores(content: Sequence[Mapping[str, Any]], text: str, scoring: Labe
     return tokens
 
 
+# The fields in which servers with a reasoning parser return the trace: vLLM's older name, then its newer.
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+def with_reasoning(reasoning: str, content: str, *, finished: bool = True) -> str:
+    """The generated text of a reply whose trace came apart from its content: ``<think>TRACE</think>``, a
+    blank line, then the content as it was sent, which :func:`persona_eval.parsing.split_reasoning` reads
+    back. Not `finished` (cut at the token budget before the trace was closed): the closing tag is left
+    out, so that the reply reads as the unfinished reasoning it is.
+
+    >>> with_reasoning(" Sweating with chest pain. ", "Answer: C")
+    '<think>Sweating with chest pain.</think>\\n\\nAnswer: C'
+    """
+    return f"<think>{reasoning.strip()}</think>\n\n{content}" if finished else f"<think>{reasoning.strip()}"
+
+
+def _reasoning(message: Mapping[str, Any]) -> str | None:
+    for name in REASONING_FIELDS:
+        value = message.get(name)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
+
+
+def _content_entries(entries: Sequence[Mapping[str, Any]], content: str) -> list[Mapping[str, Any]]:
+    """The log-probability entries of the tokens that spell `content`.
+
+    vLLM lists every generated token, the trace's too, though its reasoning parser returns the trace apart:
+    then the content is the last stretch of the tokens that ends where a token ends (the end-of-turn token
+    may follow), and a token that holds both the end of the trace and the start of the content is cut to
+    its content part. A server that lists the content's tokens alone gives them back as they are; one
+    whose tokens do not spell the content gives none."""
+    pieces = [_token_bytes(entry) for entry in entries]
+    raw, target = b"".join(pieces), content.encode("utf-8")
+    if raw.startswith(target):
+        return list(entries)
+    starts, position = [], 0
+    for piece in pieces:
+        starts.append(position)
+        position += len(piece)
+    ends = {start + len(piece) for start, piece in zip(starts, pieces, strict=True)}
+    begin = raw.rfind(target)
+    while begin > 0 and begin + len(target) not in ends:
+        begin = raw.rfind(target, 0, begin + len(target) - 1)
+    if begin < 0 or not target:
+        return []
+    kept: list[Mapping[str, Any]] = []
+    for entry, start, piece in zip(entries, starts, pieces, strict=True):
+        if start >= begin:
+            kept.append(entry)
+        elif start + len(piece) > begin:
+            part = piece[begin - start:]
+            kept.append({**entry, "token": part.decode("utf-8", errors="replace"), "bytes": list(part)})
+    return kept
+
+
 def parse_chat_response(data: Mapping[str, Any], scoring: LabelScoring | None) -> Generation:
     """The Generation in a chat completion body. ``tokens`` is None without `scoring` or when the
-    server sent no log-probabilities."""
+    server sent no log-probabilities.
+
+    A message that carries its reasoning trace apart (``reasoning_content``, or ``reasoning`` in newer
+    vLLM) keeps it: the text is :func:`with_reasoning` of the trace and the content, and the tokens'
+    offsets are those of the content's tokens in that text, so the answer letter is read where the content
+    holds it."""
     choice = _first_choice(data, "chat completion")
     message = choice.get("message") or {}
-    text = message.get("content") or ""
+    content = message.get("content") or ""
+    reasoning = _reasoning(message)
+    finish_reason = choice.get("finish_reason")
+    text = content if reasoning is None else with_reasoning(
+        reasoning, content, finished=bool(content) or finish_reason != "length")
     tokens = None
     logprobs = choice.get("logprobs")
     if scoring is not None and isinstance(logprobs, Mapping) and logprobs.get("content") is not None:
-        tokens = _token_scores(logprobs["content"], text, scoring)
-    return Generation(text=text, tokens=tokens, finish_reason=choice.get("finish_reason"), usage=_usage(data))
+        entries = logprobs["content"]
+        if reasoning is None:
+            tokens = _token_scores(entries, text, scoring)
+        else:
+            shift = len(text) - len(content)
+            tokens = _token_scores(_content_entries(entries, content), content, scoring)
+            for token in tokens:
+                token.offset += shift
+    return Generation(text=text, tokens=tokens, finish_reason=finish_reason, usage=_usage(data))
 
 
 def build_tokenize_payload(request: RenderedMessages, scoring: LabelScoring, *, model: str) -> dict[str, Any]:

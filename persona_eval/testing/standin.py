@@ -21,6 +21,15 @@ with that status; None: all), and ``inject``, a hook that may answer any request
 puts another model behind the same name and port (a blue/green redeploy); a second server can also be
 started on the port of a stopped one.
 
+Reasoning replies: with ``reasoning`` set, each reply thinks first, ``think(messages)`` being the trace and
+``answer(messages)`` the final response. ``"reasoning_content"`` or ``"reasoning"`` (vLLM with a reasoning
+parser, older and newer field name): the model writes ``TRACE</think>\n\nANSWER`` (its chat template
+opened the trace), the message carries the trace in that field and the rest in ``content`` (None when the
+budget ran out inside the trace), and the log-probabilities list every generated token, the trace's too,
+as vLLM's do (``reasoning_logprobs=False``: the content's alone). ``"headings"``: the text itself is
+``## Thinking\nTRACE\n\n## Final Response\nANSWER`` (HuatuoGPT-o1); ``"tags"``:
+``<think>TRACE</think>\n\nANSWER``. The token budget counts the trace's tokens as well.
+
 Random faults, drawn from a generator seeded with ``seed``, one draw per chat completion:
 ``error_rate`` of them are answered HTTP 500, ``timeout_rate`` of them wait ``hang_seconds`` and then
 close the connection without an answer (give the client a shorter timeout, so that its timeout fires
@@ -61,6 +70,11 @@ FAULTS = ("error", "timeout", "outage", "hang")
 _MAX_BODY = 1 << 20
 _LABELS = "ABCDE"
 _FILLERS = ("the", " the", "I", " I", "Answer", ":", ".", "\n", " is", " to", " a", " care", " now", " go")
+REASONING_STYLES = ("reasoning_content", "reasoning", "headings", "tags")
+_SEPARATE = ("reasoning_content", "reasoning")  # the trace in its own message field
+_CLOSE = "</think>"
+# Whitespace-led pieces of text, the closing tag of a trace one of its own (as tokenizers make it).
+_TOKEN = re.compile(r"\s*</think>|\s*(?:(?!</think>)\S)+")
 TEMPERATURE_REFUSAL = ("Unsupported value: 'temperature' does not support 0 with this model. Only the "
                        "default (1) value is supported.")
 LOGPROBS_REFUSAL = "Unsupported parameter: 'logprobs' is not supported with this model."
@@ -96,7 +110,11 @@ class StandInServer:
                  inject: Callable[[RecordedRequest], tuple[int, dict[str, Any]] | None] | None = None,
                  serve_models: bool = True, serve_metrics: bool = True, port: int = 0,
                  lifetime: float = 600.0, error_rate: float = 0.0, timeout_rate: float = 0.0,
-                 hang_seconds: float = 5.0, seed: int = 0) -> None:
+                 hang_seconds: float = 5.0, seed: int = 0, reasoning: str | None = None,
+                 think: Callable[[Messages], str] = lambda messages: "The findings point one way.",
+                 reasoning_logprobs: bool = True) -> None:
+        if reasoning is not None and reasoning not in REASONING_STYLES:
+            raise ValueError(f"reasoning must be one of {', '.join(REASONING_STYLES)} or None, got {reasoning!r}")
         for option, rate in (("error_rate", error_rate), ("timeout_rate", timeout_rate)):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{option} must be a fraction from 0 to 1, got {rate!r}")
@@ -121,6 +139,9 @@ class StandInServer:
         self.error_rate = error_rate
         self.timeout_rate = timeout_rate
         self.hang_seconds = hang_seconds
+        self.reasoning = reasoning
+        self.think = think
+        self.reasoning_logprobs = reasoning_logprobs
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -290,6 +311,14 @@ class StandInServer:
             card["max_model_len"] = self.max_model_len
         return {"object": "list", "data": [card]}
 
+    def _thought(self, trace: str, answer: str) -> str:
+        """The whole generated text of a reasoning reply (see the module docstring)."""
+        if self.reasoning == "headings":
+            return f"## Thinking\n{trace}\n\n## Final Response\n{answer}"
+        if self.reasoning == "tags":
+            return f"<think>{trace}</think>\n\n{answer}"
+        return f"{trace}{_CLOSE}\n\n{answer}"
+
     def _chat(self, request: RecordedRequest) -> tuple[int, dict[str, Any]]:
         body = request.body or {}
         if body.get("model") != self.served_name:
@@ -305,19 +334,28 @@ class StandInServer:
             return _refusal("temperature", TEMPERATURE_REFUSAL, "unsupported_value")
         if self.reject_logprobs and ("logprobs" in body or "top_logprobs" in body):
             return _refusal("logprobs", LOGPROBS_REFUSAL, "unsupported_parameter")
-        text = self.answer(body.get("messages") or [])
+        messages = body.get("messages") or []
+        text = self.answer(messages)
         if self.echo_headers:
             text += " " + request.headers.get("authorization", "")
-        tokens = re.findall(r"\s*\S+", text) or [text]
+        if self.reasoning is not None:
+            text = self._thought(self.think(messages), text)
+        tokens = _TOKEN.findall(text) or [text]
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         finish = "stop"
         if isinstance(limit, int) and len(tokens) > limit:
             tokens, finish = tokens[:limit], "length"
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": "".join(tokens)},
-                                  "logprobs": None, "finish_reason": finish}
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(tokens)}
+        listed = tokens
+        if self.reasoning in _SEPARATE:
+            trace, closed, content = message["content"].partition(_CLOSE)
+            message = {"role": "assistant", self.reasoning: trace.strip(), "content": content if closed else None}
+            if not self.reasoning_logprobs:
+                listed = _TOKEN.findall(content) if closed else []
+        choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         if body.get("logprobs"):
             top = min(int(body.get("top_logprobs") or 0), 20)
-            choice["logprobs"] = {"content": [_token_entry(token, top) for token in tokens]}
+            choice["logprobs"] = {"content": [_token_entry(token, top) for token in listed]}
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages") or [])
         return 200, {"id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "model": self.served_name,
                      "created": int(time.time()), "choices": [choice],
