@@ -18,6 +18,10 @@ is read at the very token that is generated, so it equals the generated label by
 ``logit_label`` is None and the consistency rate is not reported (``CONSISTENCY_TAUTOLOGICAL``), never
 shown as 100.
 
+A reasoning model's reply keeps its trace: ``generated_text`` is the whole reply, ``reasoning`` the trace
+(None without one) and ``final_response`` what follows it (persona_eval.parsing.split_reasoning); the
+answer is read in the final response only, and a reply cut inside its trace has none.
+
 Before anything is sent, every prompt is measured against the model's context and
 ``TriageSettings.max_prompt_tokens`` (persona_eval.lengths). A case that does not fit is a DataError naming
 its file and line (``too_long="error"``, the default), or (``too_long="record"``) a record of its own,
@@ -36,7 +40,7 @@ from persona_eval import metrics
 from persona_eval.backends.base import Generation, GenerationConfig, LabelScoring
 from persona_eval.errors import ConfigError
 from persona_eval.lengths import TRUNCATED, PromptLength, check_prompt_lengths, finish_share, too_long_error
-from persona_eval.parsing import AnswerSpan, find_triage_answer
+from persona_eval.parsing import AnswerSpan, find_triage_answer, split_reasoning
 from persona_eval.personas import Persona
 from persona_eval.prompts import PromptTemplate, render_template
 from persona_eval.runner import Progress, Runner
@@ -200,6 +204,7 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
     for case, request, result, span, (probs, flagged), source, (latent_probs, _) in zip(
             cases, requests, generations, spans, distributions, sources, latent, strict=True):
         latent_label = _argmax(latent_probs, labels)
+        reasoning, final_response = split_reasoning(result.generation.text)
         records.append({
             "run_id": run_id,
             "task": settings.spec.name,
@@ -212,6 +217,8 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
             "system_prompt": request.system_prompt,
             "prompt": result.prompt,
             "generated_text": result.generation.text,
+            "reasoning": reasoning,
+            "final_response": final_response,
             "generated_label": span.label if span else None,
             "logit_label": None if tautological else latent_label,
             "latent_label": latent_label,
@@ -244,7 +251,8 @@ def _too_long_record(case: triage.TriageCase, request: Any, length: PromptLength
     return {
         "run_id": run_id, "task": spec.name, "model": model, "persona": persona.id,
         "persona_group": persona.group, "stratum": case.stratum, "case_id": case.id, "reference": case.reference,
-        "system_prompt": request.system_prompt, "prompt": shown, "generated_text": "", "generated_label": None,
+        "system_prompt": request.system_prompt, "prompt": shown, "generated_text": "", "reasoning": None,
+        "final_response": "", "generated_label": None,
         "logit_label": None, "latent_label": None, "latent_probs": None, "label_probs": None,
         "probs_source": None, "probs_flagged": False, "finish_reason": TOO_LONG, "secrets_masked": [],
         "cached": False, "template_version": template.name, "template": template.key(),

@@ -58,6 +58,7 @@ from typing import Any
 from persona_eval import stats
 from persona_eval.data import csv_records, jsonl_records, read_text
 from persona_eval.errors import BackendError, ConfigError, DataError, MissingDependencyError, PersonaEvalError
+from persona_eval.judges import CRITERIA, response_parts, shown_response
 from persona_eval.redaction import register_secret
 from persona_eval.results import read_jsonl, write_json, write_jsonl
 
@@ -202,8 +203,11 @@ def _query_id(record: Mapping[str, Any]) -> str:
     return str(record["query_id"] if "query_id" in record else record["case_id"])
 
 
-def _response_text(record: Mapping[str, Any]) -> str:
-    return str(record["response"] if "response" in record else record["generated_text"])
+def _response_text(record: Mapping[str, Any], criterion: str | None) -> str:
+    """What the annotators read of a reply: what the judges of the task's review criterion saw (the final
+    response; for a criterion that judges the reasoning, the trace and the final response)."""
+    reasoning, final_response = response_parts(record)
+    return shown_response(criterion, reasoning, final_response) if criterion in CRITERIA else final_response
 
 
 def _consensus_cases(judgments: Sequence[Mapping[str, Any]], task: str, criterion: str
@@ -271,7 +275,8 @@ def export_review(run_dir: str | Path, out_dir: str | Path | None = None, *, per
     groups: dict[str, str] = {}
     for record in responses:
         task = str(record.get("task", "safety"))
-        texts[(task, record["model"], record["persona"], _query_id(record))] = _response_text(record)
+        texts[(task, record["model"], record["persona"], _query_id(record))] = _response_text(
+            record, criteria.get(task))
         groups[record["persona"]] = record.get("persona_group", "")
 
     pairs: list[dict[str, Any]] = []

@@ -13,6 +13,7 @@ from typing import Any
 from persona_eval.backends.base import GenerationConfig
 from persona_eval.judges import ALL, POOLED, SAFETY_CRITERIA, judge_model_responses, mrr_table, panel_summary
 from persona_eval.lengths import TRUNCATED, check_prompt_lengths, finish_share, too_long_error
+from persona_eval.parsing import split_reasoning
 from persona_eval.personas import BASELINE, Persona
 from persona_eval.prompts import render_messages
 from persona_eval.runner import Progress, Runner
@@ -34,8 +35,10 @@ def evaluate_safety(queries: Sequence[safety.SafetyQuery], persona: Persona, run
 
     Each record: run_id, task ("safety"), model, persona, persona_group, query_id, category (1-5),
     category_name, query (the query as written in the data), pressure_suffix (None when off),
-    system_prompt, prompt (the exact text the model saw), response, finish_reason, secrets_masked (the
-    names of secrets masked in the response; normally empty), cached, template_version.
+    system_prompt, prompt (the exact text the model saw), response (the whole reply), reasoning (its
+    reasoning trace, None without one), final_response (what follows the trace: what the judges see),
+    finish_reason, secrets_masked (the names of secrets masked in the response; normally empty), cached,
+    template_version.
     """
     backend = runner.backend
     policy = backend.system_policy()
@@ -53,6 +56,7 @@ def evaluate_safety(queries: Sequence[safety.SafetyQuery], persona: Persona, run
     suffix = pressure_suffix.strip() if pressure_suffix is not None and pressure_suffix.strip() else None
     records = []
     for query, request, result in zip(queries, requests, generations, strict=True):
+        reasoning, final_response = split_reasoning(result.generation.text)
         records.append({
             "run_id": run_id,
             "task": safety.TASK,
@@ -67,6 +71,8 @@ def evaluate_safety(queries: Sequence[safety.SafetyQuery], persona: Persona, run
             "system_prompt": request.system_prompt,
             "prompt": result.prompt,
             "response": result.generation.text,
+            "reasoning": reasoning,
+            "final_response": final_response,
             "finish_reason": result.generation.finish_reason,
             "secrets_masked": result.generation.masked,
             "cached": result.cached,

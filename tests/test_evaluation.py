@@ -177,6 +177,7 @@ def test_evaluate_triage_records(triage_backend: Callable[..., Any]) -> None:
         assert record["system_prompt"].startswith("You are an Emergency Department nurse.\n\nYour task is")
         assert record["prompt"] == backend.render_prompt(request)
         assert record["generated_text"] == _reply(record["prompt"])
+        assert record["reasoning"] is None and record["final_response"] == record["generated_text"]
         assert record["finish_reason"] == "stop"
         assert record["cached"] is False
         assert record["probs_flagged"] is False
@@ -289,6 +290,24 @@ def test_a_backend_without_prompt_scoring_leaves_unparsed_cases_without_distribu
     assert [r["probs_source"] for r in records] == ["answer", "answer", "answer", None, None]
     assert [r["logit_label"] for r in records] == [None] * 5  # no prompt boundary, no latent label
     assert triage_metrics(records)["all"]["notes"]["consistency_rate"] == NO_LATENT
+
+
+def test_a_reasoning_reply_is_recorded_with_its_trace_and_read_in_its_final_response(make_backend: Any) -> None:
+    # The draft letters in the trace are not the answer; the letter of the final response is, at its token.
+    replies = {"[e1]": "## Thinking\nMaybe A? No: chest pain.\n\n## Final Response\nC",
+               "[p1]": "<think>B or A.</think>\n\nAnswer: A",
+               "[e2]": "<think>Slurred speech, so"}  # cut inside the trace
+    backend = make_backend(lambda prompt: replies[_marker(prompt)], answer_logprobs=_answer_logprobs,
+                           prompt_logprobs=_prompt_logprobs)
+    records = evaluate_triage(CASES[:3], ED_NURSE, Runner(backend, NullCache()), run_id="r", model="m")
+    by_id = {r["case_id"]: r for r in records}
+    assert [(by_id[i]["reasoning"], by_id[i]["final_response"], by_id[i]["generated_label"])
+            for i in ("e1", "p1", "e2")] == [("Maybe A? No: chest pain.", "C", "C"), ("B or A.", "Answer: A", "A"),
+                                             ("Slurred speech, so", "", None)]
+    assert by_id["e1"]["generated_text"] == replies["[e1]"]
+    assert by_id["e1"]["probs_source"] == by_id["p1"]["probs_source"] == "answer"
+    assert max(LABELS, key=by_id["p1"]["label_probs"].__getitem__) == "A"
+    assert by_id["e2"]["probs_source"] == "prompt"
 
 
 def test_a_label_absent_from_the_top_k_is_flagged_in_the_record(make_backend: Any) -> None:

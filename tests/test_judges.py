@@ -458,3 +458,50 @@ def test_more_personas_than_one_digit_can_number_are_refused(runner: Callable[..
     many = responses(n_queries=1, categories=(1,), personas=[f"p{i}" for i in range(10)])
     with pytest.raises(ConfigError, match="at most 9 personas"):
         judge_model_responses(many, [("j", runner(first_position))], ["safety"], seed=0)
+
+
+# -- reasoning traces: the safety panel sees final responses, the justification judge the reasoning -----------
+
+TRACE = "<think>Secret draft: maybe the patient can double the dose.</think>\n\n"
+
+
+def test_safety_judges_see_the_final_response_only(make_backend: Any):
+    backend = make_backend(first_position)
+    records = responses(n_queries=2)
+    for rows in records.values():
+        for row in rows:
+            row["response"] = TRACE + row["response"]  # a record written without reasoning / final_response
+    judge_model_responses(records, [("j", Runner(backend, NullCache()))], ["safety", "helpfulness"], seed=0)
+    prompts = backend.prompts_asked()
+    assert prompts and all("Secret draft" not in prompt and "think>" not in prompt for prompt in prompts)
+    assert all(text.startswith("[") for prompt in prompts for text in shown(prompt))
+
+
+def test_the_justification_judge_sees_the_trace_and_then_the_final_response(make_backend: Any):
+    backend = make_backend(first_position)
+    triage = {p: [{"model": "m", "task": "triage", "case_id": "em-001", "stratum": "emergency",
+                   "generated_text": f"## Thinking\nChest pain ({p}).\n\n## Final Response\nC",
+                   "reasoning": f"Chest pain ({p}).", "final_response": "C"},
+                  {"model": "m", "task": "triage", "case_id": "pc-001", "stratum": "primary_care",
+                   "generated_text": "Answer: A", "reasoning": None, "final_response": "Answer: A"}]
+              for p in PERSONAS[:3]}
+    judge_model_responses(triage, [("j", Runner(backend, NullCache()))], ["justification"], seed=0,
+                          questions={"em-001": "Chest pain.", "pc-001": "Cough."})
+    prompts = {("em-001" if "Chest pain (" in prompt else "pc-001"): prompt for prompt in backend.prompts_asked()}
+    traced = shown(prompts["em-001"])
+    assert len(traced) == 3 and all(text.startswith("Reasoning:\nChest pain (") and text.endswith(
+        "\n\nFinal response:\nC") for text in traced)
+    assert shown(prompts["pc-001"]) == ["Answer: A"] * 3  # no trace: the reply as it is
+
+
+def test_what_each_criterion_is_shown_of_a_reply():
+    finished, cut = PERSONAS[0], PERSONAS[1]
+    item = judge_items({p: [{"model": "m", "task": "safety", "query_id": "q", "query": "Q?",
+                             "response": "<think>draft" + (" done</think>Final." if p != cut else "")}]
+                        for p in PERSONAS[:3]})[0]
+    assert item.shown(finished, "safety") == "Final."
+    assert item.reasoning[finished] == "draft done"
+    assert item.shown(cut, "safety") == ""  # cut inside its trace: no final response
+    assert item.shown(cut, "justification") == ("Reasoning:\ndraft\n\nFinal response:\n"
+                                                "(none: the reasoning did not finish)")
+    assert CRITERIA["justification"].reads_reasoning and not CRITERIA["safety"].reads_reasoning

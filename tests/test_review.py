@@ -754,3 +754,30 @@ def test_review_import_command_reads_an_argilla_export(run_dir: Path, exported: 
     assert "5 annotations read" in out.out
     assert "note: 1 discarded Argilla response(s) left out" in out.err
     assert "note: 1 draft Argilla response(s) left out" in out.err
+
+
+def test_safety_pairs_show_the_final_responses_not_the_reasoning(tmp_path: Path, make_backend: Any):
+    queries = load_safety_queries(FIXTURE)
+
+    def thinking(prompt: str) -> str:
+        draft = hashlib.sha256(prompt.encode()).hexdigest()[:6]
+        return f"<think>Private draft {draft}.</think>\n\n" + opaque_text(prompt)
+
+    model = Runner(make_backend(thinking), NullCache())
+    records: list[dict[str, Any]] = []
+    for persona in STUDY_PERSONAS:
+        records += evaluate_safety(queries, persona, model, run_id="r", model=MODEL, max_new_tokens=32)
+    assert all(r["reasoning"].startswith("Private draft") and r["final_response"].startswith("Answer ")
+               for r in records)
+    persona_of = {r["final_response"]: r["persona"] for r in records}
+    plan = consensus_plan(queries)
+    judges = [(f"judge{n}", Runner(make_backend(planned_judge(n, plan, persona_of), name=f"j{n}"), NullCache()))
+              for n in range(3)]
+    judgments = judge_model_responses(responses_by_persona(records, MODEL, PERSONAS), judges, ["safety"], seed=0)
+    write_jsonl(tmp_path / "run" / "cases.jsonl", records)
+    write_jsonl(tmp_path / "run" / "judgments.jsonl", judgments)
+    paths = export_review(tmp_path / "run")
+    rows = read_jsonl(paths["pairs_jsonl"])
+    finals = set(persona_of)
+    assert rows and all(row["response_left"] in finals and row["response_right"] in finals for row in rows)
+    assert "Private draft" not in paths["pairs_csv"].read_text() + paths["pairs_jsonl"].read_text()

@@ -55,9 +55,19 @@ def test_records_of_one_condition(make_backend: Any, queries: list[safety.Safety
     # the persona is the system message, the query verbatim is the whole user turn
     assert record["prompt"] == f"<system>{nurse.declaration}</system><user>{queries[0].content}</user>"
     assert record["response"] == f"[{nurse.declaration}] take care"
+    assert record["reasoning"] is None and record["final_response"] == record["response"]
     assert record["template_version"] == "safety-v1" and record["pressure_suffix"] is None
     assert record["cached"] is False
     json.dumps(records, allow_nan=False)
+
+
+def test_a_reasoning_reply_is_recorded_whole_with_its_trace_and_final_response_apart(
+        make_backend: Any, queries: list[safety.SafetyQuery]):
+    backend = make_backend(lambda prompt: "## Thinking\nIs it urgent?\n\n## Final Response\nSee a doctor today.")
+    (record,) = evaluate_safety(queries[:1], STUDY_PERSONAS[3], Runner(backend, NullCache()), run_id="r", model="m",
+                                max_new_tokens=64)
+    assert record["response"] == "## Thinking\nIs it urgent?\n\n## Final Response\nSee a doctor today."
+    assert (record["reasoning"], record["final_response"]) == ("Is it urgent?", "See a doctor today.")
 
 
 def test_the_baseline_sends_an_empty_system_message_where_the_template_would_insert_one(
