@@ -873,3 +873,32 @@ def test_the_decoding_sent_and_a_refused_parameter_are_in_the_metadata(
     assert "<h3>Decoding sent</h3>" in section and "<code>m&lt;1&gt;</code>" in section
     assert "temperature refused by the server (HTTP 400: &lt;unsupported&gt; value), not sent" in section
     assert "<h3>Model changes</h3>" in section and "model &#x27;m&lt;1&gt;&#x27; is not the model" in section
+
+
+# -- reasoning traces in the drill-down --------------------------------------------------------------------
+
+def test_a_reasoning_trace_is_collapsed_above_the_final_response_and_escaped(
+        run: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+    summary, cases = copy.deepcopy(run)
+    traced, cut, plain = cases[0], cases[1], cases[2]
+    traced.update(generated_text=f"<think>Weigh it {HOSTILE}</think>\n\nAnswer: C. {SCRIPT}",
+                  reasoning=f"Weigh it {HOSTILE}", final_response=f"Answer: C. {SCRIPT}")
+    cut.update(generated_text=f"<think>Chest pain, so {SCRIPT}", reasoning=f"Chest pain, so {SCRIPT}",
+               final_response="", finish_reason="length")
+    plain.update(reasoning=None, final_response=plain["generated_text"])
+    page = render_report(summary, cases)
+    elements = parse(page)
+    assert len(elements.named("script")) == 1 and elements.named("img") == []
+    drill = page[page.index('id="case-table"'):]
+    cells = re.findall(r'<td class="gen">(.*?)</td></tr>', drill, re.DOTALL)
+    assert len(cells) == len(cases)
+    words = len(f"Weigh it {HOSTILE}".split())
+    assert cells[0] == (f'<details class="trace"><summary>Reasoning ({words} words)</summary>'
+                        f"<pre>{html.escape(f'Weigh it {HOSTILE}')}</pre></details>"
+                        f"<pre>{html.escape(f'Answer: C. {SCRIPT}')}</pre>")
+    assert cells[1].startswith('<details class="trace"><summary>Reasoning (4 words)</summary>')
+    assert "no final response: the reply ended inside its reasoning" in cells[1]
+    assert cells[2] == f"<pre>{html.escape(plain['generated_text'])}</pre>"  # no trace: as before
+    # Records written before traces were kept apart show their whole text.
+    assert cells[3] == f"<pre>{html.escape(cases[3]['generated_text'])}</pre>"
+    assert "<details open" not in drill  # collapsed

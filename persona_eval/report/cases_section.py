@@ -10,6 +10,7 @@ from markupsafe import Markup
 
 from persona_eval.personas import BASELINE
 from persona_eval.report.format import DASH, esc, number, ordered_unique
+from persona_eval.report.fragments import reply_html
 from persona_eval.report.run import Run
 from persona_eval.report.titles import stratum_title
 
@@ -71,7 +72,7 @@ def cases_section(run: Run) -> Markup:
             + "".join(f'<td class="num">{esc(p)}</td>' for p in probs)
             + f"<td>{esc(source)}</td>"
             f'<td class="lbl">{esc(base_text)}</td>'
-            f'<td class="gen"><pre>{esc(case.get("generated_text"))}</pre>'
+            f'<td class="gen">{reply_html(case, "generated_text")}'
             + ('<p class="muted">a secret in this answer was masked</p>' if case.get("secrets_masked") else "")
             + "</td></tr>")
     controls = ['<div class="controls" id="case-filters">']

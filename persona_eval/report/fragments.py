@@ -1,4 +1,5 @@
-"""HTML pieces that several sections of the report share: key-value tables and the baseline switch."""
+"""HTML pieces that several sections of the report share: key-value tables, the baseline switch and a
+model's reply."""
 
 from __future__ import annotations
 
@@ -10,6 +11,24 @@ from persona_eval.report.format import DASH, esc
 from persona_eval.report.titles import BASELINE_TITLE
 
 SIGNIFICANT_MARK = '<span class="mark" aria-label="significant">*</span>'
+
+
+def reply_html(record: Mapping[str, Any], text_field: str) -> str:
+    """A model's reply as a response record holds it: the reasoning trace collapsed ("Reasoning (N words)")
+    above the final response. A record written before traces were kept apart shows its `text_field`
+    whole. Everything is model text, escaped."""
+    if "final_response" not in record:
+        return f"<pre>{esc(record.get(text_field))}</pre>"
+    reasoning = record.get("reasoning")
+    final = record.get("final_response") or ""
+    if not reasoning:
+        return f"<pre>{esc(final)}</pre>"
+    words = len(str(reasoning).split())
+    trace = (f'<details class="trace"><summary>Reasoning ({words} word{"" if words == 1 else "s"})</summary>'
+             f"<pre>{esc(reasoning)}</pre></details>")
+    if not str(final).strip():
+        return trace + '<p class="muted">no final response: the reply ended inside its reasoning</p>'
+    return trace + f"<pre>{esc(final)}</pre>"
 
 
 def kv_table(pairs: Sequence[tuple[str, Any]]) -> str:
