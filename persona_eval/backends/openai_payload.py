@@ -234,7 +234,7 @@ def _content_entries(entries: Sequence[Mapping[str, Any]], content: str) -> list
     begin = raw.rfind(target)
     while begin > 0 and begin + len(target) not in ends:
         begin = raw.rfind(target, 0, begin + len(target) - 1)
-    if begin < 0 or not target:
+    if begin < 0:
         return []
     kept: list[Mapping[str, Any]] = []
     for entry, start, piece in zip(entries, starts, pieces, strict=True):
