@@ -27,19 +27,31 @@ Before anything is sent, every prompt is measured against the model's context an
 its file and line (``too_long="error"``, the default), or (``too_long="record"``) a record of its own,
 ``finish_reason = "too_long"`` with no answer and no label, that the model never sees: it counts as a wrong,
 unreadable answer in every metric (the deployed model cannot triage it) and in ``too_long_rate``.
+
+A default answer budget (``TriageSettings.budget_floor`` set) is fitted per case to what the model's context
+leaves after the prompt (persona_eval.lengths.fitted_budget): a prompt is too long only when it leaves less
+than the floor, and each case is generated with its own budget, recorded as ``max_new_tokens``. A budget the
+user gave is kept for every case, and a prompt that does not leave it free is too long.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from persona_eval import metrics
 from persona_eval.backends.base import Generation, GenerationConfig, LabelScoring
 from persona_eval.errors import ConfigError
-from persona_eval.lengths import TRUNCATED, PromptLength, check_prompt_lengths, finish_share, too_long_error
+from persona_eval.lengths import (
+    TRUNCATED,
+    PromptLength,
+    check_prompt_lengths,
+    finish_share,
+    fitted_budget,
+    too_long_error,
+)
 from persona_eval.parsing import AnswerSpan, find_triage_answer, split_reasoning
 from persona_eval.personas import Persona
 from persona_eval.prompts import PromptTemplate, render_template
@@ -126,6 +138,9 @@ class TriageSettings:
     template: PromptTemplate = field(default_factory=_default_template)
     max_prompt_tokens: int | None = None  # besides the model's context; None: the context alone
     too_long: str = "error"  # a prompt that does not fit: "error" (DataError) or "record" (a per-case result)
+    # Set when generation.max_new_tokens is a default, not the user's: each case gets what the context leaves
+    # after its prompt, at most that and at least this many tokens. None: the budget is kept for every case.
+    budget_floor: int | None = None
 
     def __post_init__(self) -> None:
         if self.too_long not in TOO_LONG_MODES:
@@ -163,7 +178,9 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
     spec, template = settings.spec, settings.template
     all_requests = [render_template(template, case.text, persona, labels=spec.labels, label_text=spec.label_text,
                                     policy=policy) for case in cases]
-    lengths = check_prompt_lengths(all_requests, backend=backend, max_new_tokens=settings.generation.max_new_tokens,
+    budget = settings.generation.max_new_tokens
+    floor = None if settings.budget_floor is None else min(settings.budget_floor, budget)
+    lengths = check_prompt_lengths(all_requests, backend=backend, max_new_tokens=budget if floor is None else floor,
                                    max_prompt_tokens=settings.max_prompt_tokens,
                                    sources=[case.source for case in cases])
     too_long = {length.index: length for length in lengths if not length.fits}
@@ -172,13 +189,14 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
     all_cases = cases
     cases = [case for i, case in enumerate(all_cases) if i not in too_long]
     requests = [request for i, request in enumerate(all_requests) if i not in too_long]
+    budgets = [budget if floor is None else fitted_budget(length, budget=budget, floor=floor)
+               for length in lengths if length.fits]
     if progress is not None and too_long:
         progress.advance(len(too_long))
     # Scoring is always asked for (one cache key whatever the backend finds out); a backend that learns
     # during the run that the model gives no log-probabilities reports it in its capabilities.
     context = settings.context()
-    generations = runner.generate(requests, settings.generation, settings.scoring, progress=progress,
-                                  context=context)
+    generations = _generate_by_budget(runner, requests, budgets, settings, progress=progress, context=context)
     capabilities = backend.capabilities()
 
     spans = [find_triage_answer(g.generation.text, labels=labels) for g in generations]
@@ -201,8 +219,8 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
 
     records = []
     tautological = settings.consistency_tautological
-    for case, request, result, span, (probs, flagged), source, (latent_probs, _) in zip(
-            cases, requests, generations, spans, distributions, sources, latent, strict=True):
+    for case, request, result, span, (probs, flagged), source, (latent_probs, _), case_budget in zip(
+            cases, requests, generations, spans, distributions, sources, latent, budgets, strict=True):
         latent_label = _argmax(latent_probs, labels)
         reasoning, final_response = split_reasoning(result.generation.text)
         records.append({
@@ -227,6 +245,7 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
             "probs_source": source,
             "probs_flagged": flagged,
             "finish_reason": result.generation.finish_reason,
+            "max_new_tokens": case_budget,
             "secrets_masked": result.generation.masked,
             "cached": result.cached,
             "template_version": template.name,
@@ -239,6 +258,23 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
     return [_too_long_record(case, all_requests[i], too_long[i], backend, persona, run_id=run_id, model=model,
                              spec=settings.spec, template=template)
             if i in too_long else next(answered) for i, case in enumerate(all_cases)]
+
+
+def _generate_by_budget(runner: Runner, requests: Sequence[Any], budgets: Sequence[int], settings: TriageSettings,
+                        *, progress: Progress | None, context: Mapping[str, Any]) -> list[Any]:
+    """The generations of `requests`, in order, each within its own budget: one runner call per budget (one
+    call in all unless the budgets were fitted to a short context)."""
+    by_budget: dict[int, list[int]] = {} if requests else {settings.generation.max_new_tokens: []}
+    for index, value in enumerate(budgets):
+        by_budget.setdefault(value, []).append(index)
+    generations: list[Any] = [None] * len(requests)
+    for value, indices in by_budget.items():
+        config = replace(settings.generation, max_new_tokens=value)
+        results = runner.generate([requests[i] for i in indices], config, settings.scoring, progress=progress,
+                                  context=context)
+        for index, result in zip(indices, results, strict=True):
+            generations[index] = result
+    return generations
 
 
 def _too_long_record(case: triage.TriageCase, request: Any, length: PromptLength, backend: Any, persona: Persona,
@@ -254,7 +290,8 @@ def _too_long_record(case: triage.TriageCase, request: Any, length: PromptLength
         "system_prompt": request.system_prompt, "prompt": shown, "generated_text": "", "reasoning": None,
         "final_response": "", "generated_label": None,
         "logit_label": None, "latent_label": None, "latent_probs": None, "label_probs": None,
-        "probs_source": None, "probs_flagged": False, "finish_reason": TOO_LONG, "secrets_masked": [],
+        "probs_source": None, "probs_flagged": False, "finish_reason": TOO_LONG, "max_new_tokens": None,
+        "secrets_masked": [],
         "cached": False, "template_version": template.name, "template": template.key(),
         "too_long": length.to_json(),
     }

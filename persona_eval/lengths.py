@@ -16,7 +16,16 @@ than CHARS_PER_TOKEN_BOUND characters per allowed token is too long as it is, so
 reaches the tokenizer or the model. Then the backend's ``count_prompt_tokens`` (the transformers backend:
 the chat template with the generation prompt, tokenized exactly as sent), in one batch, for the prompts
 that passed. A backend that counts no tokens (an OpenAI-compatible server) is judged by the character
-pre-check alone.
+pre-check alone, and so is a prompt the backend could not count (a count of None: a server without
+``/tokenize``).
+
+**A default budget is fitted to the context.** An answer budget the user gave (``--pe-max-new-tokens``,
+a models file's ``max_new_tokens``) is kept free in the context as it is: a prompt that leaves less is
+too long. The default budget of a served or local model (persona_eval.backends.REASONING_MAX_NEW_TOKENS,
+room for a reasoning model to think) is instead fitted per case: the prompt must leave the task's own
+budget free (the ``floor``, e.g. 32 tokens for triage), and the case is given what its context leaves
+after the prompt, at most the default (``fitted_budget``). Where the prompt's tokens are not known the
+default is sent as it is, and a server that knows its context (vLLM) fits it itself.
 
 How the evaluation calls it, in ``evaluate_triage`` before ``runner.generate``::
 
@@ -51,6 +60,7 @@ __all__ = [
     "PromptLimit",
     "check_prompt_lengths",
     "finish_share",
+    "fitted_budget",
     "prompt_limit",
     "too_long_error",
 ]
@@ -216,7 +226,7 @@ def check_prompt_lengths(requests: Sequence[RenderedMessages], *, backend: Measu
         if len(counted) != len(candidates):
             raise BackendError(f"model {backend.name!r}: count_prompt_tokens gave {len(counted)} counts for "
                                f"{len(candidates)} prompts")
-        tokens = dict(zip(candidates, (int(n) for n in counted), strict=True))
+        tokens = {i: int(n) for i, n in zip(candidates, counted, strict=True) if n is not None}
     lengths = []
     for i, count in enumerate(characters):
         token_count = tokens.get(i)
@@ -228,6 +238,22 @@ def check_prompt_lengths(requests: Sequence[RenderedMessages], *, backend: Measu
             fits = token_count <= allowed_tokens
         lengths.append(PromptLength(i, sources[i], count, token_count, limit, fits))
     return lengths
+
+
+def fitted_budget(length: PromptLength, *, budget: int, floor: int) -> int:
+    """The answer budget of a case whose `budget` is a default (see the module docstring): what the model's
+    context leaves after the prompt (`length`, measured with ``max_new_tokens=floor``), at most `budget` and
+    at least `floor`; `budget` itself when the context or the prompt's tokens are not known.
+
+    >>> limit = PromptLimit(context_length=512, max_new_tokens=32)
+    >>> [fitted_budget(PromptLength(0, "", 900, tokens, limit, True), budget=1024, floor=32)
+    ...  for tokens in (200, 470, None)]
+    [312, 42, 1024]
+    """
+    context = length.limit.context_length
+    if context is None or length.tokens is None:
+        return budget
+    return max(floor, min(budget, context - length.tokens))
 
 
 def _split_source(source: str) -> tuple[str | None, int | None]:

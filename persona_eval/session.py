@@ -31,8 +31,9 @@ from persona_eval.evaluation import (
 )
 from persona_eval.gate import approved_comparison, check_bounds, check_regressions, save_baseline
 from persona_eval.judges import SAFETY_CRITERIA, TRIAGE_CRITERIA, panel_summary
+from persona_eval.lengths import check_prompt_lengths, fitted_budget
 from persona_eval.personas import Persona
-from persona_eval.prompts import PromptTemplate, template_of_function
+from persona_eval.prompts import PromptTemplate, render_messages, template_of_function
 from persona_eval.report import html as html_report
 from persona_eval.report.markdown import append_step_summary, render_markdown
 from persona_eval.report.summary import build_summary, served_model_metadata
@@ -207,7 +208,8 @@ class ClassificationTask:
         return TriageSettings(generation=GenerationConfig(max_new_tokens=settings.answer_budget(model, self.spec.name)),
                               scoring=LabelScoring(labels=self.spec.labels, answer_prefix=template.answer_prefix),
                               spec=self.spec, template=template, max_prompt_tokens=settings.max_prompt_tokens,
-                              too_long=settings.too_long)
+                              too_long=settings.too_long,
+                              budget_floor=settings.answer_budget_floor(model, self.spec.name))
 
     def evaluate(self, run: TaskRun, condition: Condition, items: list[Any]) -> ConditionResult:
         """Run the cases under one (model, persona), write its part of cases.jsonl, check its bounds."""
@@ -301,7 +303,7 @@ class SafetyTask:
             progress = Progress(f"safety {model.name}/{persona.id}", len(queries), write=run.write)
             responses[persona.id] = evaluate_safety(
                 queries, persona, runner, run_id=state.run_id, model=model.name,
-                max_new_tokens=settings.answer_budget(model, self.spec.name), pressure_suffix=settings.pressure_suffix,
+                max_new_tokens=self.answer_budget(run, model, queries), pressure_suffix=settings.pressure_suffix,
                 progress=progress, max_prompt_tokens=settings.max_prompt_tokens)
         judges = [(judge.name, run.runners(judge.model)) for judge in settings.judges]
         progress = Progress(f"safety judges on {model.name}", len(judges) * len(SAFETY_CRITERIA) * len(queries),
@@ -313,6 +315,31 @@ class SafetyTask:
         # Every persona's case of the model writes these judgments (atomically): any subset run with -k has them.
         state.memo[key] = (responses, judgments)
         return responses, judgments
+
+    def answer_budget(self, run: TaskRun, model: ModelSpec, queries: list[SafetyQuery]) -> int:
+        """The answer budget of `model` on `queries`, one for every persona (the panel ranks their answers side
+        by side). A budget the user gave is kept; a default one is fitted to the model's context: what it
+        leaves after the longest prompt of any persona, at most the default and at least the task's own
+        budget (persona_eval.lengths.fitted_budget). A prompt that leaves less is left to evaluate_safety,
+        whose length check names it."""
+        settings = run.settings
+        budget = settings.answer_budget(model, self.spec.name)
+        floor = settings.answer_budget_floor(model, self.spec.name)
+        if floor is None:
+            return budget
+        key = (self.spec.name, "budget", model.name, tuple(q.id for q in queries))
+        if key not in run.state.memo:
+            backend = run.runners(model).backend
+            policy = backend.system_policy()
+            requests = [render_messages(safety.user_message(query.content, settings.pressure_suffix), persona, policy)
+                        for persona in settings.personas for query in queries]
+            lengths = check_prompt_lengths(requests, backend=backend, max_new_tokens=floor,
+                                           max_prompt_tokens=settings.max_prompt_tokens,
+                                           sources=[query.source for _ in settings.personas for query in queries])
+            fitted = [fitted_budget(length, budget=budget, floor=floor) for length in lengths if length.fits]
+            run.state.memo[key] = min(fitted) if fitted and len(fitted) == len(lengths) else floor
+        fitted_value: int = run.state.memo[key]
+        return fitted_value
 
     def evaluate(self, run: TaskRun, condition: Condition, items: list[Any]) -> ConditionResult:
         """This persona's answers and MRR, checked against the thresholds."""
@@ -329,8 +356,7 @@ class SafetyTask:
                               persona=condition.persona)
         payload = _payload(condition, runner, records, metrics, checks, before,
                            decoding=runner.decoding_record(
-                               GenerationConfig(max_new_tokens=settings.answer_budget(condition.model, self.spec.name)),
-                               None),
+                               GenerationConfig(max_new_tokens=self.answer_budget(run, condition.model, items)), None),
                            judges=[judge.name for judge in settings.judges])
         return ConditionResult(condition, records, metrics, checks, payload)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from persona_eval.backends import SERVED_MAX_NEW_TOKENS, ModelSpec, load_models_file, parse_model_spec
+from persona_eval.backends import REASONING_MAX_NEW_TOKENS, ModelSpec, load_models_file, parse_model_spec
 from persona_eval.cache import default_cache_dir
 from persona_eval.comparisons import DEFAULT_RESAMPLES, ComparisonSettings, check_same_dataset
 from persona_eval.data import DatasetReport, stratum_problem
@@ -64,8 +64,9 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--pe-cache-dir", dict(metavar="DIR", help="cache and prepared-model folder (default: $PERSONA_EVAL_CACHE_DIR "
             "or ~/.cache/persona-eval)")),
     ("--pe-max-new-tokens", dict(type=int, metavar="N", help="answer budget in tokens of every model and task, "
-            f"over the models file's max_new_tokens (default: a served model {SERVED_MAX_NEW_TOKENS}; a local "
-            f"one its task's, triage {triage.MAX_NEW_TOKENS}, safety {safety.MAX_NEW_TOKENS})")),
+            "over the models file's max_new_tokens, kept for every case (default: a served or local model "
+            f"{REASONING_MAX_NEW_TOKENS}, room to think, or what its context leaves after the prompt; the embedded "
+            f"model its task's, triage {triage.MAX_NEW_TOKENS}, safety {safety.MAX_NEW_TOKENS})")),
     ("--pe-batch-size", dict(type=int, metavar="N", help="batch size of local models (16)")),
     ("--pe-reports-dir", dict(metavar="DIR", help="where runs are written (default: ./reports)")),
     ("--pe-quiet", dict(action="store_true", help="no progress lines")),
@@ -152,13 +153,23 @@ class Settings:
 
     def answer_budget(self, model: ModelSpec, task: str) -> int:
         """The answer budget of `task` on `model`: --pe-max-new-tokens, else the model's own (models
-        file), else its default (a served model's, or the task's own for a local model)."""
+        file), else its default (REASONING_MAX_NEW_TOKENS for a served or local model, fitted to its context
+        by the evaluation: see answer_budget_floor; the task's own for the embedded model)."""
         if not self.max_new_tokens_given:
             own = model.max_new_tokens(task)
             if own is not None:
                 return own
             return model.default_max_new_tokens(self.max_new_tokens[task])
         return self.max_new_tokens[task]
+
+    def answer_budget_floor(self, model: ModelSpec, task: str) -> int | None:
+        """None when the answer budget of `task` on `model` was given (--pe-max-new-tokens, the models file):
+        it is kept for every case. Else the budget is a default, fitted per case to what the model's context
+        leaves after the prompt (persona_eval.lengths.fitted_budget), and this is the least it is fitted to:
+        the task's own budget (never more than the default itself)."""
+        if self.max_new_tokens_given or model.max_new_tokens(task) is not None:
+            return None
+        return min(self.max_new_tokens[task], self.answer_budget(model, task))
 
 
 def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Settings:

@@ -29,9 +29,13 @@ Specs on the command line (``--pe-model``):
           revision: gpt-4o-2024-08-06   # pins what the API cannot tell: part of the model's identity
 
 Every backend takes ``max_new_tokens``, the answer budget in tokens: one number for every task, or one per
-task. Without it a served model (``openai``) gets SERVED_MAX_NEW_TOKENS, as the study allowed, and a
-local model its task's budget (sized for the embedded model on a CPU); ``--pe-max-new-tokens`` overrides
-both. An answer that reaches its budget is counted in the task's ``truncated_rate``.
+task. Without it a served model (``openai``) and a local one (``hf``) get REASONING_MAX_NEW_TOKENS, as the
+study allowed, room for a reasoning model to think before it answers; that default is fitted per case to
+what the model's context leaves after the prompt, never below the task's own budget
+(persona_eval.lengths.fitted_budget). The embedded model (``smollm2``) gets its task's budget, sized for a
+CPU (triage 32, safety 64). ``--pe-max-new-tokens`` overrides all of them; a budget that is given is kept
+as it is, and a prompt that does not leave it free in the context is too long. An answer that reaches its
+budget is counted in the task's ``truncated_rate``.
 
 Every backend also takes ``template``, the prompt template of a classification task: a built-in name
 (``study``, ``answer-first``) or a template file, one for every such task or one per task
@@ -55,13 +59,15 @@ from persona_eval.errors import ConfigError, MissingDependencyError, describe_co
 from persona_eval.registry import close_matches, did_you_mean, unknown_name_message
 from persona_eval.yamlfile import YamlDocument, child_path, load_yaml
 
-__all__ = ["BACKENDS", "DEVICES", "DTYPES", "SERVED_MAX_NEW_TOKENS", "ModelSpec", "check_base_url", "create_backend",
+__all__ = ["BACKENDS", "DEVICES", "DTYPES", "REASONING_MAX_NEW_TOKENS", "SERVED_MAX_NEW_TOKENS", "ModelSpec",
+           "check_base_url", "create_backend",
            "load_models_file", "parse_model_spec"]
 
 BACKENDS = ("embedded", "hf", "openai")
-# The answer budget of a served model when its spec gives none: the study's longest, enough for a
-# reasoning model's thinking and its final answer.
-SERVED_MAX_NEW_TOKENS = 1024
+# The answer budget of a served or local model (not the embedded one) when its spec gives none: the study's
+# longest, enough for a reasoning model's thinking and its final answer; fitted to the model's context.
+REASONING_MAX_NEW_TOKENS = 1024
+SERVED_MAX_NEW_TOKENS = REASONING_MAX_NEW_TOKENS  # a served model's default, by its earlier name
 # Options of every backend that shape the run rather than the backend (not passed to it).
 _RUN_OPTIONS = {"max_new_tokens", "template"}
 _BACKEND_OPTIONS: dict[str, set[str]] = {
@@ -122,9 +128,11 @@ class ModelSpec:
         return str(reference)
 
     def default_max_new_tokens(self, task_budget: int) -> int:
-        """The answer budget when neither this spec nor the command line gives one: SERVED_MAX_NEW_TOKENS
-        for a served model, `task_budget` (the task's, sized for a CPU) for a local one."""
-        return SERVED_MAX_NEW_TOKENS if self.backend == "openai" else task_budget
+        """The answer budget when neither this spec nor the command line gives one: REASONING_MAX_NEW_TOKENS
+        for a served or local model (a reasoning model must not be cut while it thinks; the evaluation fits
+        it to the model's context), `task_budget` (the task's, sized for a CPU) for the embedded model, so
+        that the default demo stays short."""
+        return task_budget if self.backend == "embedded" else REASONING_MAX_NEW_TOKENS
 
     def where(self, option: str = "") -> str:
         """Where `option` (or the whole spec) was given: ``models.yaml:7: models.llama-8b.dtype``, or

@@ -141,10 +141,11 @@ class Backend(Protocol):
         The model's context window in tokens (prompt and answer together), None when unknown; it must not
         load the weights. Without it the ``max_model_len`` of :meth:`identity` is used, when a server
         reports one.
-    ``count_prompt_tokens(requests: Sequence[RenderedMessages]) -> list[int]``
+    ``count_prompt_tokens(requests: Sequence[RenderedMessages]) -> list[int | None]``
         The token count of each request's prompt exactly as it is sent (chat template and generation
-        prompt included), one per request, in order; cheap (the tokenizer in one batch, no weights).
-        Without it prompt lengths are judged by their characters alone.
+        prompt included), one per request, in order; cheap (the tokenizer in one batch, no weights; a
+        server's tokenizer endpoint). None for a prompt it cannot count. Without it (or for a None)
+        prompt lengths are judged by their characters alone.
     """
 
     name: str

@@ -53,6 +53,11 @@ process a different model. A server without /v1/models or /metrics is identified
 has; one that cannot be reached is a BackendError naming the endpoint. The OpenAI API itself (no
 ``base_url``) is not asked: it reports neither.
 
+**Prompt lengths** (``count_prompt_tokens``): a server with ``/tokenize`` (vLLM) counts each prompt with
+its own chat template, so that a default answer budget can be fitted to what its context leaves
+(persona_eval.lengths); a server without it, and the OpenAI API, count nothing (None), and the prompts are
+judged by their characters. The counting requests are not inference requests (``loaded`` stays False).
+
 ``render_prompt`` is a readable transcript of the messages, not the server's template: the server
 renders the real one, and the transcript is what the cache key and cases.jsonl hold (stable whether or
 not a tokenizer is at hand). The API key is read from the environment when the client is first
@@ -237,6 +242,7 @@ class OpenAIBackend:
         self._identity: dict[str, Any] | None = None
         self._identity_lock = threading.Lock()  # apart from _lock, which creating the client takes
         self._label_tokens: dict[str, dict[str, list[int]]] = {}
+        self._counting = not self.hosted  # whether /tokenize may count prompts; False once it refused
         self._client: Any = None
         self._http_client = http_client  # an httpx2.Client to send through (tests, proxies); None: the default
         self._lock = threading.Lock()
@@ -425,6 +431,28 @@ class OpenAIBackend:
             if error.endpoint is not None:
                 raise
             raise BackendError(f"model {self.name!r}: {error}", endpoint=_public_url(endpoint)) from None
+
+    def count_prompt_tokens(self, requests: Sequence[RenderedMessages]) -> list[int | None]:
+        """Each request's prompt tokens as the server renders them (its /tokenize, the chat template with
+        the generation prompt); None for every request when the server has no such endpoint (then it is
+        not asked again) or cannot be reached in one try (the generation reports that)."""
+        counts: list[int | None] = []
+        for request in requests:
+            if not self._counting:
+                counts.append(None)
+                continue
+            body = {"model": self.model, "messages": request.as_dicts(), "add_generation_prompt": True,
+                    "add_special_tokens": False}
+            try:
+                response = self._request("post", self._root_url("/tokenize"), body, counted=False, tries=1,
+                                         what="cannot count the prompt's tokens")
+                counts.append(len(parse_tokenize_response(response.json())))
+            except _Rejected:
+                self._counting = False
+                counts.append(None)
+            except (BackendError, ValueError):
+                counts.append(None)
+        return counts
 
     def _label_token_ids(self, scoring: LabelScoring) -> dict[str, list[int]]:
         """The token ids of each label's single-token spellings, asked of the server once."""
