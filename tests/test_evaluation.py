@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from persona_eval import metrics
-from persona_eval.backends.base import Capabilities, Generation, LabelScoring, TokenScores
+from persona_eval.backends.base import Capabilities, Generation, GenerationConfig, LabelScoring, TokenScores
 from persona_eval.cache import NullCache, ResultCache
+from persona_eval.errors import DataError
 from persona_eval.evaluation import (
     CONSISTENCY_TAUTOLOGICAL,
     NO_LATENT,
@@ -437,3 +439,56 @@ def test_triage_metrics_of_evaluate_triage_records(triage_backend: Callable[...,
     assert result["emergency"]["metrics"]["accuracy"] == pytest.approx(1 / 2)
     assert result["emergency"]["metrics"]["consistency_rate"] == pytest.approx(50.0)
     assert result["primary_care"]["metrics"]["parse_rate"] == pytest.approx(1 / 3)
+
+
+# --- a default budget fitted to the context ------------------------------------------------------------
+
+def _fitting_backend(make_backend: Any, context: int) -> Any:
+    """A scripted backend with a context window and one token per word of the rendered prompt, which
+    records the budget of every generate call."""
+    class Fitting(make_backend):  # type: ignore[misc, valid-type]
+        budgets: list[tuple[int, int]]
+
+        def context_length(self) -> int:
+            return context
+
+        def count_prompt_tokens(self, requests: Sequence[Any]) -> list[int]:
+            return [len(self.render_prompt(r).split()) for r in requests]
+
+        def generate(self, requests: Sequence[Any], config: Any, scoring: Any) -> list[Generation]:
+            self.budgets.append((config.max_new_tokens, len(requests)))
+            return list(super().generate(requests, config, scoring))
+
+    backend = Fitting(_reply, answer_logprobs=_answer_logprobs, prompt_logprobs=_prompt_logprobs, batch_size=8)
+    backend.budgets = []
+    return backend
+
+
+def test_a_default_budget_is_fitted_per_case_to_what_the_context_leaves(make_backend: Any) -> None:
+    counts = [len(_fitting_backend(make_backend, 0).render_prompt(render_case(case.text, ED_NURSE, SystemPolicy()))
+                  .split()) for case in CASES]
+    context = max(counts) + 20
+    backend = _fitting_backend(make_backend, context)
+    settings = TriageSettings(budget_floor=8, generation=GenerationConfig(max_new_tokens=1024))
+    records = evaluate_triage(CASES, ED_NURSE, Runner(backend, NullCache()), run_id="r", model="tiny",
+                              settings=settings)
+    assert [r["max_new_tokens"] for r in records] == [context - count for count in counts]
+    assert sorted(budget for budget, _ in backend.budgets) == sorted(set(context - count for count in counts))
+    assert sum(n for _, n in backend.budgets) == len(CASES)
+    # The same budget given by the user is kept for every case: no prompt leaves 1024 tokens free.
+    with pytest.raises(DataError, match="lower --pe-max-new-tokens"):
+        evaluate_triage(CASES, ED_NURSE, Runner(_fitting_backend(make_backend, context), NullCache()), run_id="r",
+                        model="tiny", settings=replace(settings, budget_floor=None))
+
+
+def test_a_prompt_that_leaves_less_than_the_floor_is_too_long(make_backend: Any) -> None:
+    counts = [len(_fitting_backend(make_backend, 0).render_prompt(render_case(case.text, ED_NURSE, SystemPolicy()))
+                  .split()) for case in CASES]
+    backend = _fitting_backend(make_backend, min(counts) + 8)
+    settings = TriageSettings(budget_floor=8, too_long="record",
+                              generation=GenerationConfig(max_new_tokens=1024))
+    records = evaluate_triage(CASES, ED_NURSE, Runner(backend, NullCache()), run_id="r", model="tiny",
+                              settings=settings)
+    fitted = [r for r in records if r["finish_reason"] != "too_long"]
+    assert [r["max_new_tokens"] for r in fitted] == [8] * len(fitted) and len(fitted) >= 1
+    assert all(r["max_new_tokens"] is None for r in records if r["finish_reason"] == "too_long")

@@ -17,6 +17,7 @@ from persona_eval.lengths import (
     PromptLength,
     PromptLimit,
     check_prompt_lengths,
+    fitted_budget,
     prompt_limit,
     too_long_error,
 )
@@ -171,6 +172,35 @@ def test_a_backend_without_a_counter_uses_the_character_check_with_its_context()
     lengths = check_prompt_lengths([request("x" * 500), request("x" * 5000)], backend=backend,
                                    max_new_tokens=10, sources=sources(2))
     assert [(item.tokens, item.fits) for item in lengths] == [(None, True), (None, False)]
+
+
+def test_a_prompt_the_backend_could_not_count_is_judged_by_its_characters() -> None:
+    class PartlyCounting(CountingBackend):
+        def count_prompt_tokens(self, requests: Sequence[RenderedMessages]) -> list[int | None]:  # type: ignore[override]
+            return [None, *super().count_prompt_tokens(requests[1:])]
+
+    lengths = check_prompt_lengths([request(words(95)), request(words(95))], backend=PartlyCounting(context=100),
+                                   max_new_tokens=10, sources=sources(2))
+    assert [(item.tokens, item.fits) for item in lengths] == [(None, True), (99, False)]
+
+
+# -- a default budget fitted to the context -------------------------------------------------------------
+
+def test_a_default_budget_gets_what_the_context_leaves_between_the_floor_and_the_default() -> None:
+    backend = CountingBackend(context=100)
+    requests = [request(words(n)) for n in (20, 70, 86, 90)]  # 24, 74, 90, 94 tokens with the system words
+    lengths = check_prompt_lengths(requests, backend=backend, max_new_tokens=8, sources=sources(4))
+    assert [item.fits for item in lengths] == [True, True, True, False]
+    assert [fitted_budget(item, budget=50, floor=8) for item in lengths[:3]] == [50, 26, 10]
+
+
+def test_a_default_budget_is_sent_as_it_is_where_the_prompt_or_the_context_is_unknown() -> None:
+    served = ServedBackend({"backend": "openai", "model": "m", "max_model_len": 512})
+    (length,) = check_prompt_lengths([request("short")], backend=served, max_new_tokens=32, sources=["a:1"])
+    assert length.tokens is None and fitted_budget(length, budget=1024, floor=32) == 1024
+    (unlimited,) = check_prompt_lengths([request("short")], backend=CountingBackend(context=None), max_new_tokens=32,
+                                        sources=["a:1"])
+    assert fitted_budget(unlimited, budget=1024, floor=32) == 1024
 
 
 def test_bad_arguments() -> None:

@@ -958,3 +958,24 @@ def test_a_secret_in_the_trace_is_masked_too(monkeypatch, no_registered_secrets)
     assert generation.tokens and all(generation.text.startswith(t.token, t.offset) for t in generation.tokens)
     probs, _ = label_distribution(generation, find_triage_answer(generation.text), ["A", "B", "C"])
     assert probs is not None and max(probs, key=probs.get) == "B"
+
+
+def test_prompt_tokens_are_counted_by_the_server_s_tokenize_and_not_as_inference():
+    def handler(http_request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(http_request.content)
+        assert http_request.url.path == "/tokenize" and body["add_generation_prompt"] is True
+        assert body["messages"][-1] == {"role": "user", "content": body["messages"][-1]["content"]}
+        return httpx2.Response(200, json={"tokens": list(range(len(body["messages"][-1]["content"])))})
+
+    backend, seen = mock_backend(handler)
+    assert backend.count_prompt_tokens([request(text="four"), request(text="sixsix")]) == [4, 6]
+    assert len(seen) == 2 and not backend.loaded
+
+
+def test_a_server_without_tokenize_counts_nothing_and_is_asked_once():
+    backend, seen = mock_backend(lambda r: httpx2.Response(404, json={"detail": "Not Found"}))
+    assert backend.count_prompt_tokens([request(), request()]) == [None, None]
+    assert backend.count_prompt_tokens([request()]) == [None]
+    assert len(seen) == 1
+    hosted = OpenAIBackend("m", model="gpt-4o")
+    assert hosted.count_prompt_tokens([request()]) == [None]  # the OpenAI API is never asked

