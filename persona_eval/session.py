@@ -229,8 +229,13 @@ class ClassificationTask:
         checks = check_bounds(settings.thresholds, self.spec.name, metrics, model=condition.model.name,
                               persona=condition.persona)
         template = task_settings.template
-        payload = _payload(condition, runner, records, metrics, checks, before,
-                           decoding=runner.decoding_record(task_settings.generation, task_settings.scoring),
+        decoding = runner.decoding_record(task_settings.generation, task_settings.scoring)
+        if task_settings.budget_floor is not None:
+            # The default budget, fitted per case to the context: the range sent (each record holds its own).
+            sent = [r["max_new_tokens"] for r in records if r.get("max_new_tokens") is not None]
+            decoding["max_tokens_fitted"] = ({"floor": task_settings.budget_floor, "least": min(sent),
+                                              "most": max(sent)} if sent else None)
+        payload = _payload(condition, runner, records, metrics, checks, before, decoding=decoding,
                            template={**template.key(), "source": template.source},
                            label_positions=label_positions(task_settings))
         return ConditionResult(condition, records, metrics, checks, payload)
