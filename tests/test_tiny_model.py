@@ -15,10 +15,15 @@ from persona_eval.personas import STUDY_PERSONAS, Persona
 from persona_eval.testing import tiny_model
 from persona_eval.testing.tiny_model import (
     DEFAULT_PLANTED_PERSONA,
+    DIVERGENT_PHRASES,
     SIGNAL_PHRASES,
     build_tiny_model,
+    diverges,
     expected_answer,
+    gut_answer,
+    signal_phrase,
     synthetic_triage_records,
+    thinking_reply,
     tiny_model_dir,
     training_messages,
 )
@@ -236,3 +241,65 @@ def test_cache_folders_differ_by_planted_persona(tmp_path: Path, monkeypatch: py
     unplanted = tiny_model_dir(tmp_path, planted_persona=None)
     assert planted != unplanted
     assert planted.parent == unplanted.parent == tmp_path / "models"
+
+
+# -- the thinking model -------------------------------------------------------------------------------
+
+def test_divergence_is_set_by_the_signal_phrase_and_the_gut_answer_always_differs_there() -> None:
+    records = synthetic_triage_records(100, seed=HELD_OUT_SEED)
+    assert all(diverges(r) == (signal_phrase(r["text"]) in DIVERGENT_PHRASES) for r in records)
+    assert len(DIVERGENT_PHRASES) == 9 and 0.2 < sum(map(diverges, records)) / len(records) < 0.4
+    for record in records:
+        for persona in STUDY_PERSONAS:
+            written = expected_answer(record["reference"], persona.id)
+            assert (gut_answer(record, persona.id) != written) == diverges(record)
+    assert not any(diverges(r, divergent_share=0.0) for r in records)
+    with pytest.raises(ValueError, match=r"multiple of 0\.1"):
+        diverges(records[0], divergent_share=0.25)
+
+
+def test_the_thinking_reply_reasons_from_the_case_to_the_written_answer() -> None:
+    record = synthetic_triage_records(1, seed=HELD_OUT_SEED)[0]
+    reply = thinking_reply(record, "ed_physician")
+    thinking, _, final = reply.partition("\n\n## Final Response\n")
+    assert thinking.startswith("## Thinking\n") and signal_phrase(record["text"]) in thinking
+    assert final == expected_answer(record["reference"], "ed_physician")
+
+
+@pytest.fixture(scope="module")
+def thinking_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-thinking-cache"), thinking=True)
+
+
+@pytest.mark.slow
+def test_the_thinking_model_thinks_then_answers_and_its_gut_answer_is_as_planted(thinking_dir: Path) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(thinking_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(thinking_dir)
+    tokenizer.padding_side = "left"
+    records = synthetic_triage_records(10, seed=HELD_OUT_SEED)
+    label_ids = [tokenizer.encode(label, add_special_tokens=False)[0] for label in "ABC"]
+    written = gut = total = 0
+    for persona in STUDY_PERSONAS:
+        prompts = [tokenizer.apply_chat_template(_messages(r["text"], persona), tokenize=False,
+                                                 add_generation_prompt=True) for r in records]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        direct = tokenizer([p + "## Final Response\n" for p in prompts], return_tensors="pt", padding=True,
+                           add_special_tokens=False)
+        with torch.no_grad():
+            output = model.generate(**batch, max_new_tokens=160, do_sample=False)
+            first = model(**direct).logits[:, -1, label_ids].argmax(-1).tolist()
+        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        for text, record, preferred in zip(texts, records, first, strict=True):
+            assert text.startswith("## Thinking\n"), text
+            written += text.endswith("## Final Response\n" + expected_answer(record["reference"], persona.id))
+            gut += "ABC"[preferred] == gut_answer(record, persona.id)
+            total += 1
+    assert written >= 0.95 * total and gut >= 0.95 * total, (written, gut, total)
+
+
+@pytest.mark.slow
+def test_the_thinking_model_builds_byte_identical_weights(thinking_dir: Path, tmp_path: Path) -> None:
+    again = build_tiny_model(tmp_path / "again", thinking=True)
+    assert (again / "model.safetensors").read_bytes() == (thinking_dir / "model.safetensors").read_bytes()
+    assert (again / "tokenizer.json").read_bytes() == (thinking_dir / "tokenizer.json").read_bytes()
+    assert thinking_dir.name.startswith("tiny-llama-thinking-planted-")
