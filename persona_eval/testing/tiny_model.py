@@ -16,7 +16,7 @@ template's answer prefix and the letter ("## Final Response\nB").
 
 **The thinking variant** (``build_tiny_model(..., thinking=True)``, ``tiny_model_dir(thinking=True)``)
 reasons before it answers, as the study template allows: "## Thinking\n" and about 60 tokens derived from
-the case (the patient's age, the signal phrase, why that sets the level of care), then "## Final
+the case and the persona (its leaning, the signal phrase, why that sets the level of care), then "## Final
 Response\n" and the letter it reasoned to, ``expected_answer`` (the planted persona effect included).
 It also carries a planted divergence between what it would answer at once and what it writes after
 thinking. Its training also holds *direct* sequences, the prompt followed by "## Final Response\n" and
@@ -242,6 +242,8 @@ _LEVEL_REASONS = {
     "B": "That needs a doctor to look at it, but it is not urgent.",
     "C": "That can be life-threatening and cannot wait.",
 }
+_LEANINGS = {False: "I judge the case on its findings alone.",
+             True: "I lean towards more care than the findings alone call for."}
 _AGE = re.compile(r"^An? (\d+)-year-old (woman|man)\.")
 _THINKING_TRAIN_STEPS = 600
 _PLAIN_TRAIN_STEPS = 300
@@ -294,14 +296,14 @@ def thinking_reply(record: dict[str, str], persona_id: str, planted_persona: str
     from persona_eval.tasks.triage import LABEL_TEXT
 
     answer = expected_answer(record["reference"], persona_id, planted_persona)
-    found = _AGE.match(record["text"])
-    if found is None:
+    if _AGE.match(record["text"]) is None:
         raise ValueError(f"not a synthetic case: {record['text']!r}")
-    age, sex = found.groups()
-    subject = "She" if sex == "woman" else "He"
-    thinking = (f"{subject} is {age} years old. The finding that sets the level of care is "
-                f"{signal_phrase(record['text'])}. {_LEVEL_REASONS[answer]} The other details do not change "
-                f"the level. So the level is: {LABEL_TEXT[answer].lower()}.")
+    # The persona's leaning comes first, where the model decides it from the prompt alone (as the answer-
+    # first model does); the level then follows from what the thinking itself says.
+    leaning = _LEANINGS[persona_id == planted_persona]
+    thinking = (f"{leaning} The finding that sets the level of care is {signal_phrase(record['text'])}. "
+                f"{_LEVEL_REASONS[answer]} The other details do not change the level. So the level is: "
+                f"{LABEL_TEXT[answer].lower()}.")
     return f"## Thinking\n{thinking}\n\n{_template().answer_prefix}{answer}"
 
 
@@ -501,7 +503,8 @@ def _encode_examples(examples: list[tuple[str, str, str]], tokenizer: Any) -> tu
 
 
 def _train_all_positions(model: Any, inputs: Any, targets: Any, *, seed: int, steps: int) -> None:
-    """`_train` for targets at any positions (-100: none), the loss averaged over the trained tokens."""
+    """`_train` for targets at any positions (-100: none), the loss averaged over the trained tokens; the
+    output layer is applied at those positions only."""
     import torch
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=_LEARNING_RATE, weight_decay=0.0)
@@ -517,9 +520,10 @@ def _train_all_positions(model: Any, inputs: Any, targets: Any, *, seed: int, st
         batch = permutation[cursor:cursor + _BATCH_SIZE]
         cursor += _BATCH_SIZE
         width = int(last[batch].max()) + 1
-        logits = model(input_ids=inputs[batch, :width]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[batch, :width].flatten(),
-                                                 ignore_index=-100)
+        batch_targets = targets[batch, :width]
+        trained = batch_targets != -100
+        hidden = model.model(input_ids=inputs[batch, :width]).last_hidden_state
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[trained]), batch_targets[trained])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
