@@ -31,7 +31,7 @@ from persona_eval.errors import MissingDependencyError
 from persona_eval.evaluation import NOT_AVAILABLE
 from persona_eval.results import read_jsonl
 from persona_eval.tasks.triage import METRIC_NAMES
-from persona_eval.testing.tiny_model import synthetic_triage_records, tiny_model_dir
+from persona_eval.testing.tiny_model import diverges, synthetic_triage_records, tiny_model_dir
 from persona_eval.testing.vllm_server import VLLMServer, vllm_python
 
 REPO = Path(__file__).resolve().parent.parent
@@ -312,7 +312,9 @@ def test_a_served_thinking_model_is_parsed_in_full_with_the_default_budget(pytes
         "--pe-model", f"openai:{THINKING_SERVED}@{thinking_server.base_url}", "--pe-dataset", f"triage={dataset}",
         "--pe-cache-dir", str(pytester.path / "cache"), "--pe-reports-dir", str(pytester.path / "reports"),
         timeout=1200)
-    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    # On 12 cases per persona the gate has bounds it cannot check (too few cases): the verdict may be NOT CHECKED.
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), result.stdout.str()
+    assert "persona-eval verdict" in result.stdout.str()
     summary, cases = load_run(pytester)
     assert len(cases) == 6 * len(records)
     for row in summary["results"]:
@@ -324,3 +326,8 @@ def test_a_served_thinking_model_is_parsed_in_full_with_the_default_budget(pytes
         assert case["generated_text"].startswith("## Thinking\n") and case["finish_reason"] == "stop"
         assert case["probs_source"] == "answer"
         assert 100 < case["max_new_tokens"] < 512  # what the context left after the prompt
+    # The planted divergence between the first-token preference and the written answer, as in-process.
+    planted_share = sum(diverges(r) for r in records) / len(records)
+    rates = [row["metrics"]["consistency_rate"] for row in summary["results"] if row["stratum"] == "all"]
+    measured = sum(100.0 - rate for rate in rates) / 100.0 / len(rates)
+    assert abs(measured - planted_share) <= 0.05, (measured, planted_share)
