@@ -230,11 +230,11 @@ class ClassificationTask:
                               persona=condition.persona)
         template = task_settings.template
         decoding = runner.decoding_record(task_settings.generation, task_settings.scoring)
-        if task_settings.budget_floor is not None:
-            # The default budget, fitted per case to the context: the range sent (each record holds its own).
-            sent = [r["max_new_tokens"] for r in records if r.get("max_new_tokens") is not None]
-            decoding["max_tokens_fitted"] = ({"floor": task_settings.budget_floor, "least": min(sent),
-                                              "most": max(sent)} if sent else None)
+        sent = [r["max_new_tokens"] for r in records if r.get("max_new_tokens") is not None]
+        if task_settings.budget_floor is not None and sent and min(sent) < task_settings.generation.max_new_tokens:
+            # The default budget, fitted per case to a short context: the range sent (each record holds its own).
+            decoding["max_tokens_fitted"] = {"floor": task_settings.budget_floor, "least": min(sent),
+                                             "most": max(sent)}
         payload = _payload(condition, runner, records, metrics, checks, before, decoding=decoding,
                            template={**template.key(), "source": template.source},
                            label_positions=label_positions(task_settings))
