@@ -408,7 +408,7 @@ def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAU
     every answer one level; under every other persona it answers the reference. With `thinking` it
     reasons first and carries the planted divergence of `divergent_share` (see the module docstring).
     `steps` defaults to 300 (600 with `thinking`). The same arguments give byte-identical weights.
-    Takes ~30 s on two CPU cores (~70 s with `thinking`).
+    Takes ~30 s on two CPU cores (with `thinking`, 166 s measured on two cores shared with other jobs).
     """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
