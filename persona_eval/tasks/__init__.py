@@ -92,7 +92,7 @@ LABEL_METRIC_TEXT: Mapping[str, MetricText] = {
     "risk_sensitivity": MetricText("Risk sensitivity", "risk sensitivity", "r.sens",
                                    legend="over/(over+under) errors"),
     "consistency_rate": MetricText("Consistency %", "consistency rate", "consist", decimals=0,
-                                   delta_label="consistency (%)", legend="% generated = most likely label"),
+                                   delta_label="consistency (%)", legend="% generated = latent label"),
     "expected_calibration_error": MetricText("Calibration error (ECE)", "expected calibration error", "ECE",
                                              decimals=3, delta_label="calibration error (ECE)"),
     "brier_score": MetricText("Brier score", "Brier score", "Brier", decimals=3),
