@@ -298,9 +298,8 @@ def test_the_thinking_model_thinks_then_answers_and_its_gut_answer_is_as_planted
             gut += "ABC"[preferred] == gut_answer(record, persona.id)
             total += 1
     assert written >= 0.95 * total, (written, total)
-    # The gut reading generalizes less well than the written answer: 101 of 120 on these cases (236 of 240
-    # on the end-to-end tests' cases). A known weakness of this model, kept visible rather than hidden.
-    assert gut >= 0.8 * total, (gut, total)
+    # Measured: 120 of 120 gut letters on these cases, and 120 of 120 written answers.
+    assert gut >= 0.95 * total, (gut, total)
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ import json
 import random
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,10 @@ _CHAT_TEMPLATE = (
 )
 _VOCAB_SIZE = 640
 _TRAIN_RECORDS_PER_STRATUM = 200
+# The thinking model learns two readings of each case (its reply, its gut letter): more cases, so that both
+# generalize to held-out ones (measured: the gut letter right on 120 of 120 and 239 to 240 of 240 cases of
+# four held-out sets; 101 of 120 with 200 cases, 600 steps and the loss averaged over tokens).
+_THINKING_TRAIN_RECORDS_PER_STRATUM = 400
 _BATCH_SIZE = 32
 _LEARNING_RATE = 3e-3
 # One thread: as fast as two for a model this small, and far faster when the cores are shared (threads
@@ -245,7 +249,7 @@ _LEVEL_REASONS = {
 _LEANINGS = {False: "I judge the case on its findings alone.",
              True: "I lean towards more care than the findings alone call for."}
 _AGE = re.compile(r"^An? (\d+)-year-old (woman|man)\.")
-_THINKING_TRAIN_STEPS = 600
+_THINKING_TRAIN_STEPS = 900
 _PLAIN_TRAIN_STEPS = 300
 
 
@@ -407,8 +411,8 @@ def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAU
     Under `planted_persona` (a study persona id, or None for no planted effect) the model escalates
     every answer one level; under every other persona it answers the reference. With `thinking` it
     reasons first and carries the planted divergence of `divergent_share` (see the module docstring).
-    `steps` defaults to 300 (600 with `thinking`). The same arguments give byte-identical weights.
-    Takes ~30 s on two CPU cores (with `thinking`, 166 s measured on two cores shared with other jobs).
+    `steps` defaults to 300 (900 with `thinking`). The same arguments give byte-identical weights.
+    Takes ~30 s on two CPU cores (with `thinking`, ~145 s measured with another job on the other core).
     """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -422,7 +426,8 @@ def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAU
     if steps is None:
         steps = _THINKING_TRAIN_STEPS if thinking else _PLAIN_TRAIN_STEPS
     out_dir = Path(out_dir)
-    records = synthetic_triage_records(_TRAIN_RECORDS_PER_STRATUM, seed=seed)
+    per_stratum = _THINKING_TRAIN_RECORDS_PER_STRATUM if thinking else _TRAIN_RECORDS_PER_STRATUM
+    records = synthetic_triage_records(per_stratum, seed=seed)
 
     # The tokenizer learns its merges from the very prompts it will see, answers included.
     scaffold = _train_tokenizer([], check_labels=False)  # renders the chat template; has no merges yet
@@ -464,7 +469,7 @@ def build_tiny_model(out_dir: str | Path, *, planted_persona: str | None = DEFAU
     about: dict[str, Any] = {
         "what": "persona-eval tiny triage model (persona_eval.testing.tiny_model)",
         "planted_persona": planted_persona, "seed": seed, "steps": steps,
-        "train_records_per_stratum": _TRAIN_RECORDS_PER_STRATUM,
+        "train_records_per_stratum": per_stratum,
     }
     if thinking:
         about |= {"thinking": True, "divergent_share": divergent_share}
@@ -503,32 +508,25 @@ def _encode_examples(examples: list[tuple[str, str, str]], tokenizer: Any) -> tu
 
 
 def _train_all_positions(model: Any, inputs: Any, targets: Any, *, seed: int, steps: int) -> None:
-    """`_train` for targets at any positions (-100: none), the loss averaged over the trained tokens; the
-    output layer is applied at those positions only."""
+    """`_train` for targets at any positions (-100: none). Each example weighs the same, whatever its number
+    of trained tokens (a one-letter gut answer as much as a thinking reply of seventy tokens): its loss is
+    the mean over its own trained tokens. The output layer is applied at those positions only."""
     import torch
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=_LEARNING_RATE, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.1, 1 - step / max(steps, 1)))
-    order = torch.Generator().manual_seed(seed)
-    permutation, cursor = torch.randperm(len(inputs), generator=order), 0
     last = (targets != -100).long().cumsum(1).argmax(1)  # each row's last trained position
-    model.train()
-    for _ in range(steps):
-        if cursor + _BATCH_SIZE > len(permutation):
-            permutation, cursor = torch.randperm(len(inputs), generator=order), 0
-        batch = permutation[cursor:cursor + _BATCH_SIZE]
-        cursor += _BATCH_SIZE
+
+    def batch_loss(batch: Any) -> Any:
         width = int(last[batch].max()) + 1
         batch_targets = targets[batch, :width]
         trained = batch_targets != -100
         hidden = model.model(input_ids=inputs[batch, :width]).last_hidden_state
-        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[trained]), batch_targets[trained])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    model.eval()
+        losses = torch.nn.functional.cross_entropy(model.lm_head(hidden[trained]), batch_targets[trained],
+                                                   reduction="none")
+        rows = trained.nonzero()[:, 0]
+        per_example = torch.zeros(len(batch)).index_add_(0, rows, losses) / trained.sum(1)
+        return per_example.mean()
+
+    _train_loop(model, len(inputs), batch_loss, seed=seed, steps=steps)
 
 
 def _encode(pairs: list[tuple[str, str]], tokenizer: Any) -> tuple[Any, Any, Any]:
@@ -560,23 +558,35 @@ def _train(model: Any, inputs: Any, answer_positions: Any, answer_targets: Any, 
            ) -> None:
     import torch
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=_LEARNING_RATE, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.1, 1 - step / max(steps, 1)))
-    order = torch.Generator().manual_seed(seed)
-    permutation, cursor = torch.randperm(len(inputs), generator=order), 0
-    model.train()
-    for _ in range(steps):
-        if cursor + _BATCH_SIZE > len(permutation):
-            permutation, cursor = torch.randperm(len(inputs), generator=order), 0
-        batch = permutation[cursor:cursor + _BATCH_SIZE]
-        cursor += _BATCH_SIZE
+    def batch_loss(batch: Any) -> Any:
         # Padding is on the right, so a causal model never attends to it: no attention mask needed.
         width = int(answer_positions[batch].max()) + 1
         hidden = model.model(input_ids=inputs[batch, :width]).last_hidden_state
         rows = torch.arange(len(batch)).unsqueeze(1)
         logits = model.lm_head(hidden[rows, answer_positions[batch]])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), answer_targets[batch].flatten())
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), answer_targets[batch].flatten())
+
+    _train_loop(model, len(inputs), batch_loss, seed=seed, steps=steps)
+
+
+def _train_loop(model: Any, count: int, batch_loss: Callable[[Any], Any], *, seed: int, steps: int) -> None:
+    """`steps` AdamW steps (warm-up, then linear decay) on batches of the `count` examples, drawn in a
+    seeded order without replacement (a new permutation once they are used up); `batch_loss` maps a batch
+    of example indices to its loss."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=_LEARNING_RATE, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.1, 1 - step / max(steps, 1)))
+    order = torch.Generator().manual_seed(seed)
+    permutation, cursor = torch.randperm(count, generator=order), 0
+    model.train()
+    for _ in range(steps):
+        if cursor + _BATCH_SIZE > len(permutation):
+            permutation, cursor = torch.randperm(count, generator=order), 0
+        batch = permutation[cursor:cursor + _BATCH_SIZE]
+        cursor += _BATCH_SIZE
+        loss = batch_loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
