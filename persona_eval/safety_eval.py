@@ -30,8 +30,10 @@ __all__ = [
 
 def evaluate_safety(queries: Sequence[safety.SafetyQuery], persona: Persona, runner: Runner, *, run_id: str,
                     model: str, max_new_tokens: int, pressure_suffix: str | None = None,
-                    progress: Progress | None = None, max_prompt_tokens: int | None = None) -> list[dict[str, Any]]:
-    """The response records of `persona` on `queries` (in query order), through the runner's cache.
+                    progress: Progress | None = None, max_prompt_tokens: int | None = None,
+                    stop: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The response records of `persona` on `queries` (in query order), through the runner's cache; each
+    answer at most `max_new_tokens` long, ending before the first of the `stop` sequences it writes.
 
     Each record: run_id, task ("safety"), model, persona, persona_group, query_id, category (1-5),
     category_name, query (the query as written in the data), pressure_suffix (None when off),
@@ -51,8 +53,8 @@ def evaluate_safety(queries: Sequence[safety.SafetyQuery], persona: Persona, run
     too_long = [length for length in lengths if not length.fits]
     if too_long:
         raise too_long_error(too_long, can_record=False)
-    generations = runner.generate(requests, GenerationConfig(max_new_tokens=max_new_tokens), None,
-                                  progress=progress)
+    generations = runner.generate(requests, GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop)),
+                                  None, progress=progress)
     suffix = pressure_suffix.strip() if pressure_suffix is not None and pressure_suffix.strip() else None
     records = []
     for query, request, result in zip(queries, requests, generations, strict=True):

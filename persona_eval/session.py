@@ -205,7 +205,9 @@ class ClassificationTask:
 
     def task_settings(self, settings: Settings, model: ModelSpec) -> TriageSettings:
         template = settings.template(model, self.spec.name)
-        return TriageSettings(generation=GenerationConfig(max_new_tokens=settings.answer_budget(model, self.spec.name)),
+        generation = GenerationConfig(max_new_tokens=settings.answer_budget(model, self.spec.name),
+                                      stop=settings.stop_sequences(model, self.spec.name))
+        return TriageSettings(generation=generation,
                               scoring=LabelScoring(labels=self.spec.labels, answer_prefix=template.answer_prefix),
                               spec=self.spec, template=template, max_prompt_tokens=settings.max_prompt_tokens,
                               too_long=settings.too_long,
@@ -309,7 +311,8 @@ class SafetyTask:
             responses[persona.id] = evaluate_safety(
                 queries, persona, runner, run_id=state.run_id, model=model.name,
                 max_new_tokens=self.answer_budget(run, model, queries), pressure_suffix=settings.pressure_suffix,
-                progress=progress, max_prompt_tokens=settings.max_prompt_tokens)
+                progress=progress, max_prompt_tokens=settings.max_prompt_tokens,
+                stop=settings.stop_sequences(model, self.spec.name))
         judges = [(judge.name, run.runners(judge.model)) for judge in settings.judges]
         progress = Progress(f"safety judges on {model.name}", len(judges) * len(SAFETY_CRITERIA) * len(queries),
                             write=run.write)
@@ -361,7 +364,9 @@ class SafetyTask:
                               persona=condition.persona)
         payload = _payload(condition, runner, records, metrics, checks, before,
                            decoding=runner.decoding_record(
-                               GenerationConfig(max_new_tokens=self.answer_budget(run, condition.model, items)), None),
+                               GenerationConfig(max_new_tokens=self.answer_budget(run, condition.model, items),
+                                                stop=settings.stop_sequences(condition.model, self.spec.name)),
+                               None),
                            judges=[judge.name for judge in settings.judges])
         return ConditionResult(condition, records, metrics, checks, payload)
 

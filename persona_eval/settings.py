@@ -162,6 +162,10 @@ class Settings:
             return model.default_max_new_tokens(self.max_new_tokens[task])
         return self.max_new_tokens[task]
 
+    def stop_sequences(self, model: ModelSpec, task: str) -> tuple[str, ...]:
+        """The stop sequences of `task`'s answers on `model` (the models file's ``stop``), none by default."""
+        return model.stop(task)
+
     def answer_budget_floor(self, model: ModelSpec, task: str) -> int | None:
         """None when the answer budget of `task` on `model` was given (--pe-max-new-tokens, the models file):
         it is kept for every case. Else the budget is a default, fitted per case to what the model's context
@@ -185,10 +189,11 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
                                "name in a models file (--pe-models-file)")
     known = list(registered())
     for model in models:
-        budget = model.options.get("max_new_tokens")
-        for task in budget if isinstance(budget, dict) else ():
-            if task not in known:
-                raise model.error(f"max_new_tokens.{task}", unknown_name_message("task", str(task), known))
+        for setting in ("max_new_tokens", "stop"):
+            per_task = model.options.get(setting)
+            for task in per_task if isinstance(per_task, dict) else ():
+                if task not in known:
+                    raise model.error(f"{setting}.{task}", unknown_name_message("task", str(task), known))
     registry = load_personas(option.pe_personas_file)
     personas = registry.select(option.pe_persona or None)
     thresholds = load_thresholds(option.pe_thresholds)

@@ -263,6 +263,14 @@ def test_dtype_auto_is_refused_with_what_to_give(tmp_path: Path) -> None:
     ("hf", "max_new_tokens", "'long'", "or a mapping of task names to numbers of tokens"),
     ("embedded", "max_new_tokens", "{triage: 0}", "triage: expected a whole number >= 1, got 0"),
     ("openai", "max_new_tokens", "{}", "expected a number of tokens, or a mapping"),
+    ("openai", "stop", "[]", "expected a stop sequence or a list of them"),
+    ("hf", "stop", "['']", "item 1: expected a non-empty string"),
+    ("hf", "stop", "[a, 3]", "item 2: expected a non-empty string"),
+    ("openai", "stop", "[x, x]", "a stop sequence is given twice"),
+    ("embedded", "stop", "{triage: 3}", "triage: expected a stop sequence or a list of them, e.g. [\"</answer>\"],"),
+    ("openai", "stop", "[a, b, c, d, e]", "the hosted OpenAI API takes at most 4 stop sequences, got 5"),
+    ("hf", "reasoning", "'off'", "expected true or false, got 'off'"),
+    ("openai", "reasoning", "false", "the hosted OpenAI API has no chat template to switch thinking"),
 ])
 def test_bad_option_values_name_the_file_line_and_option(tmp_path: Path, backend: str, option: str,
                                                          value: str, fragment: str) -> None:
@@ -500,18 +508,36 @@ def test_device_auto_resolves_when_the_backend_is_made(tmp_path: Path, monkeypat
     assert backend._device == resolved  # type: ignore[attr-defined]
 
 
-def test_an_answer_budget_per_model_and_task_is_read_and_never_reaches_the_backend(tmp_path: Path) -> None:
+def test_answer_budgets_and_stop_sequences_per_model_and_task_are_read_and_never_reach_the_backend(
+        tmp_path: Path) -> None:
     path = tmp_path / "models.yaml"
     path.write_text("models:\n"
                     "  reasoner:\n    backend: openai\n    model: r1\n    base_url: http://127.0.0.1:9/v1\n"
                     "    max_new_tokens: {triage: 2048}\n"
-                    "  local:\n    backend: embedded\n    max_new_tokens: 48\n")
+                    "    stop: {triage: ['</answer>', \"\\n\\n\"]}\n    reasoning: false\n"
+                    "  local:\n    backend: embedded\n    max_new_tokens: 48\n    stop: END\n")
     specs = load_models_file(path)
     reasoner, local = specs["reasoner"], specs["local"]
     assert (reasoner.max_new_tokens("triage"), reasoner.max_new_tokens("safety")) == (2048, None)
     assert (local.max_new_tokens("triage"), local.max_new_tokens("safety")) == (48, 48)
-    # Without one: a served model gets the study's budget, a local model its task's.
+    assert (reasoner.stop("triage"), reasoner.stop("safety")) == (("</answer>", "\n\n"), ())
+    assert (local.stop("triage"), local.stop("safety")) == (("END",), ("END",))
+    # Without a budget: a served model gets the study's budget, a local model its task's.
     assert reasoner.default_max_new_tokens(32) == SERVED_MAX_NEW_TOKENS == 1024
     assert local.default_max_new_tokens(32) == 32
-    # A run option, not a backend option: the backend is made without it (it takes no such argument).
-    assert create_backend(reasoner, cache_dir=tmp_path).name == "reasoner"
+    # Budgets and stop sequences shape the run, not the backend: it is made without them (it takes no such
+    # argument); the thinking switch is the backend's.
+    backend = create_backend(reasoner, cache_dir=tmp_path)
+    assert backend.name == "reasoner" and backend.reasoning is False  # type: ignore[attr-defined]
+    assert not hasattr(backend, "stop")
+
+
+def test_the_embedded_model_has_no_thinking_switch(tmp_path: Path) -> None:
+    message = _option_error(tmp_path, "embedded", "reasoning", "true")
+    assert "'reasoning'" in message and "stop" in message  # the options it does take are listed
+
+
+def test_hosted_stop_limit_is_checked_per_task(tmp_path: Path) -> None:
+    path = _write(tmp_path, "models:\n  m:\n    backend: openai\n    model: gpt\n"
+                            "    stop: {safety: [a, b, c, d, e]}\n")
+    assert _error(path).startswith(f"{path}:5: models.m.stop.safety: the hosted OpenAI API takes at most 4")

@@ -25,6 +25,7 @@ from persona_eval.backends.openai_payload import (
     build_chat_payload,
     build_prompt_scoring_payload,
     build_tokenize_payload,
+    decoding_sent,
     parse_chat_response,
     parse_prompt_scoring_response,
     parse_tokenize_response,
@@ -83,6 +84,27 @@ def test_chat_payload_is_greedy_with_logprobs_only_when_scoring():
     plain = build_chat_payload(request(), GenerationConfig(), None, model="served")
     assert "logprobs" not in plain and "top_logprobs" not in plain and "response_format" not in plain
     json.dumps(payload)  # plain JSON types only
+
+
+def test_stop_sequences_and_the_thinking_switch_are_sent_only_when_given():
+    stop = GenerationConfig(max_new_tokens=7, stop=("###", "\n\n"))
+    payload = build_chat_payload(request(), stop, None, model="m", reasoning=False)
+    assert payload["stop"] == ["###", "\n\n"]
+    assert payload["chat_template_kwargs"] == {"enable_thinking": False}
+    sent = decoding_sent(payload, stop)
+    assert sent["stop"] == ["###", "\n\n"] and sent["chat_template_kwargs"] == {"enable_thinking": False}
+    # Prompt scoring renders the prompt with the same switch as the chat completion.
+    assert build_tokenize_payload(request(), SCORING, model="m", reasoning=True)["chat_template_kwargs"] == {
+        "enable_thinking": True}
+    # Neither given: neither sent, and the record (part of every cache key) is what it was without them.
+    plain = build_chat_payload(request(), GenerationConfig(max_new_tokens=7), None, model="m")
+    assert "stop" not in plain and "chat_template_kwargs" not in plain
+    assert set(decoding_sent(plain, GenerationConfig())) == {"temperature", "top_p", "max_tokens", "stop",
+                                                            "logprobs", "top_logprobs", "constrained_ranking"}
+    assert "chat_template_kwargs" not in build_tokenize_payload(request(), SCORING, model="m")
+    assert GenerationConfig(max_new_tokens=7).key() == {"max_new_tokens": 7, "temperature": 0.0,
+                                                        "constrained_ranking": None}
+    assert stop.key()["stop"] == ["###", "\n\n"]
 
 
 def test_constrained_ranking_sends_a_json_schema():

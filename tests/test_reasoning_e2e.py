@@ -144,3 +144,49 @@ def test_reasoning_replies_through_the_plugin(pytester: pytest.Pytester, style: 
     assert (f'<details class="trace"><summary>Reasoning ({words} words)</summary><pre>{trace}</pre></details>'
             f"<pre>{html.escape(triage[0]['final_response'])}</pre>") in drill
     assert "<b>weigh</b>" not in report and "&lt;b&gt;weigh&lt;/b&gt;" in drill
+
+
+def _triage_run(pytester: pytest.Pytester, server: StandInServer, options: str, label: str) -> Path:
+    """A triage run of the stand-in `server` named `thinker` in a models file with `options` (YAML lines)."""
+    models = pytester.path / f"models-{label}.yaml"
+    models.write_text(f"models:\n  thinker:\n    backend: openai\n    model: thinker\n    base_url: {server.base_url}\n"
+                      + options)
+    result = pytester.runpytest_subprocess(
+        "evals", "-p", "no:cacheprovider", "-k", "triage", "--pe-models-file", str(models), "--pe-model", "thinker",
+        "--pe-limit", "2", "--pe-persona", "ed_nurse", "--pe-allow-unchecked", "--pe-bootstrap-resamples", "200",
+        "--pe-cache-dir", str(pytester.path / "cache"), "--pe-reports-dir", str(pytester.path / f"reports-{label}"),
+        timeout=300)
+    run = (pytester.path / f"reports-{label}" / "latest").resolve()
+    assert (run / "summary.json").is_file(), result.stdout.str() + result.stderr.str()
+    return run
+
+
+def test_thinking_off_and_stop_sequences_from_the_models_file(pytester: pytest.Pytester):
+    """`reasoning: false` reaches the server as the chat template's switch, `stop` as stop sequences; both are
+    in the summary and in the cache key (the same cases with thinking on are asked anew)."""
+    shutil.copytree(REPO / "evals", pytester.path / "evals")
+    shutil.copytree(REPO / "fixtures", pytester.path / "fixtures")
+    with StandInServer(served_name="thinker", reasoning="reasoning_content", think=think, answer=answer) as server:
+        off = _triage_run(pytester, server, "    reasoning: false\n    stop: {triage: [' because']}\n", "off")
+        sent_off = [r.body for r in server.requests_to("/v1/chat/completions", "POST") if r.body]
+        on = _triage_run(pytester, server, "    reasoning: true\n", "on")
+        sent_on = [r.body for r in server.requests_to("/v1/chat/completions", "POST") if r.body][len(sent_off):]
+    assert sent_off and all(body["chat_template_kwargs"] == {"enable_thinking": False}
+                            and body["stop"] == [" because"] for body in sent_off)
+    cases = [json.loads(line) for line in (off / "cases.jsonl").read_text().splitlines()]
+    assert cases
+    for case in cases:
+        assert case["reasoning"] is None and TRACE_MARK not in case["generated_text"]
+        assert re.fullmatch(r"Answer: [ABC]", case["generated_text"]) and case["finish_reason"] == "stop"
+        assert case["generated_label"] == case["generated_text"][-1]
+    summary = json.loads((off / "summary.json").read_text())
+    requested = summary["metadata"]["decoding"]["requested"]
+    assert requested["stop"] == {"thinker": {"triage": [" because"]}} and requested["reasoning"] == {"thinker": False}
+    assert all(r["metrics"]["truncated_rate"] == 0.0 for r in summary["results"] if r["task"] == "triage")
+    # Thinking on: not served from the first run's cache; every case thinks, nothing is cut.
+    assert len(sent_on) == len(sent_off)
+    assert all(body["chat_template_kwargs"] == {"enable_thinking": True} and "stop" not in body for body in sent_on)
+    cases_on = [json.loads(line) for line in (on / "cases.jsonl").read_text().splitlines()]
+    assert all(case["reasoning"].startswith(TRACE_MARK) for case in cases_on)
+    requested_on = json.loads((on / "summary.json").read_text())["metadata"]["decoding"]["requested"]
+    assert "stop" not in requested_on and requested_on["reasoning"] == {"thinker": True}

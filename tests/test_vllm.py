@@ -331,3 +331,27 @@ def test_a_served_thinking_model_is_parsed_in_full_with_the_default_budget(pytes
     rates = [row["metrics"]["consistency_rate"] for row in summary["results"] if row["stratum"] == "all"]
     measured = sum(100.0 - rate for rate in rates) / 100.0 / len(rates)
     assert abs(measured - planted_share) <= 0.05, (measured, planted_share)
+
+
+def test_the_real_server_takes_stop_sequences_and_the_thinking_switch(thinking_server):
+    """What a models file's `stop` and `reasoning` send, accepted by vLLM on every endpoint the suite uses:
+    the chat completion ends before the stop sequence, with finish reason "stop", as in-process; the switch
+    reaches the chat template (this model's has none, so the prompt is the same either way)."""
+    from persona_eval.backends.base import GenerationConfig, LabelScoring
+    from persona_eval.backends.openai_compat import OpenAIBackend
+    from persona_eval.personas import STUDY_PERSONAS
+    from persona_eval.templates import render_case
+
+    request = render_case(synthetic_triage_records(1, seed=2024, offset=10_000)[0]["text"], STUDY_PERSONAS[2])
+    switched = OpenAIBackend("t", model=THINKING_SERVED, base_url=thinking_server.base_url, reasoning=False)
+    default = OpenAIBackend("t", model=THINKING_SERVED, base_url=thinking_server.base_url)
+    whole = default.generate([request], GenerationConfig(max_new_tokens=200), None)[0]
+    assert "\n## Final Response\n" in whole.text and whole.finish_reason == "stop"
+    stopped = switched.generate([request], GenerationConfig(max_new_tokens=200, stop=("## Final Response",)),
+                                None)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == whole.text[:whole.text.index("## Final Response")]
+    assert stopped.sent is not None and stopped.sent["chat_template_kwargs"] == {"enable_thinking": False}
+    assert switched.count_prompt_tokens([request]) == default.count_prompt_tokens([request])
+    scoring = LabelScoring(answer_prefix="## Final Response\n")
+    assert switched.score_labels([request], scoring)[0] == pytest.approx(default.score_labels([request], scoring)[0])

@@ -23,6 +23,8 @@ Specs on the command line (``--pe-model``):
           max_in_flight: 64
           max_new_tokens: {triage: 2048, safety: 1024}   # a reasoning model thinks first
           template: {triage: prompts/our-triage.yaml}    # the team's own prompt (persona_eval.templates)
+          stop: ["</answer>"]                             # the answer ends before it (per task too)
+          reasoning: false                                # the chat template's thinking switch
         hosted:
           backend: openai
           model: gpt-4o
@@ -40,6 +42,16 @@ budget is counted in the task's ``truncated_rate``.
 Every backend also takes ``template``, the prompt template of a classification task: a built-in name
 (``study``, ``answer-first``) or a template file, one for every such task or one per task
 (``--pe-template`` overrides it; persona_eval.templates).
+
+``stop`` gives stop sequences (one, a list, or a mapping of task names to them): an answer ends before the
+first one it writes, as an OpenAI-compatible server ends it, with finish reason "stop" (never counted as
+truncated). They apply to the tasks' answers, not to the judges' rankings.
+
+``reasoning`` (``hf``, ``openai``) turns a reasoning model's thinking on or off where its chat template has
+the switch for it (``enable_thinking``, as Qwen3's and DeepSeek's do): passed to the template by the
+transformers backend, sent as ``chat_template_kwargs`` to a self-served model (vLLM, SGLang). A local
+model whose template has no such switch is an error rather than a silent no-op; the hosted OpenAI API has
+no chat template to switch. Left out, the model thinks as its template does by default.
 """
 
 from __future__ import annotations
@@ -69,12 +81,13 @@ BACKENDS = ("embedded", "hf", "openai")
 REASONING_MAX_NEW_TOKENS = 1024
 SERVED_MAX_NEW_TOKENS = REASONING_MAX_NEW_TOKENS  # a served model's default, by its earlier name
 # Options of every backend that shape the run rather than the backend (not passed to it).
-_RUN_OPTIONS = {"max_new_tokens", "template"}
+_RUN_OPTIONS = {"max_new_tokens", "template", "stop"}
 _BACKEND_OPTIONS: dict[str, set[str]] = {
     "embedded": {"batch_size", "device", "dtype", *_RUN_OPTIONS},
-    "hf": {"model", "gguf_file", "device", "dtype", "batch_size", "trust_remote_code", "revision", *_RUN_OPTIONS},
+    "hf": {"model", "gguf_file", "device", "dtype", "batch_size", "trust_remote_code", "revision", "reasoning",
+           *_RUN_OPTIONS},
     "openai": {"model", "base_url", "api_key_env", "max_in_flight", "timeout", "max_retries",
-               "logprobs", "prompt_scoring", "baseline_system", "revision", *_RUN_OPTIONS},
+               "logprobs", "prompt_scoring", "baseline_system", "revision", "reasoning", *_RUN_OPTIONS},
 }
 # The torch dtypes the transformers backend loads weights in, one spelling each (the name is recorded in
 # the model's identity, so two spellings of one dtype would look like two models).
@@ -90,6 +103,8 @@ _CUDA_DEVICE = re.compile(r"^cuda(?::(\d+))?$")
 _BASELINE_SYSTEMS: tuple[str, ...] = ("empty", "omit")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+# The hosted OpenAI API takes at most this many stop sequences (vLLM takes any number).
+_HOSTED_STOP_LIMIT = 4
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,16 @@ class ModelSpec:
         if self.source is not None and not path.is_absolute() and (path.suffix or "/" in str(reference)):
             return str(self.source.path.parent / path)
         return str(reference)
+
+    def stop(self, task: str) -> tuple[str, ...]:
+        """The stop sequences this spec gives `task` (its ``stop``: one, a list, or a mapping of task names to
+        those), empty when it gives none."""
+        stop = self.options.get("stop")
+        if isinstance(stop, Mapping):
+            stop = stop.get(task)
+        if stop is None:
+            return ()
+        return (stop,) if isinstance(stop, str) else tuple(stop)
 
     def default_max_new_tokens(self, task_budget: int) -> int:
         """The answer budget when neither this spec nor the command line gives one: REASONING_MAX_NEW_TOKENS
@@ -169,18 +194,23 @@ def _integer(lowest: int) -> Callable[[Any], str | None]:
     return check
 
 
+def _per_task(value: Mapping[Any, Any], check: Callable[[Any], str | None], what: str) -> str | None:
+    """`check` of each setting of a mapping of task names to settings (the task names are checked against
+    the run's tasks when the spec is used); `what` names one setting, for an empty mapping."""
+    if not value:
+        return f"expected {what}, or a mapping of task names to them; got {{}}"
+    for task, setting in value.items():
+        problem = check(setting)
+        if problem is not None:
+            return f"{task}: {problem}"
+    return None
+
+
 def _budget(value: Any) -> str | None:
-    """A token budget: a whole number >= 1 for every task, or a mapping of task names to such numbers
-    (the task names are checked against the run's tasks when the spec is used)."""
+    """A token budget: a whole number >= 1 for every task, or a mapping of task names to such numbers."""
     whole = _integer(1)
     if isinstance(value, Mapping):
-        if not value:
-            return "expected a number of tokens, or a mapping of task names to numbers of tokens; got {}"
-        for task, number in value.items():
-            problem = whole(number)
-            if problem is not None:
-                return f"{task}: {problem}"
-        return None
+        return _per_task(value, whole, "a number of tokens")
     problem = whole(value)
     return None if problem is None else (f"{problem} (or a mapping of task names to numbers of tokens, "
                                          "e.g. {triage: 1024, safety: 512})")
@@ -189,17 +219,35 @@ def _budget(value: Any) -> str | None:
 def _template(value: Any) -> str | None:
     """A prompt template: a built-in name or a file path, or a mapping of task names to such (the names
     and files are checked when the run's settings are parsed)."""
-    if isinstance(value, Mapping):
-        if not value:
-            return "expected a template name or file, or a mapping of task names to them; got {}"
-        for task, reference in value.items():
-            if not isinstance(reference, str) or not reference.strip():
-                return f"{task}: expected a template name or file, got {describe_config_value(reference)}"
+    def check(reference: Any) -> str | None:
+        if not isinstance(reference, str) or not reference.strip():
+            return f"expected a template name or file, got {describe_config_value(reference)}"
         return None
-    if not isinstance(value, str) or not value.strip():
+
+    if isinstance(value, Mapping):
+        return _per_task(value, check, "a template name or file")
+    if check(value) is not None:
         return ("expected a template name (study, answer-first) or a template file, or a mapping of task names "
                 f"to them; got {describe_config_value(value)}")
     return None
+
+
+def _stop(value: Any) -> str | None:
+    """Stop sequences: one non-empty string, a list of them, or a mapping of task names to either."""
+    def check(sequences: Any) -> str | None:
+        listed = [sequences] if isinstance(sequences, str) else sequences
+        if not isinstance(listed, list) or not listed:
+            return ("expected a stop sequence or a list of them, e.g. [\"</answer>\"], got "
+                    f"{describe_config_value(sequences)}")
+        for index, sequence in enumerate(listed):
+            if not isinstance(sequence, str) or not sequence:
+                return (f"item {index + 1}: expected a non-empty string (quote it in YAML: \"\\n\\n\"), got "
+                        f"{describe_config_value(sequence)}")
+        if len(set(listed)) != len(listed):
+            return "a stop sequence is given twice"
+        return None
+
+    return _per_task(value, check, "stop sequences") if isinstance(value, Mapping) else check(value)
 
 
 def _flag(value: Any) -> str | None:
@@ -318,6 +366,8 @@ _OPTION_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "revision": _revision,
     "max_new_tokens": _budget,
     "template": _template,
+    "stop": _stop,
+    "reasoning": _flag,
 }
 
 
@@ -339,6 +389,17 @@ def _validate(spec: ModelSpec) -> None:
             raise spec.error(option, problem)
     if "revision" in spec.options and "revision" not in inspect.signature(_backend_class(spec.backend)).parameters:
         raise spec.error("revision", f"this persona-eval's {spec.backend} backend cannot pin a revision")
+    if spec.backend == "openai" and spec.options.get("base_url") is None:
+        if "reasoning" in spec.options:
+            raise spec.error("reasoning", "the hosted OpenAI API has no chat template to switch thinking on or off "
+                                          "(its reasoning models always think); 'reasoning' is for a self-served "
+                                          "model (give its base_url)")
+        stop = spec.options.get("stop")
+        for task, sequences in (stop.items() if isinstance(stop, Mapping) else [(None, stop)]):
+            if isinstance(sequences, list) and len(sequences) > _HOSTED_STOP_LIMIT:
+                raise spec.error("stop" if task is None else f"stop.{task}",
+                                 f"the hosted OpenAI API takes at most {_HOSTED_STOP_LIMIT} stop sequences, "
+                                 f"got {len(sequences)}")
     model = spec.options.get("model")
     if spec.backend == "hf" and isinstance(model, str):
         local = Path(model).expanduser()

@@ -20,6 +20,7 @@ __all__ = [
     "GenerationConfig",
     "LabelScoring",
     "TokenScores",
+    "cut_at_stop",
     "logsumexp",
     "requested_decoding",
 ]
@@ -35,9 +36,19 @@ class GenerationConfig:
     # 1..k (judge rankings). Backends constrain decoding to it where they can (vLLM: a JSON schema;
     # transformers: a logits processor); the caller validates the reply either way.
     constrained_ranking: int | None = None
+    # Stop sequences (a models file's ``stop``): the answer ends before the first one it writes, which is
+    # not part of the text (as OpenAI-compatible servers return it), with finish reason "stop".
+    stop: tuple[str, ...] = ()
 
     def key(self) -> dict[str, Any]:
-        return asdict(self)
+        """The cache key's part of these settings; a setting at its default is left out, so that adding a
+        setting keeps the keys of the runs that do not use it."""
+        key = asdict(self)
+        if not self.stop:
+            del key["stop"]
+        else:
+            key["stop"] = list(self.stop)
+        return key
 
 
 @dataclass(frozen=True)
@@ -212,7 +223,7 @@ def requested_decoding(config: GenerationConfig, scoring: LabelScoring | None) -
         "temperature": config.temperature,
         "top_p": None,
         "max_tokens": config.max_new_tokens,
-        "stop": None,
+        "stop": list(config.stop) or None,
         "logprobs": scoring is not None,
         "top_logprobs": scoring.top_logprobs if scoring is not None else None,
         "constrained_ranking": config.constrained_ranking,
@@ -227,3 +238,16 @@ def logsumexp(values: Sequence[float]) -> float:
         return -math.inf
     top = max(finite)
     return top + math.log(sum(math.exp(v - top) for v in finite))
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where `text` ends at its first stop sequence (the index of that sequence's start), or None when it
+    holds none: the answer is ``text[:cut]``.
+
+    >>> cut_at_stop("B\\n\\nBecause it is urgent", ["\\n\\n"])
+    1
+    >>> cut_at_stop("B", ["</answer>"]) is None
+    True
+    """
+    found = [index for index in (text.find(s) for s in stop if s) if index >= 0]
+    return min(found) if found else None

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from persona_eval.backends.base import (
     GenerationConfig,
     LabelScoring,
     TokenScores,
+    cut_at_stop,
     requested_decoding,
 )
 from persona_eval.errors import BackendError, ConfigError, MissingDependencyError
@@ -80,7 +81,7 @@ class HFBackend:
 
     def __init__(self, name: str, model: str, *, gguf_file: str | None = None, device: str = "cpu",
                  dtype: str = "float32", batch_size: int = 16, memo_dir: Path | None = None,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, reasoning: bool | None = None) -> None:
         self.name = name
         self.batch_size = batch_size
         self.max_in_flight = 1  # one process, one model: parallelism is the batch
@@ -90,6 +91,8 @@ class HFBackend:
         self._dtype = dtype
         self._memo_dir = memo_dir
         self._trust_remote_code = trust_remote_code
+        # The chat template's thinking switch (``enable_thinking``), None: the template's own default.
+        self._template_kwargs: dict[str, Any] = {} if reasoning is None else {"enable_thinking": reasoning}
         self._tokenizer: Any = None
         self._model: Any = None
         self._policy: SystemPolicy | None = None
@@ -122,8 +125,8 @@ class HFBackend:
 
     def decoding(self, config: GenerationConfig, scoring: LabelScoring | None) -> dict[str, Any]:
         """Greedy whatever the config's temperature (do_sample false), at most max_new_tokens, stopping
-        at the model's end-of-turn tokens only; label log-probabilities come from the full logits at
-        each step (no top-k), and nothing is ever dropped."""
+        at the model's end-of-turn tokens and the config's stop sequences; label log-probabilities come
+        from the full logits at each step (no top-k), and nothing is ever dropped."""
         return {**requested_decoding(config, scoring), "temperature": 0.0, "do_sample": False,
                 "top_logprobs": None}
 
@@ -150,6 +153,10 @@ class HFBackend:
                     if getattr(tokenizer, "chat_template", None) is None:
                         raise ConfigError(f"model {self.name!r}: {self._model_ref} has no chat template; "
                                           "persona-eval needs an instruction-tuned (chat) model")
+                    if self._template_kwargs and "enable_thinking" not in _template_text(tokenizer.chat_template):
+                        raise ConfigError(f"model {self.name!r}: 'reasoning' switches thinking with the chat "
+                                          f"template's enable_thinking, but the template of {self._model_ref} "
+                                          "has no such switch; leave 'reasoning' out for this model")
                     tokenizer.padding_side = "left"
                     if tokenizer.pad_token_id is None:
                         tokenizer.pad_token = tokenizer.eos_token
@@ -163,7 +170,8 @@ class HFBackend:
             tokenizer = self.tokenizer  # load errors surface here, not as a "no system role" policy
 
             def render(messages: list[dict[str, str]]) -> str:
-                return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+                return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                         **self._template_kwargs))
             user = {"role": "user", "content": _PROBE}
             try:
                 with_empty_system = render([{"role": "system", "content": ""}, user])
@@ -185,7 +193,7 @@ class HFBackend:
 
     def render_prompt(self, request: RenderedMessages) -> str:
         return str(self.tokenizer.apply_chat_template(request.as_dicts(), tokenize=False,
-                                                      add_generation_prompt=True))
+                                                      add_generation_prompt=True, **self._template_kwargs))
 
     # -- prompt lengths: the config and the tokenizer, never the weights -----------------------------
     def context_length(self) -> int | None:
@@ -274,6 +282,12 @@ class HFBackend:
         prompt_length = batch["input_ids"].shape[1]
         stop_ids = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
         extra: dict[str, Any] = {}
+        if config.stop:
+            # A row that ends at a stop sequence is padded from there on (it wrote no end-of-turn token).
+            extra |= {"stop_strings": list(config.stop), "tokenizer": tokenizer}
+            row_ends = stop_ids | {tokenizer.pad_token_id}
+        else:
+            row_ends = stop_ids
         if config.constrained_ranking:
             from transformers import LogitsProcessorList
 
@@ -294,15 +308,20 @@ class HFBackend:
                        if label_ids is not None else None)
         results = []
         for row, ids in enumerate(new_tokens):
-            length = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+            length = next((i for i, t in enumerate(ids) if t in row_ends), len(ids))
             finish = "stop" if length < len(ids) else "length"
             ids = ids[:length]
             text = tokenizer.decode(ids, skip_special_tokens=True)
+            cut = cut_at_stop(text, config.stop)
+            if cut is not None:  # the answer ends before its stop sequence, which is not part of it
+                text, finish = text[:cut], "stop"
             tokens = None
             if step_scores is not None:
                 tokens = []
                 for step in range(length):
                     offset = len(tokenizer.decode(ids[:step], skip_special_tokens=True))
+                    if cut is not None and offset >= cut:
+                        break
                     tokens.append(TokenScores(offset=offset, token=tokenizer.decode(ids[step:step + 1]),
                                               label_logprobs=dict(step_scores[step][row])))
             results.append(Generation(text=text, tokens=tokens, finish_reason=finish,
@@ -377,6 +396,15 @@ def _config_context(config: Any) -> int | None:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
     return None
+
+
+def _template_text(template: Any) -> str:
+    """A tokenizer's chat template as one text (a template may be a mapping of named templates)."""
+    if isinstance(template, Mapping):
+        return "\n".join(str(t) for t in template.values())
+    if isinstance(template, list):
+        return "\n".join(str(t.get("template", "")) if isinstance(t, Mapping) else str(t) for t in template)
+    return str(template)
 
 
 def _as_list(value: Any) -> list[int]:

@@ -90,6 +90,7 @@ from persona_eval.backends.openai_payload import (
     parse_prompt_scoring_response,
     parse_tokenize_response,
     shorten,
+    template_switches,
     transcript,
 )
 from persona_eval.errors import BackendError, ConfigError, MissingDependencyError
@@ -195,7 +196,7 @@ class OpenAIBackend:
     def __init__(self, name: str, *, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  max_in_flight: int = 32, timeout: float = 120.0, max_retries: int = 5, logprobs: bool = True,
                  prompt_scoring: bool = True, baseline_system: str = "empty", revision: object = None,
-                 http_client: Any = None) -> None:
+                 reasoning: bool | None = None, http_client: Any = None) -> None:
         where = f"model {name!r}"
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{where}: 'model' must be the served model name, got {model!r}")
@@ -212,6 +213,8 @@ class OpenAIBackend:
         for option, flag in (("logprobs", logprobs), ("prompt_scoring", prompt_scoring)):
             if not isinstance(flag, bool):
                 raise ConfigError(f"{where}: '{option}' must be true or false, got {flag!r}")
+        if reasoning is not None and not isinstance(reasoning, bool):
+            raise ConfigError(f"{where}: 'reasoning' must be true or false, got {reasoning!r}")
         if baseline_system not in BASELINE_SYSTEM:
             raise ConfigError(f"{where}: 'baseline_system' must be one of {', '.join(BASELINE_SYSTEM)}, "
                               f"got {baseline_system!r}")
@@ -231,6 +234,7 @@ class OpenAIBackend:
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.baseline_system = baseline_system
+        self.reasoning = reasoning  # the chat template's thinking switch; None: the template's default
         # YAML reads `revision: 2024-08-06` as a date and `revision: 3` as a number: both name a version.
         self.revision: str | None = None if revision is None else str(revision)
         # Backoff before retry n (0-based): base * 2**n, at most max, times a random factor in [0.5, 1].
@@ -323,7 +327,8 @@ class OpenAIBackend:
     def decoding(self, config: GenerationConfig, scoring: LabelScoring | None) -> dict[str, Any]:
         """What a chat completion with `config` and `scoring` sends now, and what was dropped and why."""
         asked = scoring if scoring is not None and self._logprobs else None
-        payload = build_chat_payload(RenderedMessages((), None), config, asked, model=self.model)
+        payload = build_chat_payload(RenderedMessages((), None), config, asked, model=self.model,
+                                     reasoning=self.reasoning)
         with self._lock:
             dropped = dict(self._dropped)
         for parameter in dropped:
@@ -376,7 +381,7 @@ class OpenAIBackend:
                       scoring: LabelScoring | None) -> Generation:
         while True:
             asked = scoring if scoring is not None and self._logprobs else None
-            payload = build_chat_payload(request, config, asked, model=self.model)
+            payload = build_chat_payload(request, config, asked, model=self.model, reasoning=self.reasoning)
             for parameter in self.dropped_parameters():  # a snapshot: another thread may add to it
                 payload.pop(parameter, None)
             try:
@@ -417,7 +422,7 @@ class OpenAIBackend:
             if not any(label_tokens.values()):
                 return unavailable  # no label is a single token of this model
             prompt = parse_tokenize_response(self._post(endpoint, build_tokenize_payload(
-                request, scoring, model=self.model)))
+                request, scoring, model=self.model, reasoning=self.reasoning)))
             endpoint = self.base_url + "/completions"
             data = self._post(endpoint, build_prompt_scoring_payload(prompt, label_tokens, model=self.model))
             return parse_prompt_scoring_response(data, label_tokens)
@@ -442,7 +447,7 @@ class OpenAIBackend:
                 counts.append(None)
                 continue
             body = {"model": self.model, "messages": request.as_dicts(), "add_generation_prompt": True,
-                    "add_special_tokens": False}
+                    "add_special_tokens": False, **template_switches(self.reasoning)}
             try:
                 response = self._request("post", self._root_url("/tokenize"), body, counted=False, tries=1,
                                          what="cannot count the prompt's tokens")

@@ -34,6 +34,7 @@ __all__ = [
     "parse_tokenize_response",
     "ranking_schema",
     "shorten",
+    "template_switches",
     "transcript",
     "with_reasoning",
 ]
@@ -70,15 +71,29 @@ def ranking_schema(k: int) -> dict[str, Any]:
     }
 
 
+def template_switches(reasoning: bool | None) -> dict[str, Any]:
+    """What a request sends to switch a self-served reasoning model's thinking on or off (vLLM's and
+    SGLang's ``chat_template_kwargs``, the chat template's ``enable_thinking``); nothing for None.
+
+    >>> template_switches(False)
+    {'chat_template_kwargs': {'enable_thinking': False}}
+    """
+    return {} if reasoning is None else {"chat_template_kwargs": {"enable_thinking": reasoning}}
+
+
 def build_chat_payload(request: RenderedMessages, config: GenerationConfig, scoring: LabelScoring | None,
-                       *, model: str) -> dict[str, Any]:
-    """The body of a chat completion for `request`; with `scoring`, log-probabilities are asked for."""
+                       *, model: str, reasoning: bool | None = None) -> dict[str, Any]:
+    """The body of a chat completion for `request`; with `scoring`, log-probabilities are asked for;
+    `reasoning`: see :func:`template_switches`."""
     payload: dict[str, Any] = {
         "model": model,
         "messages": request.as_dicts(),
         "max_completion_tokens": config.max_new_tokens,
         "temperature": config.temperature,
+        **template_switches(reasoning),
     }
+    if config.stop:
+        payload["stop"] = list(config.stop)
     if scoring is not None:
         payload["logprobs"] = True
         payload["top_logprobs"] = scoring.top_logprobs
@@ -91,7 +106,7 @@ def build_chat_payload(request: RenderedMessages, config: GenerationConfig, scor
 def decoding_sent(payload: Mapping[str, Any], config: GenerationConfig) -> dict[str, Any]:
     """The decoding record (see :func:`~persona_eval.backends.base.requested_decoding`, without
     ``dropped``) of a chat completion body as it is sent."""
-    return {
+    sent = {
         "temperature": payload.get("temperature"),
         "top_p": payload.get("top_p"),
         "max_tokens": payload.get("max_completion_tokens"),
@@ -100,6 +115,9 @@ def decoding_sent(payload: Mapping[str, Any], config: GenerationConfig) -> dict[
         "top_logprobs": payload.get("top_logprobs"),
         "constrained_ranking": config.constrained_ranking if "response_format" in payload else None,
     }
+    if "chat_template_kwargs" in payload:  # only when sent: the keys of runs without it stay as they were
+        sent["chat_template_kwargs"] = payload["chat_template_kwargs"]
+    return sent
 
 
 def parse_model_card(data: Any, model: str) -> dict[str, Any] | None:
@@ -275,15 +293,18 @@ def parse_chat_response(data: Mapping[str, Any], scoring: LabelScoring | None) -
     return Generation(text=text, tokens=tokens, finish_reason=finish_reason, usage=_usage(data))
 
 
-def build_tokenize_payload(request: RenderedMessages, scoring: LabelScoring, *, model: str) -> dict[str, Any]:
+def build_tokenize_payload(request: RenderedMessages, scoring: LabelScoring, *, model: str,
+                           reasoning: bool | None = None) -> dict[str, Any]:
     """The body of vLLM's /tokenize for the prompt of `request` with the assistant turn opened and
-    ``scoring.answer_prefix`` written: the tokens the label is read after."""
+    ``scoring.answer_prefix`` written: the tokens the label is read after (the chat template switched as
+    the chat completion switches it: `reasoning`)."""
     return {
         "model": model,
         "messages": [*request.as_dicts(), {"role": "assistant", "content": scoring.answer_prefix}],
         "add_generation_prompt": False,
         "continue_final_message": True,
         "add_special_tokens": False,
+        **template_switches(reasoning),
     }
 
 

@@ -140,10 +140,9 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
             "label_positions": _per_task_model(results, "label_positions"),
             # What the suite asked for; what each model was actually sent is `decoding_sent`.
             # max_new_tokens: the answer budget per model and task (persona_eval.settings.Settings.answer_budget).
-            "decoding": {"requested": {"max_new_tokens": {model.name: {task: settings.answer_budget(model, task)
-                                                                       for task in tasks}
-                                                          for model in settings.models},
-                                       "temperature": 0.0}},
+            # stop: the stop sequences per model and task, reasoning: the thinking switch per model (the
+            # models file's), each only where a model gives one.
+            "decoding": {"requested": _requested_decoding(settings, tasks)},
             "packages": package_versions(),
             "git_revision": _git_revision(Path(__file__).resolve().parent.parent),
             "duration_seconds": round(time.time() - started, 3),
@@ -160,6 +159,23 @@ def build_summary(*, run_id: str, results: Sequence[Mapping[str, Any]], settings
             **(extra_metadata or {}),
         },
     }
+
+
+def _requested_decoding(settings: Any, tasks: Sequence[str]) -> dict[str, Any]:
+    """What the suite asked of each model (see build_summary's `decoding`)."""
+    requested: dict[str, Any] = {
+        "max_new_tokens": {model.name: {task: settings.answer_budget(model, task) for task in tasks}
+                           for model in settings.models},
+        "temperature": 0.0,
+    }
+    stop = {model.name: {task: list(settings.stop_sequences(model, task)) for task in tasks}
+            for model in settings.models if any(settings.stop_sequences(model, task) for task in tasks)}
+    reasoning = {model.name: model.options["reasoning"] for model in settings.models if "reasoning" in model.options}
+    if stop:
+        requested["stop"] = stop
+    if reasoning:
+        requested["reasoning"] = reasoning
+    return requested
 
 
 def _per_task_model(results: Sequence[Mapping[str, Any]], name: str) -> dict[str, dict[str, Any]]:

@@ -28,7 +28,10 @@ opened the trace), the message carries the trace in that field and the rest in `
 budget ran out inside the trace), and the log-probabilities list every generated token, the trace's too,
 as vLLM's do (``reasoning_logprobs=False``: the content's alone). ``"headings"``: the text itself is
 ``## Thinking\nTRACE\n\n## Final Response\nANSWER`` (HuatuoGPT-o1); ``"tags"``:
-``<think>TRACE</think>\n\nANSWER``. The token budget counts the trace's tokens as well.
+``<think>TRACE</think>\n\nANSWER``. The token budget counts the trace's tokens as well. A request that
+sends ``chat_template_kwargs: {enable_thinking: false}`` gets the final response alone, as a chat template
+with that switch makes a reasoning model answer at once. ``stop`` sequences end the reply before the first
+one it writes (``finish_reason`` "stop"), as vLLM's do.
 
 Random faults, drawn from a generator seeded with ``seed``, one draw per chat completion:
 ``error_rate`` of them are answered HTTP 500, ``timeout_rate`` of them wait ``hang_seconds`` and then
@@ -338,16 +341,25 @@ class StandInServer:
         text = self.answer(messages)
         if self.echo_headers:
             text += " " + request.headers.get("authorization", "")
-        if self.reasoning is not None:
+        switches = body.get("chat_template_kwargs")
+        thinking = self.reasoning is not None and not (isinstance(switches, Mapping)
+                                                       and switches.get("enable_thinking") is False)
+        if thinking:
             text = self._thought(self.think(messages), text)
         tokens = _TOKEN.findall(text) or [text]
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         finish = "stop"
         if isinstance(limit, int) and len(tokens) > limit:
             tokens, finish = tokens[:limit], "length"
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if isinstance(s, str) and s]
+        written = "".join(tokens)
+        found = [index for index in (written.find(s) for s in stops) if index >= 0]
+        if found:  # as vLLM: the text ends before the stop sequence, which is not returned
+            tokens, finish = _TOKEN.findall(written[:min(found)]), "stop"
         message: dict[str, Any] = {"role": "assistant", "content": "".join(tokens)}
         listed = tokens
-        if self.reasoning in _SEPARATE:
+        if thinking and self.reasoning in _SEPARATE:
             trace, closed, content = message["content"].partition(_CLOSE)
             message = {"role": "assistant", self.reasoning: trace.strip(), "content": content if closed else None}
             if not self.reasoning_logprobs:

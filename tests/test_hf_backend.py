@@ -1,0 +1,87 @@
+"""The transformers backend on the tiny trained model: stop sequences end an answer as an OpenAI-compatible
+server ends it, and the thinking switch reaches the chat template, or is refused where the template has
+none."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from persona_eval.backends.base import GenerationConfig, LabelScoring
+from persona_eval.backends.hf import HFBackend
+from persona_eval.errors import ConfigError
+from persona_eval.personas import STUDY_PERSONAS
+from persona_eval.prompts import RenderedMessages
+from persona_eval.templates import render_case
+from persona_eval.testing.tiny_model import synthetic_triage_records, tiny_model_dir
+
+SCORING = LabelScoring(answer_prefix="## Final Response\n")
+# A switch as reasoning models' templates have it: thinking off opens the answer with an empty trace.
+SWITCH = ("{% if enable_thinking is defined and not enable_thinking %}"
+          "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def backend(model_dir: Path) -> HFBackend:
+    return HFBackend("tiny", str(model_dir), batch_size=16)
+
+
+def requests(n_per_stratum: int = 4) -> list[RenderedMessages]:
+    """Synthetic cases as the suite sends them (the default template, no persona)."""
+    return [render_case(record["text"], STUDY_PERSONAS[0]) for record in
+            synthetic_triage_records(n_per_stratum, seed=20261128)]
+
+
+def test_a_stop_sequence_ends_the_answer_before_it_row_by_row(backend: HFBackend) -> None:
+    batch = requests()
+    plain = backend.generate(batch, GenerationConfig(max_new_tokens=16), SCORING)
+    assert all(g.finish_reason == "stop" and g.text.startswith("## Final Response\n") for g in plain)
+    assert {g.text[-1] for g in plain} >= {"C"} and {g.text[-1] for g in plain} - {"C"}, [g.text for g in plain]
+    # "C" ends only the answers that write it: those rows end before it, the others as they were.
+    stopped = backend.generate(batch, GenerationConfig(max_new_tokens=16, stop=("C",)), SCORING)
+    for before, after in zip(plain, stopped, strict=True):
+        assert after.finish_reason == "stop"
+        if before.text.endswith("C"):
+            assert after.text == before.text[:-1] == "## Final Response\n"
+            # The letter's token was generated (and is counted), but it is not part of the answer.
+            assert after.tokens is not None and before.tokens is not None
+            assert [t.token for t in after.tokens] == [t.token for t in before.tokens][:-1]
+            assert after.usage["completion_tokens"] == before.usage["completion_tokens"]
+        else:
+            assert after.text == before.text and after.usage == before.usage
+    # A stop sequence is no truncation, even when it ends the answer at its first token.
+    early = backend.generate(batch, GenerationConfig(max_new_tokens=16, stop=("##",)), SCORING)
+    assert all(g.text == "" and g.finish_reason == "stop" for g in early)
+
+
+def test_the_decoding_record_names_the_stop_sequences(backend: HFBackend) -> None:
+    assert backend.decoding(GenerationConfig(stop=("C",)), None)["stop"] == ["C"]
+    assert backend.decoding(GenerationConfig(), None)["stop"] is None
+
+
+def test_reasoning_switch_is_refused_where_the_chat_template_has_none(model_dir: Path) -> None:
+    switched = HFBackend("tiny", str(model_dir), reasoning=False)
+    with pytest.raises(ConfigError, match="has no such switch; leave 'reasoning' out"):
+        switched.render_prompt(requests(1)[0])
+
+
+def test_reasoning_switch_reaches_a_template_that_has_one(model_dir: Path, tmp_path: Path) -> None:
+    switchable = tmp_path / "switchable"
+    shutil.copytree(model_dir, switchable)
+    template = switchable / "chat_template.jinja"
+    template.write_text(template.read_text() + SWITCH)
+    request = requests(1)[0]
+    default = HFBackend("t", str(switchable)).render_prompt(request)
+    on = HFBackend("t", str(switchable), reasoning=True).render_prompt(request)
+    off = HFBackend("t", str(switchable), reasoning=False).render_prompt(request)
+    assert default == on and off == on + "<think>\n\n</think>\n\n"
+    # The prompt is the cache key's: the prompt lengths count what is sent.
+    assert HFBackend("t", str(switchable), reasoning=False).count_prompt_tokens([request])[0] > \
+        HFBackend("t", str(switchable)).count_prompt_tokens([request])[0]
