@@ -233,6 +233,13 @@ def test_prompt_scoring_payload_and_parse():
 # -- options, identity and the key ----------------------------------------------------------------------------
 
 
+def test_max_in_flight_defaults_to_256_for_a_self_served_model_and_32_for_the_hosted_api(tmp_path):
+    served = create_backend(parse_model_spec("openai:m@http://gpu-host:8000/v1"), cache_dir=tmp_path)
+    hosted = create_backend(parse_model_spec("openai:gpt-4o"), cache_dir=tmp_path)
+    given = OpenAIBackend("m", model="m", base_url="http://gpu-host:8000/v1", max_in_flight=8)
+    assert (served.max_in_flight, hosted.max_in_flight, given.max_in_flight) == (256, 32, 8)
+
+
 def test_models_file_options_reach_the_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_SERVER_API_KEY", KEY)
     models = tmp_path / "models.yaml"

@@ -9,7 +9,9 @@ names the endpoint and the last status.
 What the backend sends and reads:
 
 * **Generation**: one chat completion per request (``batch_size`` 1; the runner keeps
-  ``max_in_flight`` requests in flight so that the server batches them). Greedy, at most
+  ``max_in_flight`` requests in flight so that the server batches them: by default
+  SERVED_MAX_IN_FLIGHT, 256, for a self-served model, a ``base_url``, and HOSTED_MAX_IN_FLIGHT, 32, for
+  the hosted OpenAI API). Greedy, at most
   ``max_new_tokens`` (``max_completion_tokens``, which vLLM and reasoning models both accept). With
   label scoring it asks for ``logprobs`` and ``top_logprobs`` and reads, at every generated token, each
   label's log-probability (logsumexp over the label's spellings found in the top-k; None when none is
@@ -97,9 +99,13 @@ from persona_eval.errors import BackendError, ConfigError, MissingDependencyErro
 from persona_eval.prompts import RenderedMessages, SystemPolicy
 from persona_eval.redaction import find_secrets, mask, mask_found, placeholder, register_secret
 
-__all__ = ["OPENAI_API_BASE", "OpenAIBackend"]
+__all__ = ["HOSTED_MAX_IN_FLIGHT", "OPENAI_API_BASE", "SERVED_MAX_IN_FLIGHT", "OpenAIBackend"]
 
 OPENAI_API_BASE = "https://api.openai.com/v1"
+# Requests in flight when the models file gives no max_in_flight: a self-served model (a base_url, e.g. vLLM on
+# a GPU) batches hundreds of sequences at once; the hosted OpenAI API rate-limits an account well before that.
+SERVED_MAX_IN_FLIGHT = 256
+HOSTED_MAX_IN_FLIGHT = 32
 # A local server needs no key, but the openai client refuses to start without one.
 PLACEHOLDER_KEY = "EMPTY"
 BASELINE_SYSTEM = {
@@ -194,10 +200,12 @@ class OpenAIBackend:
     """A model behind an OpenAI-compatible HTTP API (see the module docstring)."""
 
     def __init__(self, name: str, *, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                 max_in_flight: int = 32, timeout: float = 120.0, max_retries: int = 5, logprobs: bool = True,
+                 max_in_flight: int | None = None, timeout: float = 120.0, max_retries: int = 5, logprobs: bool = True,
                  prompt_scoring: bool = True, baseline_system: str = "empty", revision: object = None,
                  reasoning: bool | None = None, http_client: Any = None) -> None:
         where = f"model {name!r}"
+        if max_in_flight is None:
+            max_in_flight = HOSTED_MAX_IN_FLIGHT if base_url is None else SERVED_MAX_IN_FLIGHT
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{where}: 'model' must be the served model name, got {model!r}")
         if base_url is not None and (not isinstance(base_url, str)

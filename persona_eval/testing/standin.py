@@ -390,9 +390,10 @@ def _token_entry(token: str, top: int) -> dict[str, Any]:
 
 
 class _Server(ThreadingHTTPServer):
-    # Many clients connect at once (a runner keeps 32 requests in flight, and a fault closes a
-    # connection): a longer listen queue than socketserver's 5 keeps connects from waiting on SYN retries.
-    request_queue_size = 128
+    # Many clients connect at once (a runner keeps up to 256 requests in flight to a self-served model, and
+    # a fault closes a connection): a longer listen queue than socketserver's 5 keeps connects from waiting
+    # on SYN retries.
+    request_queue_size = 512
 
 
 def _handler_for(server: StandInServer) -> type[BaseHTTPRequestHandler]:
