@@ -2,6 +2,7 @@
 
     python bench/run.py                # everything (about 10 minutes on 2 cores)
     python bench/run.py --only batch   # generation throughput by batch size only
+    python bench/run.py --only plain   # the suite's model time against a plain transformers loop
 
 Prints a JSON document; the README's figures come from it.
 """
@@ -67,6 +68,76 @@ def batch_throughput(cache_dir: Path, n_cases: int = 16) -> dict[str, float]:
     return result
 
 
+def versus_plain_loop(cache_dir: Path, n_cases: int = 96, batch_size: int = 16) -> dict[str, object]:
+    """The suite's model time on the embedded model (study template, latent labels read, 32 new tokens)
+    against a plain transformers loop over the same rendered prompts in the same order (batch 16, left
+    padding, greedy, `output_logits`, the same budget), in one run; and the suite without reading a
+    batch's shared prompt prefix once. The generated texts of all three are compared."""
+    import torch
+
+    from persona_eval.backends.base import GenerationConfig, LabelScoring
+    from persona_eval.backends.embedded import prepare_embedded_model
+    from persona_eval.backends.hf import HFBackend
+    from persona_eval.cache import NullCache
+    from persona_eval.data import load_triage_cases
+    from persona_eval.personas import STUDY_PERSONAS
+    from persona_eval.runner import Runner
+    from persona_eval.templates import DEFAULT_TEMPLATES, render_case, template_named
+
+    backend = HFBackend("smollm2", str(prepare_embedded_model(cache_dir)), batch_size=batch_size)
+    template = template_named(DEFAULT_TEMPLATES["triage"], task="triage")
+    cases = load_triage_cases(REPO / "fixtures/triage/vignettes.jsonl")[:n_cases]
+    requests = [render_case(c.text, STUDY_PERSONAS[2], backend.system_policy(), template=template) for c in cases]
+    config = GenerationConfig(max_new_tokens=32)
+    scoring = LabelScoring(answer_prefix=template.answer_prefix)
+    backend.generate(requests[:2], config, scoring)  # warm-up: load weights
+    model, tokenizer = backend._load(), backend.tokenizer
+    prompts = [backend.render_prompt(r) for r in requests]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # the runner's order
+    stop_ids = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id]
+                                          if isinstance(model.generation_config.eos_token_id, int)
+                                          else model.generation_config.eos_token_id or [])}
+
+    def plain() -> list[str]:
+        texts: dict[int, str] = {}
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                output = model.generate(**batch, max_new_tokens=32, do_sample=False, temperature=None, top_p=None,
+                                        top_k=None, pad_token_id=tokenizer.pad_token_id,
+                                        return_dict_in_generate=True, output_logits=True)
+            for i, ids in zip(rows, output.sequences[:, batch["input_ids"].shape[1]:].tolist(), strict=True):
+                ids = ids[:next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))]
+                texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
+        return [texts[i] for i in range(len(prompts))]
+
+    def suite(share_prefix: bool) -> tuple[list[str], float]:
+        backend.share_prefix = share_prefix
+        runner = Runner(backend, NullCache())
+        generations = runner.generate(requests, config, scoring)
+        assert all(g.generation.prompt_label_logprobs is not None for g in generations)  # latent labels read
+        return [g.generation.text for g in generations], runner.stats.model_seconds
+
+    started = time.perf_counter()
+    plain_texts = plain()
+    plain_seconds = time.perf_counter() - started
+    shared_texts, shared_seconds = suite(True)
+    whole_texts, whole_seconds = suite(False)
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return {
+        "cases": len(prompts),
+        "mean_prompt_tokens": round(sum(map(len, encoded)) / len(encoded), 1),
+        "plain_loop_seconds": round(plain_seconds, 2),
+        "suite_model_seconds": round(shared_seconds, 2),
+        "suite_model_seconds_without_prefix_reuse": round(whole_seconds, 2),
+        "suite_over_plain": round(shared_seconds / plain_seconds, 3),
+        "without_reuse_over_plain": round(whole_seconds / plain_seconds, 3),
+        "identical_texts_suite_vs_plain": sum(a == b for a, b in zip(shared_texts, plain_texts, strict=True)),
+        "identical_texts_with_vs_without_reuse": sum(a == b for a, b in zip(shared_texts, whole_texts, strict=True)),
+    }
+
+
 def main_job(cache_dir: Path) -> dict[str, float]:
     """The main job (`pytest evals -k triage`) cold (empty result cache) and warm (everything cached).
 
@@ -95,7 +166,7 @@ def main_job(cache_dir: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("batch", "main"), help="run one benchmark")
+    parser.add_argument("--only", choices=("batch", "plain", "main"), help="run one benchmark")
     parser.add_argument("--cache-dir", type=Path, help="where the prepared model lives (default: the usual)")
     args = parser.parse_args()
     from persona_eval.backends.embedded import prepare_embedded_model
@@ -108,6 +179,8 @@ def main() -> None:
                                  "cpu_count": os.cpu_count()}
     if args.only in (None, "batch"):
         report["batch"] = batch_throughput(cache_dir)
+    if args.only in (None, "plain"):
+        report["versus_plain_loop"] = versus_plain_loop(cache_dir)
     if args.only in (None, "main"):
         report["main_job"] = main_job(cache_dir)
     print(json.dumps(report, indent=2))

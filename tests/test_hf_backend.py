@@ -85,3 +85,49 @@ def test_reasoning_switch_reaches_a_template_that_has_one(model_dir: Path, tmp_p
     # The prompt is the cache key's: the prompt lengths count what is sent.
     assert HFBackend("t", str(switchable), reasoning=False).count_prompt_tokens([request])[0] > \
         HFBackend("t", str(switchable)).count_prompt_tokens([request])[0]
+
+
+def _forward_tokens(backend: HFBackend) -> list[int]:
+    """Records the number of input tokens of every forward pass of the backend's model (rows x columns)."""
+    model = backend._load()
+    backend._cache_argument()  # the model's own parameters are read before the counting wrapper
+    seen: list[int] = []
+    forward = model.forward
+
+    def counting(*args: object, **kwargs: object) -> object:
+        ids = kwargs.get("input_ids")
+        seen.append(int(ids.numel()) if ids is not None else 0)  # type: ignore[attr-defined]
+        return forward(*args, **kwargs)
+
+    model.forward = counting
+    return seen
+
+
+@pytest.mark.parametrize("thinking", [False, True], ids=["plain", "thinking"])
+def test_a_shared_prompt_prefix_is_read_once_and_changes_no_answer(thinking: bool) -> None:
+    # Prompts of different lengths that share the persona sentence and the instructions, in one batch.
+    batch = [render_case(record["text"], STUDY_PERSONAS[2]) for record in
+             synthetic_triage_records(6, seed=20261205)]
+    config = GenerationConfig(max_new_tokens=90 if thinking else 16)
+    results, reads = {}, {}
+    for share in (False, True):
+        backend = HFBackend("tiny", str(tiny_model_dir(thinking=thinking)), batch_size=len(batch))
+        backend.share_prefix = share
+        reads[share] = _forward_tokens(backend)
+        results[share] = backend.generate(batch, config, SCORING)
+    prompts = backend.tokenizer([backend.render_prompt(r) for r in batch], add_special_tokens=False)["input_ids"]
+    assert len({len(p) for p in prompts}) > 1  # the layout with padding between shared and own tokens is used
+    shared = 0
+    while all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    assert shared >= 20, shared
+    for without, with_reuse in zip(results[False], results[True], strict=True):
+        assert with_reuse.text == without.text
+        assert with_reuse.finish_reason == without.finish_reason and with_reuse.usage == without.usage
+        assert with_reuse.tokens is not None and without.tokens is not None
+        assert [t.token for t in with_reuse.tokens] == [t.token for t in without.tokens]
+        for a, b in zip(with_reuse.tokens, without.tokens, strict=True):
+            assert a.label_logprobs == pytest.approx(b.label_logprobs, abs=1e-4)
+        assert with_reuse.prompt_label_logprobs == pytest.approx(without.prompt_label_logprobs, abs=1e-4)
+    # The prompt pass reads the shared tokens once instead of once per row; the rest is the same work.
+    assert sum(reads[False]) - sum(reads[True]) == shared * (len(batch) - 1)

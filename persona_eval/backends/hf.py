@@ -7,11 +7,13 @@ run never loads a model.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,9 @@ class HFBackend:
         self.name = name
         self.batch_size = batch_size
         self.max_in_flight = 1  # one process, one model: parallelism is the batch
+        # Whether a batch's shared prompt prefix is read once (see _read_prompts); off, every row reads its
+        # whole prompt, as the tests and the benchmark compare.
+        self.share_prefix = True
         self._model_ref = model
         self._gguf_file = gguf_file
         self._device = device
@@ -96,6 +101,7 @@ class HFBackend:
         self._tokenizer: Any = None
         self._model: Any = None
         self._policy: SystemPolicy | None = None
+        self._parameters: frozenset[str] | None = None
         self._fingerprint: str | None = None
         self._context: tuple[int | None] | None = None  # memo of context_length(), None until asked
         self._lock = threading.Lock()
@@ -273,13 +279,15 @@ class HFBackend:
 
     def generate(self, requests: Sequence[RenderedMessages], config: GenerationConfig,
                  scoring: LabelScoring | None) -> list[Generation]:
+        """One greedy generation per request. The prompts are read before generating (see
+        :meth:`_read_prompts`): the tokens that every prompt of the batch starts with once, then each row's
+        own; with `scoring`, the latent label is read from that pass (:attr:`Generation.prompt_label_logprobs`)."""
         torch, _, _ = _import_transformers()
         model = self._load()
         tokenizer = self.tokenizer
         prompts = [self.render_prompt(r) for r in requests]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self._device)
+        encoded = tokenizer(prompts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         label_ids = self._label_token_ids(scoring) if scoring is not None else None
-        prompt_length = batch["input_ids"].shape[1]
         stop_ids = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
         extra: dict[str, Any] = {}
         if config.stop:
@@ -288,21 +296,24 @@ class HFBackend:
             row_ends = stop_ids | {tokenizer.pad_token_id}
         else:
             row_ends = stop_ids
-        if config.constrained_ranking:
-            from transformers import LogitsProcessorList
-
-            from persona_eval.backends.constraints import ranking_constraint
-
-            constraint = ranking_constraint(tokenizer, config.constrained_ranking, eos_token_ids=stop_ids)
-            extra["logits_processor"] = LogitsProcessorList([constraint.processor(prompt_length)])
-        boundary: list[dict[str, float | None]] | None = None
         with torch.inference_mode():
-            if label_ids is not None and scoring is not None and scoring.read_prompt:
-                boundary, extra[self._cache_argument()] = self._prompt_boundary(batch, scoring, label_ids)
-            output = model.generate(**batch, max_new_tokens=config.max_new_tokens, do_sample=False,
+            read = self._read_prompts(encoded, scoring if label_ids is not None and scoring is not None
+                                      and scoring.read_prompt else None, label_ids)
+            prompt_length = read.ids.shape[1]
+            if config.constrained_ranking:
+                from transformers import LogitsProcessorList
+
+                from persona_eval.backends.constraints import ranking_constraint
+
+                constraint = ranking_constraint(tokenizer, config.constrained_ranking, eos_token_ids=stop_ids)
+                extra["logits_processor"] = LogitsProcessorList([constraint.processor(prompt_length)])
+            output = model.generate(input_ids=read.ids, attention_mask=read.mask,
+                                    max_new_tokens=config.max_new_tokens, do_sample=False,
                                     temperature=None, top_p=None, top_k=None,
                                     pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-                                    output_logits=label_ids is not None, **extra)
+                                    output_logits=label_ids is not None,
+                                    **{self._cache_argument(): read.cache}, **extra)
+        boundary = read.boundary
         new_tokens = output.sequences[:, prompt_length:].tolist()
         step_scores = ([self._label_logprobs(step, label_ids) for step in output.logits]
                        if label_ids is not None else None)
@@ -325,47 +336,81 @@ class HFBackend:
                     tokens.append(TokenScores(offset=offset, token=tokenizer.decode(ids[step:step + 1]),
                                               label_logprobs=dict(step_scores[step][row])))
             results.append(Generation(text=text, tokens=tokens, finish_reason=finish,
-                                      usage={"prompt_tokens": int(batch["attention_mask"][row].sum()),
-                                             "completion_tokens": length},
+                                      usage={"prompt_tokens": len(encoded[row]), "completion_tokens": length},
                                       prompt_label_logprobs=dict(boundary[row]) if boundary is not None else None))
         return results
 
     def _cache_argument(self) -> str:
         """The name under which this transformers takes a KV cache (``cache`` from 5.2x, before it
         ``past_key_values``)."""
-        import inspect
+        return "cache" if "cache" in self._forward_parameters() else "past_key_values"
 
-        return "cache" if "cache" in inspect.signature(self._model.forward).parameters else "past_key_values"
+    def _forward_parameters(self) -> frozenset[str]:
+        """The parameters of the model's forward, read once."""
+        if self._parameters is None:
+            import inspect
 
-    def _prompt_boundary(self, batch: Any, scoring: LabelScoring, label_ids: dict[str, list[int]]
-                         ) -> tuple[list[dict[str, float | None]], Any]:
-        """The labels' log-probabilities after each prompt and ``scoring.answer_prefix``, and the prompts'
-        KV cache for the generation that follows: the prompt (all but its last token) is read once, the
-        cache copied, and the copy extended by the last token and the prefix, a few tokens per row.
-        Positions follow the left padding, as generate's own do."""
-        import copy
+            self._parameters = frozenset(inspect.signature(self._load().forward).parameters)
+        return self._parameters
 
+    def _forward(self, cache: Any, **inputs: Any) -> Any:
+        """One forward pass extending `cache`; the logits of the last position only (a prompt pass needs
+        none of the others, and the vocabulary's projection of every position costs a fifth of the pass)."""
+        if "logits_to_keep" in self._forward_parameters():
+            inputs["logits_to_keep"] = 1
+        return self._model(use_cache=True, **{self._cache_argument(): cache}, **inputs)
+
+    def _read_prompts(self, encoded: Sequence[Sequence[int]], scoring: LabelScoring | None,
+                      label_ids: dict[str, list[int]] | None) -> _ReadPrompts:
+        """The KV cache of every prompt but its last token, ready for generate, and with `scoring`, the
+        labels' log-probabilities after each whole prompt followed by ``scoring.answer_prefix``.
+
+        The tokens that all the batch's prompts start with (a template's persona sentence and instructions,
+        the same for every case of a persona) are read once, for one row, and that cache is repeated for
+        every row; then each row's own tokens are read on top of it. The rows are laid out as [shared | padding
+        | own], the padding masked and the positions counted over the tokens that are not, so every row sees
+        exactly the positions and keys it would see alone (generate counts positions from the mask too).
+        The label reading extends the cache by the last token and the answer prefix (a few tokens per row)
+        and is then cut off it again."""
         torch, _, _ = _import_transformers()
         from transformers import DynamicCache
 
         model = self._model
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        rows = len(encoded)
+        shared = _shared_prefix_length(encoded) if rows > 1 and self.share_prefix else 0
+        width = max(len(tokens) for tokens in encoded) - shared
+        ids = torch.full((rows, shared + width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((rows, shared + width), dtype=torch.long)
+        for row, tokens in enumerate(encoded):
+            own = tokens[shared:]
+            ids[row, :shared] = torch.tensor(tokens[:shared], dtype=torch.long)
+            ids[row, shared + width - len(own):] = torch.tensor(own, dtype=torch.long)
+            mask[row, :shared] = 1
+            mask[row, shared + width - len(own):] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
-        name = self._cache_argument()
-        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-              use_cache=True, **{name: cache})
-        branch = copy.deepcopy(cache)
-        prefix = self.tokenizer(scoring.answer_prefix, add_special_tokens=False)["input_ids"]
-        rows = ids.shape[0]
-        tail = torch.tensor([prefix] * rows, dtype=ids.dtype, device=ids.device).reshape(rows, len(prefix))
-        extended = torch.cat([ids[:, -1:], tail], dim=1)
-        extended_mask = torch.cat([mask, torch.ones_like(tail, dtype=mask.dtype)], dim=1)
-        extended_positions = positions[:, -1:] + torch.arange(extended.shape[1], device=ids.device)
-        logits = model(input_ids=extended, attention_mask=extended_mask, position_ids=extended_positions,
-                       use_cache=True, **{name: branch}).logits[:, -1, :]
-        del branch
-        return self._label_logprobs(logits, label_ids), cache
+        if shared:
+            self._forward(cache, input_ids=ids[:1, :shared], position_ids=positions[:1, :shared])
+            cache.batch_repeat_interleave(rows)
+        if width > 1:
+            self._forward(cache, input_ids=ids[:, shared:-1], attention_mask=mask[:, :-1],
+                          position_ids=positions[:, shared:-1])
+        boundary = None
+        if scoring is not None and label_ids is not None:
+            prefix = self.tokenizer(scoring.answer_prefix, add_special_tokens=False)["input_ids"]
+            tail = torch.tensor([prefix] * rows, dtype=ids.dtype, device=ids.device).reshape(rows, len(prefix))
+            extended = torch.cat([ids[:, -1:], tail], dim=1)
+            rollback = cache.is_croppable
+            branch = cache if rollback else copy.deepcopy(cache)
+            logits = self._forward(branch, input_ids=extended,
+                                   attention_mask=torch.cat([mask, torch.ones_like(tail, dtype=mask.dtype)], dim=1),
+                                   position_ids=positions[:, -1:] + torch.arange(extended.shape[1],
+                                                                                 device=ids.device)).logits[:, -1, :]
+            if rollback:
+                cache.crop(-extended.shape[1])
+            boundary = self._label_logprobs(logits, label_ids)
+        return _ReadPrompts(ids=ids, mask=mask, cache=cache, boundary=boundary)
 
     def score_labels(self, requests: Sequence[RenderedMessages], scoring: LabelScoring
                      ) -> list[dict[str, float | None]]:
@@ -405,6 +450,33 @@ def _template_text(template: Any) -> str:
     if isinstance(template, list):
         return "\n".join(str(t.get("template", "")) if isinstance(t, Mapping) else str(t) for t in template)
     return str(template)
+
+
+@dataclass
+class _ReadPrompts:
+    """A batch's prompts as generate takes them (`ids`, `mask`), the KV cache of all but their last token,
+    and the labels' log-probabilities at the prompt boundary (None when not asked)."""
+
+    ids: Any
+    mask: Any
+    cache: Any
+    boundary: list[dict[str, float | None]] | None
+
+
+def _shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """How many tokens every row starts with, leaving each row at least one of its own (generate reads the
+    last prompt token itself).
+
+    >>> _shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]])
+    2
+    >>> _shared_prefix_length([[7, 8], [7, 8]])
+    1
+    """
+    shortest = min(len(row) for row in rows)
+    length = 0
+    while length < shortest - 1 and all(row[length] == rows[0][length] for row in rows):
+        length += 1
+    return length
 
 
 def _as_list(value: Any) -> list[int]:
