@@ -310,3 +310,170 @@ def test_compare_on_a_damaged_run_names_the_file_and_the_line(tmp_path: Path) ->
     assert cli.returncode == 2
     assert f"{tmp_path / 'approved' / 'cases.jsonl'}:2: not valid JSON" in cli.stderr
     assert "Traceback" not in cli.stderr
+
+
+# --- streaming: cases.jsonl copied line by line, the same file as before -----------------------------
+
+
+def _joined_as_before(run_dir: Path, order: list[tuple[str, str, str]]) -> bytes:
+    """cases.jsonl as finalize_cases wrote it before it streamed: every record loaded, then each
+    serialized again (masked, NaN as null)."""
+    from persona_eval.redaction import scrub
+    from persona_eval.results import json_safe
+
+    records: list[Any] = []
+    for triple in order:
+        path = run_dir / "parts" / ("__".join(triple) + ".jsonl")
+        if path.exists():
+            records += read_jsonl(path)
+    return "".join(json.dumps(scrub(json_safe(r)), ensure_ascii=False, allow_nan=False) + "\n"
+                   for r in records).encode()
+
+
+def _varied_records(persona: str) -> list[dict[str, Any]]:
+    return [{"persona": persona, "case_id": "c0", "generated_text": 'She said "chest pain"\n\tC\\D — médico 🩺',
+             "label_probs": {"A": math.nan, "B": 0.1 + 0.2, "C": 1e-300}, "latency": -0.0, "tokens": 12345678},
+            {"persona": persona, "case_id": "c1", "control": "\x1b[0m\x00", "nested": [[], {}, [None, True]]}]
+
+
+ORDER = [("triage", "m", "no_persona"), ("triage", "m", "ed_nurse"), ("triage", "m", "never_ran")]
+
+
+@pytest.mark.parametrize("a_secret_is_known", [False, True])
+def test_cases_jsonl_is_the_file_it_was_before_streaming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          a_secret_is_known: bool) -> None:
+    if a_secret_is_known:  # one that no record holds: every line is copied as it is
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    for _, model, persona in ORDER[:2]:
+        write_part(tmp_path, "triage", model, persona, _varied_records(persona))
+    target = finalize_cases(tmp_path, ORDER)
+    assert target is not None
+    assert target.read_bytes() == _joined_as_before(tmp_path, ORDER)
+    assert [r["case_id"] for r in read_jsonl(target)] == ["c0", "c1", "c0", "c1"]
+
+
+def test_a_hand_written_part_is_joined_strict_and_masked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "triage__m__no_persona.jsonl").write_text(
+        '{"score": NaN, "worst": -Infinity}\n'
+        + json.dumps({"text": f"key {KEY} é"}) + "\n"  # ensure_ascii: the é is a \u escape
+        # Every letter of the key escaped: only a reader of the JSON sees the key.
+        + '{"text": "' + "".join(f"\\u{ord(c):04x}" for c in KEY) + '"}\n', encoding="utf-8")
+    target = finalize_cases(tmp_path, ORDER)
+    assert target is not None
+    assert [_strict_loads(line) for line in target.read_text(encoding="utf-8").splitlines()] == [
+        {"score": None, "worst": None}, {"text": f"key {MASKED} é"}, {"text": MASKED}]
+    assert target.read_bytes() == _joined_as_before(tmp_path, ORDER)
+
+
+def test_a_secret_known_only_after_the_part_was_written_is_masked_when_joined(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_part(tmp_path, "triage", "m", "no_persona", [{"text": f"Bearer {KEY}", KEY: 1, "n": 2}])
+    assert KEY in (tmp_path / "parts" / "triage__m__no_persona.jsonl").read_text()
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    target = finalize_cases(tmp_path, ORDER)
+    assert target is not None
+    assert read_jsonl(target) == [{"text": f"Bearer {MASKED}", MASKED: 1, "n": 2}]
+    assert KEY not in target.read_text()
+
+
+@pytest.mark.parametrize(("secret", "record"), [
+    # Its JSON spelling (pa\"ss...) is in the line: masked as data, the line stays JSON.
+    ('pa"ss\\word-1234', {"text": 'user:pa"ss\\word-1234@proxy', "n": 1}),
+    # Matches the JSON around two strings, not a string: masking the line's text would break it.
+    ('1234", "key', {"a": "1234", "key": 1}),
+    # Matches the tail of the \n escape of a newline: masking the text would leave a lone backslash.
+    ("nsecret-value", {"text": "line\nsecret-value"}),
+    # A secret of digits matches a number: masking the text would put an unquoted word in its place.
+    ("98765432", {"tokens": 98765432, "text": "the PIN 98765432"}),
+])
+def test_a_secret_is_masked_as_data_never_as_the_lines_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             secret: str, record: dict[str, Any]) -> None:
+    write_part(tmp_path, "triage", "m", "no_persona", [record])  # before the secret is known
+    monkeypatch.setenv("PROXY_PASSWORD", secret)
+    target = finalize_cases(tmp_path, ORDER)
+    assert target is not None
+    [joined] = [_strict_loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
+    masked = "[secret $PROXY_PASSWORD masked]"
+    assert joined == {key: value.replace(secret, masked) if isinstance(value, str) else value
+                      for key, value in record.items()}
+
+
+# --- streaming: files appear whole -------------------------------------------------------------------
+
+
+def test_a_damaged_part_line_names_the_part_and_leaves_cases_jsonl_as_it_was(tmp_path: Path) -> None:
+    from persona_eval.errors import DataError
+
+    write_part(tmp_path, "triage", "m", "no_persona", _records("no_persona", 3))
+    damaged = write_part(tmp_path, "triage", "m", "ed_nurse", _records("ed_nurse", 2))
+    damaged.write_text(damaged.read_text() + '{"persona": "ed_nurse", "case_id": "c2", "label\n')
+    (tmp_path / "cases.jsonl").write_text('{"from": "an earlier join"}\n')
+    with pytest.raises(DataError, match=r"triage__m__ed_nurse\.jsonl:3: not valid JSON .*the file is damaged"):
+        finalize_cases(tmp_path, ORDER)
+    assert read_jsonl(tmp_path / "cases.jsonl") == [{"from": "an earlier join"}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.jsonl", "parts"]
+
+
+def test_write_jsonl_shows_no_half_file_and_leaves_none_when_it_fails(tmp_path: Path) -> None:
+    from persona_eval.results import write_jsonl
+
+    target = tmp_path / "cases.jsonl"
+
+    def records() -> Any:
+        for number in range(3):
+            assert not target.exists()  # nothing at the target while it is written
+            yield {"case_id": f"c{number}"}
+        raise RuntimeError("the run was stopped")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(target, records())
+    assert list(tmp_path.iterdir()) == []
+    write_jsonl(target, ({"case_id": f"c{number}"} for number in range(3)))
+    assert [r["case_id"] for r in read_jsonl(target)] == ["c0", "c1", "c2"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cases.jsonl"]
+
+
+def test_parts_with_only_blank_lines_write_nothing(tmp_path: Path) -> None:
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "triage__m__no_persona.jsonl").write_text("\n  \n")
+    assert finalize_cases(tmp_path, ORDER) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["parts"]
+
+
+# --- streaming: memory does not grow with the run ----------------------------------------------------
+
+
+@pytest.mark.parametrize("a_secret_is_known", [False, True])
+def test_writing_and_joining_parts_takes_memory_of_one_record_not_of_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, a_secret_is_known: bool) -> None:
+    import tracemalloc
+
+    from persona_eval.results import write_jsonl
+
+    if a_secret_is_known:
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    personas, per_part, text = 8, 200, "Answer: C. " * 400  # 4 KiB of text per record, 6.5 MiB in all
+
+    def records(persona: str) -> Any:
+        return ({"persona": persona, "case_id": f"c{i}", "generated_text": text + str(i)} for i in range(per_part))
+
+    order = [("triage", "m", f"persona{p}") for p in range(personas)]
+    tracemalloc.start()
+    try:
+        for _, _, persona in order:
+            write_jsonl(tmp_path / "parts" / f"triage__m__{persona}.jsonl", records(persona))
+        written_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        target = finalize_cases(tmp_path, order)
+        joined_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert target is not None
+    total = target.stat().st_size
+    assert total > 6 * 2**20
+    # A few records' worth at most (the file buffers, one line and its JSON), not the run's 6.5 MiB.
+    assert written_peak < total / 20, (written_peak, total)
+    assert joined_peak < total / 20, (joined_peak, total)
