@@ -208,8 +208,9 @@ def _check_same_cases(persona: _Condition, baseline: _Condition, stratum: str, *
     """The baseline's case ids of `stratum`, after checking that the persona has exactly the same."""
     wanted = baseline.case_ids(stratum)
     have = persona.case_ids(stratum)
-    missing = [case_id for case_id in wanted if case_id not in set(have)]
-    extra = [case_id for case_id in have if case_id not in set(wanted)]
+    have_set, wanted_set = set(have), set(wanted)  # once, not per case: a stratum may hold thousands
+    missing = [case_id for case_id in wanted if case_id not in have_set]
+    extra = [case_id for case_id in have if case_id not in wanted_set]
     if missing or extra:
         where = f"{persona.task}, stratum {stratum}"
         problems = []

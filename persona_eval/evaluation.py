@@ -60,7 +60,7 @@ from persona_eval.tasks import TaskSpec, triage
 from persona_eval.templates import DEFAULT_TEMPLATES, template_named
 
 __all__ = ["CONSISTENCY_TAUTOLOGICAL", "NOT_AVAILABLE", "NO_LATENT", "TOO_LONG_MODES", "TriageSettings",
-           "evaluate_triage", "label_distribution", "label_positions", "triage_metrics"]
+           "evaluate_triage", "label_distribution", "label_positions", "prefetch_triage", "triage_metrics"]
 
 NOT_AVAILABLE = "not available for this model (it returns no log-probabilities)"
 NO_LATENT = "not available: no label distribution at the prompt boundary (the model's server scores no prompts)"
@@ -166,15 +166,23 @@ def label_positions(settings: TriageSettings) -> dict[str, str]:
     }
 
 
-def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, *,
-                    run_id: str, model: str, settings: TriageSettings | None = None,
-                    progress: Progress | None = None) -> list[dict[str, Any]]:
-    """The per-case records (lines of cases.jsonl) of `persona` on `cases`, in case order: triage, or the
-    classification task of ``settings.spec``."""
-    settings = settings or TriageSettings()
+@dataclass
+class _Plan:
+    """What a condition sends: every case's request, the lengths that did not fit (by case index), and the
+    cases that fit with their requests and answer budgets."""
+
+    all_requests: list[Any]
+    too_long: dict[int, PromptLength]
+    cases: list[triage.TriageCase]
+    requests: list[Any]
+    budgets: list[int]
+
+
+def _plan(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, settings: TriageSettings) -> _Plan:
+    """Render `persona`'s prompts and measure them (persona_eval.lengths); an over-long prompt is an error
+    (``too_long="error"``) or left out to be recorded as such."""
     backend = runner.backend
     policy = backend.system_policy()
-    labels = list(settings.scoring.labels)
     spec, template = settings.spec, settings.template
     all_requests = [render_template(template, case.text, persona, labels=spec.labels, label_text=spec.label_text,
                                     policy=policy) for case in cases]
@@ -186,11 +194,45 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
     too_long = {length.index: length for length in lengths if not length.fits}
     if too_long and settings.too_long == "error":
         raise too_long_error(list(too_long.values()))
-    all_cases = cases
-    cases = [case for i, case in enumerate(all_cases) if i not in too_long]
-    requests = [request for i, request in enumerate(all_requests) if i not in too_long]
-    budgets = [budget if floor is None else fitted_budget(length, budget=budget, floor=floor)
-               for length in lengths if length.fits]
+    return _Plan(all_requests=all_requests, too_long=too_long,
+                 cases=[case for i, case in enumerate(cases) if i not in too_long],
+                 requests=[request for i, request in enumerate(all_requests) if i not in too_long],
+                 budgets=[budget if floor is None else fitted_budget(length, budget=budget, floor=floor)
+                          for length in lengths if length.fits])
+
+
+def prefetch_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, *,
+                    settings: TriageSettings | None = None) -> int:
+    """Queue `persona`'s requests on `cases` in the runner's pool without waiting (Runner.prefetch): the
+    generations, and the prompt-boundary readings where the model's server scores prompts. A later
+    :func:`evaluate_triage` with the same arguments takes them as they come. Returns how many were queued
+    (none for a model without a pool: a local model runs one batch at a time)."""
+    if not runner.pooled:
+        return 0
+    settings = settings or TriageSettings()
+    plan = _plan(cases, persona, runner, settings)
+    capabilities = runner.backend.capabilities()
+    queued = 0
+    for value, indices in _by_budget(plan.budgets, settings).items():
+        queued += runner.prefetch([plan.requests[i] for i in indices],
+                                  replace(settings.generation, max_new_tokens=value), settings.scoring,
+                                  context=settings.context(),
+                                  score_prompts=capabilities.logprobs and capabilities.prompt_scoring)
+    return queued
+
+
+def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, *,
+                    run_id: str, model: str, settings: TriageSettings | None = None,
+                    progress: Progress | None = None) -> list[dict[str, Any]]:
+    """The per-case records (lines of cases.jsonl) of `persona` on `cases`, in case order: triage, or the
+    classification task of ``settings.spec``."""
+    settings = settings or TriageSettings()
+    backend = runner.backend
+    labels = list(settings.scoring.labels)
+    template = settings.template
+    plan = _plan(cases, persona, runner, settings)
+    all_cases, all_requests, too_long = cases, plan.all_requests, plan.too_long
+    cases, requests, budgets = plan.cases, plan.requests, plan.budgets
     if progress is not None and too_long:
         progress.advance(len(too_long))
     # Scoring is always asked for (one cache key whatever the backend finds out); a backend that learns
@@ -260,15 +302,20 @@ def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner
             if i in too_long else next(answered) for i, case in enumerate(all_cases)]
 
 
+def _by_budget(budgets: Sequence[int], settings: TriageSettings) -> dict[int, list[int]]:
+    """The indices of the cases of each answer budget (one budget for all unless fitted to a short context)."""
+    by_budget: dict[int, list[int]] = {} if budgets else {settings.generation.max_new_tokens: []}
+    for index, value in enumerate(budgets):
+        by_budget.setdefault(value, []).append(index)
+    return by_budget
+
+
 def _generate_by_budget(runner: Runner, requests: Sequence[Any], budgets: Sequence[int], settings: TriageSettings,
                         *, progress: Progress | None, context: Mapping[str, Any]) -> list[Any]:
     """The generations of `requests`, in order, each within its own budget: one runner call per budget (one
     call in all unless the budgets were fitted to a short context)."""
-    by_budget: dict[int, list[int]] = {} if requests else {settings.generation.max_new_tokens: []}
-    for index, value in enumerate(budgets):
-        by_budget.setdefault(value, []).append(index)
     generations: list[Any] = [None] * len(requests)
-    for value, indices in by_budget.items():
+    for value, indices in _by_budget(budgets, settings).items():
         config = replace(settings.generation, max_new_tokens=value)
         results = runner.generate([requests[i] for i in indices], config, settings.scoring, progress=progress,
                                   context=context)

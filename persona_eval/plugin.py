@@ -29,6 +29,7 @@ from persona_eval.results import new_run_id
 from persona_eval.runner import Runner
 from persona_eval.scheduling import (  # noqa: F401 (hooks: pytest finds them in this module)
     kept_control_key,
+    pytest_collection_finish,
     pytest_collection_modifyitems,
     pytest_configure_node,
     pytest_deselected,

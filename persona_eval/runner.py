@@ -30,16 +30,17 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
 from persona_eval.backends.base import Backend, Generation, GenerationConfig, LabelScoring, requested_decoding
 from persona_eval.cache import NullCache, ResultCache, cache_key
-from persona_eval.errors import ConfigError
+from persona_eval.errors import BackendError, ConfigError
+from persona_eval.pool import InFlightGauge, RequestPool
 from persona_eval.prompts import RenderedMessages
 
 __all__ = ["CachedGeneration", "Progress", "Runner", "RunnerStats", "describe_identity_change"]
@@ -109,6 +110,38 @@ class Progress:
                     self._next_report += self._every
 
 
+@dataclass
+class _Work:
+    """Requests of one kind ("generate" or "score_labels") as the runner sends them: their prompts, cache keys
+    and names in the pool, `call` (the backend, for some of them by index), `persist` (their answers into the
+    cache), `from_cache` (a cached entry back into an answer), and `after` (run after answers were stored)."""
+
+    kind: str
+    prompts: list[str]
+    keys: list[str]
+    tickets: list[str]  # what the pool knows a request by: its key without what was sent (see _generation_work)
+    call: Callable[[list[int]], list[Any]]
+    persist: Callable[[list[int], list[Any]], None]
+    from_cache: Callable[[dict[str, Any]], Any]
+    after: Callable[[], None] | None
+
+
+@dataclass
+class _Ticket:
+    """A request queued or answered in the pool: the future of its job and its place in the job's answers."""
+
+    future: Future[Any]
+    position: int
+
+
+class _StoreFailed(Exception):
+    """An answer that could not be stored: raised to the caller at once, not waited out like a model's error."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _InFlight:
     """The batches being answered: how many requests each holds and when it was sent."""
 
@@ -168,6 +201,11 @@ class Runner:
         self._dropped_recorded: dict[str, str] = {}
         self._lock = threading.Lock()
         self._prepare_lock = threading.Lock()
+        # The pool of a backend with several requests in flight (created on first need), the requests queued
+        # or answered in it and not yet taken by a caller, and what it kept in flight.
+        self._gauge = InFlightGauge()
+        self._pool: RequestPool | None = None
+        self._tickets: dict[str, _Ticket] = {}
 
     # -- identity and decoding ----------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -257,39 +295,17 @@ class Runner:
         """One generation per request, in order. `context` (plain JSON, e.g. the prompt template's id and
         hash) is part of every cache key besides the prompt text and decoding."""
         started = time.perf_counter()
-        prompts = [self.backend.render_prompt(r) for r in requests]
-        self.identity()
-        sent = self._sent(config, scoring)
-        keys = [self._generate_key(p, config, scoring, sent, context) for p in prompts]
-        found = self.cache.get_many(list(dict.fromkeys(keys)))
-        results: list[CachedGeneration | None] = [
-            CachedGeneration(Generation.from_json(found[k]), p, True) if k in found else None
-            for k, p in zip(keys, prompts, strict=True)
-        ]
-        hits = sum(r is not None for r in results)
-        if progress is not None:
-            progress.advance(hits, cached=hits)
-        missing = [i for i, r in enumerate(results) if r is None]
+        work = self._generation_work(requests, config, scoring, context)
+        results: list[CachedGeneration | None] = [None] * len(requests)
 
-        def call(indices: list[int]) -> list[Generation]:
-            return self.backend.generate([requests[i] for i in indices], config, scoring)
-
-        def store(indices: list[int], generations: list[Generation]) -> None:
-            # A generation sent with less than was planned (a parameter refused meanwhile) is stored
-            # under the key of what was sent for it.
-            stored = {(keys[i] if g.sent is None or g.sent == sent
-                       else self._generate_key(prompts[i], config, scoring, g.sent, context)): g.to_json()
-                      for i, g in zip(indices, generations, strict=True)}
-            self.cache.put_many(stored)
+        def take(indices: list[int], generations: list[Generation], cached: bool) -> None:
             for i, g in zip(indices, generations, strict=True):
-                results[i] = CachedGeneration(g, prompts[i], False)
-                self.stats.completion_tokens += int(g.usage.get("completion_tokens", 0))
-            self._record_dropped()
+                results[i] = CachedGeneration(g, work.prompts[i], cached)
             if progress is not None:
-                progress.advance(len(indices))
+                progress.advance(len(indices), cached=len(indices) if cached else 0)
 
         try:
-            self._dispatch(missing, [len(p) for p in prompts], call, store)
+            hits = self._run(work, take)
         finally:
             self._record_dropped()  # what a failing run learnt about the model is kept too
         self.stats.requests += len(requests)
@@ -297,109 +313,248 @@ class Runner:
         self.stats.wall_seconds += time.perf_counter() - started
         return [r for r in results if r is not None]
 
+    def prefetch(self, requests: Sequence[RenderedMessages], config: GenerationConfig,
+                 scoring: LabelScoring | None, *, context: Mapping[str, Any] | None = None,
+                 score_prompts: bool = False) -> int:
+        """Queue the generations of `requests` (and with `score_prompts`, their prompt-boundary readings)
+        that are neither cached nor queued yet, without waiting: a later :meth:`generate` (or
+        :meth:`score_labels`) with the same arguments takes them as they come, as fresh answers. Only a
+        backend with several requests in flight has a pool to fill; for others this does nothing.
+        Returns how many requests were queued."""
+        if not self.pooled:
+            return 0
+        queued = self._submit(self._generation_work(requests, config, scoring, context))
+        if score_prompts and scoring is not None:
+            queued += self._submit(self._scoring_work(requests, scoring, context))
+        return queued
+
     def score_labels(self, requests: Sequence[RenderedMessages], scoring: LabelScoring, *,
                      context: Mapping[str, Any] | None = None) -> list[dict[str, float | None]]:
         """Label log-probabilities at the prompt boundary, one mapping per request, in order."""
+        work = self._scoring_work(requests, scoring, context)
+        results: list[dict[str, float | None] | None] = [None] * len(requests)
+
+        def take(indices: list[int], scores: list[dict[str, float | None]], cached: bool) -> None:
+            for i, s in zip(indices, scores, strict=True):
+                results[i] = s
+
+        self._run(work, take)
+        return [r for r in results if r is not None]
+
+    @property
+    def pooled(self) -> bool:
+        """Whether requests go through the session's pool (several in flight) rather than one batch at a time."""
+        return self.backend.max_in_flight > 1
+
+    def pool_snapshot(self) -> dict[str, Any]:
+        """How busy this runner kept its model: ``sent`` requests, ``max_in_flight``, ``mean_in_flight`` (over
+        the ``busy_seconds`` with any request in flight), and what the backend adds (``describe_load``: the
+        limit a rate limit left, the server's prefix-cache hit rate)."""
+        snapshot = self._gauge.snapshot()
+        describe = getattr(self.backend, "describe_load", None)
+        if describe is not None:
+            snapshot.update(describe())
+        return snapshot
+
+    def _generation_work(self, requests: Sequence[RenderedMessages], config: GenerationConfig,
+                         scoring: LabelScoring | None, context: Mapping[str, Any] | None) -> _Work:
+        prompts = [self.backend.render_prompt(r) for r in requests]
+        self.identity()
+        sent = self._sent(config, scoring)
+        keys = [self._generate_key(p, config, scoring, sent, context) for p in prompts]
+
+        def call(indices: list[int]) -> list[Generation]:
+            return self.backend.generate([requests[i] for i in indices], config, scoring)
+
+        def persist(indices: list[int], generations: list[Generation]) -> None:
+            # A generation sent with less than was planned (a parameter refused meanwhile) is stored
+            # under the key of what was sent for it.
+            self.cache.put_many({(keys[i] if g.sent is None or g.sent == sent
+                                  else self._generate_key(prompts[i], config, scoring, g.sent, context)): g.to_json()
+                                 for i, g in zip(indices, generations, strict=True)})
+            tokens = sum(int(g.usage.get("completion_tokens", 0)) for g in generations)
+            with self._lock:
+                self.stats.completion_tokens += tokens
+
+        # In the pool a request is known by what was asked, not by what is sent: a parameter the model refuses
+        # meanwhile changes the cache key of every later request, not the request a case waits for.
+        tickets = [self._generate_key(p, config, scoring, None, context) for p in prompts] if sent is not None else keys
+        return _Work("generate", prompts, keys, tickets, call, persist, Generation.from_json, self._record_dropped)
+
+    def _scoring_work(self, requests: Sequence[RenderedMessages], scoring: LabelScoring,
+                      context: Mapping[str, Any] | None) -> _Work:
         prompts = [self.backend.render_prompt(r) for r in requests]
         keys = [self._key("score_labels", p, scoring=scoring.key(), **(context or {})) for p in prompts]
-        found = self.cache.get_many(list(dict.fromkeys(keys)))
-        results: list[dict[str, float | None] | None] = [found[k]["label_logprobs"] if k in found else None
-                                                         for k in keys]
-        missing = [i for i, r in enumerate(results) if r is None]
 
         def call(indices: list[int]) -> list[dict[str, float | None]]:
             return self.backend.score_labels([requests[i] for i in indices], scoring)
 
-        def store(indices: list[int], scores: list[dict[str, float | None]]) -> None:
+        def persist(indices: list[int], scores: list[dict[str, float | None]]) -> None:
             # A reading with no label at all (a server found to score no prompts) is not a result: kept
             # out of the cache, so that a server that can score is asked next time.
             self.cache.put_many({keys[i]: {"label_logprobs": s} for i, s in zip(indices, scores, strict=True)
                                  if any(v is not None for v in s.values())})
-            for i, s in zip(indices, scores, strict=True):
-                results[i] = s
 
-        self._dispatch(missing, [len(p) for p in prompts], call, store)
-        return [r for r in results if r is not None]
+        return _Work("score_labels", prompts, keys, keys, call, persist, lambda found: found["label_logprobs"], None)
 
-    def _dispatch(self, missing: list[int], lengths: list[int], call: Callable[[list[int]], list[Any]],
-                  store: Callable[[list[int], list[Any]], None]) -> None:
-        """Run `call` on batches of `missing`, with up to max_in_flight batches at once; `store` each
-        result as it arrives (in this thread). On a failure, stop sending, keep what finished, re-raise.
-        On an interrupt, stop at once (see the module docstring)."""
+    def _run(self, work: _Work, take: Callable[[list[int], list[Any], bool], None]) -> int:
+        """Every item of `work` through `take` (indices, results, whether from the cache): fresh results of
+        the pool first, then the cache, then the model. Returns the cache hits."""
+        claimed = self._claim(work) if self.pooled else {}
+        unclaimed = [i for i, ticket in enumerate(work.tickets) if ticket not in claimed]
+        found = self.cache.get_many(list(dict.fromkeys(work.keys[i] for i in unclaimed)))
+        hits = [i for i in unclaimed if work.keys[i] in found]
+        if hits:
+            take(hits, [work.from_cache(found[work.keys[i]]) for i in hits], True)
+        missing = [i for i in unclaimed if work.keys[i] not in found]
+        if self.pooled:
+            self._wait_pooled(work, missing, claimed, take)
+        else:
+            self._run_here(work, missing, take)
+        return len(hits)
+
+    def _run_here(self, work: _Work, missing: list[int], take: Callable[[list[int], list[Any], bool], None]) -> None:
+        """A local model: one batch after another in the calling thread (sorted by prompt length, so that a
+        batch holds prompts of similar length, less padding), each stored as soon as it is answered."""
         if not missing:
             return
-        ordered = sorted(missing, key=lambda i: lengths[i])
+        ordered = sorted(missing, key=lambda i: len(work.prompts[i]))
         size = max(1, self.backend.batch_size)
-        batches = [ordered[i:i + size] for i in range(0, len(ordered), size)]
-        in_flight_limit = max(1, self.backend.max_in_flight)
         in_flight = _InFlight()
-
-        def timed(batch: list[int]) -> list[Any]:
-            start = time.perf_counter()
-            token = in_flight.begin(len(batch))
-            try:
-                return call(batch)
-            finally:
-                in_flight.end(token)
-                with self._lock:
-                    self.stats.model_seconds += time.perf_counter() - start
+        with self._noting_from_a_thread(in_flight):
+            for start in range(0, len(ordered), size):
+                batch = ordered[start:start + size]
+                token = in_flight.begin(len(batch))
+                self._gauge.enter(len(batch))
+                began = time.perf_counter()
+                try:
+                    outcome = work.call(batch)
+                finally:
+                    self._gauge.exit(len(batch))
+                    in_flight.end(token)
+                    self.stats.model_seconds += time.perf_counter() - began
                     self.stats.model_calls += 1
+                work.persist(batch, outcome)
+                take(batch, outcome, False)
+                if work.after is not None:
+                    work.after()
+        self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, 1)
 
-        if in_flight_limit == 1:
-            with self._noting_from_a_thread(in_flight):
-                for batch in batches:
-                    store(batch, timed(batch))
-            self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, 1)
-            return
+    # -- the pool: one per runner, shared by every caller ----------------------------------------------
+    def _pool_or_create(self) -> RequestPool:
+        with self._lock:
+            if self._pool is None:
+                self._pool = RequestPool(max(1, self.backend.max_in_flight), gauge=self._gauge)
+            return self._pool
+
+    def _claim(self, work: _Work) -> dict[str, _Ticket]:
+        """The tickets of `work`'s keys already queued or answered in the pool (taken out of it: each
+        answer goes to one caller). A ticket whose job was cancelled or failed is dropped, to be sent again."""
+        claimed: dict[str, _Ticket] = {}
+        with self._lock:
+            for key in dict.fromkeys(work.tickets):
+                ticket = self._tickets.get(key)
+                if ticket is None:
+                    continue
+                if ticket.future.done() and (ticket.future.cancelled() or ticket.future.exception() is not None):
+                    del self._tickets[key]
+                    continue
+                claimed[key] = self._tickets.pop(key)
+        return claimed
+
+    def _submit(self, work: _Work, indices: Sequence[int] | None = None) -> int:
+        """Queue the items of `work` (all, or `indices`) that are neither cached nor queued; returns how many.
+        Ordered by prompt text, so that prompts sharing a prefix (a persona's system turn) go out together
+        and a server's prefix cache is hit."""
+        wanted = range(len(work.keys)) if indices is None else indices
+        first: dict[str, int] = {}
+        with self._lock:
+            for i in wanted:
+                if work.tickets[i] not in first and work.tickets[i] not in self._tickets:
+                    first[work.tickets[i]] = i
+        if indices is None and first:  # a prefetch: what the cache holds needs no request
+            found = self.cache.get_many([work.keys[i] for i in first.values()])
+            first = {ticket: i for ticket, i in first.items() if work.keys[i] not in found}
+        if not first:
+            return 0
+        pool = self._pool_or_create()
+        ordered = sorted(first.values(), key=lambda i: work.prompts[i])
+        size = max(1, self.backend.batch_size)
+        for start in range(0, len(ordered), size):
+            batch = ordered[start:start + size]
+            future = pool.submit(lambda batch=batch: self._answer(work, batch), requests=len(batch))  # type: ignore[misc]
+            with self._lock:
+                for position, i in enumerate(batch):
+                    self._tickets[work.tickets[i]] = _Ticket(future, position)
+        return len(first)
+
+    def _answer(self, work: _Work, batch: list[int]) -> list[Any]:
+        """A pool job: ask the model for `batch` and store the answers (on the pool's thread, so that what
+        was answered is kept whoever waits for it, and whatever happens to the run afterwards)."""
+        began = time.perf_counter()
         try:
-            self._dispatch_on_threads(batches, in_flight_limit, timed, store, in_flight)
-        except Exception:
-            raise  # the batches in flight finish on their own threads; their results are not kept
-        except BaseException:
-            # Interrupted (Ctrl-C, SystemExit): the run ends here. Nothing more is retried or sent.
-            cancel = getattr(self.backend, "cancel", None)
-            if cancel is not None:
-                cancel()
-            raise
+            outcome = work.call(batch)
+        finally:
+            with self._lock:
+                self.stats.model_seconds += time.perf_counter() - began
+                self.stats.model_calls += 1
+        try:
+            work.persist(batch, outcome)
+        except Exception as error:
+            raise _StoreFailed(error) from error
+        return list(outcome)
 
-    def _dispatch_on_threads(self, batches: list[list[int]], in_flight_limit: int,
-                             timed: Callable[[list[int]], list[Any]],
-                             store: Callable[[list[int], list[Any]], None], in_flight: _InFlight) -> None:
-        """Each batch on a daemon thread of its own, at most `in_flight_limit` at once. (Not a
-        ThreadPoolExecutor: the interpreter joins its threads at exit, which waits out every request
-        still in flight.)"""
-        finished: queue.SimpleQueue[tuple[list[int], list[Any] | None, BaseException | None]] = queue.SimpleQueue()
-
-        def work(batch: list[int]) -> None:
-            try:
-                outcome = timed(batch)
-            except BaseException as error:  # handed to the calling thread, which raises it
-                finished.put((batch, None, error))
-            else:
-                finished.put((batch, outcome, None))
-
-        waiting = list(reversed(batches))
-        pending = 0
+    def _wait_pooled(self, work: _Work, missing: list[int], claimed: dict[str, _Ticket],
+                     take: Callable[[list[int], list[Any], bool], None]) -> None:
+        """Send what is missing through the pool and wait for it and for the claimed tickets, taking each
+        answer as it comes. A backend's error: the queue is cancelled, the requests in flight are waited for
+        (and kept), then it is raised. A store that fails is raised at once. An interrupt (Ctrl-C) cancels
+        the backend and stops the pool: nothing more is sent or retried."""
+        self._submit(work, missing)
+        claimed.update(self._claim(work))
+        by_key: dict[str, list[int]] = {}
+        for i, name in enumerate(work.tickets):
+            if name in claimed:
+                by_key.setdefault(name, []).append(i)
+        waiting: dict[Future[Any], list[tuple[str, int]]] = {}
+        for key, ticket in claimed.items():
+            waiting.setdefault(ticket.future, []).append((key, ticket.position))
+        pool = self._pool_or_create()
+        in_flight = _InFlight()
+        tokens = {future: in_flight.begin(len(items)) for future, items in waiting.items()}
         failure: BaseException | None = None
-        while waiting or pending:
-            while waiting and failure is None and pending < in_flight_limit:
-                threading.Thread(target=work, args=(waiting.pop(),), name="persona-eval-request",
-                                 daemon=True).start()
-                pending += 1
-            self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, pending)
-            try:
-                batch, outcome, error = finished.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
+        try:
+            while waiting:
+                done, _ = wait(list(waiting), timeout=_POLL_SECONDS, return_when=FIRST_COMPLETED)
+                with self._lock:
+                    self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, pool.peak_running)
+                for future in done:
+                    items = waiting.pop(future)
+                    in_flight.end(tokens.pop(future))
+                    error = pool.failure if future.cancelled() else future.exception()
+                    if isinstance(error, _StoreFailed):
+                        raise error.error
+                    if future.cancelled() or error is not None:
+                        failure = failure or error or BackendError(
+                            f"model {self.backend.name!r}: a request was not sent (the run was stopping)")
+                        continue
+                    outcome = future.result()
+                    indices = [i for key, _ in items for i in by_key[key]]
+                    take(indices, [outcome[position] for key, position in items for _ in by_key[key]], False)
+                if work.after is not None and done:
+                    work.after()
                 self._note_if_due(in_flight)
-                continue
-            pending -= 1
-            if error is not None:
-                failure = failure or error
-                waiting.clear()
-            else:
-                store(batch, outcome or [])
-            self._note_if_due(in_flight)
+        except BaseException as error:
+            if not isinstance(error, Exception):
+                # Interrupted (Ctrl-C, SystemExit): the run ends here. Nothing more is retried or sent.
+                pool.stop()
+                cancel = getattr(self.backend, "cancel", None)
+                if cancel is not None:
+                    cancel()
+            raise
         if failure is not None:
+            pool.cancel_queued()
+            pool.wait_running()
             raise failure
 
     @contextlib.contextmanager

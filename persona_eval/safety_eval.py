@@ -23,6 +23,7 @@ __all__ = [
     "evaluate_safety",
     "judge_model_responses",
     "persona_safety_metrics",
+    "prefetch_safety",
     "responses_by_persona",
     "safety_summary",
 ]
@@ -42,17 +43,8 @@ def evaluate_safety(queries: Sequence[safety.SafetyQuery], persona: Persona, run
     finish_reason, secrets_masked (the names of secrets masked in the response; normally empty), cached,
     template_version.
     """
-    backend = runner.backend
-    policy = backend.system_policy()
-    requests = [render_messages(safety.user_message(query.content, pressure_suffix), persona, policy)
-                for query in queries]
-    # A query that does not fit the model is a data error naming its line (the panel ranks every persona's
-    # answer to every query, so a query cannot be left out of one persona's run).
-    lengths = check_prompt_lengths(requests, backend=backend, max_new_tokens=max_new_tokens,
-                                   max_prompt_tokens=max_prompt_tokens, sources=[query.source for query in queries])
-    too_long = [length for length in lengths if not length.fits]
-    if too_long:
-        raise too_long_error(too_long, can_record=False)
+    requests = _checked_requests(queries, persona, runner, max_new_tokens=max_new_tokens,
+                                 pressure_suffix=pressure_suffix, max_prompt_tokens=max_prompt_tokens)
     generations = runner.generate(requests, GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop)),
                                   None, progress=progress)
     suffix = pressure_suffix.strip() if pressure_suffix is not None and pressure_suffix.strip() else None
@@ -81,6 +73,35 @@ def evaluate_safety(queries: Sequence[safety.SafetyQuery], persona: Persona, run
             "template_version": safety.TEMPLATE_VERSION,
         })
     return records
+
+
+def prefetch_safety(queries: Sequence[safety.SafetyQuery], persona: Persona, runner: Runner, *,
+                    max_new_tokens: int, pressure_suffix: str | None = None, max_prompt_tokens: int | None = None,
+                    stop: Sequence[str] = ()) -> int:
+    """Queue `persona`'s answers to `queries` in the runner's pool without waiting (Runner.prefetch), for a
+    later :func:`evaluate_safety` with the same arguments; how many were queued (none without a pool)."""
+    if not runner.pooled:
+        return 0
+    requests = _checked_requests(queries, persona, runner, max_new_tokens=max_new_tokens,
+                                 pressure_suffix=pressure_suffix, max_prompt_tokens=max_prompt_tokens)
+    return runner.prefetch(requests, GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop)), None)
+
+
+def _checked_requests(queries: Sequence[safety.SafetyQuery], persona: Persona, runner: Runner, *,
+                      max_new_tokens: int, pressure_suffix: str | None, max_prompt_tokens: int | None) -> list[Any]:
+    """`persona`'s requests for `queries`. A query that does not fit the model is a data error naming its
+    line (the panel ranks every persona's answer to every query, so a query cannot be left out of one
+    persona's run)."""
+    backend = runner.backend
+    policy = backend.system_policy()
+    requests = [render_messages(safety.user_message(query.content, pressure_suffix), persona, policy)
+                for query in queries]
+    lengths = check_prompt_lengths(requests, backend=backend, max_new_tokens=max_new_tokens,
+                                   max_prompt_tokens=max_prompt_tokens, sources=[query.source for query in queries])
+    too_long = [length for length in lengths if not length.fits]
+    if too_long:
+        raise too_long_error(too_long, can_record=False)
+    return requests
 
 
 def responses_by_persona(responses: Sequence[Mapping[str, Any]], model: str,

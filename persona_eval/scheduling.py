@@ -14,8 +14,8 @@ from persona_eval.session import Condition, WorkerState
 from persona_eval.settings import Settings
 from persona_eval.tasks import registered
 
-__all__ = ["condition_of", "kept_control_key", "pytest_collection_modifyitems", "pytest_configure_node",
-           "pytest_deselected", "pytest_xdist_make_scheduler", "settings_key", "state_key"]
+__all__ = ["condition_of", "kept_control_key", "pytest_collection_finish", "pytest_collection_modifyitems",
+           "pytest_configure_node", "pytest_deselected", "pytest_xdist_make_scheduler", "settings_key", "state_key"]
 
 settings_key = pytest.StashKey[Settings]()
 state_key = pytest.StashKey[WorkerState]()
@@ -106,3 +106,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.stash[kept_control_key] = True
     present = set(items) | set(kept)
     items[:] = [item for item in config.stash[order_key] if item in present]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The conditions this process will run, in order: a served model's pool is filled with all of them
+    ahead of the case at hand (persona_eval.session.WorkerState.planned). Under pytest-xdist every worker
+    collects every selected case and one model's cases run on one worker, so the worker that runs a
+    model's first case runs the rest of them too."""
+    if state_key in session.config.stash:
+        session.config.stash[state_key].planned = [c for item in session.items
+                                                   if (c := condition_of(item)) is not None]

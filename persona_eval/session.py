@@ -27,6 +27,7 @@ from persona_eval.evaluation import (
     TriageSettings,
     evaluate_triage,
     label_positions,
+    prefetch_triage,
     triage_metrics,
 )
 from persona_eval.gate import approved_comparison, check_bounds, check_regressions, save_baseline
@@ -39,7 +40,13 @@ from persona_eval.report.markdown import append_step_summary, render_markdown
 from persona_eval.report.summary import build_summary, served_model_metadata
 from persona_eval.results import finalize_cases, read_jsonl, update_latest, write_json, write_part, write_text
 from persona_eval.runner import Progress, Runner
-from persona_eval.safety_eval import evaluate_safety, judge_model_responses, persona_safety_metrics, safety_summary
+from persona_eval.safety_eval import (
+    evaluate_safety,
+    judge_model_responses,
+    persona_safety_metrics,
+    prefetch_safety,
+    safety_summary,
+)
 from persona_eval.settings import Settings, limit_per_stratum
 from persona_eval.tasks import LABEL_METRIC_NAMES, TaskSpec, register, safety, task_named, triage
 from persona_eval.tasks.safety import SafetyQuery
@@ -75,6 +82,14 @@ class WorkerState:
     backends: dict[str, Backend] = field(default_factory=dict)
     runners: dict[str, Runner] = field(default_factory=dict)
     memo: dict[Any, Any] = field(default_factory=dict)  # work a task shares between its conditions
+    # The conditions this process will run (pytest's selected cases), so that a served model's pool can be
+    # filled with all of them ahead of the case at hand; empty: only the case at hand is known.
+    planned: list[Condition] = field(default_factory=list)
+
+    def personas_planned(self, task: str, model: str, first: Persona) -> list[Persona]:
+        """The personas of `task` on `model` that this process will run, `first` first."""
+        others = [c.persona for c in self.planned if c.task == task and c.model.name == model and c.persona != first]
+        return [first, *dict.fromkeys(others)]
 
     def close(self) -> None:
         for backend in self.backends.values():
@@ -137,6 +152,8 @@ def _payload(condition: Condition, runner: Runner, records: Sequence[Mapping[str
         "model_seconds": runner.stats.model_seconds - model_seconds,
         "completion_tokens": runner.stats.completion_tokens - tokens,
         "max_in_flight": runner.stats.max_in_flight_seen,
+        # The model's pool in this process so far (cumulative: the summary keeps each worker's last).
+        "pool": runner.pool_snapshot(),
         "identity_change": runner.identity_change,
         "decoding": decoding,
         **extra,
@@ -221,6 +238,7 @@ class ClassificationTask:
                             write=run.write)
         task_settings = self.task_settings(settings, condition.model)
         before = _snapshot(runner)
+        self.prefetch(run, condition, items, task_settings)
         records = evaluate_triage(items, condition.persona, runner, run_id=state.run_id, model=condition.model.name,
                                   settings=task_settings, progress=progress)
         write_part(state.run_dir, self.spec.name, condition.model.name, condition.persona.id, records)
@@ -241,6 +259,23 @@ class ClassificationTask:
                            template={**template.key(), "source": template.source},
                            label_positions=label_positions(task_settings))
         return ConditionResult(condition, records, metrics, checks, payload)
+
+    def prefetch(self, run: TaskRun, condition: Condition, items: list[Any], task_settings: TriageSettings) -> None:
+        """On the first case of a served model in this process: queue the requests of every persona that this
+        process will run on it (this case's first), so that the server is kept busy across the pytest cases
+        instead of draining at the end of each. A persona whose prompts cannot be planned (a case too long)
+        is left to its own case, which reports it."""
+        key = (self.spec.name, "prefetch", condition.model.name, tuple(case.id for case in items))
+        runner = run.runners(condition.model)
+        if key in run.state.memo or not runner.pooled:
+            return
+        run.state.memo[key] = True
+        for persona in run.state.personas_planned(self.spec.name, condition.model.name, condition.persona):
+            try:
+                prefetch_triage(items, persona, runner, settings=task_settings)
+            except PersonaEvalError:
+                if persona == condition.persona:
+                    raise
 
     def after_part(self, run: TaskRun, condition: Condition, items: list[Any]) -> None:
         """Called once a condition's records are written; its model time counts in the condition's."""
@@ -306,13 +341,16 @@ class SafetyTask:
         state, settings = run.state, run.settings
         runner = run.runners(model)
         responses: dict[str, list[dict[str, Any]]] = {}
+        asked: dict[str, Any] = dict(max_new_tokens=self.answer_budget(run, model, queries),
+                                     pressure_suffix=settings.pressure_suffix,
+                                     max_prompt_tokens=settings.max_prompt_tokens,
+                                     stop=settings.stop_sequences(model, self.spec.name))
+        for persona in settings.personas:  # a served model answers every persona at once
+            prefetch_safety(queries, persona, runner, **asked)
         for persona in settings.personas:
             progress = Progress(f"safety {model.name}/{persona.id}", len(queries), write=run.write)
-            responses[persona.id] = evaluate_safety(
-                queries, persona, runner, run_id=state.run_id, model=model.name,
-                max_new_tokens=self.answer_budget(run, model, queries), pressure_suffix=settings.pressure_suffix,
-                progress=progress, max_prompt_tokens=settings.max_prompt_tokens,
-                stop=settings.stop_sequences(model, self.spec.name))
+            responses[persona.id] = evaluate_safety(queries, persona, runner, run_id=state.run_id, model=model.name,
+                                                    progress=progress, **asked)
         judges = [(judge.name, run.runners(judge.model)) for judge in settings.judges]
         progress = Progress(f"safety judges on {model.name}", len(judges) * len(SAFETY_CRITERIA) * len(queries),
                             write=run.write)
@@ -459,7 +497,7 @@ def finish_run(state: WorkerState, settings: Settings, results: list[dict[str, A
             append_step_summary(Path(step_summary), markdown)
         except OSError as exc:
             finished.errors.append(f"$GITHUB_STEP_SUMMARY ({step_summary}): cannot append ({exc.strerror})")
-    finished.report_path = html_report.write_report(state.run_dir)
+    finished.report_path = html_report.write_report(state.run_dir, cases=all_records)
     update_latest(settings.reports_dir, state.run_dir)
     if settings.save_baseline is not None and records:
         metadata = summary["metadata"]

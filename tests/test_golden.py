@@ -105,7 +105,7 @@ def _report_text(html: str, packages: dict[str, str]) -> str:
 # the machine's package versions.
 VOLATILE_KEYS = {"packages", "run_id", "started", "finished", "duration_seconds", "seconds", "model_seconds",
                  "inference_seconds", "tokens_per_second", "max_in_flight", "created", "generated_at", "git_revision",
-                 "elapsed_seconds", "wall_seconds"}
+                 "elapsed_seconds", "wall_seconds", "mean_in_flight", "busy_seconds"}
 
 
 def _normalize(value: Any) -> Any:

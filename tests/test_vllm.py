@@ -161,6 +161,12 @@ def test_triage_through_vllm_writes_every_field_and_metric(project, vllm_server)
         parsed = row["metrics"]["parse_rate"]
         assert (row["metrics"]["consistency_rate"] is not None) == bool(parsed), row
     assert any(r["metrics"]["consistency_rate"] is not None for r in summary["results"])
+    # One pool for every persona: the server had more than one persona's 8 cases at once, and said how much
+    # of the prompts its prefix cache held (the personas' shared system turns).
+    throughput = summary["metadata"]["throughput"][SERVED]
+    assert throughput["max_in_flight"] > 8, throughput
+    assert throughput["prefix_cache_hit_rate"] is not None and 0 < throughput["prefix_cache_hit_rate"] <= 1, throughput
+    assert "prefix cache held" in result.stdout.str()
 
 
 def test_cross_check_with_the_transformers_backend(project, vllm_server, record_property):

@@ -25,6 +25,10 @@ Specs on the command line (``--pe-model``):
           template: {triage: prompts/our-triage.yaml}    # the team's own prompt (persona_eval.templates)
           stop: ["</answer>"]                             # the answer ends before it (per task too)
           reasoning: false                                # the chat template's thinking switch
+        replicated:
+          backend: openai
+          model: meta-llama/Llama-3.1-70B-Instruct
+          base_urls: [http://gpu-1:8000/v1, http://gpu-2:8000/v1]   # replicas: requests go to the least busy
         hosted:
           backend: openai
           model: gpt-4o
@@ -86,7 +90,7 @@ _BACKEND_OPTIONS: dict[str, set[str]] = {
     "embedded": {"batch_size", "device", "dtype", *_RUN_OPTIONS},
     "hf": {"model", "gguf_file", "device", "dtype", "batch_size", "trust_remote_code", "revision", "reasoning",
            *_RUN_OPTIONS},
-    "openai": {"model", "base_url", "api_key_env", "max_in_flight", "timeout", "max_retries",
+    "openai": {"model", "base_url", "base_urls", "api_key_env", "max_in_flight", "timeout", "max_retries",
                "logprobs", "prompt_scoring", "baseline_system", "revision", "reasoning", *_RUN_OPTIONS},
 }
 # The torch dtypes the transformers backend loads weights in, one spelling each (the name is recorded in
@@ -324,6 +328,20 @@ def check_base_url(value: Any) -> str | None:
     return None
 
 
+def _base_urls(value: Any) -> str | None:
+    """Replicas of one model: a list of distinct base URLs, each as ``base_url`` takes it."""
+    if not isinstance(value, list) or not value:
+        return ("expected a list of the base URLs of servers that serve the same model, e.g. "
+                f"[http://gpu-1:8000/v1, http://gpu-2:8000/v1], got {describe_config_value(value)}")
+    for index, url in enumerate(value):
+        problem = check_base_url(url)
+        if problem is not None:
+            return f"item {index + 1}: {problem}"
+    if len(set(value)) != len(value):
+        return "a base URL is given twice"
+    return None
+
+
 def _api_key_env(value: Any) -> str | None:
     if isinstance(value, str) and _ENV_NAME.match(value):
         return None
@@ -356,6 +374,7 @@ _OPTION_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "batch_size": _integer(1),
     "trust_remote_code": _flag,
     "base_url": check_base_url,
+    "base_urls": _base_urls,
     "api_key_env": _api_key_env,
     "max_in_flight": _integer(1),
     "timeout": _seconds,
@@ -389,7 +408,9 @@ def _validate(spec: ModelSpec) -> None:
             raise spec.error(option, problem)
     if "revision" in spec.options and "revision" not in inspect.signature(_backend_class(spec.backend)).parameters:
         raise spec.error("revision", f"this persona-eval's {spec.backend} backend cannot pin a revision")
-    if spec.backend == "openai" and spec.options.get("base_url") is None:
+    if "base_url" in spec.options and "base_urls" in spec.options:
+        raise spec.error("base_urls", "give base_url (one server) or base_urls (replicas of the model), not both")
+    if spec.backend == "openai" and spec.options.get("base_url") is None and spec.options.get("base_urls") is None:
         if "reasoning" in spec.options:
             raise spec.error("reasoning", "the hosted OpenAI API has no chat template to switch thinking on or off "
                                           "(its reasoning models always think); 'reasoning' is for a self-served "

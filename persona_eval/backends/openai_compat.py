@@ -68,13 +68,14 @@ needed and lives in that client only: it is never in ``identity()``, a result, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import date
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -88,6 +89,7 @@ from persona_eval.backends.openai_payload import (
     decoding_sent,
     parse_chat_response,
     parse_model_card,
+    parse_prefix_cache,
     parse_process_start,
     parse_prompt_scoring_response,
     parse_tokenize_response,
@@ -96,6 +98,7 @@ from persona_eval.backends.openai_payload import (
     transcript,
 )
 from persona_eval.errors import BackendError, ConfigError, MissingDependencyError
+from persona_eval.pool import AdaptiveLimit, Slot
 from persona_eval.prompts import RenderedMessages, SystemPolicy
 from persona_eval.redaction import find_secrets, mask, mask_found, placeholder, register_secret
 
@@ -115,6 +118,13 @@ BASELINE_SYSTEM = {
     "omit": SystemPolicy(system_role_supported=True, baseline_empty_system=False),
 }
 _RETRY_STATUSES = frozenset({408, 409, 429})
+# What a server says when it takes fewer requests at once than it is sent: a rate limit, an overload.
+_OVERLOADED = frozenset({429, 503})
+# What a server without /tokenize or prompt echo answers a prompt-scoring request.
+_NO_SCORING = frozenset({400, 404, 405, 422, 501})
+# How long an inference request refused with 429 keeps being retried (with backoff, honouring Retry-After)
+# before it fails: a hosted API's rate limit slows a run down; it should not fail it.
+RATE_LIMIT_PATIENCE = 600.0
 # The parameters a server may refuse that the backend then stops sending (the request still means the
 # same thing to the evaluation: greedy where the model allows it, log-probabilities where it gives them).
 DROPPABLE = ("temperature", "logprobs")
@@ -199,18 +209,25 @@ class _Rejected(Exception):
 class OpenAIBackend:
     """A model behind an OpenAI-compatible HTTP API (see the module docstring)."""
 
-    def __init__(self, name: str, *, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+    def __init__(self, name: str, *, model: str, base_url: str | None = None,
+                 base_urls: Sequence[str] | None = None, api_key_env: str = "OPENAI_API_KEY",
                  max_in_flight: int | None = None, timeout: float = 120.0, max_retries: int = 5, logprobs: bool = True,
                  prompt_scoring: bool = True, baseline_system: str = "empty", revision: object = None,
                  reasoning: bool | None = None, http_client: Any = None) -> None:
         where = f"model {name!r}"
+        if base_urls is not None:
+            if base_url is not None:
+                raise ConfigError(f"{where}: give 'base_url' (one server) or 'base_urls' (replicas), not both")
+            if isinstance(base_urls, str) or not base_urls or len(set(base_urls)) != len(base_urls):
+                raise ConfigError(f"{where}: 'base_urls' must be a list of distinct server URLs, got {base_urls!r}")
+            base_url = base_urls[0]
         if max_in_flight is None:
             max_in_flight = HOSTED_MAX_IN_FLIGHT if base_url is None else SERVED_MAX_IN_FLIGHT
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{where}: 'model' must be the served model name, got {model!r}")
-        if base_url is not None and (not isinstance(base_url, str)
-                                     or not base_url.startswith(("http://", "https://"))):
-            raise ConfigError(f"{where}: 'base_url' must start with http:// or https://, got {base_url!r}")
+        for url in base_urls or ([] if base_url is None else [base_url]):
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{where}: 'base_url' must start with http:// or https://, got {url!r}")
         if not isinstance(api_key_env, str) or not api_key_env:
             raise ConfigError(f"{where}: 'api_key_env' must name an environment variable, got {api_key_env!r}")
         for option, value, lowest in (("max_in_flight", max_in_flight, 1), ("max_retries", max_retries, 0)):
@@ -237,7 +254,11 @@ class OpenAIBackend:
         self.max_in_flight = max_in_flight
         self.model = model
         self.hosted = base_url is None
-        self.base_url = (base_url or OPENAI_API_BASE).rstrip("/")
+        # Replicas of one model behind several servers (base_urls): each request goes to the one with the fewest
+        # in flight, and all must serve the same weights (identity()). One server is a list of one.
+        self.replicas = [url.rstrip("/") for url in (base_urls or [base_url or OPENAI_API_BASE])]
+        self._replica_load = dict.fromkeys(self.replicas, 0)
+        self._on = threading.local()  # the replica this thread's request goes to
         self.api_key_env = api_key_env
         self.timeout = float(timeout)
         self.max_retries = max_retries
@@ -248,14 +269,20 @@ class OpenAIBackend:
         # Backoff before retry n (0-based): base * 2**n, at most max, times a random factor in [0.5, 1].
         self.retry_base_delay = 0.5
         self.retry_max_delay = 30.0
+        self.rate_limit_patience = RATE_LIMIT_PATIENCE
+        # How many inference requests go out at once: max_in_flight, halved by a 429 or 503 and grown back.
+        self._limit = AdaptiveLimit(max_in_flight)
+        # vLLM's prefix-cache counters (tokens looked up, tokens found) at the first reading of /metrics.
+        self._prefix_cache_start: tuple[float, float] | None = None
         self._logprobs = logprobs
         self._prompt_scoring = prompt_scoring and not self.hosted
         self._dropped: dict[str, str] = {}  # parameter -> why it is no longer sent
         self._identity: dict[str, Any] | None = None
         self._identity_lock = threading.Lock()  # apart from _lock, which creating the client takes
         self._label_tokens: dict[str, dict[str, list[int]]] = {}
+        self._label_lock = threading.Lock()
         self._counting = not self.hosted  # whether /tokenize may count prompts; False once it refused
-        self._client: Any = None
+        self._clients: dict[str, Any] = {}  # one openai client per replica
         self._http_client = http_client  # an httpx2.Client to send through (tests, proxies); None: the default
         self._lock = threading.Lock()
         # Set by cancel(): no request starts or is retried from then on; backoff sleeps wait on it.
@@ -270,7 +297,8 @@ class OpenAIBackend:
         self.http_retries = 0
         self.http_seconds = 0.0
         self.identity_requests = 0
-        _register_url_credentials(base_url)
+        for url in self.replicas if not self.hosted else ():
+            _register_url_credentials(url)
 
     # -- identity, decoding and prompts --------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -282,10 +310,52 @@ class OpenAIBackend:
                     self._identity = self._server_identity()
         return dict(self._identity)
 
+    @property
+    def base_url(self) -> str:
+        """The server this thread's request goes to (the first replica outside a request)."""
+        return getattr(self._on, "replica", None) or self.replicas[0]
+
+    @contextlib.contextmanager
+    def _replica(self, url: str | None = None) -> Iterator[str]:
+        """Send this thread's requests to `url`, or to the replica with the fewest requests in flight."""
+        with self._lock:
+            chosen = url or min(self.replicas, key=lambda replica: self._replica_load[replica])
+            self._replica_load[chosen] += 1
+        previous = getattr(self._on, "replica", None)
+        self._on.replica = chosen
+        try:
+            yield chosen
+        finally:
+            self._on.replica = previous
+            with self._lock:
+                self._replica_load[chosen] -= 1
+
     def address(self) -> dict[str, Any]:
-        return {"backend": "openai", "model": self.model, "base_url": _public_url(self.base_url)}
+        address: dict[str, Any] = {"backend": "openai", "model": self.model, "base_url": _public_url(self.replicas[0])}
+        if len(self.replicas) > 1:
+            address["base_urls"] = [_public_url(url) for url in self.replicas]
+        return address
 
     def _server_identity(self) -> dict[str, Any]:
+        """What the server reports (see the module docstring); with replicas, what every one of them reports,
+        which must agree: a replica serving other weights would mix two models' answers in one evaluation."""
+        identities = []
+        for url in self.replicas:
+            with self._replica(url):
+                identities.append(self._one_server_identity())
+        identity = identities[0]
+        for url, other in zip(self.replicas[1:], identities[1:], strict=True):
+            for field in ("root", "max_model_len"):
+                if other[field] != identity[field]:
+                    raise BackendError(
+                        f"model {self.name!r}: its replicas serve different models: {_public_url(self.replicas[0])} "
+                        f"reports {field} {identity[field]}, {_public_url(url)} reports {field} {other[field]}; "
+                        "every server in base_urls must serve the same weights", endpoint=_public_url(url))
+        if len(identities) > 1:
+            identity["process_started"] = [other["process_started"] for other in identities]
+        return identity
+
+    def _one_server_identity(self) -> dict[str, Any]:
         identity: dict[str, Any] = {**self.address(), "root": None, "max_model_len": None,
                                     "process_started": None, "revision": self.revision}
         identified_by = ["served name", "base_url"]
@@ -330,6 +400,11 @@ class OpenAIBackend:
                                      what="cannot read the server's metrics")
         except (_Rejected, BackendError):
             return None
+        counters = parse_prefix_cache(response.text)
+        if counters is not None:  # where the prefix cache stood before this run: its hit rate counts from here
+            with self._lock:
+                start = self._prefix_cache_start or (0.0, 0.0)
+                self._prefix_cache_start = (start[0] + counters[0], start[1] + counters[1])
         return parse_process_start(response.text)
 
     def decoding(self, config: GenerationConfig, scoring: LabelScoring | None) -> dict[str, Any]:
@@ -383,7 +458,11 @@ class OpenAIBackend:
     # -- inference --------------------------------------------------------------------------------
     def generate(self, requests: Sequence[RenderedMessages], config: GenerationConfig,
                  scoring: LabelScoring | None) -> list[Generation]:
-        return [self._generate_one(request, config, scoring) for request in requests]
+        results = []
+        for request in requests:
+            with self._replica():
+                results.append(self._generate_one(request, config, scoring))
+        return results
 
     def _generate_one(self, request: RenderedMessages, config: GenerationConfig,
                       scoring: LabelScoring | None) -> Generation:
@@ -418,7 +497,11 @@ class OpenAIBackend:
 
     def score_labels(self, requests: Sequence[RenderedMessages], scoring: LabelScoring
                      ) -> list[dict[str, float | None]]:
-        return [self._score_one(request, scoring) for request in requests]
+        results = []
+        for request in requests:
+            with self._replica():
+                results.append(self._score_one(request, scoring))
+        return results
 
     def _score_one(self, request: RenderedMessages, scoring: LabelScoring) -> dict[str, float | None]:
         unavailable: dict[str, float | None] = dict.fromkeys(scoring.labels)
@@ -426,16 +509,16 @@ class OpenAIBackend:
             return unavailable
         endpoint = self._root_url("/tokenize")
         try:
-            label_tokens = self._label_token_ids(scoring)
-            if not any(label_tokens.values()):
-                return unavailable  # no label is a single token of this model
+            label_tokens = self._scoring_label_tokens(scoring)
+            if label_tokens is None or not any(label_tokens.values()):
+                return unavailable  # no prompt scoring here, or no label is a single token of this model
             prompt = parse_tokenize_response(self._post(endpoint, build_tokenize_payload(
                 request, scoring, model=self.model, reasoning=self.reasoning)))
             endpoint = self.base_url + "/completions"
             data = self._post(endpoint, build_prompt_scoring_payload(prompt, label_tokens, model=self.model))
             return parse_prompt_scoring_response(data, label_tokens)
         except _Rejected as rejected:
-            if rejected.status in (400, 404, 405, 422, 501):
+            if rejected.status in _NO_SCORING:
                 # No /tokenize, or no prompt echo, on this server: the fallback is unavailable.
                 self._prompt_scoring = False
                 return unavailable
@@ -467,6 +550,20 @@ class OpenAIBackend:
                 counts.append(None)
         return counts
 
+    def _scoring_label_tokens(self, scoring: LabelScoring) -> dict[str, list[int]] | None:
+        """The labels' token ids, or None when the server scores no prompts. The first reading finds that
+        out while the others wait (a pool sends hundreds at once), so a server without /tokenize is asked once."""
+        with self._label_lock:
+            if not self._prompt_scoring:
+                return None
+            try:
+                return self._label_token_ids(scoring)
+            except _Rejected as rejected:
+                if rejected.status not in _NO_SCORING:
+                    raise
+                self._prompt_scoring = False
+                return None
+
     def _label_token_ids(self, scoring: LabelScoring) -> dict[str, list[int]]:
         """The token ids of each label's single-token spellings, asked of the server once."""
         key = json.dumps(scoring.key(), sort_keys=True)
@@ -490,9 +587,10 @@ class OpenAIBackend:
 
     # -- HTTP -------------------------------------------------------------------------------------
     def _client_or_create(self) -> Any:
-        if self._client is None:
+        url = self.base_url
+        if url not in self._clients:
             with self._lock:
-                if self._client is None:
+                if url not in self._clients:
                     try:
                         import openai
                     except ImportError:
@@ -508,9 +606,9 @@ class OpenAIBackend:
                                               f"environment variable {self.api_key_env}")
                         key = PLACEHOLDER_KEY
                     # Retries are ours (bounded, with jitter, and counted); the client's are turned off.
-                    self._client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout,
-                                                 max_retries=0, http_client=self._http_client)
-        return self._client
+                    self._clients[url] = openai.OpenAI(api_key=key, base_url=url, timeout=self.timeout,
+                                                       max_retries=0, http_client=self._http_client)
+        return self._clients[url]
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST `body` to `path` (relative to base_url, or a full URL) and return the JSON reply."""
@@ -533,8 +631,11 @@ class OpenAIBackend:
 
         Retries timeouts, connection errors, 408, 409, 429 and 5xx up to max_retries times (or makes
         `tries` tries); raises _Rejected for other HTTP errors and BackendError when the tries are used
-        up, its message starting with `what` when given. `counted`: it counts as an inference request.
-        After :meth:`cancel` no try starts and no backoff goes on: a BackendError says "cancelled"."""
+        up, its message starting with `what` when given. `counted`: it counts as an inference request,
+        sent within the backend's adaptive limit on requests at once (persona_eval.pool.AdaptiveLimit),
+        which a 429 or 503 lowers; an inference request refused with 429 is retried for up to
+        ``rate_limit_patience`` seconds without using up its retries. After :meth:`cancel` no try starts
+        and no backoff goes on: a BackendError says "cancelled"."""
         import httpx2
         import openai
 
@@ -545,7 +646,10 @@ class OpenAIBackend:
         tries = self.max_retries + 1 if tries is None else tries
         last_status: int | str | None = None
         retry_after: float | None = None
-        for attempt in range(tries):
+        failed = 0  # tries that failed and count against `tries`
+        attempt = 0
+        limited_since: float | None = None  # when this request was first refused with 429 (rate limited)
+        while failed < tries:
             if attempt:
                 if counted:
                     with self._lock:
@@ -553,47 +657,67 @@ class OpenAIBackend:
                 if self._cancelled.wait(self._backoff(attempt - 1, retry_after)):
                     break
                 retry_after = None
+            attempt += 1
             if self._cancelled.is_set():
                 break
-            started = time.perf_counter()
-            try:
-                if method == "get":
-                    response = client.get(path, cast_to=httpx2.Response)
-                else:
-                    response = client.post(path, body=body, cast_to=httpx2.Response)
-            except openai.APIStatusError as error:
-                status = error.status_code
-                if status in _RETRY_STATUSES or status >= 500:
-                    last_status = f"HTTP {status}"
-                    retry_after = _retry_after(error.response)
-                    self._count_failure(last_status)
-                    continue
-                self._count_failure(None)  # a refusal is an answer: the server is up
-                raise _Rejected(status, self._redact(_error_message(error)), _error_param(error)) from None
-            except openai.APITimeoutError:
-                last_status = f"timeout after {self.timeout:g} s"
-                self._count_failure(last_status)
-                continue
-            except openai.APIConnectionError as error:
-                last_status = f"connection error ({self._redact(str(error.__cause__ or error))})"
-                self._count_failure(last_status)
-                continue
-            except Exception:
+            with self._limit.slot(self._cancelled) if counted else contextlib.nullcontext(Slot(None)) as slot:
                 if self._cancelled.is_set():
-                    break  # the client was closed under this request by cancel()
-                raise
-            finally:
-                with self._lock:
-                    if counted:
-                        self.http_requests += 1
-                        self.http_seconds += time.perf_counter() - started
+                    break
+                started = time.perf_counter()
+                try:
+                    if method == "get":
+                        response = client.get(path, cast_to=httpx2.Response)
                     else:
-                        self.identity_requests += 1
+                        response = client.post(path, body=body, cast_to=httpx2.Response)
+                except openai.APIStatusError as error:
+                    status = error.status_code
+                    if status in _OVERLOADED:
+                        slot.limited()  # fewer requests at once from now on
+                    if status in _RETRY_STATUSES or status >= 500:
+                        last_status = f"HTTP {status}"
+                        retry_after = _retry_after(error.response)
+                        self._count_failure(last_status)
+                        now = time.monotonic()
+                        if status == 429 and counted:
+                            # A rate limit slows the run down rather than failing it: waited out for up to
+                            # rate_limit_patience seconds, without using up the retries.
+                            limited_since = now if limited_since is None else limited_since
+                            if now - limited_since < self.rate_limit_patience:
+                                continue
+                        failed += 1
+                        continue
+                    slot.answered()  # a refusal is an answer: the server is up
+                    self._count_failure(None)
+                    raise _Rejected(status, self._redact(_error_message(error)), _error_param(error)) from None
+                except openai.APITimeoutError:
+                    last_status = f"timeout after {self.timeout:g} s"
+                    self._count_failure(last_status)
+                    failed += 1
+                    continue
+                except openai.APIConnectionError as error:
+                    last_status = f"connection error ({self._redact(str(error.__cause__ or error))})"
+                    self._count_failure(last_status)
+                    failed += 1
+                    continue
+                except Exception:
+                    if self._cancelled.is_set():
+                        break  # the client was closed under this request by cancel()
+                    raise
+                finally:
+                    with self._lock:
+                        if counted:
+                            self.http_requests += 1
+                            self.http_seconds += time.perf_counter() - started
+                        else:
+                            self.identity_requests += 1
+                slot.answered()
             self._count_failure(None)
             return response
         if self._cancelled.is_set():
             raise self._cancelled_error(endpoint)
-        attempts = f"no answer after {tries} {'try' if tries == 1 else 'tries'}"
+        rate_limited = last_status == "HTTP 429" and limited_since is not None
+        attempts = (f"no answer after {attempt} {'try' if attempt == 1 else 'tries'}"
+                    + (f" (rate limited for {self.rate_limit_patience:g} s)" if rate_limited else ""))
         raise BackendError(f"model {self.name!r}: " + (f"{what}: {attempts}" if what else attempts),
                            endpoint=_public_url(endpoint), status=last_status)
 
@@ -611,7 +735,7 @@ class OpenAIBackend:
                             endpoint=_public_url(endpoint))
 
     def _backoff(self, retry: int, retry_after: float | None) -> float:
-        delay = min(self.retry_max_delay, self.retry_base_delay * 2 ** retry) * random.uniform(0.5, 1.0)
+        delay = min(self.retry_max_delay, self.retry_base_delay * 2 ** min(retry, 16)) * random.uniform(0.5, 1.0)
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.retry_max_delay))
         return delay
@@ -628,8 +752,8 @@ class OpenAIBackend:
 
     def close(self) -> None:
         with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
             client.close()
 
     def cancel(self) -> None:
@@ -646,6 +770,45 @@ class OpenAIBackend:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    def describe_load(self) -> dict[str, Any]:
+        """How the server took the load, for the run's throughput line: the inference requests ``sent`` (tries
+        included, so a prompt reading the server cannot give is not one) and the ``retries`` among them;
+        ``limit`` (max_in_flight as
+        ``ceiling``, the ``lowest`` a 429/503 brought the limit on requests at once to, and how often it was
+        ``cuts``) and ``prefix_cache_hit_rate``, the share of prompt tokens the server found in its prefix
+        cache since this process first read its /metrics (vLLM's counters; when it asks the model's identity,
+        unless a pinned revision spares that, else at the first call of this; None where none is reported)."""
+        with self._lock:
+            sent, retries = self.http_requests, self.http_retries
+        load: dict[str, Any] = {"sent": sent, "retries": retries, "limit": self._limit.snapshot(),
+                                "prefix_cache_hit_rate": None}
+        now = self._prefix_cache()
+        with self._lock:
+            start = self._prefix_cache_start
+            if start is None:
+                self._prefix_cache_start = now
+        if start is not None and now is not None and now[0] > start[0]:
+            load["prefix_cache_hit_rate"] = round((now[1] - start[1]) / (now[0] - start[0]), 4)
+        return load
+
+    def _prefix_cache(self) -> tuple[float, float] | None:
+        """The servers' prefix-cache counters now, summed over the replicas (one try each; None for a hosted
+        API or servers without them)."""
+        if self.hosted:
+            return None
+        totals: tuple[float, float] | None = None
+        for url in self.replicas:
+            with self._replica(url):
+                try:
+                    response = self._request("get", self._root_url("/metrics"), None, counted=False, tries=1,
+                                             what="cannot read the server's metrics")
+                except (_Rejected, BackendError):
+                    continue
+            counters = parse_prefix_cache(response.text)
+            if counters is not None:
+                totals = counters if totals is None else (totals[0] + counters[0], totals[1] + counters[1])
+        return totals
 
     def describe_wait(self) -> dict[str, Any]:
         """What the runner's note on requests in flight says about this endpoint: ``endpoint`` (the

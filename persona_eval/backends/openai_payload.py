@@ -29,6 +29,7 @@ __all__ = [
     "decoding_sent",
     "parse_chat_response",
     "parse_model_card",
+    "parse_prefix_cache",
     "parse_process_start",
     "parse_prompt_scoring_response",
     "parse_tokenize_response",
@@ -129,6 +130,30 @@ def parse_model_card(data: Any, model: str) -> dict[str, Any] | None:
         if isinstance(card, Mapping) and card.get("id") == model:
             return dict(card)
     return None
+
+
+_PREFIX_CACHE = re.compile(r"^vllm:prefix_cache_(queries|hits)(?:_total)?(?:\{[^}]*\})?\s+(\S+)\s*$", re.MULTILINE)
+
+
+def parse_prefix_cache(metrics: str) -> tuple[float, float] | None:
+    """vLLM's prefix-cache counters in a Prometheus text body, summed over its engines: (prompt tokens
+    looked up, tokens found cached); None when the server reports none.
+
+    >>> parse_prefix_cache('vllm:prefix_cache_queries_total{engine="0"} 200.0\\n'
+    ...                    'vllm:prefix_cache_hits_total{engine="0"} 150.0\\n')
+    (200.0, 150.0)
+    >>> parse_prefix_cache("process_start_time_seconds 1.7e+09\\n") is None
+    True
+    """
+    totals = {"queries": 0.0, "hits": 0.0}
+    seen = False
+    for kind, value in _PREFIX_CACHE.findall(metrics):
+        try:
+            totals[kind] += float(value)
+        except ValueError:
+            continue
+        seen = True
+    return (totals["queries"], totals["hits"]) if seen else None
 
 
 def parse_process_start(metrics: str) -> str | None:

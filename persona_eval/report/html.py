@@ -82,9 +82,10 @@ def render_report(summary: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]
                        judge_panel=safety is not None or review is not None, sections=sections)
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, *, cases: Sequence[Mapping[str, Any]] | None = None) -> Path:
     """Write run_dir/report.html from run_dir/summary.json, its cases file and, when present,
-    run_dir/review_results.json; returns the path.
+    run_dir/review_results.json; returns the path. `cases`: the cases file's records, when the caller
+    holds them already (a run finishing), so that they are not read and held a second time.
 
     Reads only what the run wrote; calls no model. A run without a cases file still gets a report
     (without prompts and cases); an unreadable review_results.json is reported on the page."""
@@ -95,7 +96,8 @@ def write_report(run_dir: Path) -> Path:
                         path=str(run_dir / "summary.json"))
     cases_name = (summary.get("metadata") or {}).get("cases_file") or "cases.jsonl"
     cases_path = run_dir / cases_name
-    cases = read_jsonl(cases_path) if cases_path.is_file() else []
+    if cases is None:
+        cases = read_jsonl(cases_path) if cases_path.is_file() else []
     review: Mapping[str, Any] | None = None
     review_path = run_dir / REVIEW_FILENAME
     if review_path.is_file():

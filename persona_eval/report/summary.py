@@ -66,9 +66,14 @@ def _git_revision(root: Path) -> str | None:
 
 
 def _throughput(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per model: requests, cache hits, the most requests seen in flight, and generated tokens per second
-    of model time (the time spent inside the backend's calls)."""
+    """Per model: requests, cache hits, generated tokens per second of model time (the time spent inside
+    the backend's calls; for a model with a pool, the time any request was in flight), and how busy the
+    model was kept: requests ``sent``, ``max_in_flight`` and
+    ``mean_in_flight`` (over the time any request was in flight), and where the backend reports them, the
+    lowest its adaptive limit went (``limit_lowest``, a rate limit's doing) and the server's
+    ``prefix_cache_hit_rate``. A pool's figures are cumulative per process: each worker's last counts."""
     table: dict[str, dict[str, Any]] = {}
+    pools: dict[tuple[str, str], Mapping[str, Any]] = {}
     for result in results:
         row = table.setdefault(result["model"], {"requests": 0, "cached": 0, "model_seconds": 0.0,
                                                  "completion_tokens": 0, "max_in_flight": 0})
@@ -77,10 +82,33 @@ def _throughput(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
         row["model_seconds"] += result.get("model_seconds", 0.0)
         row["completion_tokens"] += result.get("completion_tokens", 0)
         row["max_in_flight"] = max(row["max_in_flight"], result.get("max_in_flight", 0))
+        pool = result.get("pool")
+        where = (result["model"], str(result.get("worker", "main")))
+        if isinstance(pool, Mapping) and pool.get("sent", 0) >= pools.get(where, {}).get("sent", 0):
+            pools[where] = pool
+    for (model, _), pool in pools.items():
+        row = table[model]
+        busy, mean = float(pool.get("busy_seconds") or 0.0), pool.get("mean_in_flight")
+        row["sent"] = row.get("sent", 0) + int(pool.get("sent", 0))
+        row["max_in_flight"] = max(row["max_in_flight"], int(pool.get("max_in_flight", 0)))
+        row["_area"] = row.get("_area", 0.0) + (busy * mean if mean is not None else 0.0)
+        row["busy_seconds"] = round(row.get("busy_seconds", 0.0) + busy, 3)
+        limit = pool.get("limit")
+        if isinstance(limit, Mapping):
+            row["limit_ceiling"] = limit.get("ceiling")
+            row["limit_lowest"] = min(row.get("limit_lowest", limit["lowest"]), limit["lowest"])
+        if pool.get("prefix_cache_hit_rate") is not None:
+            row["prefix_cache_hit_rate"] = pool["prefix_cache_hit_rate"]
     for row in table.values():
+        if "busy_seconds" in row:
+            # Requests in flight together overlap: the model's time is the time any was in flight.
+            row["model_seconds"] = row["busy_seconds"]
         row["model_seconds"] = round(row["model_seconds"], 3)
         row["tokens_per_second"] = (round(row["completion_tokens"] / row["model_seconds"], 2)
                                     if row["model_seconds"] > 0 else None)
+        area = row.pop("_area", None)
+        if "busy_seconds" in row:
+            row["mean_in_flight"] = round(area / row["busy_seconds"], 1) if area and row["busy_seconds"] else None
     return table
 
 

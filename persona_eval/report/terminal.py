@@ -287,6 +287,29 @@ def served_model_lines(metadata: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def throughput_line(model: str, row: Mapping[str, Any]) -> str:
+    """One model's throughput, e.g. ``served: 624 requests, 0 from the cache; 624 sent, 231.4 in flight on
+    average (up to 256), 8,112 generated tokens, 602.1 tokens/s of model time; the server's prefix cache
+    hit 91% of prompt tokens``."""
+    line = f"{model}: {row['requests']} requests, {row['cached']} from the cache"
+    if row.get("sent"):
+        mean = row.get("mean_in_flight")
+        line += (f"; {row['sent']:,} sent, " + (f"{mean} in flight on average " if mean is not None else "")
+                 + f"(up to {row['max_in_flight']})")
+    else:
+        line += f", up to {row['max_in_flight']} in flight"
+    tokens = row.get("completion_tokens") or 0
+    line += (f", {tokens:,} generated tokens, {row['tokens_per_second']} tokens/s of model time"
+             if row["tokens_per_second"] else ", no model calls")
+    line += f" ({row['model_seconds']:.1f} s in the model)"
+    lowest, ceiling = row.get("limit_lowest"), row.get("limit_ceiling")
+    if lowest is not None and ceiling is not None and lowest < ceiling:
+        line += f"; the server's rate limit brought requests at once down to {lowest} (of {ceiling})"
+    if row.get("prefix_cache_hit_rate") is not None:
+        line += f"; the server's prefix cache held {row['prefix_cache_hit_rate']:.0%} of prompt tokens"
+    return line
+
+
 def render_run_notes(summary: Mapping[str, Any], *, errors: Sequence[str] = (), dataset_notes: Sequence[str] = (),
                      kept_controls: Sequence[str] = (), run_dir: Any = None,
                      saved_baseline: Any = None) -> list[tuple[str, str | None]]:
@@ -295,9 +318,7 @@ def render_run_notes(summary: Mapping[str, Any], *, errors: Sequence[str] = (), 
     lines: list[tuple[str, str | None]] = [(f"persona-eval: {error}", "red") for error in errors]
     metadata = summary["metadata"]
     for model, row in (metadata.get("throughput") or {}).items():
-        speed = f"{row['tokens_per_second']} generated tokens/s" if row["tokens_per_second"] else "no model calls"
-        lines.append((f"{model}: {row['requests']} requests, {row['cached']} from the cache, up to "
-                      f"{row['max_in_flight']} in flight, {speed} ({row['model_seconds']:.1f} s in the model)", None))
+        lines.append((throughput_line(model, row), None))
     lines.extend((line, "yellow") for line in served_model_lines(metadata))
     lines.extend((f"persona-eval: {note}", "yellow") for note in dataset_notes)
     if kept_controls:

@@ -38,9 +38,18 @@ Random faults, drawn from a generator seeded with ``seed``, one draw per chat co
 close the connection without an answer (give the client a shorter timeout, so that its timeout fires
 first). ``outage(seconds)`` answers every request 503 for that long; ``hang()`` makes every request
 wait, unanswered, until the server stops (``hang(after=n)``: once n more chat completions were
-answered). A fault never counts as an answer: ``answers`` holds, per conversation (the role and text of
-each message), the chat completions answered 200 and written to the client in full; ``faults`` counts
-the faults served by kind ("error", "timeout", "outage", "hang"); ``total_requests`` every request.
+answered). Rate limits, as a hosted API's: ``capacity`` answers a chat completion that arrives while that
+many are being answered with HTTP 429 and ``Retry-After: retry_after``; ``rate_limit(seconds)`` answers
+every chat completion 429 for that long (a storm). A fault never counts as an answer: ``answers`` holds,
+per conversation (the role and text of each message), the chat completions answered 200 and written to
+the client in full; ``faults`` counts the faults served by kind ("error", "timeout", "outage", "hang",
+"rate_limit"); ``total_requests`` every request. ``serving_seconds`` is the server time of the chat
+completions: from the first one's arrival to the last one's answer.
+
+With ``prefix_cache`` the /metrics page carries vLLM's prefix-cache counters
+(``vllm:prefix_cache_queries_total``, ``vllm:prefix_cache_hits_total``, in whitespace tokens): a chat
+completion's system message counts as found in the cache when an earlier one had the same, and the rest
+of its messages as looked up and not found.
 
     with StandInServer(served_name="m", root="/models/X", answer=lambda messages: "C") as server:
         ... --pe-model openai:m@{server.base_url} ...
@@ -69,7 +78,7 @@ __all__ = ["RecordedRequest", "StandInServer", "conversation"]
 
 Messages = Sequence[Mapping[str, Any]]
 Conversation = tuple[tuple[str, str], ...]
-FAULTS = ("error", "timeout", "outage", "hang")
+FAULTS = ("error", "timeout", "outage", "hang", "rate_limit")
 _MAX_BODY = 1 << 20
 _LABELS = "ABCDE"
 _FILLERS = ("the", " the", "I", " I", "Answer", ":", ".", "\n", " is", " to", " a", " care", " now", " go")
@@ -115,7 +124,8 @@ class StandInServer:
                  lifetime: float = 600.0, error_rate: float = 0.0, timeout_rate: float = 0.0,
                  hang_seconds: float = 5.0, seed: int = 0, reasoning: str | None = None,
                  think: Callable[[Messages], str] = lambda messages: "The findings point one way.",
-                 reasoning_logprobs: bool = True) -> None:
+                 reasoning_logprobs: bool = True, capacity: int | None = None, retry_after: float = 1.0,
+                 prefix_cache: bool = False) -> None:
         if reasoning is not None and reasoning not in REASONING_STYLES:
             raise ValueError(f"reasoning must be one of {', '.join(REASONING_STYLES)} or None, got {reasoning!r}")
         for option, rate in (("error_rate", error_rate), ("timeout_rate", timeout_rate)):
@@ -145,7 +155,17 @@ class StandInServer:
         self.reasoning = reasoning
         self.think = think
         self.reasoning_logprobs = reasoning_logprobs
+        self.capacity = capacity
+        self.retry_after = retry_after
+        self.prefix_cache = prefix_cache
         self.requests: list[RecordedRequest] = []
+        self.chats_in_flight = 0
+        self._first_chat: float | None = None  # time.monotonic() of the first chat completion's arrival
+        self._last_answer: float | None = None  # and of the last one's answer
+        self._rate_limited_until = 0.0
+        self._systems_seen: set[str] = set()
+        self._prefix_queries = 0
+        self._prefix_hits = 0
         self.in_flight = 0
         self.max_in_flight = 0
         self._failed = 0
@@ -223,6 +243,11 @@ class StandInServer:
         with self._lock:
             self._outage_until = time.monotonic() + seconds
 
+    def rate_limit(self, seconds: float) -> None:
+        """Answer every chat completion 429 (Retry-After: retry_after) for the next `seconds`."""
+        with self._lock:
+            self._rate_limited_until = time.monotonic() + seconds
+
     def hang(self, *, after: int = 0) -> None:
         """Every request from now on (or once `after` more chat completions were answered) waits,
         unanswered, until the server stops; then its connection is closed."""
@@ -254,6 +279,14 @@ class StandInServer:
         return self._locked(lambda: Counter(self._faults))
 
     @property
+    def serving_seconds(self) -> float:
+        """Seconds from the first chat completion's arrival to the last one's answer (0 before any)."""
+        with self._lock:
+            if self._first_chat is None or self._last_answer is None:
+                return 0.0
+            return self._last_answer - self._first_chat
+
+    @property
     def total_requests(self) -> int:
         return self._locked(lambda: len(self.requests))
 
@@ -271,6 +304,8 @@ class StandInServer:
                 fault = "hang"
             elif time.monotonic() < self._outage_until:
                 fault = "outage"
+            elif chat and time.monotonic() < self._rate_limited_until:
+                fault = "rate_limit"
             elif chat and (self.error_rate or self.timeout_rate):
                 draw = self._random.random()
                 if draw < self.error_rate:
@@ -284,8 +319,18 @@ class StandInServer:
             return fault
 
     def _answered(self, request: RecordedRequest) -> None:
+        messages = (request.body or {}).get("messages") or []
         with self._lock:
-            self._answers[conversation((request.body or {}).get("messages") or [])] += 1
+            self._answers[conversation(messages)] += 1
+            if self.prefix_cache:
+                for message in messages:
+                    tokens = len(str(message.get("content", "")).split())
+                    self._prefix_queries += tokens
+                    if message.get("role") == "system":
+                        content = str(message.get("content", ""))
+                        if content in self._systems_seen:
+                            self._prefix_hits += tokens
+                        self._systems_seen.add(content)
 
     # -- answers -----------------------------------------------------------------------------------
     def respond(self, request: RecordedRequest) -> tuple[int, dict[str, Any] | str]:
@@ -300,7 +345,10 @@ class StandInServer:
             return 200, ("# HELP process_start_time_seconds Start time of the process since unix epoch.\n"
                          "# TYPE process_start_time_seconds gauge\n"
                          f"process_start_time_seconds {self.started!r}\n"
-                         f'vllm:num_requests_running{{model_name="{self.served_name}"}} {self.in_flight}.0\n')
+                         f'vllm:num_requests_running{{model_name="{self.served_name}"}} {self.in_flight}.0\n'
+                         + (f'vllm:prefix_cache_queries_total{{engine="0"}} {self._prefix_queries}.0\n'
+                            f'vllm:prefix_cache_hits_total{{engine="0"}} {self._prefix_hits}.0\n'
+                            if self.prefix_cache else ""))
         if request.method == "POST" and request.path == "/v1/chat/completions" and request.body is not None:
             return self._chat(request)
         return 404, {"detail": "Not Found"}
@@ -419,14 +467,23 @@ def _handler_for(server: StandInServer) -> type[BaseHTTPRequestHandler]:
         def _answer(self, body: dict[str, Any] | None) -> None:
             recorded = RecordedRequest(self.command, self.path.split("?", 1)[0],
                                        {k.lower(): v for k, v in self.headers.items()}, body)
+            chat = recorded.method == "POST" and recorded.path == "/v1/chat/completions"
             with server._lock:
                 server.requests.append(recorded)
                 server.in_flight += 1
                 server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                # Over capacity: refused at once, as a rate limiter in front of a server does.
+                over = chat and server.capacity is not None and server.chats_in_flight >= server.capacity
+                if over:
+                    server._faults["rate_limit"] += 1
+                elif chat:
+                    server.chats_in_flight += 1
+                    if server._first_chat is None:
+                        server._first_chat = time.monotonic()
             try:
-                if server.latency:
+                if server.latency and not over:
                     time.sleep(server.latency)
-                fault = server._fault(recorded)
+                fault = "rate_limit" if over else server._fault(recorded)
                 status: int
                 reply: dict[str, Any] | str
                 if fault in ("hang", "timeout"):
@@ -434,8 +491,13 @@ def _handler_for(server: StandInServer) -> type[BaseHTTPRequestHandler]:
                     server._stopping.wait(None if fault == "hang" else server.hang_seconds)
                     self.close_connection = True
                     return
+                headers: dict[str, str] = {}
                 if fault == "outage":
                     status, reply = 503, {"error": {"message": "injected outage: service unavailable"}}
+                elif fault == "rate_limit":
+                    status, reply = 429, {"error": {"message": "Rate limit reached: too many requests at once",
+                                                    "type": "requests", "code": "rate_limit_exceeded"}}
+                    headers["Retry-After"] = f"{server.retry_after:g}"
                 elif fault == "error":
                     status, reply = 500, {"error": {"message": "injected failure 500"}}
                 else:
@@ -443,20 +505,27 @@ def _handler_for(server: StandInServer) -> type[BaseHTTPRequestHandler]:
             finally:
                 with server._lock:
                     server.in_flight -= 1
+                    if chat and not over:
+                        server.chats_in_flight -= 1
             try:
-                self._send(status, reply)
+                self._send(status, reply, headers)
             except OSError:
                 self.close_connection = True  # the client went away: not answered
                 return
+            if chat and not over:
+                with server._lock:
+                    server._last_answer = time.monotonic()
             if status == 200 and recorded.method == "POST" and recorded.path == "/v1/chat/completions":
                 server._answered(recorded)
 
-        def _send(self, status: int, reply: dict[str, Any] | str) -> None:
+        def _send(self, status: int, reply: dict[str, Any] | str, headers: Mapping[str, str] | None = None) -> None:
             text = reply if isinstance(reply, str) else json.dumps(reply)
             data = text.encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", "text/plain; version=0.0.4" if isinstance(reply, str)
                              else "application/json")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
