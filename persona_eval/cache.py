@@ -99,6 +99,25 @@ def cache_key(parts: Mapping[str, Any]) -> str:
     return sha256(text.encode("utf-8")).hexdigest()
 
 
+def cache_keys(parts: Mapping[str, Any], name: str, values: Sequence[Any]) -> list[str]:
+    """``cache_key({**parts, name: value})`` for each of `values`, the shared `parts` made canonical once
+    (a run computes a key per request, and the parts hold the model's whole identity).
+
+    >>> cache_keys({"model": "m"}, "prompt", ["a", "b"]) == [cache_key({"model": "m", "prompt": p}) for p in "ab"]
+    True
+    """
+    if not isinstance(parts, Mapping):
+        raise TypeError(f"cache_keys() takes a mapping of key parts, got {type(parts).__name__}")
+    shared = _canonical({key: value for key, value in parts.items() if key != name}, "")
+    keys = []
+    for value in values:
+        canonical = {**shared, name: _canonical(value, name)}
+        text = json.dumps([_KEY_SCHEME, canonical], sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False, allow_nan=False)
+        keys.append(sha256(text.encode("utf-8")).hexdigest())
+    return keys
+
+
 def _canonical(value: Any, path: str) -> Any:
     """`value` as plain JSON types in one canonical form; `path` names it in error messages."""
     if value is None or isinstance(value, (bool, str)):

@@ -59,8 +59,19 @@ from persona_eval.runner import Progress, Runner
 from persona_eval.tasks import TaskSpec, triage
 from persona_eval.templates import DEFAULT_TEMPLATES, template_named
 
-__all__ = ["CONSISTENCY_TAUTOLOGICAL", "NOT_AVAILABLE", "NO_LATENT", "TOO_LONG_MODES", "TriageSettings",
-           "evaluate_triage", "label_distribution", "label_positions", "prefetch_triage", "triage_metrics"]
+__all__ = [
+    "CONSISTENCY_TAUTOLOGICAL",
+    "NOT_AVAILABLE",
+    "NO_LATENT",
+    "TOO_LONG_MODES",
+    "TriagePlan",
+    "TriageSettings",
+    "evaluate_triage",
+    "label_distribution",
+    "label_positions",
+    "prefetch_triage",
+    "triage_metrics",
+]
 
 NOT_AVAILABLE = "not available for this model (it returns no log-probabilities)"
 NO_LATENT = "not available: no label distribution at the prompt boundary (the model's server scores no prompts)"
@@ -167,9 +178,9 @@ def label_positions(settings: TriageSettings) -> dict[str, str]:
 
 
 @dataclass
-class _Plan:
+class TriagePlan:
     """What a condition sends: every case's request, the lengths that did not fit (by case index), and the
-    cases that fit with their requests and answer budgets."""
+    cases that fit with their requests and answer budgets (made by prefetch_triage, used by evaluate_triage)."""
 
     all_requests: list[Any]
     too_long: dict[int, PromptLength]
@@ -178,7 +189,7 @@ class _Plan:
     budgets: list[int]
 
 
-def _plan(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, settings: TriageSettings) -> _Plan:
+def _plan(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, settings: TriageSettings) -> TriagePlan:
     """Render `persona`'s prompts and measure them (persona_eval.lengths); an over-long prompt is an error
     (``too_long="error"``) or left out to be recorded as such."""
     backend = runner.backend
@@ -194,7 +205,7 @@ def _plan(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, 
     too_long = {length.index: length for length in lengths if not length.fits}
     if too_long and settings.too_long == "error":
         raise too_long_error(list(too_long.values()))
-    return _Plan(all_requests=all_requests, too_long=too_long,
+    return TriagePlan(all_requests=all_requests, too_long=too_long,
                  cases=[case for i, case in enumerate(cases) if i not in too_long],
                  requests=[request for i, request in enumerate(all_requests) if i not in too_long],
                  budgets=[budget if floor is None else fitted_budget(length, budget=budget, floor=floor)
@@ -202,35 +213,34 @@ def _plan(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, 
 
 
 def prefetch_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, *,
-                    settings: TriageSettings | None = None) -> int:
+                    settings: TriageSettings | None = None) -> TriagePlan | None:
     """Queue `persona`'s requests on `cases` in the runner's pool without waiting (Runner.prefetch): the
     generations, and the prompt-boundary readings where the model's server scores prompts. A later
-    :func:`evaluate_triage` with the same arguments takes them as they come. Returns how many were queued
-    (none for a model without a pool: a local model runs one batch at a time)."""
+    :func:`evaluate_triage` with the same arguments (and the plan returned here, so that the prompts are
+    not rendered and measured again) takes them as they come. None for a model without a pool: a local
+    model runs one batch at a time."""
     if not runner.pooled:
-        return 0
+        return None
     settings = settings or TriageSettings()
     plan = _plan(cases, persona, runner, settings)
     capabilities = runner.backend.capabilities()
-    queued = 0
     for value, indices in _by_budget(plan.budgets, settings).items():
-        queued += runner.prefetch([plan.requests[i] for i in indices],
-                                  replace(settings.generation, max_new_tokens=value), settings.scoring,
-                                  context=settings.context(),
-                                  score_prompts=capabilities.logprobs and capabilities.prompt_scoring)
-    return queued
+        runner.prefetch([plan.requests[i] for i in indices], replace(settings.generation, max_new_tokens=value),
+                        settings.scoring, context=settings.context(),
+                        score_prompts=capabilities.logprobs and capabilities.prompt_scoring)
+    return plan
 
 
 def evaluate_triage(cases: Sequence[triage.TriageCase], persona: Persona, runner: Runner, *,
                     run_id: str, model: str, settings: TriageSettings | None = None,
-                    progress: Progress | None = None) -> list[dict[str, Any]]:
+                    progress: Progress | None = None, plan: TriagePlan | None = None) -> list[dict[str, Any]]:
     """The per-case records (lines of cases.jsonl) of `persona` on `cases`, in case order: triage, or the
-    classification task of ``settings.spec``."""
+    classification task of ``settings.spec``. `plan`: what prefetch_triage planned for the same arguments."""
     settings = settings or TriageSettings()
     backend = runner.backend
     labels = list(settings.scoring.labels)
     template = settings.template
-    plan = _plan(cases, persona, runner, settings)
+    plan = plan or _plan(cases, persona, runner, settings)
     all_cases, all_requests, too_long = cases, plan.all_requests, plan.too_long
     cases, requests, budgets = plan.cases, plan.requests, plan.budgets
     if progress is not None and too_long:

@@ -98,16 +98,22 @@ class RequestPool:
         self._thread_name = thread_name
         self._idle_seconds = idle_seconds
         self._queue: collections.deque[_Job] = collections.deque()
-        self._condition = threading.Condition()
+        # One lock, two conditions: a job queued wakes one idle thread; a job ended wakes who waits for all to end.
+        self._lock = threading.Lock()
+        self._work_queued = threading.Condition(self._lock)
+        self._job_ended = threading.Condition(self._lock)
         self._workers = 0
         self._idle = 0
         self._running = 0
         self._stopped = False
 
-    def submit(self, send: Callable[[], Any], *, requests: int = 1) -> Future[Any]:
-        """Queue `send` (a call answering `requests` requests); its future holds what it returns or raises."""
-        future: Future[Any] = Future()
-        with self._condition:
+    def submit(self, send: Callable[[], Any], *, requests: int = 1, future: Future[Any] | None = None) -> Future[Any]:
+        """Queue `send` (a call answering `requests` requests); its future (`future`, made beforehand by a
+        caller that hands it out before the job is queued, or a new one) holds what it returns or raises."""
+        future = Future() if future is None else future
+        if future.done():  # cancelled before it was queued
+            return future
+        with self._lock:
             if self._stopped:
                 _cancel(future)
                 return future
@@ -116,14 +122,14 @@ class RequestPool:
                 self._workers += 1
                 threading.Thread(target=self._work, name=self._thread_name, daemon=True).start()
             else:
-                self._condition.notify()
+                self._work_queued.notify()
         return future
 
     def _next(self) -> _Job | None:
-        with self._condition:
+        with self._lock:
             while not self._queue and not self._stopped:
                 self._idle += 1
-                woken = self._condition.wait(self._idle_seconds)
+                woken = self._work_queued.wait(self._idle_seconds)
                 self._idle -= 1
                 if not woken and not self._queue:
                     break
@@ -146,13 +152,14 @@ class RequestPool:
                     job.future.set_exception(error)
                 finally:
                     self.gauge.exit(job.requests)
-            with self._condition:
+            with self._lock:
                 self._running -= 1
-                self._condition.notify_all()
+                if not self._running:
+                    self._job_ended.notify_all()
 
     def cancel_queued(self) -> int:
         """Cancel the jobs not yet started; how many were."""
-        with self._condition:
+        with self._lock:
             jobs, self._queue = list(self._queue), collections.deque()
         for job in jobs:
             _cancel(job.future)
@@ -161,25 +168,31 @@ class RequestPool:
     def wait_running(self, timeout: float | None = None) -> bool:
         """Wait until no job is running (what was sent has its answer); False if `timeout` ran out first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._condition:
+        with self._lock:
             while self._running:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                self._condition.wait(left)
+                self._job_ended.wait(left)
         return True
 
     def stop(self) -> None:
         """No job starts from now on: the queue is cancelled and idle threads end."""
-        with self._condition:
+        with self._lock:
             self._stopped = True
-            self._condition.notify_all()
+            self._work_queued.notify_all()
         self.cancel_queued()
 
     @property
     def queued(self) -> int:
-        with self._condition:
+        with self._lock:
             return len(self._queue)
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running."""
+        with self._lock:
+            return len(self._queue) + self._running
 
 
 def _cancel(future: Future[Any]) -> None:
@@ -246,7 +259,8 @@ class AdaptiveLimit:
                 if self._answered >= self.current:
                     self.current += 1
                     self._answered = 0
-            self._condition.notify_all()
+                    self._condition.notify()  # a second place: one more request may go
+            self._condition.notify()  # the place this one held
 
     def snapshot(self) -> dict[str, int]:
         with self._condition:

@@ -27,18 +27,20 @@ at the same address (backend kind, served name and URL, or model path); when the
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
+import json
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from persona_eval.backends.base import Backend, Generation, GenerationConfig, LabelScoring, requested_decoding
-from persona_eval.cache import NullCache, ResultCache, cache_key
+from persona_eval.cache import NullCache, ResultCache, cache_key, cache_keys
 from persona_eval.errors import BackendError, ConfigError
 from persona_eval.pool import InFlightGauge, RequestPool
 from persona_eval.prompts import RenderedMessages
@@ -48,6 +50,8 @@ __all__ = ["CachedGeneration", "Progress", "Runner", "RunnerStats", "describe_id
 # Identity fields that a server reports, named as a person reads them, in the order they are told.
 _SERVER_FACTS = {"root": "root", "max_model_len": "max_model_len", "process_started": "process started"}
 _NOT_COMPARED = ("backend", "base_url", "identified_by")
+# How many times its limit a pool holds (queued and running) before prefetched requests wait in the backlog.
+_LOOKAHEAD = 2
 # How long the calling thread waits on the batches in flight before it looks again (notes, interrupts).
 _POLL_SECONDS = 0.2
 
@@ -118,12 +122,24 @@ class _Work:
 
     kind: str
     prompts: list[str]
-    keys: list[str]
-    tickets: list[str]  # what the pool knows a request by: its key without what was sent (see _generation_work)
+    make_keys: Callable[[Sequence[int]], list[str]]  # the cache keys of some of them, by index
+    tickets: list[str]  # what the pool knows a request by: what was asked, not what is sent (_generation_work)
     call: Callable[[list[int]], list[Any]]
     persist: Callable[[list[int], list[Any]], None]
     from_cache: Callable[[dict[str, Any]], Any]
     after: Callable[[], None] | None
+    _keys: dict[int, str] = field(default_factory=dict)
+
+    def keys_of(self, indices: Sequence[int]) -> list[str]:
+        """The cache keys of `indices`, computed when first needed: a request the pool answers for a case
+        needs none (its prefetch computed it)."""
+        wanted = [i for i in dict.fromkeys(indices) if i not in self._keys]
+        if wanted:
+            self._keys.update(zip(wanted, self.make_keys(wanted), strict=True))
+        return [self._keys[i] for i in indices]
+
+    def key(self, index: int) -> str:
+        return self.keys_of([index])[0]
 
 
 @dataclass
@@ -206,6 +222,8 @@ class Runner:
         self._gauge = InFlightGauge()
         self._pool: RequestPool | None = None
         self._tickets: dict[str, _Ticket] = {}
+        # Prefetched requests not yet in the pool (see _top_up), each batch with its future.
+        self._backlog: collections.deque[tuple[_Work, list[int], Future[Any]]] = collections.deque()
 
     # -- identity and decoding ----------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -282,11 +300,21 @@ class Runner:
 
     def _generate_key(self, prompt: str, config: GenerationConfig, scoring: LabelScoring | None,
                       sent: dict[str, Any] | None, context: Mapping[str, Any] | None = None) -> str:
+        return self._key("generate", prompt, **self._generate_parts(config, scoring, sent, context))
+
+    @staticmethod
+    def _generate_parts(config: GenerationConfig, scoring: LabelScoring | None, sent: dict[str, Any] | None,
+                        context: Mapping[str, Any] | None) -> dict[str, Any]:
+        """A generation's cache key parts besides its kind, the model's identity and the prompt."""
         parts: dict[str, Any] = {"decoding": config.key(), "scoring": scoring.key() if scoring else None,
                                  **(context or {})}
         if sent is not None:
             parts["sent"] = sent
-        return self._key("generate", prompt, **parts)
+        return parts
+
+    def _keys(self, kind: str, prompts: Sequence[str], parts: Mapping[str, Any]) -> list[str]:
+        """``_key(kind, prompt, **parts)`` of each prompt, the shared parts made canonical once."""
+        return cache_keys({"kind": kind, "identity": self.identity(), **self.extra_key, **parts}, "prompt", prompts)
 
     # -- requests -----------------------------------------------------------------------------------
     def generate(self, requests: Sequence[RenderedMessages], config: GenerationConfig,
@@ -361,7 +389,10 @@ class Runner:
         prompts = [self.backend.render_prompt(r) for r in requests]
         self.identity()
         sent = self._sent(config, scoring)
-        keys = [self._generate_key(p, config, scoring, sent, context) for p in prompts]
+        parts = self._generate_parts(config, scoring, sent, context)
+
+        def make_keys(indices: Sequence[int]) -> list[str]:
+            return self._keys("generate", [prompts[i] for i in indices], parts)
 
         def call(indices: list[int]) -> list[Generation]:
             return self.backend.generate([requests[i] for i in indices], config, scoring)
@@ -369,22 +400,27 @@ class Runner:
         def persist(indices: list[int], generations: list[Generation]) -> None:
             # A generation sent with less than was planned (a parameter refused meanwhile) is stored
             # under the key of what was sent for it.
-            self.cache.put_many({(keys[i] if g.sent is None or g.sent == sent
+            keys = work.keys_of(indices)
+            self.cache.put_many({(key if g.sent is None or g.sent == sent
                                   else self._generate_key(prompts[i], config, scoring, g.sent, context)): g.to_json()
-                                 for i, g in zip(indices, generations, strict=True)})
+                                 for i, key, g in zip(indices, keys, generations, strict=True)})
             tokens = sum(int(g.usage.get("completion_tokens", 0)) for g in generations)
             with self._lock:
                 self.stats.completion_tokens += tokens
 
         # In the pool a request is known by what was asked, not by what is sent: a parameter the model refuses
         # meanwhile changes the cache key of every later request, not the request a case waits for.
-        tickets = [self._generate_key(p, config, scoring, None, context) for p in prompts] if sent is not None else keys
-        return _Work("generate", prompts, keys, tickets, call, persist, Generation.from_json, self._record_dropped)
+        work = _Work("generate", prompts, make_keys, _tickets("generate", prompts, parts, without=("sent",)), call,
+                     persist, Generation.from_json, self._record_dropped)
+        return work
 
     def _scoring_work(self, requests: Sequence[RenderedMessages], scoring: LabelScoring,
                       context: Mapping[str, Any] | None) -> _Work:
         prompts = [self.backend.render_prompt(r) for r in requests]
-        keys = [self._key("score_labels", p, scoring=scoring.key(), **(context or {})) for p in prompts]
+        parts = {"scoring": scoring.key(), **(context or {})}
+
+        def make_keys(indices: Sequence[int]) -> list[str]:
+            return self._keys("score_labels", [prompts[i] for i in indices], parts)
 
         def call(indices: list[int]) -> list[dict[str, float | None]]:
             return self.backend.score_labels([requests[i] for i in indices], scoring)
@@ -392,21 +428,25 @@ class Runner:
         def persist(indices: list[int], scores: list[dict[str, float | None]]) -> None:
             # A reading with no label at all (a server found to score no prompts) is not a result: kept
             # out of the cache, so that a server that can score is asked next time.
-            self.cache.put_many({keys[i]: {"label_logprobs": s} for i, s in zip(indices, scores, strict=True)
+            self.cache.put_many({key: {"label_logprobs": s}
+                                 for key, s in zip(work.keys_of(indices), scores, strict=True)
                                  if any(v is not None for v in s.values())})
 
-        return _Work("score_labels", prompts, keys, keys, call, persist, lambda found: found["label_logprobs"], None)
+        work = _Work("score_labels", prompts, make_keys, _tickets("score_labels", prompts, parts), call, persist,
+                     lambda found: found["label_logprobs"], None)
+        return work
 
     def _run(self, work: _Work, take: Callable[[list[int], list[Any], bool], None]) -> int:
         """Every item of `work` through `take` (indices, results, whether from the cache): fresh results of
         the pool first, then the cache, then the model. Returns the cache hits."""
         claimed = self._claim(work) if self.pooled else {}
         unclaimed = [i for i, ticket in enumerate(work.tickets) if ticket not in claimed]
-        found = self.cache.get_many(list(dict.fromkeys(work.keys[i] for i in unclaimed)))
-        hits = [i for i in unclaimed if work.keys[i] in found]
+        keys = dict(zip(unclaimed, work.keys_of(unclaimed), strict=True))
+        found = self.cache.get_many(list(dict.fromkeys(keys.values())))
+        hits = [i for i in unclaimed if keys[i] in found]
         if hits:
-            take(hits, [work.from_cache(found[work.keys[i]]) for i in hits], True)
-        missing = [i for i in unclaimed if work.keys[i] not in found]
+            take(hits, [work.from_cache(found[keys[i]]) for i in hits], True)
+        missing = [i for i in unclaimed if keys[i] not in found]
         if self.pooled:
             self._wait_pooled(work, missing, claimed, take)
         else:
@@ -466,15 +506,15 @@ class Runner:
         """Queue the items of `work` (all, or `indices`) that are neither cached nor queued; returns how many.
         Ordered by prompt text, so that prompts sharing a prefix (a persona's system turn) go out together
         and a server's prefix cache is hit."""
-        wanted = range(len(work.keys)) if indices is None else indices
+        wanted = range(len(work.prompts)) if indices is None else indices
         first: dict[str, int] = {}
         with self._lock:
             for i in wanted:
                 if work.tickets[i] not in first and work.tickets[i] not in self._tickets:
                     first[work.tickets[i]] = i
         if indices is None and first:  # a prefetch: what the cache holds needs no request
-            found = self.cache.get_many([work.keys[i] for i in first.values()])
-            first = {ticket: i for ticket, i in first.items() if work.keys[i] not in found}
+            found = self.cache.get_many(work.keys_of(list(first.values())))
+            first = {ticket: i for ticket, i in first.items() if work.key(i) not in found}
         if not first:
             return 0
         pool = self._pool_or_create()
@@ -482,11 +522,41 @@ class Runner:
         size = max(1, self.backend.batch_size)
         for start in range(0, len(ordered), size):
             batch = ordered[start:start + size]
-            future = pool.submit(lambda batch=batch: self._answer(work, batch), requests=len(batch))  # type: ignore[misc]
+            future: Future[Any] = Future()
             with self._lock:
                 for position, i in enumerate(batch):
                     self._tickets[work.tickets[i]] = _Ticket(future, position)
+                if indices is None:
+                    self._backlog.append((work, batch, future))
+            if indices is not None:  # a case's own requests: into the pool at once
+                pool.submit(lambda batch=batch: self._answer(work, batch), requests=len(batch),  # type: ignore[misc]
+                            future=future)
+        self._top_up()
         return len(first)
+
+    def _top_up(self) -> None:
+        """Move prefetched requests from the backlog into the pool while it holds fewer than its lookahead
+        (queued and running): the server never waits for work, and at most that many answers wait in memory
+        for a case that has not started yet, however large the run."""
+        pool = self._pool
+        if pool is None:
+            return
+        lookahead = _LOOKAHEAD * pool.limit
+        while True:
+            with self._lock:
+                if not self._backlog or pool.pending >= lookahead:
+                    return
+                work, batch, future = self._backlog.popleft()
+            pool.submit(lambda work=work, batch=batch: self._answer(work, batch), requests=len(batch),  # type: ignore[misc]
+                        future=future)
+
+    def _cancel_backlog(self) -> None:
+        """Nothing prefetched is sent any more (a request failed, or the run was interrupted)."""
+        with self._lock:
+            backlog, self._backlog = list(self._backlog), collections.deque()
+        for _, _, future in backlog:
+            if future.cancel():
+                future.set_running_or_notify_cancel()
 
     def _answer(self, work: _Work, batch: list[int]) -> list[Any]:
         """A pool job: ask the model for `batch` and store the answers (on the pool's thread, so that what
@@ -494,6 +564,9 @@ class Runner:
         began = time.perf_counter()
         try:
             outcome = work.call(batch)
+        except BaseException:
+            self._cancel_backlog()
+            raise
         finally:
             with self._lock:
                 self.stats.model_seconds += time.perf_counter() - began
@@ -501,7 +574,9 @@ class Runner:
         try:
             work.persist(batch, outcome)
         except Exception as error:
+            self._cancel_backlog()
             raise _StoreFailed(error) from error
+        self._top_up()
         return list(outcome)
 
     def _wait_pooled(self, work: _Work, missing: list[int], claimed: dict[str, _Ticket],
@@ -547,12 +622,14 @@ class Runner:
         except BaseException as error:
             if not isinstance(error, Exception):
                 # Interrupted (Ctrl-C, SystemExit): the run ends here. Nothing more is retried or sent.
+                self._cancel_backlog()
                 pool.stop()
                 cancel = getattr(self.backend, "cancel", None)
                 if cancel is not None:
                     cancel()
             raise
         if failure is not None:
+            self._cancel_backlog()
             pool.cancel_queued()
             pool.wait_running()
             raise failure
@@ -602,6 +679,14 @@ class Runner:
         return text + "\n"
 
 
+def _tickets(kind: str, prompts: Sequence[str], parts: Mapping[str, Any], without: Sequence[str] = ()) -> list[str]:
+    """What the pool knows each request by: its kind, its parts (less `without`) and its prompt, as text
+    (unique within one runner, whose model is one; cheaper than a cache key)."""
+    shared = json.dumps([kind, {name: value for name, value in parts.items() if name not in without}],
+                        sort_keys=True, default=str)
+    return [f"{shared}\n{prompt}" for prompt in prompts]
+
+
 def describe_identity_change(name: str, where: str, previous: dict[str, Any], current: dict[str, Any]) -> str:
     """The sentence saying that model `name` at `where` is not the one cached before, and how it differs.
 
@@ -612,14 +697,14 @@ was /models/X): its cached answers are not used"
     server: list[str] = []
     other: list[str] = []
     others = sorted((set(previous) | set(current)) - set(_SERVER_FACTS) - set(_NOT_COMPARED))
-    for field in [*_SERVER_FACTS, *others]:
-        old, new = previous.get(field), current.get(field)
+    for fact in [*_SERVER_FACTS, *others]:
+        old, new = previous.get(fact), current.get(fact)
         if old == new:
             continue
-        if field in _SERVER_FACTS:
-            server.append(f"{_SERVER_FACTS[field]} {_shown(new, 'not reported')}, was {_shown(old, 'not reported')}")
+        if fact in _SERVER_FACTS:
+            server.append(f"{_SERVER_FACTS[fact]} {_shown(new, 'not reported')}, was {_shown(old, 'not reported')}")
         else:
-            other.append(f"{field} {_shown(new, 'none')}, was {_shown(old, 'none')}")
+            other.append(f"{fact} {_shown(new, 'none')}, was {_shown(old, 'none')}")
     parts = (["the server now reports " + "; ".join(server)] if server else []) + other
     if not parts:
         parts = [f"identified now by {', '.join(current.get('identified_by') or []) or 'nothing'}, was by "

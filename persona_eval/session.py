@@ -239,8 +239,10 @@ class ClassificationTask:
         task_settings = self.task_settings(settings, condition.model)
         before = _snapshot(runner)
         self.prefetch(run, condition, items, task_settings)
+        plan = state.memo.pop((self.spec.name, "plan", condition.model.name, condition.persona.id,
+                               tuple(case.id for case in items)), None)
         records = evaluate_triage(items, condition.persona, runner, run_id=state.run_id, model=condition.model.name,
-                                  settings=task_settings, progress=progress)
+                                  settings=task_settings, progress=progress, plan=plan)
         write_part(state.run_dir, self.spec.name, condition.model.name, condition.persona.id, records)
         self.after_part(run, condition, items)
         metrics = triage_metrics(records, logprobs_available=runner.backend.capabilities().logprobs,
@@ -272,10 +274,12 @@ class ClassificationTask:
         run.state.memo[key] = True
         for persona in run.state.personas_planned(self.spec.name, condition.model.name, condition.persona):
             try:
-                prefetch_triage(items, persona, runner, settings=task_settings)
+                plan = prefetch_triage(items, persona, runner, settings=task_settings)
             except PersonaEvalError:
                 if persona == condition.persona:
                     raise
+                continue
+            run.state.memo[(self.spec.name, "plan", condition.model.name, persona.id, key[3])] = plan
 
     def after_part(self, run: TaskRun, condition: Condition, items: list[Any]) -> None:
         """Called once a condition's records are written; its model time counts in the condition's."""

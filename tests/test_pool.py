@@ -185,6 +185,21 @@ def test_a_failed_prefetch_is_sent_again_by_the_case_that_needs_it() -> None:
     assert server.chat_completions == 2
 
 
+def test_what_is_prefetched_waits_outside_the_pool_beyond_twice_its_limit(make_backend: Any) -> None:
+    backend = make_backend(batch_size=1, max_in_flight=3, delay=0.02)
+    runner = Runner(backend, NullCache())
+    assert runner.prefetch(_requests(60), CONFIG, None) == 60
+    pool = runner._pool
+    assert pool is not None
+    held = []
+    while len(backend.calls) < 60:
+        held.append(pool.pending)
+        time.sleep(0.005)
+    assert max(held) <= 6  # queued and running: answers for cases not started yet stay bounded
+    results = runner.generate(_requests(60), CONFIG, None)
+    assert len(results) == 60 and not any(r.cached for r in results) and len(backend.calls) == 60
+
+
 def test_a_model_without_a_pool_prefetches_nothing(make_backend: Any) -> None:
     backend = make_backend(max_in_flight=1)
     runner = Runner(backend, NullCache())
