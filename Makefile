@@ -12,7 +12,7 @@ VLLM_STAMP := $(VENV_VLLM)/.installed
 VLLM_PIP := $(VENV_VLLM)/bin/python -m pip install --quiet --disable-pip-version-check
 ARGS ?=
 
-.PHONY: setup triage test lint bench bench-vllm
+.PHONY: setup triage test lint bench bench-vllm bench-scale
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -49,6 +49,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# The main job at 1x, 4x and 16x the fixture cases against a loopback stand-in server: per-case time and
+# peak memory of the pytest process should stay flat (about a minute on 2 cores).
+bench-scale: $(STAMP)
+	$(PY) bench/scale.py $(ARGS)
 
 # Throughput against a local vLLM server at 1, 4, 16 and 32 requests in flight (starts its own server).
 bench-vllm: $(STAMP) $(VENV_VLLM)
