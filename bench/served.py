@@ -11,9 +11,9 @@ flight. Reported: the server's time from the first request to the last answer, t
 (requests sent, mean and most in flight) from the run's summary.json, and the whole command's wall time.
 
 `storm`: the server takes 32 requests at once, refuses the rest with HTTP 429 (Retry-After: 1 s), and for
-the first 3 s after the first request refuses everything, as a hosted API's rate limit does. Reported: the 429s served, the
-lowest the suite's adaptive limit went, and whether every case was answered exactly once (nothing lost,
-nothing asked twice) with every record in cases.jsonl.
+the first 3 s after the first request refuses everything, as a hosted API's rate limit does. Reported: the
+429s served, the lowest the suite's adaptive limit went, and whether every case was answered exactly once
+(nothing lost, nothing asked twice) with every record in cases.jsonl.
 
 Prints a JSON document; the README's figures come from it.
 """
