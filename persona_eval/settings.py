@@ -67,7 +67,8 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "over the models file's max_new_tokens, kept for every case (default: a served or local model "
             f"{REASONING_MAX_NEW_TOKENS}, room to think, or what its context leaves after the prompt; the embedded "
             f"model its task's, triage {triage.MAX_NEW_TOKENS}, safety {safety.MAX_NEW_TOKENS})")),
-    ("--pe-batch-size", dict(type=int, metavar="N", help="batch size of local models (16)")),
+    ("--pe-batch-size", dict(type=int, metavar="N",
+                             help="batch size of local models (64 on a CPU, 16 on an accelerator)")),
     ("--pe-reports-dir", dict(metavar="DIR", help="where runs are written (default: ./reports)")),
     ("--pe-quiet", dict(action="store_true", help="no progress lines")),
     ("--pe-judge", dict(action="append", default=[], metavar="[NAME=]SPEC", help="a judge of the safety panel, "

@@ -113,6 +113,7 @@ def test_a_shared_prompt_prefix_is_read_once_and_changes_no_answer(thinking: boo
     for share in (False, True):
         backend = HFBackend("tiny", str(tiny_model_dir(thinking=thinking)), batch_size=len(batch))
         backend.share_prefix = share
+        backend.read_rows = 0  # one group: the same padding either way (groups of rows: the next test)
         reads[share] = _forward_tokens(backend)
         results[share] = backend.generate(batch, config, SCORING)
     prompts = backend.tokenizer([backend.render_prompt(r) for r in batch], add_special_tokens=False)["input_ids"]
@@ -131,3 +132,70 @@ def test_a_shared_prompt_prefix_is_read_once_and_changes_no_answer(thinking: boo
         assert with_reuse.prompt_label_logprobs == pytest.approx(without.prompt_label_logprobs, abs=1e-4)
     # The prompt pass reads the shared tokens once instead of once per row; the rest is the same work.
     assert sum(reads[False]) - sum(reads[True]) == shared * (len(batch) - 1)
+
+
+def test_rows_read_in_groups_of_similar_length_change_no_answer_and_the_prefix_is_kept() -> None:
+    # Twelve prompts of different lengths read in groups of four (each padded to its own longest row),
+    # laid side by side for one generate in a cache with room reserved: the same answers as every row
+    # reading its whole prompt in one padded pass, generate growing the cache itself.
+    batch = [render_case(record["text"], STUDY_PERSONAS[2]) for record in
+             synthetic_triage_records(6, seed=20261205)]
+    config = GenerationConfig(max_new_tokens=16)
+    results, reads = {}, {}
+    for name, share, group in (("whole", False, 16), ("one group", True, 0), ("groups", True, 4)):
+        backend = HFBackend("tiny", str(tiny_model_dir()), batch_size=len(batch))
+        backend.share_prefix, backend.read_rows = share, group
+        backend.reserve_room = share  # the reference grows its cache as transformers does
+        reads[name] = _forward_tokens(backend)
+        results[name] = backend.generate(batch, config, SCORING)
+    for name in ("one group", "groups"):
+        for reference, result in zip(results["whole"], results[name], strict=True):
+            assert result.text == reference.text and result.finish_reason == reference.finish_reason
+            assert result.usage == reference.usage
+            assert result.tokens is not None and reference.tokens is not None
+            assert [t.token for t in result.tokens] == [t.token for t in reference.tokens]
+            for a, b in zip(result.tokens, reference.tokens, strict=True):
+                assert a.label_logprobs == pytest.approx(b.label_logprobs, abs=1e-4)
+            assert result.prompt_label_logprobs == pytest.approx(reference.prompt_label_logprobs, abs=1e-4)
+    # Less padding is read in groups (two more groups: two more own-token and label passes each), and
+    # generate itself runs once over the whole batch either way.
+    assert sum(reads["groups"]) < sum(reads["one group"])
+    assert len(reads["groups"]) == len(reads["one group"]) + 4
+    # The next batch of the same persona starts from the kept prefix: no one-row pass reads it again.
+    first = len(reads["groups"])
+    again = backend.generate(batch[::-1], config, SCORING)
+    assert len(reads["groups"]) - first == first - 1
+    assert [g.text for g in again] == [g.text for g in results["groups"]][::-1]
+    for a, b in zip(again, results["groups"][::-1], strict=True):
+        assert a.prompt_label_logprobs == pytest.approx(b.prompt_label_logprobs, abs=1e-4)
+
+
+def test_a_cache_with_room_reserved_holds_what_concatenation_holds() -> None:
+    import torch
+    from transformers import DynamicCache
+
+    from persona_eval.backends.hf import _reserve
+
+    steps = [torch.randn(2, 3, n, 4) for n in (5, 1, 1, 3, 40)]
+    plain, roomy = DynamicCache(), DynamicCache()
+    for cache in (plain, roomy):
+        cache.update(steps[0], steps[0] + 1, 0)
+    _reserve(roomy, 2)  # room for two tokens: the later steps outgrow it, and room is made again
+    for step in steps[1:]:
+        expected = plain.update(step, step + 1, 0)
+        got = roomy.update(step, step + 1, 0)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    roomy.crop(-10)
+    plain.crop(-10)
+    roomy.batch_select_indices(torch.tensor([1]))
+    plain.batch_select_indices(torch.tensor([1]))
+    assert all(torch.equal(a, b) for a, b in zip(plain.update(steps[1][:1], steps[1][:1], 0),
+                                                 roomy.update(steps[1][:1], steps[1][:1], 0), strict=True))
+    assert roomy.get_seq_length() == plain.get_seq_length() == 41
+
+
+def test_the_default_batch_is_larger_on_a_cpu_where_decoding_reads_the_weights(model_dir: Path) -> None:
+    # Nothing is loaded: the batch size is settled when the backend is made.
+    assert HFBackend("tiny", str(model_dir)).batch_size == 64
+    assert HFBackend("tiny", str(model_dir), device="cuda").batch_size == 16
+    assert HFBackend("tiny", str(model_dir), device="cuda", batch_size=8).batch_size == 8

@@ -82,14 +82,23 @@ class HFBackend:
     """A causal language model run in this process with transformers."""
 
     def __init__(self, name: str, model: str, *, gguf_file: str | None = None, device: str = "cpu",
-                 dtype: str = "float32", batch_size: int = 16, memo_dir: Path | None = None,
+                 dtype: str = "float32", batch_size: int | None = None, memo_dir: Path | None = None,
                  trust_remote_code: bool = False, reasoning: bool | None = None) -> None:
         self.name = name
-        self.batch_size = batch_size
+        # Rows per generate call. On a CPU, 64 by default: a decode step there is bound by reading the
+        # weights, so more rows cost little more per step (at batch 64 about half the time per row of
+        # batch 16 on the embedded model); elsewhere 16, as accelerator memory allows for any model.
+        self.batch_size = batch_size if batch_size is not None else (64 if device == "cpu" else 16)
         self.max_in_flight = 1  # one process, one model: parallelism is the batch
         # Whether a batch's shared prompt prefix is read once (see _read_prompts); off, every row reads its
         # whole prompt, as the tests and the benchmark compare.
         self.share_prefix = True
+        # With share_prefix, how many rows of similar length read their own tokens together (each group is
+        # padded to its own longest row); generate then runs over the whole batch at once.
+        self.read_rows = 8
+        # Whether the cache reserves room for the answer's tokens ahead (see _roomy_layer) instead of
+        # transformers' concatenation at every step.
+        self.reserve_room = True
         self._model_ref = model
         self._gguf_file = gguf_file
         self._device = device
@@ -104,6 +113,8 @@ class HFBackend:
         self._parameters: frozenset[str] | None = None
         self._fingerprint: str | None = None
         self._context: tuple[int | None] | None = None  # memo of context_length(), None until asked
+        self._prefix: tuple[tuple[int, ...], Any] | None = None  # the last shared prefix read, and its cache
+        self._plain: bool | None = None  # memo of _plain_cache()
         self._lock = threading.Lock()
         local = Path(model)
         if gguf_file is None and local.suffix == ".gguf":
@@ -298,7 +309,8 @@ class HFBackend:
             row_ends = stop_ids
         with torch.inference_mode():
             read = self._read_prompts(encoded, scoring if label_ids is not None and scoring is not None
-                                      and scoring.read_prompt else None, label_ids)
+                                      and scoring.read_prompt else None, label_ids,
+                                      room=config.max_new_tokens + 1 if self.reserve_room else 0)
             prompt_length = read.ids.shape[1]
             if config.constrained_ranking:
                 from transformers import LogitsProcessorList
@@ -361,21 +373,22 @@ class HFBackend:
         return self._model(use_cache=True, **{self._cache_argument(): cache}, **inputs)
 
     def _read_prompts(self, encoded: Sequence[Sequence[int]], scoring: LabelScoring | None,
-                      label_ids: dict[str, list[int]] | None) -> _ReadPrompts:
+                      label_ids: dict[str, list[int]] | None, *, room: int = 0) -> _ReadPrompts:
         """The KV cache of every prompt but its last token, ready for generate, and with `scoring`, the
         labels' log-probabilities after each whole prompt followed by ``scoring.answer_prefix``.
 
         The tokens that all the batch's prompts start with (a template's persona sentence and instructions,
-        the same for every case of a persona) are read once, for one row, and that cache is repeated for
-        every row; then each row's own tokens are read on top of it. The rows are laid out as [shared | padding
-        | own], the padding masked and the positions counted over the tokens that are not, so every row sees
-        exactly the positions and keys it would see alone (generate counts positions from the mask too).
-        The label reading extends the cache by the last token and the answer prefix (a few tokens per row)
-        and is then cut off it again."""
+        the same for every case of a persona) are read once, for one row (and kept for the next batch that
+        starts with the same tokens), and that cache is repeated for every row; then each row's own tokens
+        are read on top of it. The rows are laid out as [shared | padding | own], the padding masked and the
+        positions counted over the tokens that are not, so every row sees exactly the positions and keys it
+        would see alone (generate counts positions from the mask too). The own tokens are read in groups of
+        at most :attr:`read_rows` rows of similar length, each padded only to its own longest row, and the
+        groups' caches are then laid side by side (padded keys left at zero, masked) for one generate over
+        the whole batch. The label reading extends each group's cache by the last token and the answer
+        prefix (a few tokens per row) and is then cut off it again."""
         torch, _, _ = _import_transformers()
-        from transformers import DynamicCache
 
-        model = self._model
         rows = len(encoded)
         shared = _shared_prefix_length(encoded) if rows > 1 and self.share_prefix else 0
         width = max(len(tokens) for tokens in encoded) - shared
@@ -389,28 +402,90 @@ class HFBackend:
             mask[row, shared + width - len(own):] = 1
         ids, mask = ids.to(self._device), mask.to(self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
-        if shared:
-            self._forward(cache, input_ids=ids[:1, :shared], position_ids=positions[:1, :shared])
+        prefix = self._prefix_cache(encoded[0][:shared]) if shared else None
+        prefix_ids = (self.tokenizer(scoring.answer_prefix, add_special_tokens=False)["input_ids"]
+                      if scoring is not None and label_ids is not None else None)
+        by_length = sorted(range(rows), key=lambda r: len(encoded[r]))
+        size = self.read_rows if self.share_prefix and self.read_rows and self._plain_cache() else rows
+        groups = [by_length[i:i + size] for i in range(0, rows, size)] if size < rows else [list(range(rows))]
+        boundary: list[dict[str, float | None]] = [{} for _ in range(rows)]
+        read: list[tuple[list[int], int, Any]] = []
+        for group in groups:
+            own_width = max(len(encoded[r]) for r in group) - shared
+            columns = torch.cat([torch.arange(shared), torch.arange(shared + width - own_width, shared + width)]
+                                ).to(self._device)
+            index = torch.tensor(group, dtype=torch.long, device=self._device)
+            cache, scores = self._read_group(prefix, ids[index][:, columns], mask[index][:, columns],
+                                             positions[index][:, columns], shared, prefix_ids, label_ids)
+            if scores is not None:
+                for row, values in zip(group, scores, strict=True):
+                    boundary[row] = values
+            read.append((group, own_width, cache))
+        if len(read) > 1:
+            cache = _side_by_side(read, rows, shared, width, room)
+        else:
+            cache = read[0][2]
+            if room and self._plain_cache():
+                _reserve(cache, room)
+        return _ReadPrompts(ids=ids, mask=mask, cache=cache, boundary=boundary if prefix_ids is not None else None)
+
+    def _plain_cache(self) -> bool:
+        """Whether this model's KV cache is one plain key and value tensor per layer (no sliding window, no
+        recurrent state), which groups of rows read apart can be laid side by side in."""
+        if self._plain is None:
+            from transformers import DynamicCache
+            from transformers.cache_utils import DynamicLayer
+
+            cache = DynamicCache(config=self._model.config)
+            self._plain = (all(type(layer) is DynamicLayer for layer in cache.layers) if cache.layers
+                           else getattr(cache, "layer_class_to_replicate", None) is DynamicLayer)
+        return self._plain
+
+    def _prefix_cache(self, tokens: Sequence[int]) -> Any:
+        """The KV cache of `tokens` for one row: read once and kept for the next batch that starts with the
+        same tokens (the cases of one persona come in several batches)."""
+        torch, _, _ = _import_transformers()
+        from transformers import DynamicCache
+
+        key = tuple(tokens)
+        if self._prefix is None or self._prefix[0] != key:
+            cache = DynamicCache(config=self._model.config)
+            ids = torch.tensor([list(tokens)], dtype=torch.long, device=self._device)
+            self._forward(cache, input_ids=ids, position_ids=torch.arange(len(tokens), device=self._device)[None])
+            self._prefix = (key, cache)
+        return self._prefix[1]
+
+    def _read_group(self, prefix: Any, ids: Any, mask: Any, positions: Any, shared: int,
+                    answer_prefix: list[int] | None, label_ids: dict[str, list[int]] | None
+                    ) -> tuple[Any, list[dict[str, float | None]] | None]:
+        """The cache of some rows laid out as [shared | padding | own] (`ids`, `mask`, `positions`), all but
+        the last token read on top of a copy of the `prefix` cache, and the label log-probabilities after each
+        whole prompt followed by `answer_prefix`."""
+        torch, _, _ = _import_transformers()
+        from transformers import DynamicCache
+
+        rows = ids.shape[0]
+        if prefix is not None:
+            cache = copy.deepcopy(prefix)
             cache.batch_repeat_interleave(rows)
-        if width > 1:
+        else:
+            cache = DynamicCache(config=self._model.config)
+        if ids.shape[1] - shared > 1:
             self._forward(cache, input_ids=ids[:, shared:-1], attention_mask=mask[:, :-1],
                           position_ids=positions[:, shared:-1])
-        boundary = None
-        if scoring is not None and label_ids is not None:
-            prefix = self.tokenizer(scoring.answer_prefix, add_special_tokens=False)["input_ids"]
-            tail = torch.tensor([prefix] * rows, dtype=ids.dtype, device=ids.device).reshape(rows, len(prefix))
-            extended = torch.cat([ids[:, -1:], tail], dim=1)
-            rollback = cache.is_croppable
-            branch = cache if rollback else copy.deepcopy(cache)
-            logits = self._forward(branch, input_ids=extended,
-                                   attention_mask=torch.cat([mask, torch.ones_like(tail, dtype=mask.dtype)], dim=1),
-                                   position_ids=positions[:, -1:] + torch.arange(extended.shape[1],
-                                                                                 device=ids.device)).logits[:, -1, :]
-            if rollback:
-                cache.crop(-extended.shape[1])
-            boundary = self._label_logprobs(logits, label_ids)
-        return _ReadPrompts(ids=ids, mask=mask, cache=cache, boundary=boundary)
+        if answer_prefix is None or label_ids is None:
+            return cache, None
+        tail = torch.tensor([answer_prefix] * rows, dtype=ids.dtype, device=ids.device).reshape(rows, -1)
+        extended = torch.cat([ids[:, -1:], tail], dim=1)
+        rollback = cache.is_croppable
+        branch = cache if rollback else copy.deepcopy(cache)
+        logits = self._forward(branch, input_ids=extended,
+                               attention_mask=torch.cat([mask, torch.ones_like(tail, dtype=mask.dtype)], dim=1),
+                               position_ids=positions[:, -1:] + torch.arange(extended.shape[1],
+                                                                             device=ids.device)).logits[:, -1, :]
+        if rollback:
+            cache.crop(-extended.shape[1])
+        return cache, self._label_logprobs(logits, label_ids)
 
     def score_labels(self, requests: Sequence[RenderedMessages], scoring: LabelScoring
                      ) -> list[dict[str, float | None]]:
@@ -430,6 +505,7 @@ class HFBackend:
 
     def close(self) -> None:
         self._model = None
+        self._prefix = None
 
 
 def _config_context(config: Any) -> int | None:
@@ -461,6 +537,91 @@ class _ReadPrompts:
     mask: Any
     cache: Any
     boundary: list[dict[str, float | None]] | None
+
+
+def _side_by_side(read: Sequence[tuple[list[int], int, Any]], rows: int, shared: int, width: int,
+                  room: int) -> Any:
+    """One cache for all `rows` from the caches of groups of them, each (rows of the group, its own width,
+    its cache laid out as [shared | padding | own] but one token): each group's own tokens move right to
+    the batch's `width`, the new columns between zero (masked, they are never attended to); with `room` for
+    that many more tokens (see :func:`_reserve`)."""
+    torch, _, _ = _import_transformers()
+
+    first = next((cache for _, _, cache in read if cache.get_seq_length() > 0), None)
+    if first is None:  # one token per prompt and none shared: nothing cached yet
+        return read[0][2]
+    for layer_index, layer in enumerate(first.layers):
+        merged = []
+        for name in ("keys", "values"):
+            sample = getattr(layer, name)
+            out = sample.new_zeros((rows, sample.shape[1], shared + width - 1 + room, sample.shape[3]))
+            for group, own_width, cache in read:
+                if cache.get_seq_length() == 0:
+                    continue
+                part = getattr(cache.layers[layer_index], name)
+                index = torch.tensor(group, dtype=torch.long, device=part.device)
+                out[index, :, :shared] = part[:, :, :shared]
+                out[index, :, shared + width - own_width:shared + width - 1] = part[:, :, shared:]
+            merged.append(out)
+        layer.__class__ = _roomy_layer()
+        layer.room_keys, layer.room_values = merged
+        layer.keys, layer.values = (part[..., :shared + width - 1, :] for part in merged)
+    return first
+
+
+_ROOMY: Any = None
+
+
+def _roomy_layer() -> Any:
+    """A plain cache layer that writes each step's keys and values into room reserved after them, where
+    transformers' own concatenates the whole cache anew at every step (at batch 64 on a CPU, more time
+    than the model's matrix products). The cached tensors are views of the room; a layer whose tensors were
+    replaced (a batch reordered) reserves room again."""
+    global _ROOMY
+    if _ROOMY is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class RoomyLayer(DynamicLayer):
+            room_keys: Any = None
+            room_values: Any = None
+
+            def reserve(self, extra: int) -> None:
+                keys: Any = self.keys
+                values: Any = self.values
+                length = keys.shape[-2]
+                self.room_keys = keys.new_empty((*keys.shape[:-2], length + extra, keys.shape[-1]))
+                self.room_values = values.new_empty((*values.shape[:-2], length + extra, values.shape[-1]))
+                self.room_keys[..., :length, :] = keys
+                self.room_values[..., :length, :] = values
+                self.keys, self.values = self.room_keys[..., :length, :], self.room_values[..., :length, :]
+
+            def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+                keys: Any = self.keys
+                values: Any = self.values
+                if not self.is_initialized or keys.numel() == 0:
+                    return super().update(key_states, value_states, *args, **kwargs)
+                length, added = keys.shape[-2], key_states.shape[-2]
+                if (self.room_keys is None or keys.data_ptr() != self.room_keys.data_ptr()
+                        or values.data_ptr() != self.room_values.data_ptr()
+                        or length + added > self.room_keys.shape[-2]):
+                    self.reserve(added + max(length // 2, 32))
+                self.room_keys[..., length:length + added, :] = key_states
+                self.room_values[..., length:length + added, :] = value_states
+                self.keys = self.room_keys[..., :length + added, :]
+                self.values = self.room_values[..., :length + added, :]
+                return self.keys, self.values
+
+        _ROOMY = RoomyLayer
+    return _ROOMY
+
+
+def _reserve(cache: Any, extra: int) -> None:
+    """Room for `extra` more tokens in every layer of a plain cache (see :func:`_roomy_layer`)."""
+    roomy = _roomy_layer()
+    for layer in cache.layers:
+        if layer.is_initialized and layer.keys.numel() > 0 and type(layer) is not roomy:
+            layer.__class__ = roomy
+            layer.reserve(extra)
 
 
 def _shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
