@@ -155,13 +155,14 @@ def test_the_adaptive_limit_holds_requests_back_while_it_is_full() -> None:
 
 
 def test_prefetched_answers_are_taken_as_fresh_and_sent_once(tmp_path: Path) -> None:
-    with StandInServer(served_name="m", latency=0.2) as server, ResultCache(tmp_path / "r.sqlite") as cache:
+    # Each answer takes a second: long enough for all twenty to be at the server together on a loaded machine.
+    with StandInServer(served_name="m", latency=1.0) as server, ResultCache(tmp_path / "r.sqlite") as cache:
         runner = Runner(OpenAIBackend("m", model="m", base_url=server.base_url, max_in_flight=64), cache)
         first, second = _requests(10, "first"), _requests(10, "second")
         assert runner.prefetch(first, CONFIG, None) == 10
         assert runner.prefetch(second, CONFIG, None) == 10
         assert runner.prefetch(second, CONFIG, None) == 0  # queued already
-        assert _wait_for(lambda: server.max_in_flight >= 20, 5.0)  # both callers' requests at once
+        assert _wait_for(lambda: server.max_in_flight >= 20, 10.0)  # both callers' requests at once
         results = runner.generate(first, CONFIG, None) + runner.generate(second, CONFIG, None)
         assert [r.cached for r in results] == [False] * 20
         assert server.chat_completions == 20
