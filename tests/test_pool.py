@@ -115,8 +115,8 @@ def test_the_gauge_reports_the_mean_in_flight_over_the_busy_time() -> None:
     time.sleep(0.2)  # idle time does not count
     snapshot = gauge.snapshot()
     assert snapshot["sent"] == 4 and snapshot["max_in_flight"] == 4
-    assert 2.6 <= snapshot["mean_in_flight"] <= 3.4  # (4 x 0.2 + 2 x 0.2) / 0.4
-    assert 0.38 <= snapshot["busy_seconds"] <= 0.6
+    assert 2.5 <= snapshot["mean_in_flight"] <= 3.5  # (4 x 0.2 + 2 x 0.2) / 0.4, however long the sleeps overrun
+    assert 0.38 <= snapshot["busy_seconds"] <= 2.0
 
 
 def test_the_adaptive_limit_halves_once_per_burst_of_refusals_and_grows_back_by_one() -> None:
