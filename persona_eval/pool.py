@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AdaptiveLimit", "InFlightGauge", "RequestPool", "Slot"]
+__all__ = ["AdaptiveLimit", "InFlightGauge", "RequestPool", "Slot", "cancel_future"]
 
 
 class InFlightGauge:
@@ -115,7 +115,7 @@ class RequestPool:
             return future
         with self._lock:
             if self._stopped:
-                _cancel(future)
+                cancel_future(future)
                 return future
             self._queue.append(_Job(send, future, requests))
             if self._idle == 0 and self._workers < self.limit:
@@ -162,7 +162,7 @@ class RequestPool:
         with self._lock:
             jobs, self._queue = list(self._queue), collections.deque()
         for job in jobs:
-            _cancel(job.future)
+            cancel_future(job.future)
         return len(jobs)
 
     def wait_running(self, timeout: float | None = None) -> bool:
@@ -195,7 +195,7 @@ class RequestPool:
             return len(self._queue) + self._running
 
 
-def _cancel(future: Future[Any]) -> None:
+def cancel_future(future: Future[Any]) -> None:
     """Cancel a future that no thread runs, and tell whoever waits on it (concurrent.futures.wait counts a
     cancelled future as done only once it was notified)."""
     if future.cancel():

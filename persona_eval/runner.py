@@ -42,7 +42,7 @@ from typing import Any
 from persona_eval.backends.base import Backend, Generation, GenerationConfig, LabelScoring, requested_decoding
 from persona_eval.cache import NullCache, ResultCache, cache_key, cache_keys
 from persona_eval.errors import BackendError, ConfigError
-from persona_eval.pool import InFlightGauge, RequestPool
+from persona_eval.pool import InFlightGauge, RequestPool, cancel_future
 from persona_eval.prompts import RenderedMessages
 
 __all__ = ["CachedGeneration", "Progress", "Runner", "RunnerStats", "describe_identity_change"]
@@ -555,8 +555,7 @@ class Runner:
         with self._lock:
             backlog, self._backlog = list(self._backlog), collections.deque()
         for _, _, future in backlog:
-            if future.cancel():
-                future.set_running_or_notify_cancel()
+            cancel_future(future)
 
     def _answer(self, work: _Work, batch: list[int]) -> list[Any]:
         """A pool job: ask the model for `batch` and store the answers (on the pool's thread, so that what
