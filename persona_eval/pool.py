@@ -184,11 +184,6 @@ class RequestPool:
         self.cancel_queued()
 
     @property
-    def queued(self) -> int:
-        with self._lock:
-            return len(self._queue)
-
-    @property
     def pending(self) -> int:
         """Jobs queued or running."""
         with self._lock:
@@ -205,8 +200,8 @@ def cancel_future(future: Future[Any]) -> None:
 class Slot:
     """One request's permission to be sent (see :meth:`AdaptiveLimit.slot`)."""
 
-    def __init__(self, limit: AdaptiveLimit | None, epoch: int = 0) -> None:
-        self._limit, self._epoch = limit, epoch
+    def __init__(self, epoch: int = 0) -> None:
+        self._epoch = epoch  # the limit's cuts when the request went out
         self.outcome: str | None = None  # "answered" or "limited"; None: neither (an error, a timeout)
 
     def answered(self) -> None:
@@ -239,7 +234,7 @@ class AdaptiveLimit:
             while self._active >= self.current and not (cancelled is not None and cancelled.is_set()):
                 self._condition.wait(0.2)
             self._active += 1
-            slot = Slot(self, self._epoch)
+            slot = Slot(self._epoch)
         try:
             yield slot
         finally:

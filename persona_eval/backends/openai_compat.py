@@ -660,7 +660,7 @@ class OpenAIBackend:
             attempt += 1
             if self._cancelled.is_set():
                 break
-            with self._limit.slot(self._cancelled) if counted else contextlib.nullcontext(Slot(None)) as slot:
+            with self._limit.slot(self._cancelled) if counted else contextlib.nullcontext(Slot()) as slot:
                 if self._cancelled.is_set():
                     break
                 started = time.perf_counter()
