@@ -20,6 +20,15 @@ and report stratum ("all", "emergency", "primary_care"), and is a plain dict (JS
 ``persona_only, baseline_only``
     McNemar comparisons only: the discordant pairs, i.e. cases where the outcome (correct, or
     consistent) holds under the persona only, and under the baseline only;
+``standard_error``
+    the standard deviation of the kept resampled differences (the bootstrap's standard error of
+    ``delta``), or None with fewer than two;
+``mde, mde_level, mde_power, family_size``
+    the minimum detectable effect: the smallest ``|delta|``, in the metric's own units (those of
+    ``delta``: a share, percentage points for ``consistency_rate``), that the comparison's test would
+    find significant with probability ``mde_power`` (0.8) at the two-sided level ``mde_level``, with
+    ``family_size`` the number of comparisons with a p-value in its Holm family (see below). None, with
+    a note, where no difference is detectable (too few cases) or the comparison has no p-value;
 ``note``
     why a value is None, or None. Undefined values (NaN: no parsable answer, no label probabilities,
     no resample that defines the difference) are written as None with a note, never as NaN.
@@ -55,6 +64,20 @@ delta reads with an interval; the McNemar p-value is the one that decides their 
 Families: p-values are Holm-adjusted within each (model, task, stratum, metric, baseline), i.e. over the
 personas compared with one control on one metric. Against an approved baseline the family is the same
 with ``baseline = "approved"``.
+
+Power (:mod:`persona_eval.power`): ``mde_level = alpha / m``, ``m = family_size``, the threshold of
+Holm's first step. A raw p-value below it is significant whatever the other members' p-values: the
+adjusted p of the j-th smallest is the largest ``(m - i + 1) p_(i)`` over ``i <= j``, and each of these is
+at most ``m p_(j)``. So the MDE is the smallest difference the comparison detects with 80% power on its
+own. Holm's later steps are more lenient (up to ``alpha`` itself), but a member reaches them only when
+the members with smaller p-values are significant too; the MDE does not count on that, which makes it
+conservative (a larger MDE, never a smaller one). McNemar comparisons use
+:func:`persona_eval.power.mcnemar_mde` (exact power of the very test used) with the observed discordance
+``(persona_only + baseline_only) / n``; bootstrap ones use :func:`persona_eval.power.normal_mde` with
+``standard_error`` and the resolution of the bootstrap p-value with ``n_resamples`` resamples, floored,
+for the shares of cases (risk propensity, under- and over-triage), at the spread of a shift in which a
+share ``mde`` of the ``n`` cases change, so that two conditions that never differed on the cases seen do
+not claim to detect every difference.
 """
 
 from __future__ import annotations
@@ -69,6 +92,7 @@ import numpy as np
 from persona_eval import metrics, stats
 from persona_eval.errors import ConfigError, DataError
 from persona_eval.personas import CONTROLS
+from persona_eval.power import DEFAULT_POWER, mcnemar_mde, normal_mde
 from persona_eval.tasks import TaskSpec, spec_of
 
 __all__ = [
@@ -105,6 +129,8 @@ TEST_FAMILIES: dict[str, str] = {
     "over_triage_rate": BOOTSTRAP_TEST,
     "expected_calibration_error": BOOTSTRAP_TEST,
 }
+# Bootstrap metrics that are shares of cases with a binary outcome: their MDE is floored (normal_mde's n).
+_CASE_SHARES = frozenset({"risk_propensity", "under_triage_rate", "over_triage_rate"})
 
 
 def _spec(task: str) -> TaskSpec:
@@ -158,7 +184,9 @@ class ComparisonSettings:
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "adjustment": "holm", "family": list(FAMILY_KEYS),
                 "bootstrap_pvalue": "two-sided percentile inversion, min(1, 2 min(1 + #{d*<=0}, "
-                                    "1 + #{d*>=0}) / (R + 1))"}
+                                    "1 + #{d*>=0}) / (R + 1))",
+                "mde": f"smallest difference detected with {DEFAULT_POWER:.0%} power at alpha / m (Holm's first "
+                       "step, m = family_size): exact for McNemar, normal with the bootstrap's resolution otherwise"}
 
 
 # --- conditions ----------------------------------------------------------------------------------------
@@ -363,16 +391,19 @@ def _both_consistent_cases(a: _Outcomes, b: _Outcomes) -> np.ndarray:
 
 
 def _interval_and_pvalue(differences: np.ndarray, settings: ComparisonSettings
-                         ) -> tuple[float | None, float | None, float | None, int]:
+                         ) -> tuple[float | None, float | None, float | None, int, float | None]:
+    """The percentile interval, the bootstrap p-value, the number of kept resamples and their standard
+    deviation (None with fewer than two)."""
     kept = differences[~np.isnan(differences)]
     if not kept.size:
-        return None, None, None, 0
+        return None, None, None, 0, None
     alpha = (1.0 - settings.confidence_level) / 2.0
     low, high = (float(b) for b in np.percentile(kept, [100.0 * alpha, 100.0 * (1.0 - alpha)]))
     at_or_below = int(np.count_nonzero(kept <= 0))
     at_or_above = int(np.count_nonzero(kept >= 0))
     pvalue = min(1.0, 2.0 * min(1 + at_or_below, 1 + at_or_above) / (kept.size + 1))
-    return low, high, pvalue, int(kept.size)
+    spread = float(np.std(kept, ddof=1)) if kept.size > 1 else None
+    return low, high, pvalue, int(kept.size), spread
 
 
 def _comparisons_of_stratum(case_ids: Sequence[str], pairs: Sequence[_Pair], metric_tests: Mapping[str, str],
@@ -392,8 +423,8 @@ def _comparisons_of_stratum(case_ids: Sequence[str], pairs: Sequence[_Pair], met
         if comparison["delta"] is not None:
             with np.errstate(invalid="ignore"):
                 differences = persona_stat(sums) - baseline_stat(sums)
-            low, high, boot_p, kept = _interval_and_pvalue(differences, settings)
-            comparison.update(ci_low=low, ci_high=high, n_resamples=kept)
+            low, high, boot_p, kept, spread = _interval_and_pvalue(differences, settings)
+            comparison.update(ci_low=low, ci_high=high, n_resamples=kept, standard_error=spread)
             if test == BOOTSTRAP_TEST:
                 comparison["pvalue"] = boot_p
             if low is None:
@@ -416,7 +447,9 @@ def _compare(pair: _Pair, metric: str, test: str, terms: tuple[_Terms, _Terms],
         **pair.labels, "metric": metric, "value": None, "baseline_value": None, "delta": None,
         "ci_low": None, "ci_high": None, "confidence_level": settings.confidence_level,
         "interval_method": INTERVAL_METHOD, "n_resamples": 0, "pvalue": None, "pvalue_adjusted": None,
-        "significant": None, "test": test, "statistic": None, "n": len(persona.reference), "note": None,
+        "significant": None, "test": test, "statistic": None, "n": len(persona.reference),
+        "standard_error": None, "mde": None, "mde_level": None, "mde_power": DEFAULT_POWER, "family_size": None,
+        "note": None,
     }
     value, baseline_value = persona_terms.value(), baseline_terms.value()
     if test == MCNEMAR_TEST:
@@ -465,16 +498,46 @@ def family_of(comparison: Mapping[str, Any]) -> tuple[Any, ...]:
 
 def adjust_pvalues(comparisons: Sequence[dict[str, Any]], *, alpha: float = ALPHA) -> None:
     """Fill in ``pvalue_adjusted`` (Holm, within each family of :func:`family_of`) and ``significant``
-    (adjusted p < alpha) in place. A comparison without a p-value is left out of its family's count and
-    keeps None for both."""
+    (adjusted p < alpha) in place, and the minimum detectable effect (``mde``, ``mde_level``,
+    ``mde_power``, ``family_size``: see the module docstring) of each comparison of a compared metric. A
+    comparison without a p-value is left out of its family's count and keeps None for all of them."""
     families: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for comparison in comparisons:
         families.setdefault(family_of(comparison), []).append(comparison)
     for members in families.values():
         raw = [math.nan if c["pvalue"] is None else float(c["pvalue"]) for c in members]
+        tested = sum(1 for p in raw if not math.isnan(p))
         for comparison, adjusted in zip(members, stats.holm(raw), strict=True):
             comparison["pvalue_adjusted"] = _value(adjusted)
             comparison["significant"] = None if math.isnan(adjusted) else bool(adjusted < alpha)
+            if not math.isnan(adjusted):
+                _add_mde(comparison, level=alpha / tested, family_size=tested)
+
+
+def _add_mde(comparison: dict[str, Any], *, level: float, family_size: int) -> None:
+    """The comparison's minimum detectable effect at `level` (see the module docstring), in its metric's
+    units; None with a note where no difference is detectable."""
+    metric = comparison.get("metric")
+    test = TEST_FAMILIES.get(str(metric))
+    n = comparison.get("n")
+    if test is None or not isinstance(n, int):
+        return
+    comparison.update(mde_level=level, mde_power=DEFAULT_POWER, family_size=family_size)
+    if test == MCNEMAR_TEST:
+        discordant = int(comparison.get("persona_only") or 0) + int(comparison.get("baseline_only") or 0)
+        # A share of the pairs; consistency_rate is a percentage: its upper bound is its scale.
+        mde = mcnemar_mde(n, discordant / n, alpha=level) * metrics.METRICS[str(metric)].upper if n else math.nan
+        why = f"no difference is detectable on {n} paired cases at the level {level:.3g}"
+    elif comparison.get("standard_error") is None:
+        mde, why = math.nan, "fewer than two bootstrap resamples define the difference"
+    else:
+        mde = normal_mde(float(comparison["standard_error"]), alpha=level,
+                         n=n if metric in _CASE_SHARES else None, n_resamples=int(comparison["n_resamples"]))
+        why = f"no difference is detectable on {n} paired cases at the level {level:.3g}"
+    comparison["mde"] = _value(mde)
+    note = f"minimum detectable effect: {why}"
+    if comparison["mde"] is None and note not in str(comparison.get("note")):
+        _add_note(comparison, note)
 
 
 # --- within a run -----------------------------------------------------------------------------------------

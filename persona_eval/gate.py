@@ -21,7 +21,16 @@ checked are listed, and stay informational. Each unchecked entry carries a ``rea
 :func:`how_to_check` turns into the command that would check it: ``too_few_cases`` (fewer cases than
 its min_cases), ``not_available`` (no label probabilities), ``not_defined`` (the metric is not defined
 on these cases), ``no_stratum``, ``no_control``, ``no_persona`` (no persona beside the controls ran),
-``no_pvalue``, ``no_comparison`` (none it applies to, cause unknown).
+``no_pvalue``, ``no_comparison`` (none it applies to, cause unknown), ``underpowered`` (see below).
+
+Underpowered: a rule that is not crossed has only shown something if the run could have seen the
+worsening it guards against. A comparison carries its minimum detectable effect ``mde`` (see
+:mod:`persona_eval.comparisons`): the smallest difference its test detects with 80% power, in the
+metric's units, as the rule's tolerance. A rule that is not crossed, on a comparison whose ``mde`` is
+wider than the rule's tolerance (or None: no difference detectable on so few cases), is not checked with
+the reason ``underpowered``: a worsening beyond the tolerance but within the ``mde`` would most likely
+have gone unseen. A crossed rule stays crossed whatever the ``mde``. A comparison without an ``mde`` field
+(made before it existed) is checked as before.
 
 An approved baseline file (``--pe-save-baseline``) is JSON lines: a header line
 ``{"persona_eval_baseline": 1, "run_id": ..., "created": ..., "models": {...}, "datasets": {...}}``, then
@@ -31,6 +40,7 @@ the run's per-case records exactly as in its cases.jsonl.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -40,12 +50,15 @@ from typing import Any, Literal
 
 from persona_eval.comparisons import APPROVED, ComparisonSettings, compare_to_approved
 from persona_eval.errors import ConfigError, DataError
+from persona_eval.metrics import METRICS
 from persona_eval.personas import BASELINE, Persona
+from persona_eval.power import cases_needed, implied_discordance
 from persona_eval.results import write_jsonl
 from persona_eval.thresholds import BoundCheck, RegressionRule, Thresholds, format_number, metric_label
 
 __all__ = [
     "BASELINE_VERSION",
+    "POWER_METRICS",
     "STATE_WORDS",
     "RegressionCheck",
     "ResultSet",
@@ -160,7 +173,8 @@ class RegressionCheck:
             **{key: comparison.get(key) for key in (
                 "model", "task", "stratum", "metric", "persona", "baseline", "baseline_model", "value",
                 "baseline_value", "delta", "ci_low", "ci_high", "confidence_level", "pvalue",
-                "pvalue_adjusted", "significant", "test", "n")},
+                "pvalue_adjusted", "significant", "test", "n", "persona_only", "baseline_only",
+                "standard_error", "mde", "mde_level", "mde_power", "family_size")},
         }
 
 
@@ -210,8 +224,35 @@ def _check_one(rule: RegressionRule, comparison: Mapping[str, Any], scope: Scope
                                f"{prefix}: {subject} changed by {shown_delta} {evidence} on {n} paired "
                                f"case{'s' if n != 1 else ''}; the rule needs at least {rule.min_cases} "
                                "(min_cases) to count as checked.", scope, "too_few_cases")
+    if "mde" in comparison and _underpowered(rule, comparison.get("mde")):
+        return RegressionCheck(rule, comparison, "skipped",
+                               f"{prefix}: {subject} changed by {shown_delta} {evidence}, but was not checked: "
+                               f"{_power_text(rule, comparison)}; give more cases (persona-eval power says how "
+                               "many).", scope, "underpowered")
     return RegressionCheck(rule, comparison, "pass", f"PASS: {subject} changed by {shown_delta} {evidence}: "
                                                      f"{why}.", scope)
+
+
+def _underpowered(rule: RegressionRule, mde: Any) -> bool:
+    """Whether a worsening beyond the rule's tolerance could have gone unseen: the comparison's minimum
+    detectable effect (the metric's units, as the tolerance) is wider, or nothing is detectable (None)."""
+    return mde is None or float(mde) > rule.tolerance
+
+
+def _power_text(rule: RegressionRule, comparison: Mapping[str, Any]) -> str:
+    n, mde = comparison.get("n"), comparison.get("mde")
+    if mde is None:
+        return (f"on {n} paired case{'s' if n != 1 else ''} this run could not detect any worsening (no "
+                f"difference reaches significance at the level {_level_text(comparison)})")
+    return (f"this run could detect a worsening of {format_number(float(mde))} or more, wider than the rule's "
+            f"tolerance {format_number(rule.tolerance)} (n={n})")
+
+
+def _level_text(comparison: Mapping[str, Any]) -> str:
+    level, size = comparison.get("mde_level"), comparison.get("family_size")
+    if isinstance(level, (int, float)) and isinstance(size, int) and size > 1:
+        return f"{_number_text(level * size)}/{size}"
+    return _number_text(level) if isinstance(level, (int, float)) else "of the test"
 
 
 def check_regressions(comparisons: Iterable[Mapping[str, Any]], rules: Sequence[RegressionRule], *,
@@ -434,7 +475,64 @@ def how_to_check(check: Mapping[str, Any], args: Sequence[str] | None) -> str:
                 f"{record}")
     if reason == "not_defined":
         return f"check why the stratum has no readable answer (see the parse rate), {record}"
+    if reason == "underpowered":
+        return _how_to_power(check, rule, record)
     return f"rerun with more cases, {record}"
+
+
+# The metrics `persona-eval power` plans for: shares of cases with a binary outcome.
+POWER_METRICS: tuple[str, ...] = ("accuracy", "under_triage_rate", "over_triage_rate", "risk_propensity")
+
+
+def _number_text(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _how_to_power(check: Mapping[str, Any], rule: Mapping[str, Any], record: str) -> str:
+    """How many cases would check an underpowered rule, and the `persona-eval power` command that says so."""
+    metric, stratum = str(rule.get("metric")), rule.get("stratum")
+    tolerance, n = rule.get("tolerance"), check.get("n")
+    level, size = check.get("mde_level"), check.get("family_size")
+    if not isinstance(tolerance, (int, float)) or tolerance <= 0:
+        return ("a tolerance of 0 cannot be shown to hold on any number of cases: give the rule the largest "
+                f"worsening that does not matter as its tolerance, {record}")
+    if not (isinstance(level, (int, float)) and isinstance(size, int) and isinstance(n, int) and n > 0):
+        return f"give more cases in the stratum '{stratum}' (--pe-dataset), {record}"
+    alpha = level * size
+    scale = METRICS[metric].upper if metric in METRICS else 1.0
+    difference = float(tolerance) / scale
+    discordance: float | None = None
+    if check.get("persona_only") is not None and check.get("baseline_only") is not None:
+        discordance = (int(check["persona_only"]) + int(check["baseline_only"])) / n
+    elif metric in POWER_METRICS and check.get("standard_error") is not None:
+        discordance = implied_discordance(float(check["standard_error"]), n, difference=check.get("delta") or 0.0)
+    needed: int | None
+    if discordance is not None and difference <= 1:
+        seen = f"{100 * discordance:.3g}%"
+        if discordance >= difference:
+            basis = f"if {seen} of the cases change, as in this run"
+        else:
+            basis = (f"if {100 * difference:.3g}% of the cases change, the fewest such a worsening needs; "
+                     f"{seen} did in this run")
+        discordance = min(1.0, max(discordance, difference))
+        needed = cases_needed(difference, discordance=discordance, alpha=level)
+    elif isinstance(check.get("mde"), (int, float)):
+        # The minimum detectable effect shrinks as 1 / sqrt(n).
+        needed = math.ceil(n * (float(check["mde"]) / float(tolerance)) ** 2)
+        basis = "by the normal approximation"
+        discordance = None
+    else:
+        return f"give more cases in the stratum '{stratum}' (--pe-dataset), {record}"
+    amount = (f"about {needed} cases in the stratum '{stratum}' ({basis}; this run has {n})" if needed is not None
+              else f"far more cases in the stratum '{stratum}' than this run's {n}")
+    text = f"give {amount} (--pe-dataset)"
+    if metric in POWER_METRICS:
+        command = ["persona-eval", "power", "--metric", metric, "--difference", _number_text(difference)]
+        if discordance is not None:
+            command += ["--discordance", _number_text(round(discordance, 4))]
+        command += ["--comparisons", str(size), "--alpha", _number_text(alpha)]
+        text += f"; to plan it: {shlex.join(command)}"
+    return f"{text}; {record}"
 
 
 def gate_verdict(results: Sequence[Mapping[str, Any]], regressions: Sequence[Mapping[str, Any]],

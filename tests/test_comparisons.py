@@ -29,13 +29,15 @@ from persona_eval.comparisons import (
     family_of,
 )
 from persona_eval.errors import ConfigError, DataError
+from persona_eval.power import mcnemar_mde, normal_mde
 from persona_eval.stats import MCNEMAR_CHI_SQUARE, MCNEMAR_EXACT
 from persona_eval.tasks.triage import LABELS, REPORT_STRATA
 
 PERSONAS = ("no_persona", "helpful_assistant", "ed_physician", "ed_nurse")
 GROUPS = {"no_persona": "baseline", "helpful_assistant": "non_medical"}
 FIELDS = ("model", "task", "stratum", "metric", "persona", "persona_group", "baseline", "value", "baseline_value",
-          "delta", "ci_low", "ci_high", "confidence_level", "pvalue", "pvalue_adjusted", "significant", "test", "n")
+          "delta", "ci_low", "ci_high", "confidence_level", "pvalue", "pvalue_adjusted", "significant", "test", "n",
+          "standard_error", "mde", "mde_level", "mde_power", "family_size")
 FAST = ComparisonSettings(n_resamples=300)
 MCNEMAR_METRICS = ("accuracy", "consistency_rate")
 
@@ -522,6 +524,81 @@ def test_adjust_pvalues_marks_significance_at_alpha() -> None:
     assert [c["significant"] for c in comparisons] == [True, True, None]
     adjust_pvalues(comparisons, alpha=0.01)
     assert [c["significant"] for c in comparisons] == [False, False, None]
+
+
+# --- minimum detectable effect -------------------------------------------------------------------------------
+
+
+def test_every_comparison_reports_its_minimum_detectable_effect_in_its_metrics_units() -> None:
+    settings = ComparisonSettings(n_resamples=300, alpha=0.05)
+    comparisons = compare_personas(random_records(21, n=60), settings=settings)
+    for comparison in comparisons:
+        family = [c for c in comparisons if family_of(c) == family_of(comparison) and c["pvalue"] is not None]
+        assert comparison["family_size"] == len(family) == 3  # three personas against each control
+        assert comparison["mde_level"] == pytest.approx(0.05 / 3) and comparison["mde_power"] == 0.8
+        n, level = comparison["n"], comparison["mde_level"]
+        if comparison["metric"] in MCNEMAR_METRICS:
+            share = mcnemar_mde(n, (comparison["persona_only"] + comparison["baseline_only"]) / n, alpha=level)
+            scale = 100.0 if comparison["metric"] == "consistency_rate" else 1.0  # percentage points
+            assert comparison["mde"] == pytest.approx(share * scale)
+        else:
+            floor = n if comparison["metric"] != "expected_calibration_error" else None
+            assert comparison["mde"] == pytest.approx(normal_mde(
+                comparison["standard_error"], alpha=level, n=floor, n_resamples=comparison["n_resamples"]))
+        # The bootstrap's standard error of the difference: about the interval's width over 2 x 1.96.
+        width = (comparison["ci_high"] - comparison["ci_low"]) / (2 * 1.96)
+        assert 0.6 * width <= comparison["standard_error"] <= 1.6 * width
+    json.dumps(comparisons, allow_nan=False)
+
+
+def test_the_standard_error_is_that_of_the_seeded_resamples() -> None:
+    records = random_records(3, n=30)
+    settings = ComparisonSettings(n_resamples=400, seed=7)
+    comparison = find(compare_personas(records, settings=settings), metric="under_triage_rate", stratum="all",
+                      persona="ed_physician", baseline="no_persona")
+    _, differences = _differences_on_resamples(records, "under_triage_rate", "ed_physician", "no_persona", "all",
+                                               settings)
+    kept = differences[~np.isnan(differences)]
+    assert comparison["standard_error"] == pytest.approx(float(np.std(kept, ddof=1)), abs=1e-12)
+
+
+def test_no_disagreement_on_few_cases_still_has_a_wide_mde() -> None:
+    """Identical answers: no discordant pair and a bootstrap spread of 0, yet 12 cases detect only a large
+    shift."""
+    records = planted_accuracy(0, 0, emergency=12)
+    accuracy = find(compare_personas(records, settings=FAST), metric="accuracy", stratum="emergency")
+    assert accuracy["mde"] == pytest.approx(mcnemar_mde(12, 0.0, alpha=0.05)) and accuracy["mde"] > 0.4
+    under = find(compare_personas(records, settings=FAST), metric="under_triage_rate", stratum="emergency")
+    assert under["standard_error"] == 0.0 and under["mde"] > 0.3
+
+
+def test_an_mde_no_difference_reaches_is_none_with_a_note() -> None:
+    records = planted_accuracy(0, 0, emergency=4, primary_care=0)
+    accuracy = find(compare_personas(records, settings=FAST), metric="accuracy", stratum="emergency")
+    assert accuracy["pvalue"] == 1.0 and accuracy["mde"] is None
+    assert "minimum detectable effect: no difference is detectable on 4 paired cases at the level 0.05" in \
+        accuracy["note"]
+    adjust_pvalues([accuracy])  # again: the note is not repeated
+    assert accuracy["note"].count("minimum detectable effect") == 1
+
+
+def test_a_comparison_without_a_pvalue_has_no_mde() -> None:
+    records = random_records(15)
+    for r in records:
+        if r["persona"] == "ed_nurse":
+            r["generated_label"] = None
+    risk = find(compare_personas(records, settings=FAST), metric="risk_propensity", stratum="all",
+                persona="ed_nurse", baseline="no_persona")
+    assert (risk["mde"], risk["mde_level"], risk["family_size"]) == (None, None, None)
+
+
+def test_against_an_approved_run_the_mde_uses_the_approved_family() -> None:
+    approved = random_records(18, model="old", shift="")
+    candidate = [dict(r, model="new") for r in approved]
+    comparisons = compare_to_approved(candidate, approved, settings=FAST)["comparisons"]
+    accuracy = find(comparisons, metric="accuracy", stratum="all", persona="ed_nurse")
+    assert accuracy["family_size"] == len(PERSONAS) and accuracy["mde_level"] == pytest.approx(0.05 / len(PERSONAS))
+    assert accuracy["mde"] == pytest.approx(mcnemar_mde(40, 0.0, alpha=0.05 / len(PERSONAS)))
 
 
 # --- settings -------------------------------------------------------------------------------------------------

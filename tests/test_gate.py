@@ -3,6 +3,7 @@ approved baselines on disk, `persona-eval compare`, and the verdict in summary.j
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 from pathlib import Path
@@ -314,7 +315,8 @@ def test_a_missing_path_or_a_folder_without_cases_is_a_config_error(tmp_path: Pa
 def test_approved_comparison_fails_on_the_regressed_persona_only(tmp_path: Path) -> None:
     approved = load_results(save_baseline(tmp_path / "a.jsonl", case_records(model="old"), run_id="a",
                                           models={}, datasets={}))
-    over = RegressionRule("triage", "over_triage_rate", "all", "higher", 0.05)
+    # 30 identical cases detect a worsening of about 0.31 (80% power at 0.05/4, 300 resamples): 0.40 is checkable.
+    over = RegressionRule("triage", "over_triage_rate", "all", "higher", 0.40)
     document = approved_comparison(case_records(model="new", escalate="ed_physician"), approved, [over],
                                    settings=FAST)
     assert document["verdict"]["passed"] is False
@@ -326,6 +328,13 @@ def test_approved_comparison_fails_on_the_regressed_persona_only(tmp_path: Path)
     json.dumps(document, allow_nan=False)
     same = approved_comparison(case_records(model="new"), approved, [over], settings=FAST)
     assert same["verdict"]["passed"] is True
+    # A tolerance of 0.05 cannot be shown to hold on 30 cases: not checked, the regression still fails.
+    strict = approved_comparison(case_records(model="new", escalate="ed_physician"), approved,
+                                 [dataclasses.replace(over, tolerance=0.05)], settings=FAST)
+    assert {c["persona"]: (c["status"], c["reason"]) for c in strict["regressions"]} == {
+        "ed_physician": ("fail", None), "no_persona": ("skipped", "underpowered"),
+        "helpful_assistant": ("skipped", "underpowered"), "ed_nurse": ("skipped", "underpowered")}
+    assert strict["verdict"]["passed"] is False and len(strict["verdict"]["not_checked"]) == 3
 
 
 # --- persona-eval compare ------------------------------------------------------------------------------------
@@ -333,7 +342,7 @@ def test_approved_comparison_fails_on_the_regressed_persona_only(tmp_path: Path)
 
 @pytest.fixture
 def runs(tmp_path: Path) -> dict[str, Path]:
-    rules = rules_file(tmp_path, "- {metric: over_triage_rate, stratum: all, worse: higher, tolerance: 0.05}")
+    rules = rules_file(tmp_path, "- {metric: over_triage_rate, stratum: all, worse: higher, tolerance: 0.40}")
     return {
         "approved": save_baseline(tmp_path / "approved.jsonl", case_records(model="old"), run_id="a", models={},
                                   datasets={}),
@@ -536,3 +545,101 @@ def test_a_crossed_bound_fails_whatever_the_number_of_cases(tmp_path: Path) -> N
     assert check["status"] == "fail" and check["blocking"]
     verdict = _verdict([{"checks": [check]}], [], None, None)
     assert verdict["status"] == "failed" and verdict["passed"] is False
+
+
+# --- underpowered: a rule the run could not have seen crossed -------------------------------------------------
+
+POWERED = {"standard_error": 0.05, "mde": 0.16, "mde_level": 0.01, "mde_power": 0.8, "family_size": 5}
+
+
+def test_a_rule_tighter_than_the_runs_mde_is_not_checked_for_want_of_power() -> None:
+    quiet = comparison(delta=0.02, value=0.12, pvalue=0.5, pvalue_adjusted=1.0, significant=False, n=40, **POWERED)
+    (check,) = check_regressions([quiet], [UNDER])
+    assert check.status == "skipped" and check.reason == "underpowered" and check.not_checked
+    assert not check.blocking
+    assert check.message == (
+        "NOT CHECKED: ed_physician on m: under-triage rate (emergency) vs no_persona changed by +0.020 (0.100 -> "
+        "0.120, 95% CI 0.080 to 0.330, Holm-adjusted p = 1.000, paired bootstrap), but was not checked: this run "
+        "could detect a worsening of 0.160 or more, wider than the rule's tolerance 0.050 (n=40); give more cases "
+        "(persona-eval power says how many).")
+    document = check.to_json()
+    assert (document["mde"], document["mde_level"], document["family_size"]) == (0.16, 0.01, 5)
+    verdict = _verdict([{"checks": []}], [document], None, None)
+    assert verdict["status"] == "not_checked" and verdict["passed"] is False
+    (entry,) = verdict["not_checked"]
+    assert entry["reason"] == "underpowered"
+    # The discordance the bootstrap's standard error implies: 40 * 0.05^2 + 0.02^2 = 0.1004.
+    assert entry["how_to_check"].startswith("give about ")
+    assert "cases in the stratum 'emergency' (if 10% of the cases change, as in this run; this run has 40)" \
+        in entry["how_to_check"]
+    assert ("persona-eval power --metric under_triage_rate --difference 0.05 --discordance 0.1004 --comparisons 5 "
+            "--alpha 0.05") in entry["how_to_check"]
+    assert "mode: record" in entry["how_to_check"]
+
+
+def test_a_crossed_rule_stays_failed_whatever_the_mde() -> None:
+    (check,) = check_regressions([comparison(**dict(POWERED, mde=0.9))], [UNDER])
+    assert check.status == "fail" and check.blocking and check.reason is None
+
+
+@pytest.mark.parametrize(("mde", "status"), [(0.049, "pass"), (0.05, "pass"), (0.051, "skipped"), (None, "skipped")])
+def test_the_tolerance_is_compared_with_the_mde(mde: float | None, status: str) -> None:
+    quiet = comparison(delta=0.0, value=0.1, pvalue=1.0, pvalue_adjusted=1.0, significant=False,
+                       **dict(POWERED, mde=mde))
+    (check,) = check_regressions([quiet], [UNDER])
+    assert check.status == status
+    if mde is None:  # no difference detectable at all on so few cases
+        assert "this run could not detect any worsening (no difference reaches significance at the level 0.05/5)" \
+            in check.message
+
+
+def test_the_mde_and_the_tolerance_are_in_the_metrics_units() -> None:
+    """consistency_rate is a percentage: its tolerance and its mde are percentage points."""
+    rule = RegressionRule("triage", "consistency_rate", "all", "lower", 5.0, "fail")
+    points = comparison(metric="consistency_rate", stratum="all", value=90.0, baseline_value=91.0, delta=-1.0,
+                        pvalue=0.6, pvalue_adjusted=1.0, significant=False, test="McNemar exact binomial",
+                        n=400, persona_only=6, baseline_only=10, **dict(POWERED, mde=4.2))
+    assert check_regressions([points], [rule])[0].status == "pass"
+    (wide,) = check_regressions([dict(points, mde=12.5)], [rule])
+    assert wide.reason == "underpowered" and "a worsening of 12.5 or more" in wide.message
+    entry = _verdict([{"checks": []}], [wide.to_json()], None, None)["not_checked"][0]
+    # No power command for a percentage: the number of cases by the square-root law, via McNemar's table.
+    assert ("(if 5% of the cases change, the fewest such a worsening needs; 4% did in this run; this run has 400)"
+            in entry["how_to_check"])
+    assert "persona-eval power" not in entry["how_to_check"]
+
+
+def test_a_record_rule_without_the_power_stays_informational() -> None:
+    record = RegressionRule("triage", "under_triage_rate", "emergency", "higher", 0.05, "record")
+    quiet = comparison(delta=0.0, value=0.1, pvalue=1.0, pvalue_adjusted=1.0, significant=False, **POWERED)
+    (check,) = check_regressions([quiet], [record])
+    assert check.status == "skipped" and check.reason == "underpowered" and not check.not_checked
+    assert check.message.startswith("SKIPPED (record only): ")
+    verdict = _verdict([{"checks": []}], [check.to_json()], None, None)
+    assert verdict["status"] == "passed" and verdict["skipped"] == [check.message]
+
+
+def test_a_tolerance_of_zero_is_never_shown_to_hold() -> None:
+    zero = RegressionRule("triage", "accuracy", "emergency", "lower", 0.0, "fail")
+    quiet = comparison(metric="accuracy", delta=0.0, pvalue=1.0, pvalue_adjusted=1.0, significant=False,
+                       persona_only=0, baseline_only=0, **dict(POWERED, mde=0.01))
+    (check,) = check_regressions([quiet], [zero])
+    assert check.reason == "underpowered"
+    assert "a tolerance of 0 cannot be shown to hold" in \
+        _verdict([{"checks": []}], [check.to_json()], None, None)["not_checked"][0]["how_to_check"]
+
+
+def test_underpowered_on_the_suites_own_comparisons() -> None:
+    """Identical conditions: 30 cases cannot show that accuracy fell by no more than 0.05; 400 can."""
+    from persona_eval.comparisons import compare_personas
+
+    accuracy = RegressionRule("triage", "accuracy", "all", "lower", 0.05, "fail")
+    for n, status in ((30, "skipped"), (400, "pass")):
+        records = case_records(n=n)
+        checks = check_regressions(compare_personas(records, settings=FAST), [accuracy])
+        assert {c.status for c in checks} == {status}
+        if status == "skipped":
+            assert {c.reason for c in checks} == {"underpowered"}
+            entry = _verdict([{"checks": []}], [checks[0].to_json()], None, None)["not_checked"][0]
+            assert "--metric accuracy --difference 0.05 --discordance 0.05 --comparisons 3 --alpha 0.05" in \
+                entry["how_to_check"]

@@ -2,7 +2,8 @@
 
 Written next to summary.json from it alone (like the HTML report, it never recomputes). The verdict comes
 first, then each blocking or unchecked entry, then per model and stratum a persona table of the metrics
-a deployment decision reads, each with its change from no_persona (* significant after Holm adjustment).
+a deployment decision reads, each with its change from no_persona (* significant after Holm adjustment;
+beside a change that is not significant, the smallest the comparison could detect).
 Model, persona and stratum names come from the user's files: they are escaped, so a name cannot inject
 markup into a CI page.
 """
@@ -16,6 +17,7 @@ from typing import Any
 from persona_eval.gate import STATE_WORDS
 from persona_eval.personas import BASELINE
 from persona_eval.redaction import mask
+from persona_eval.report.power_text import mde_phrase
 from persona_eval.tasks import LABEL_METRIC_TEXT, spec_of
 
 __all__ = ["append_step_summary", "render_markdown"]
@@ -89,7 +91,8 @@ def _cell(value: Any, fmt: str, comparison: Mapping[str, Any] | None) -> str:
         delta = fmt.replace("{:", "{:+").format(comparison["delta"])
         if float(delta) == 0:
             delta = fmt.replace("{:", "{:+").format(0.0)
-        text += f" ({delta}{'*' if comparison.get('significant') else ''})"
+        power = mde_phrase(comparison, short=True)
+        text += f" ({delta}{'*' if comparison.get('significant') else ''}{'; ' + power if power else ''})"
     return text
 
 
@@ -113,8 +116,9 @@ def _triage_tables(summary: Mapping[str, Any]) -> list[str]:
                      for metric, _, fmt in _TRIAGE_COLUMNS]
             lines.append(f"| {_escape(row['persona'])} | " + " | ".join(cells) + " |")
     if groups:
-        lines += ["", f"In parentheses: the change from {BASELINE}, * significant after Holm adjustment; n/a: not "
-                      "available for this model."]
+        lines += ["", f"In parentheses: the change from {BASELINE}, * significant after Holm adjustment; beside a "
+                      "change that is not significant, the smallest change the comparison could detect (80% power); "
+                      "n/a: not available for this model."]
     return lines
 
 

@@ -12,6 +12,7 @@ from markupsafe import Markup
 from persona_eval.metrics import METRICS
 from persona_eval.report.format import DASH, cell_text, ci_text, esc, fmt, fmt_p, number, slug
 from persona_eval.report.fragments import baseline_select, delta_span, deltas_html
+from persona_eval.report.power_text import mde_phrase
 from persona_eval.report.run import Run
 from persona_eval.report.titles import BASELINE_TITLE, direction, metric_description, metric_title, stratum_title
 
@@ -31,9 +32,18 @@ def _delta_span(run: Run, model: str, task: str, stratum: str, metric: str, pers
              f"p {fmt_p(comparison.get('pvalue'))}, adjusted p {fmt_p(comparison.get('pvalue_adjusted'))}"
              f"{' (significant)' if significant else ''}; {comparison.get('test') or 'test not named'}; "
              f"n {comparison.get('n', DASH)}" + (f"; {comparison['note']}" if comparison.get("note") else ""))
-    return delta_span(baseline, direction=direction(metric, delta) if delta is not None else "changed",
+    power = mde_phrase(comparison)
+    if power is not None:
+        title += f"; {power} (80% power at Holm's first-step level)"
+    span = delta_span(baseline, direction=direction(metric, delta) if delta is not None else "changed",
                       significant=significant, title=title, difference=fmt(metric, delta, signed=True),
                       p=fmt_p(comparison.get("pvalue_adjusted")), interval=interval)
+    if power is not None:
+        # Inside the difference's own span, so that it shows and hides with its control; "ci" lays it out
+        # as a line under the difference, like the interval.
+        closing = "</span>"
+        span = span[:-len(closing)] + f'<span class="ci mde">{esc(power)}</span>{closing}'
+    return span
 
 
 def _metric_table(run: Run, model: str, task: str, stratum: str) -> str:
@@ -82,7 +92,10 @@ def _settings_sentence(settings: Mapping[str, Any]) -> str:
             f"for accuracy and consistency (exact binomial below 25 discordant pairs, continuity-corrected "
             f"chi-square from 25), paired bootstrap otherwise, adjusted by "
             f"{str(settings.get('adjustment', 'holm')).capitalize()} within each {family_text}; significant when "
-            f"the adjusted p is below {settings.get('alpha', 0.05)}.")
+            f"the adjusted p is below {settings.get('alpha', 0.05)}."
+            + (" Beside a difference that is not significant: the smallest the comparison could detect with 80% "
+               "power at the level of Holm's first step (alpha divided by the comparisons in the family)."
+               if "mde" in settings else ""))
 
 
 def tables_section(run: Run) -> Markup:
@@ -93,7 +106,8 @@ def tables_section(run: Run) -> Markup:
             parts.append(f'<p class="muted">{esc(_settings_sentence(settings))}</p>')
         parts.append(f'<p class="controls">{baseline_select()} '
                      '<span class="muted">\u0394 persona minus baseline, [confidence interval], p adjusted for '
-                     "multiple comparisons; * significant after adjustment. Colour: "
+                     "multiple comparisons; * significant after adjustment; under a difference that is not "
+                     "significant, the smallest the comparison could detect (80% power). Colour: "
                      '<span class="worse sig">worse</span>, <span class="better sig">better</span>, '
                      '<span class="changed sig">changed</span> (significant only).</span></p>')
     for model, task in run.model_tasks():
