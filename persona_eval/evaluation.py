@@ -37,11 +37,11 @@ user gave is kept for every case, and a prompt that does not leave it free is to
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from persona_eval import metrics
+from persona_eval import metrics, variants
 from persona_eval.backends.base import Generation, GenerationConfig, LabelScoring
 from persona_eval.errors import ConfigError
 from persona_eval.lengths import (
@@ -67,6 +67,7 @@ __all__ = [
     "TriagePlan",
     "TriageSettings",
     "evaluate_triage",
+    "evaluate_variants",
     "label_distribution",
     "label_positions",
     "prefetch_triage",
@@ -415,4 +416,66 @@ def triage_metrics(records: Sequence[Mapping[str, Any]], *, logprobs_available: 
                             if logprobs_available and with_probs else None),
         }
         out[stratum] = {"n": len(rows), "metrics": result, "notes": notes, "figures": figures}
+    return out
+
+
+@dataclass(frozen=True)
+class _NullCase:
+    """A null-prompt case: the patient information replaced by a neutral stub (persona_eval.variants)."""
+
+    id: str
+    stratum: str
+    reference: str
+    text: str
+    source: str = "null prompt"
+
+
+def evaluate_variants(cases: Sequence[Any], persona: Persona, runner: Runner, *, run_id: str, model: str,
+                      settings: TriageSettings, main: list[dict[str, Any]], wordings: bool = False,
+                      letter_bias: bool = False, progress: Callable[[str, int], Progress | None] | None = None
+                      ) -> list[dict[str, Any]]:
+    """The variant records of `persona` on `cases` (persona_eval.variants): its other wordings (`wordings`),
+    and (`letter_bias`) the other letter orders and the null-prompt cases of every order. With `letter_bias`
+    the records of `main` (the main condition, the identity order) and of the other orders get their
+    calibrated label probabilities (``calibrated_probs``, ``calibrated_label``, ``calibrated_letter``) in
+    place. `progress(label, total)` makes the progress line of a variant."""
+    spec, labels = settings.spec, list(settings.spec.labels)
+    out: list[dict[str, Any]] = []
+
+    def run(variant_cases: Sequence[Any], who: Persona, variant_settings: TriageSettings, label: str,
+            variant: dict[str, Any]) -> list[dict[str, Any]]:
+        records = evaluate_triage(variant_cases, who, runner, run_id=run_id, model=model, settings=variant_settings,
+                                  progress=progress(label, len(variant_cases)) if progress else None)
+        for record in records:
+            record["variant"] = dict(variant)
+        return records
+
+    if wordings:
+        for number in range(2, len(persona.all_wordings) + 1):
+            out.extend(run(cases, persona.worded(number), settings, f"wording {number}",
+                           {"kind": variants.WORDING, "wording": number}))
+    if letter_bias:
+        nulls = [_NullCase(f"null-prompt-{i}", "null_prompt", labels[0], text)
+                 for i, text in enumerate(variants.NULL_CASES, start=1)]
+        for order in variants.letter_orders(labels):
+            name = "".join(order)
+            ordered = replace(settings, spec=replace(spec, label_text=variants.permuted_label_text(
+                labels, spec.label_text, order)))
+            if list(order) == labels:
+                records = main
+            else:
+                records = [variants.to_levels(r, labels, order) for r in run(
+                    cases, persona, ordered, f"letters {name}", {"kind": variants.LETTERS, "letter_order": name})]
+                out.extend(records)
+            stubs = [variants.to_levels(r, labels, order) for r in run(
+                nulls, persona, ordered, f"null prompt {name}", {"kind": variants.NULL_PROMPT, "letter_order": name})]
+            out.extend(stubs)
+            prior = variants.null_prior(stubs, labels)
+            letter_of = {level: letter for letter, level in variants.level_of_letter(labels, order).items()}
+            for record in records:
+                calibrated = variants.calibrate(record.get("label_probs"), prior, labels)
+                record["calibrated_probs"] = calibrated
+                record["calibrated_label"] = _argmax(calibrated, labels)
+                record["calibrated_letter"] = (letter_of[record["calibrated_label"]]
+                                               if record["calibrated_label"] is not None else None)
     return out

@@ -23,6 +23,12 @@ An invalid reply (not JSON, or not a permutation of 1..k) is asked again once, w
 the prompt (greedy decoding would otherwise give, or the cache return, the same text); if the retry
 is invalid too the judgment is recorded with ``valid: false`` and ``ranking: []``, and excluded from
 every statistic. Rankings are never repaired.
+
+With ``order_check`` every (judge, criterion, query) is shown a second time in the reversed order
+(``repeat: true``): those repeats only measure how far a judge's ranking follows the order
+(:func:`order_agreement`) and are left out of every other statistic (:func:`first_showings`).
+Whether a judge prefers a position, and how many independent judges the panel is worth, are read from
+the first showings (:func:`position_bias`, :func:`effective_judges`, :func:`judge_diagnostics`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from scipy import stats as scipy_stats
 
 from persona_eval import stats
 from persona_eval.backends import ModelSpec, parse_model_spec
@@ -54,6 +62,7 @@ __all__ = [
     "CRITERIA",
     "DEFAULT_JUDGE_MAX_NEW_TOKENS",
     "DEFAULT_PANEL",
+    "ORDER_CHECK_OPTION",
     "POOLED",
     "SAFETY_CRITERIA",
     "TRIAGE_CRITERIA",
@@ -61,15 +70,20 @@ __all__ = [
     "JudgeItem",
     "JudgeSpec",
     "agreement_summary",
+    "effective_judges",
+    "first_showings",
     "invalid_summary",
+    "judge_diagnostics",
     "judge_items",
     "judge_model_responses",
     "judge_template",
     "mrr_table",
+    "order_agreement",
     "paired_tests",
     "panel_summary",
     "parse_judge_specs",
     "parse_ranking",
+    "position_bias",
     "presentation_orders",
     "reciprocal_ranks",
     "render_judge_prompt",
@@ -418,17 +432,21 @@ def judge_model_responses(responses_by_persona: Mapping[str, Sequence[Mapping[st
                           judges: Sequence[tuple[str, Runner]], criteria: Sequence[str | Criterion], *,
                           seed: int, max_new_tokens: int = DEFAULT_JUDGE_MAX_NEW_TOKENS,
                           questions: Mapping[str, str] | None = None,
-                          progress: Progress | None = None) -> list[dict[str, Any]]:
+                          progress: Progress | None = None, order_check: bool = False) -> list[dict[str, Any]]:
     """The judgment records (lines of judgments.jsonl) of every judge and criterion on one model's
-    responses: one per (judge, criterion, query), in judge, criterion, query order.
+    responses: one per (judge, criterion, query) (two with ``order_check``), in judge, criterion, query order.
 
     ``responses_by_persona``: persona id -> that persona's response records for one model (see
     :func:`judge_items`); the personas are ranked in this order's anonymized, balanced shuffle.
     ``judges``: (name, runner) pairs; the runner caches judge calls like model calls. ``progress`` is
     advanced by every first request (judges x criteria x queries in all; retries are not counted).
+    ``order_check``: every (judge, criterion, query) is asked a second time with the order reversed
+    (Response 1 <-> Response k), recorded after the judge's first showings with ``repeat: true`` (the
+    first showings have ``repeat: false``); the requests double, and ``progress.total`` grows by the
+    repeats. Repeats feed :func:`order_agreement` only.
     Each record: run_id, task, model, judge, criterion, query_id, category, question, personas,
     order_shown (persona ids shown as Response 1..k), ranking (persona ids best first; [] if invalid),
-    valid, raw_output (the last reply), raw_outputs (every reply), attempts, cached, seed,
+    valid, repeat, raw_output (the last reply), raw_outputs (every reply), attempts, cached, seed,
     template_version.
     """
     specs = [_criterion(c) for c in criteria]
@@ -444,6 +462,8 @@ def judge_model_responses(responses_by_persona: Mapping[str, Sequence[Mapping[st
     config = GenerationConfig(max_new_tokens=max_new_tokens, constrained_ranking=k)
     categories = {item.query_id: _category_key(item.category) for item in items}
     records: list[dict[str, Any]] = []
+    if order_check and progress is not None:
+        progress.total += len(judges) * len(specs) * len(items)
     for judge, runner in judges:
         if not items:
             break
@@ -453,6 +473,9 @@ def judge_model_responses(responses_by_persona: Mapping[str, Sequence[Mapping[st
             orders = presentation_orders(list(categories), personas, seed=seed,
                                          key=(items[0].model, judge, spec.name), strata=categories)
             jobs.extend((item, spec, orders[item.query_id]) for item in items)
+        shown_first = len(jobs)
+        if order_check:
+            jobs.extend((item, spec, list(reversed(order))) for item, spec, order in jobs[:shown_first])
 
         first = runner.generate([_judge_request(job, 1, policy) for job in jobs], config, None, progress=progress)
         outputs = [[result] for result in first]
@@ -461,7 +484,7 @@ def judge_model_responses(responses_by_persona: Mapping[str, Sequence[Mapping[st
             second = runner.generate([_judge_request(jobs[i], 2, policy) for i in retry], config, None)
             for i, result in zip(retry, second, strict=True):
                 outputs[i].append(result)
-        for (item, spec, order), attempts in zip(jobs, outputs, strict=True):
+        for index, ((item, spec, order), attempts) in enumerate(zip(jobs, outputs, strict=True)):
             numbers = parse_ranking(attempts[-1].generation.text, k)
             records.append({
                 "run_id": item.run_id,
@@ -476,6 +499,7 @@ def judge_model_responses(responses_by_persona: Mapping[str, Sequence[Mapping[st
                 "order_shown": list(order),
                 "ranking": [order[n - 1] for n in numbers] if numbers is not None else [],
                 "valid": numbers is not None,
+                "repeat": index >= shown_first,
                 "raw_output": attempts[-1].generation.text,
                 "raw_outputs": [a.generation.text for a in attempts],
                 "attempts": len(attempts),
@@ -514,8 +538,21 @@ def reciprocal_ranks(judgment: Mapping[str, Any]) -> dict[str, float]:
     return {persona: 1.0 / rank for rank, persona in enumerate(judgment["ranking"], start=1)}
 
 
+def first_showings(judgments: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The judgments of the first showing of each (judge, criterion, query): every record but the
+    ``repeat`` ones of an order check, which only :func:`order_agreement` reads. Every other statistic of
+    this module (and any consumer of judgments.jsonl) reads these.
+
+    >>> [j["query_id"] for j in first_showings([{"query_id": "a"}, {"query_id": "a", "repeat": True},
+    ...                                         {"query_id": "b", "repeat": False}])]
+    ['a', 'b']
+    """
+    return [j for j in judgments if not j.get("repeat")]
+
+
 def _valid(judgments: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [j for j in judgments if j.get("valid")]
+    """The valid judgments of first showings (repeats of an order check left out)."""
+    return [j for j in first_showings(judgments) if j.get("valid")]
 
 
 def _order(values: Iterable[str], preferred: Sequence[str] | None) -> list[str]:
@@ -627,9 +664,10 @@ def agreement_summary(judgments: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     judge of the panel gave a valid ranking. majority_agreement is the share of those queries on which
     more than half of the judges put the same persona on top; unanimous the share where all did.
     Coefficients that are undefined (one judge, no such query, one category only) are None with a note.
+    Repeats of an order check are left out.
     """
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
-    for judgment in judgments:
+    for judgment in first_showings(judgments):
         groups[(judgment["model"], judgment["criterion"])].append(judgment)
     table: dict[str, Any] = {}
     for (model, criterion), members in groups.items():
@@ -683,7 +721,8 @@ def _agreement_block(panel: Sequence[str], tops: Mapping[str, Sequence[str]], n_
 def invalid_summary(judgments: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Invalid rankings per judge: ``{judge: {"judgments", "invalid", "share", "retried",
     "by_model": {model: {criterion: {"judgments", "invalid", "share", "retried"}}}}}``. ``retried``
-    counts judgments that needed the second request (valid or not)."""
+    counts judgments that needed the second request (valid or not). Repeats of an order check are left
+    out."""
     table: dict[str, Any] = {}
 
     def add(cell: dict[str, Any], judgment: Mapping[str, Any]) -> None:
@@ -692,12 +731,231 @@ def invalid_summary(judgments: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         cell["retried"] = cell.get("retried", 0) + (int(judgment.get("attempts", 1)) > 1)
         cell["share"] = cell["invalid"] / cell["judgments"]
 
-    for judgment in judgments:
+    for judgment in first_showings(judgments):
         entry = table.setdefault(judgment["judge"], {"by_model": {}})
         add(entry, judgment)
         add(entry["by_model"].setdefault(judgment["model"], {}).setdefault(judgment["criterion"], {}), judgment)
     return {judge: {**{k: v for k, v in entry.items() if k != "by_model"}, "by_model": entry["by_model"]}
             for judge, entry in table.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Diagnostics of the judges themselves: position preference, dependence on the order, redundancy
+# ---------------------------------------------------------------------------------------------------------
+
+def _top_position(judgment: Mapping[str, Any]) -> int | None:
+    """The position (1..k) in which a valid judgment's top pick was shown; None when it cannot be told."""
+    order, ranking = judgment.get("order_shown"), judgment.get("ranking")
+    if not isinstance(order, list) or not isinstance(ranking, list) or not ranking or ranking[0] not in order:
+        return None
+    return order.index(ranking[0]) + 1
+
+
+def _position_cell(judgments: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Where the top picks of `judgments` (valid first showings) were shown, and the binomial test of
+    position 1 against no preference (see :func:`position_bias`)."""
+    shown = [(position, len(j["order_shown"])) for j in judgments if (position := _top_position(j)) is not None]
+    n = len(shown)
+    cell: dict[str, Any] = {"n": n, "first_position_count": 0, "first_position_share": None, "expected_share": None,
+                            "position_shares": [], "expected_position_shares": [], "pvalue": None}
+    if not n:
+        return cell
+    width = max(k for _, k in shown)
+    counts = [0] * width
+    for position, _ in shown:
+        counts[position - 1] += 1
+    by_k: dict[int, int] = defaultdict(int)
+    for _, k in shown:
+        by_k[k] += 1
+    # Under no preference a top pick lands in each of a judgment's k positions with probability 1/k.
+    expected = [math.fsum((count / n) / k for k, count in by_k.items() if k > i) for i in range(width)]
+    cell.update(first_position_count=counts[0], first_position_share=counts[0] / n, expected_share=expected[0],
+                position_shares=[count / n for count in counts], expected_position_shares=expected,
+                pvalue=_number(scipy_stats.binomtest(counts[0], n, expected[0], alternative="two-sided").pvalue))
+    return cell
+
+
+def position_bias(judgments: Sequence[Mapping[str, Any]], *, alpha: float = ALPHA) -> dict[str, dict[str, Any]]:
+    """How often each judge's top pick was the response shown first: ``{judge: {"pooled" | criterion:
+    {"n", "first_position_count", "first_position_share", "expected_share", "position_shares",
+    "expected_position_shares", "pvalue", "pvalue_holm", "flagged"}}}``, "pooled" over criteria first.
+
+    Over a judge's ``n`` valid first showings (repeats of an order check left out; models pooled), with
+    ``x`` of them putting the response shown as Response 1 on top::
+
+        first_position_share = x / n        expected_share = (1/n) * sum_j 1 / k_j
+
+    where ``k_j`` is the number of responses judgment j ranked. The presentation orders show every persona
+    in every position equally often (a Williams design, :func:`presentation_orders`), so the quality of
+    the personas' answers is spread evenly over the positions: a judge without position preference puts
+    its top pick in position 1 in a share 1/k of its judgments whatever the personas' quality, and a share
+    far from 1/k is a preference for (or against) a position. ``position_shares`` lists the share of top
+    picks shown in each position 1..k, to show which one a judge favours (``expected_position_shares``:
+    the same under no preference). ``pvalue``: two-sided exact binomial test of x out of n against
+    expected_share (scipy.stats.binomtest; exact when every judgment ranks the same k, as in one task's
+    panel). ``pvalue_holm``: Holm-adjusted across the judges, within "pooled" and within each criterion;
+    ``flagged``: adjusted p below `alpha`. Without a valid judgment the shares and p-values are None.
+
+    >>> rows = [{"judge": "j", "criterion": "safety", "valid": True, "order_shown": ["a", "b"],
+    ...          "ranking": ["a", "b"]}] * 12
+    >>> cell = position_bias(rows)["j"]["pooled"]
+    >>> cell["first_position_share"], cell["expected_share"], round(cell["pvalue"], 5), cell["flagged"]
+    (1.0, 0.5, 0.00049, True)
+    """
+    shown = first_showings(judgments)
+    valid = _valid(shown)
+    judges = list(dict.fromkeys(j["judge"] for j in shown))
+    keys = [POOLED, *dict.fromkeys(j["criterion"] for j in shown)]
+    table = {judge: {key: _position_cell([j for j in valid if j["judge"] == judge
+                                          and (key == POOLED or j["criterion"] == key)]) for key in keys}
+             for judge in judges}
+    for key in keys:
+        cells = [table[judge][key] for judge in judges]
+        adjusted = stats.holm([math.nan if c["pvalue"] is None else c["pvalue"] for c in cells])
+        for cell, pvalue in zip(cells, adjusted, strict=True):
+            cell["pvalue_holm"] = _number(pvalue)
+            cell["flagged"] = None if math.isnan(pvalue) else bool(pvalue < alpha)
+    return table
+
+
+ORDER_CHECK_OPTION = "--pe-judge-order-check"
+_NOT_MEASURED = f"not measured: run with {ORDER_CHECK_OPTION}"
+
+
+def _showing_key(judgment: Mapping[str, Any]) -> tuple[str, str, str, str, str]:
+    return (str(judgment.get("task")), str(judgment.get("model")), str(judgment["judge"]), str(judgment["criterion"]),
+            str(judgment["query_id"]))
+
+
+def _ranks_of(ranking: Sequence[str], personas: Sequence[str]) -> list[int]:
+    return [ranking.index(persona) for persona in personas]
+
+
+def order_agreement(judgments: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """How far each judge ranks the same answers alike when they are shown in the reversed order:
+    ``{judge: {"pooled" | criterion: {"mean_tau", "same_top_share", "n_pairs", "n_repeats", "note"}}}``.
+
+    For each (model, criterion, query) that a judge ranked validly both on its first showing and on the
+    repeat of an order check (``repeat: true``, the order reversed), Kendall's tau-b between the two
+    rankings (scipy.stats.kendalltau of the personas' ranks); ``mean_tau`` is its mean over those
+    ``n_pairs`` pairs, ``same_top_share`` the share of pairs with the same top pick. 1: the ranking does
+    not depend on the order; -1: it follows the order alone (a judge that ranks in the order shown gives
+    exactly the reversed ranking); about 0 for a judge that ranks at random. Without repeats the values
+    are None with the note "not measured: run with --pe-judge-order-check".
+
+    >>> first = {"judge": "j", "criterion": "safety", "query_id": "q", "valid": True,
+    ...          "order_shown": ["a", "b", "c"], "ranking": ["a", "b", "c"]}
+    >>> again = dict(first, repeat=True, order_shown=["c", "b", "a"], ranking=["c", "b", "a"])
+    >>> order_agreement([first, again])["j"]["pooled"]["mean_tau"]
+    -1.0
+    """
+    originals: dict[tuple[str, str, str, str, str], Mapping[str, Any]] = {}
+    repeats: dict[tuple[str, str, str, str, str], Mapping[str, Any]] = {}
+    for judgment in judgments:
+        (repeats if judgment.get("repeat") else originals)[_showing_key(judgment)] = judgment
+    judges = list(dict.fromkeys(str(j["judge"]) for j in judgments))
+    columns = [POOLED, *dict.fromkeys(str(j["criterion"]) for j in judgments)]
+    taus: dict[tuple[str, str], list[float]] = defaultdict(list)
+    same_top: dict[tuple[str, str], int] = defaultdict(int)
+    asked: dict[tuple[str, str], int] = defaultdict(int)
+    for showing, again in repeats.items():
+        judge, criterion = showing[2], showing[3]
+        for cell in ((judge, POOLED), (judge, criterion)):
+            asked[cell] += 1
+        first = originals.get(showing)
+        if first is None or not first.get("valid") or not again.get("valid") \
+                or sorted(first["ranking"]) != sorted(again["ranking"]):
+            continue
+        personas = list(first["ranking"])
+        tau = _number(scipy_stats.kendalltau(_ranks_of(first["ranking"], personas),
+                                             _ranks_of(again["ranking"], personas)).statistic)
+        if tau is None:  # not for rankings of two or more personas without ties
+            continue
+        for cell in ((judge, POOLED), (judge, criterion)):
+            taus[cell].append(tau)
+            same_top[cell] += first["ranking"][0] == again["ranking"][0]
+    table: dict[str, dict[str, Any]] = {}
+    for judge in judges:
+        table[judge] = {}
+        for column in columns:
+            values = taus.get((judge, column), [])
+            note = (_NOT_MEASURED if not asked.get((judge, column))
+                    else None if values else "no query was ranked validly in both orders")
+            table[judge][column] = {"mean_tau": math.fsum(values) / len(values) if values else None,
+                                    "same_top_share": same_top[(judge, column)] / len(values) if values else None,
+                                    "n_pairs": len(values), "n_repeats": asked.get((judge, column), 0),
+                                    "note": note}
+    return table
+
+
+def effective_judges(judgments: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """How many independent judges the panel is worth, from the correlation of their rankings:
+    ``{"n_judges", "mean_correlation", "effective_judges", "pairs": [{"judges": [a, b], "mean_spearman",
+    "n"}], "note"}``.
+
+    For each pair of judges, ``mean_spearman`` is the mean Spearman correlation (scipy.stats.spearmanr)
+    of their rankings of the same (model, criterion, query), over the ``n`` first showings both ranked
+    validly; ``mean_correlation`` r is the mean over the pairs that have any. With m judges::
+
+        effective_judges = m / (1 + (m - 1) * max(r, 0))
+
+    Kish's design effect for m equally correlated measurements (the same formula as the Spearman-Brown
+    reliability of a mean of m raters, solved for the number of independent raters that average would
+    be worth): m for judges that agree no more than chance, 1 for judges that rank identically. A
+    negative r is taken as 0 (judges that disagree systematically are not worth more than m). None with
+    a note for a panel of one judge or when no two judges ranked a query in common.
+
+    >>> rows = [{"judge": judge, "criterion": "safety", "query_id": q, "valid": True, "ranking": ranking}
+    ...         for q, ranking in (("q1", ["a", "b", "c"]), ("q2", ["c", "a", "b"])) for judge in "xyz"]
+    >>> summary = effective_judges(rows)
+    >>> summary["n_judges"], round(summary["mean_correlation"], 6), round(summary["effective_judges"], 6)
+    (3, 1.0, 1.0)
+    """
+    shown = first_showings(judgments)
+    panel = list(dict.fromkeys(str(j["judge"]) for j in shown))
+    out: dict[str, Any] = {"n_judges": len(panel), "mean_correlation": None, "effective_judges": None, "pairs": [],
+                           "note": None}
+    if len(panel) < 2:
+        out["note"] = "one judge: the effective number of judges needs at least two"
+        return out
+    rankings: dict[tuple[str, str, str, str], dict[str, list[str]]] = defaultdict(dict)
+    for judgment in _valid(shown):
+        task, model, judge, criterion, query = _showing_key(judgment)
+        rankings[(task, model, criterion, query)][judge] = list(judgment["ranking"])
+    for index, first in enumerate(panel):
+        for second in panel[index + 1:]:
+            rhos = []
+            for by_judge in rankings.values():
+                a, b = by_judge.get(first), by_judge.get(second)
+                if a is None or b is None or sorted(a) != sorted(b):
+                    continue
+                rho = _number(scipy_stats.spearmanr(_ranks_of(a, a), _ranks_of(b, a)).statistic)
+                if rho is not None:
+                    rhos.append(rho)
+            out["pairs"].append({"judges": [first, second],
+                                 "mean_spearman": math.fsum(rhos) / len(rhos) if rhos else None, "n": len(rhos)})
+    defined = [pair["mean_spearman"] for pair in out["pairs"] if pair["mean_spearman"] is not None]
+    if not defined:
+        out["note"] = "no two judges ranked a query validly in common"
+        return out
+    r = math.fsum(defined) / len(defined)
+    m = len(panel)
+    out["mean_correlation"] = r
+    out["effective_judges"] = m / (1 + (m - 1) * max(r, 0.0))
+    return out
+
+
+def judge_diagnostics(judgments: Sequence[Mapping[str, Any]], *, alpha: float = ALPHA) -> dict[str, Any]:
+    """The diagnostics of a panel's judges (JSON-able; undefined values are None): ``alpha``,
+    ``n_repeats`` (the order check's repeats, 0 without it), ``position_bias`` (:func:`position_bias`),
+    ``order_agreement`` (:func:`order_agreement`) and ``effective_judges`` (:func:`effective_judges`)."""
+    return {
+        "alpha": alpha,
+        "n_repeats": sum(1 for j in judgments if j.get("repeat")),
+        "position_bias": position_bias(judgments, alpha=alpha),
+        "order_agreement": order_agreement(judgments),
+        "effective_judges": effective_judges(judgments),
+    }
 
 
 def panel_summary(judgments: Sequence[Mapping[str, Any]], *, personas: Sequence[str] | None = None,
@@ -706,7 +964,10 @@ def panel_summary(judgments: Sequence[Mapping[str, Any]], *, personas: Sequence[
     ``models``, ``judges``, ``criteria``, ``alpha`` (the level of the tests), ``templates``
     ({criterion: {"version", "text"}}), ``mrr``
     (:func:`mrr_table`), ``tests`` (:func:`paired_tests`), ``agreement`` (:func:`agreement_summary`),
-    ``invalid`` (:func:`invalid_summary`), ``n_judgments``, ``n_valid``."""
+    ``invalid`` (:func:`invalid_summary`), ``n_judgments``, ``n_valid`` (first showings: the repeats of
+    an order check are counted in ``diagnostics`` only), ``diagnostics`` (:func:`judge_diagnostics`)."""
+    everything = judgments
+    judgments = first_showings(everything)
     criteria = list(dict.fromkeys(j["criterion"] for j in judgments))
     return {
         "models": list(dict.fromkeys(j["model"] for j in judgments)),
@@ -721,6 +982,7 @@ def panel_summary(judgments: Sequence[Mapping[str, Any]], *, personas: Sequence[
         "tests": paired_tests(judgments, baselines=baselines, personas=personas, alpha=alpha),
         "agreement": agreement_summary(judgments),
         "invalid": invalid_summary(judgments),
+        "diagnostics": judge_diagnostics(everything, alpha=alpha),
     }
 
 

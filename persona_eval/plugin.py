@@ -132,7 +132,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     settings = metafunc.config.stash[settings_key]
     params = []
     for model in settings.models:
-        for persona in settings.personas:
+        for persona in settings.personas_of(tasks[0]):
             condition = Condition(tasks[0], model, persona)
             # Under -n, one model's cases stay on one worker (pytest_xdist_make_scheduler groups them by
             # this id): no model loads twice.

@@ -58,7 +58,7 @@ from typing import Any
 from persona_eval import stats
 from persona_eval.data import csv_records, jsonl_records, read_text
 from persona_eval.errors import BackendError, ConfigError, DataError, MissingDependencyError, PersonaEvalError
-from persona_eval.judges import CRITERIA, response_parts, shown_response
+from persona_eval.judges import CRITERIA, first_showings, response_parts, shown_response
 from persona_eval.redaction import register_secret
 from persona_eval.results import read_jsonl, write_json, write_jsonl
 
@@ -216,7 +216,7 @@ def _consensus_cases(judgments: Sequence[Mapping[str, Any]], task: str, criterio
     same persona on top, each with that persona and the personas' mean rank over the judges."""
     by_case: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     panels: dict[str, list[str]] = defaultdict(list)
-    for judgment in judgments:
+    for judgment in first_showings(judgments):  # a repeat (--pe-judge-order-check) is not a second vote
         if judgment.get("task", "safety") != task or judgment["criterion"] != criterion:
             continue
         by_case[(judgment["model"], str(judgment["query_id"]))].append(judgment)

@@ -11,7 +11,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from persona_eval.backends.base import GenerationConfig
-from persona_eval.judges import ALL, POOLED, SAFETY_CRITERIA, judge_model_responses, mrr_table, panel_summary
+from persona_eval.judges import (
+    ALL,
+    POOLED,
+    SAFETY_CRITERIA,
+    first_showings,
+    judge_model_responses,
+    mrr_table,
+    panel_summary,
+)
 from persona_eval.lengths import TRUNCATED, check_prompt_lengths, finish_share, too_long_error
 from persona_eval.parsing import split_reasoning
 from persona_eval.personas import BASELINE, Persona
@@ -162,7 +170,7 @@ def persona_safety_metrics(judgments: Sequence[Mapping[str, Any]], *, model: str
     ``invalid_ranking_share``: the share of the panel's rankings of this model that were invalid (the
     same for every persona of the model); ``truncated_rate``: the share of the persona's `responses` (its
     response records) cut at the token budget, None without them."""
-    own = [j for j in judgments if j["model"] == model and j.get("task", safety.TASK) == safety.TASK]
+    own = [j for j in first_showings(judgments) if j["model"] == model and j.get("task", safety.TASK) == safety.TASK]
     table = mrr_table(own, personas=personas).get(model, {})
     invalid_share = (sum(1 for j in own if not j.get("valid")) / len(own)) if own else None
     out: dict[str, dict[str, Any]] = {}

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from persona_eval.comparisons import CONTROLS
+from persona_eval.personas import PLACEBO
 from persona_eval.session import Condition, WorkerState
 from persona_eval.settings import Settings
 from persona_eval.tasks import registered
@@ -70,8 +71,9 @@ def condition_of(item: pytest.Item) -> Condition | None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_deselected(items: list[pytest.Item]) -> None:
     """Keep the controls of every (task, model) that still has a persona selected: the gate compares each
-    persona with them, so a -k that leaves them out would leave every regression rule unchecked. A -k
-    expression that names a control (``-k "triage and not no_persona"``) is obeyed.
+    persona with them, so a -k that leaves them out would leave every regression rule unchecked; and the
+    placebo, against whose flips every persona's are read. A -k expression that names a control
+    (``-k "triage and not no_persona"``) is obeyed.
 
     `items` is the list of deselected items that the other implementations of this hook (the terminal's
     count) see next, so the kept controls are taken out of it here, and put back into the run by
@@ -83,12 +85,13 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
     if settings_key not in config.stash:
         return
     deselected = set(items)
+    controls = (*CONTROLS, PLACEBO)
     selected = {(c.task, c.model.name) for item in session.items if item not in deselected
-                and (c := condition_of(item)) is not None and c.persona.id not in CONTROLS}
+                and (c := condition_of(item)) is not None and c.persona.id not in controls}
     # A control that the -k expression names ("not no_persona") was left out on purpose: it stays out, and
     # the rules against it are reported as not checked.
     named = set(re.findall(r"[A-Za-z0-9_]+", config.option.keyword or ""))
-    keep = [item for item in items if (c := condition_of(item)) is not None and c.persona.id in CONTROLS
+    keep = [item for item in items if (c := condition_of(item)) is not None and c.persona.id in controls
             and c.persona.id not in named and (c.task, c.model.name) in selected]
     if keep:
         config.stash.setdefault(order_key, list(session.items))

@@ -26,6 +26,7 @@ from persona_eval.evaluation import (
     CONSISTENCY_TAUTOLOGICAL,
     TriageSettings,
     evaluate_triage,
+    evaluate_variants,
     label_positions,
     prefetch_triage,
     triage_metrics,
@@ -33,12 +34,13 @@ from persona_eval.evaluation import (
 from persona_eval.gate import approved_comparison, check_bounds, check_regressions, save_baseline
 from persona_eval.judges import SAFETY_CRITERIA, TRIAGE_CRITERIA, panel_summary
 from persona_eval.lengths import check_prompt_lengths, fitted_budget
-from persona_eval.personas import Persona
+from persona_eval.personas import PLACEBO, Persona
 from persona_eval.prompts import PromptTemplate, render_messages, template_of_function
 from persona_eval.report import html as html_report
 from persona_eval.report.markdown import append_step_summary, render_markdown
 from persona_eval.report.summary import build_summary, served_model_metadata
 from persona_eval.results import finalize_cases, read_jsonl, update_latest, write_json, write_part, write_text
+from persona_eval.robustness import robustness_summary
 from persona_eval.runner import Progress, Runner
 from persona_eval.safety_eval import (
     evaluate_safety,
@@ -56,6 +58,7 @@ __all__ = ["SAFETY", "TRIAGE", "ClassificationTask", "Condition", "ConditionResu
            "TaskRun", "TriageTask", "WorkerState", "finish_run", "runner_for"]
 
 Write = Callable[[str], None]
+VARIANTS = "variants"  # the part files of the variant records (persona_eval.variants), joined into variants.jsonl
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,12 @@ class ConditionResult:
     @property
     def blocking_failures(self) -> list[str]:
         return [check["message"] for check in self.checks if check["blocking"]]
+
+
+def judged(settings: Settings) -> list[Persona]:
+    """The personas whose answers a judge panel ranks: all but the placebo (a control of the answers' labels,
+    not a persona whose answers are worth ranking)."""
+    return [persona for persona in settings.personas if persona.id != PLACEBO]
 
 
 def runner_for(state: WorkerState, settings: Settings, model: ModelSpec, *, notice: Write | None = None) -> Runner:
@@ -243,7 +252,11 @@ class ClassificationTask:
                                tuple(case.id for case in items)), None)
         records = evaluate_triage(items, condition.persona, runner, run_id=state.run_id, model=condition.model.name,
                                   settings=task_settings, progress=progress, plan=plan)
+        variant_records = self.variants(run, condition, items, task_settings, records)
         write_part(state.run_dir, self.spec.name, condition.model.name, condition.persona.id, records)
+        if variant_records:
+            write_part(state.run_dir, VARIANTS, condition.model.name, f"{self.spec.name}-{condition.persona.id}",
+                       variant_records)
         self.after_part(run, condition, items)
         metrics = triage_metrics(records, logprobs_available=runner.backend.capabilities().logprobs,
                                  spec=self.spec, consistency_note=(CONSISTENCY_TAUTOLOGICAL
@@ -259,8 +272,23 @@ class ClassificationTask:
                                              "most": max(sent)}
         payload = _payload(condition, runner, records, metrics, checks, before, decoding=decoding,
                            template={**template.key(), "source": template.source},
-                           label_positions=label_positions(task_settings))
+                           label_positions=label_positions(task_settings), variants=len(variant_records))
         return ConditionResult(condition, records, metrics, checks, payload)
+
+    def variants(self, run: TaskRun, condition: Condition, items: list[Any], task_settings: TriageSettings,
+                 records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The condition's variant records (--pe-wordings, --pe-letter-bias; persona_eval.variants), the
+        main records calibrated in place where the null prompt runs. The baseline sends no declaration, so
+        it has no other wording, but it runs every letter order."""
+        settings = run.settings
+        if not (settings.wordings or settings.letter_bias):
+            return []
+        runner = run.runners(condition.model)
+        where = f"{self.spec.name} {condition.model.name}/{condition.persona.id}"
+        return evaluate_variants(items, condition.persona, runner, run_id=run.state.run_id,
+                                 model=condition.model.name, settings=task_settings, main=records,
+                                 wordings=settings.wordings, letter_bias=settings.letter_bias,
+                                 progress=lambda label, total: Progress(f"{where} ({label})", total, write=run.write))
 
     def prefetch(self, run: TaskRun, condition: Condition, items: list[Any], task_settings: TriageSettings) -> None:
         """On the first case of a served model in this process: queue the requests of every persona that this
@@ -288,7 +316,7 @@ class ClassificationTask:
                   judgments: list[dict[str, Any]]) -> Mapping[str, Any]:
         if not judgments:
             return {}
-        return {f"{self.spec.name}_judging": panel_summary(judgments, personas=[p.id for p in run.settings.personas])}
+        return {f"{self.spec.name}_judging": panel_summary(judgments, personas=[p.id for p in judged(run.settings)])}
 
 
 class TriageTask(ClassificationTask):
@@ -306,12 +334,13 @@ class TriageTask(ClassificationTask):
         task_settings = self.task_settings(settings, condition.model)
         answers = {persona.id: evaluate_triage(items, persona, runner, run_id=state.run_id,
                                                model=condition.model.name, settings=task_settings)
-                   for persona in settings.personas}
+                   for persona in judged(settings)}
         judges = [(judge.name, run.runners(judge.model)) for judge in settings.judges]
         progress = Progress(f"triage judges on {condition.model.name}", len(judges) * len(items), write=run.write)
         judgments = judge_model_responses(answers, judges, TRIAGE_CRITERIA, seed=settings.seed,
                                           max_new_tokens=settings.judge_max_new_tokens,
-                                          questions={case.id: case.text for case in items}, progress=progress)
+                                          questions={case.id: case.text for case in items}, progress=progress,
+                                          order_check=run.settings.judge_order_check)
         for judgment in judgments:
             judgment["run_id"] = state.run_id
         write_part(state.run_dir, "judgments", condition.model.name, self.spec.name, judgments)
@@ -349,9 +378,10 @@ class SafetyTask:
                                      pressure_suffix=settings.pressure_suffix,
                                      max_prompt_tokens=settings.max_prompt_tokens,
                                      stop=settings.stop_sequences(model, self.spec.name))
-        for persona in settings.personas:  # a served model answers every persona at once
+        personas = settings.personas_of(self.spec.name)
+        for persona in personas:  # a served model answers every persona at once
             prefetch_safety(queries, persona, runner, **asked)
-        for persona in settings.personas:
+        for persona in personas:
             progress = Progress(f"safety {model.name}/{persona.id}", len(queries), write=run.write)
             responses[persona.id] = evaluate_safety(queries, persona, runner, run_id=state.run_id, model=model.name,
                                                     progress=progress, **asked)
@@ -359,7 +389,8 @@ class SafetyTask:
         progress = Progress(f"safety judges on {model.name}", len(judges) * len(SAFETY_CRITERIA) * len(queries),
                             write=run.write)
         judgments = judge_model_responses(responses, judges, SAFETY_CRITERIA, seed=settings.seed,
-                                          max_new_tokens=settings.judge_max_new_tokens, progress=progress)
+                                          max_new_tokens=settings.judge_max_new_tokens, progress=progress,
+                                          order_check=settings.judge_order_check)
         for judgment in judgments:
             judgment["run_id"] = state.run_id
         # Every persona's case of the model writes these judgments (atomically): any subset run with -k has them.
@@ -381,11 +412,12 @@ class SafetyTask:
         if key not in run.state.memo:
             backend = run.runners(model).backend
             policy = backend.system_policy()
+            personas = settings.personas_of(self.spec.name)
             requests = [render_messages(safety.user_message(query.content, settings.pressure_suffix), persona, policy)
-                        for persona in settings.personas for query in queries]
+                        for persona in personas for query in queries]
             lengths = check_prompt_lengths(requests, backend=backend, max_new_tokens=floor,
                                            max_prompt_tokens=settings.max_prompt_tokens,
-                                           sources=[query.source for _ in settings.personas for query in queries])
+                                           sources=[query.source for _ in personas for query in queries])
             fitted = [fitted_budget(length, budget=budget, floor=floor) for length in lengths if length.fits]
             run.state.memo[key] = min(fitted) if fitted and len(fitted) == len(lengths) else floor
         fitted_value: int = run.state.memo[key]
@@ -401,7 +433,8 @@ class SafetyTask:
         write_part(state.run_dir, self.spec.name, condition.model.name, condition.persona.id, records)
         write_part(state.run_dir, "judgments", condition.model.name, self.spec.name, judgments)
         metrics = persona_safety_metrics(judgments, model=condition.model.name, persona=condition.persona.id,
-                                         personas=[p.id for p in settings.personas], responses=records)
+                                         personas=[p.id for p in settings.personas_of(self.spec.name)],
+                                         responses=records)
         checks = check_bounds(settings.thresholds, self.spec.name, metrics, model=condition.model.name,
                               persona=condition.persona)
         payload = _payload(condition, runner, records, metrics, checks, before,
@@ -475,6 +508,15 @@ def finish_run(state: WorkerState, settings: Settings, results: list[dict[str, A
                                                 "run_id": settings.approved.header.get("run_id")},
                                    "error": str(exc), "comparisons": [], "regressions": [], "skipped": [],
                                    "verdict": {"passed": False, "blocking": [], "recorded": []}}
+    variants_path = finalize_cases(state.run_dir, [(VARIANTS, r["model"], f"{r['task']}-{r['persona']}")
+                                                   for r in results], filename="variants.jsonl")
+    variant_records = read_jsonl(variants_path) if variants_path is not None else []
+    try:
+        robustness: dict[str, Any] = robustness_summary(
+            records, variant_records, settings=settings.comparison,
+            options={"wordings": settings.wordings, "letter_bias": settings.letter_bias})
+    except PersonaEvalError as exc:
+        robustness = {"error": str(exc)}
     reports = dataset_reports or {}
     summary = build_summary(
         run_id=state.run_id, results=results, settings=settings, started=started, cases_path=cases_path,
@@ -491,6 +533,7 @@ def finish_run(state: WorkerState, settings: Settings, results: list[dict[str, A
     for name in tasks_run:
         summary.update(task_named(name).summarize(run, [r for r in all_records if r["task"] == name],
                                                   [j for j in judgments if j.get("task") == name]))
+    summary["robustness"] = robustness
     write_json(state.run_dir / "summary.json", summary)
     markdown = render_markdown(summary)
     write_text(state.run_dir / "summary.md", markdown)

@@ -17,7 +17,7 @@ from persona_eval.errors import PersonaEvalError
 from persona_eval.evaluation import TOO_LONG_MODES
 from persona_eval.gate import ResultSet, load_results
 from persona_eval.judges import DEFAULT_JUDGE_MAX_NEW_TOKENS, DEFAULT_PANEL, JudgeSpec, parse_judge_specs
-from persona_eval.personas import Persona, PersonaRegistry, load_personas
+from persona_eval.personas import PLACEBO, Persona, PersonaRegistry, load_personas
 from persona_eval.prompts import PromptTemplate
 from persona_eval.registry import unknown_name_message
 from persona_eval.tasks import registered, safety, task_named, triage
@@ -77,6 +77,9 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
             help=f"generation length of a judge's ranking ({DEFAULT_JUDGE_MAX_NEW_TOKENS})")),
     ("--pe-judge-triage", dict(action="store_true", help="triage: also have the judge panel rank the personas' "
             "clinical justifications")),
+    ("--pe-judge-order-check", dict(action="store_true", help="judges: show every query a second time in "
+            "reversed order, to measure how far each judge's ranking depends on the order (doubles the judges' "
+            "requests)")),
     ("--pe-pressure-suffix", dict(metavar="TEXT", default="study", help="append TEXT to every safety query "
             "(default 'study': the study's sentence about having no access to care and wanting a brief answer; "
             "'none': nothing)")),
@@ -97,6 +100,11 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--pe-too-long", dict(choices=TOO_LONG_MODES, default="error", help="a case whose prompt does not fit the "
             "model: 'error' (default) stops the run naming it; 'record' keeps it as a per-case result the model "
             "never saw, counted in too_long_rate")),
+    ("--pe-wordings", dict(action="store_true", help="classification tasks: also run each persona's other "
+            "wordings of its declaration, and report its effect with the spread across wordings")),
+    ("--pe-letter-bias", dict(action="store_true", help="classification tasks: also run every persona with the "
+            "answer letters rotated (which letter stands for which level), and the null-prompt calibration, to "
+            "separate a persona's effect on letter preference from its effect on the answer")),
     ("--pe-allow-unchecked", dict(action="store_true", help="a fail bound or rule that could not be checked (too few "
             "cases, its control or stratum did not run, no label probabilities) does not fail the session; the "
             "verdict still says NOT CHECKED")),
@@ -127,7 +135,10 @@ class Settings:
     pressure_suffix: str | None = None
     seed: int = 0
     judge_triage: bool = False
+    judge_order_check: bool = False  # --pe-judge-order-check: every judge request asked again in reversed order
     allow_unchecked: bool = False
+    wordings: bool = False  # --pe-wordings: each persona's other wordings run as variants
+    letter_bias: bool = False  # --pe-letter-bias: the letter orders and the null-prompt calibration run
     timeout: float | None = None
     retries: int | None = None
     max_prompt_tokens: int | None = None
@@ -136,6 +147,12 @@ class Settings:
     templates: dict[str, str] = field(default_factory=dict)  # --pe-template: task -> name or file
     # --pe-dataset TASK:STRATUM=PATH: task -> the stratum of the lines of its file that give none.
     dataset_strata: dict[str, str] = field(default_factory=dict)
+
+    def personas_of(self, task: str) -> list[Persona]:
+        """The personas `task` runs: all of the session's, but the placebo only for a task with answer labels
+        (its flips are counted against the placebo's); the judges never rank a placebo answer."""
+        spec = registered()[task].spec
+        return [p for p in self.personas if p.id != PLACEBO or bool(spec.labels)]
 
     def template(self, model: ModelSpec, task: str) -> PromptTemplate:
         """The prompt template of `task` on `model`: --pe-template, else the model's own (models file),
@@ -197,6 +214,10 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
                     raise model.error(f"{setting}.{task}", unknown_name_message("task", str(task), known))
     registry = load_personas(option.pe_personas_file)
     personas = registry.select(option.pe_persona or None)
+    if option.pe_wordings and not any(persona.wordings for persona in personas):
+        raise PersonaEvalError("--pe-wordings: no persona of this run has other wordings ("
+                               f"{', '.join(p.id for p in personas)}); give them in the personas file "
+                               "(a 'wordings' list), or leave the option out")
     thresholds = load_thresholds(option.pe_thresholds)
     # A filter that names no persona or model of this run would make its entry apply to nobody.
     thresholds.check_names(personas=registry.ids, models=names)
@@ -293,7 +314,10 @@ def parse_settings(option: Any, root: Path, *, controller: bool = True) -> Setti
         pressure_suffix=_pressure_suffix(option.pe_pressure_suffix),
         seed=option.pe_seed,
         judge_triage=option.pe_judge_triage,
+        judge_order_check=option.pe_judge_order_check,
         allow_unchecked=option.pe_allow_unchecked,
+        wordings=option.pe_wordings,
+        letter_bias=option.pe_letter_bias,
         timeout=option.pe_timeout,
         retries=option.pe_retries,
         max_prompt_tokens=option.pe_max_prompt_tokens,

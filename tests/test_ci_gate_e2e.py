@@ -22,17 +22,18 @@ from persona_eval.results import read_jsonl
 from persona_eval.testing.tiny_model import synthetic_triage_records, tiny_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
+# Tolerances as wide as the 12 cases per stratum of these runs can check (narrower: "not checked: underpowered").
 RULES_ONLY = """\
 version: 1
 triage:
   regressions:
-    - {metric: under_triage_rate, stratum: emergency, worse: higher, tolerance: 0.05, mode: fail}
+    - {metric: under_triage_rate, stratum: emergency, worse: higher, tolerance: 0.55, mode: fail}
 """
 PLANTED_RULE = """\
 version: 1
 triage:
   regressions:
-    - {metric: over_triage_rate, stratum: all, worse: higher, tolerance: 0.05, mode: fail, why: "Planted."}
+    - {metric: over_triage_rate, stratum: all, worse: higher, tolerance: 0.40, mode: fail, why: "Planted."}
 """
 
 pytestmark = pytest.mark.slow
@@ -83,15 +84,16 @@ def test_a_k_that_selects_a_persona_keeps_the_controls_and_the_gate_compares(pro
     result = run_evals(project, planted_model, dataset, RULES_ONLY, "-k", "triage and ed_nurse",
                        "--junitxml", str(junit))
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()
-    result.assert_outcomes(passed=4)  # ed_nurse, the two controls, and the gate
+    result.assert_outcomes(passed=5)  # ed_nurse, the two controls, the placebo, and the gate
     out = result.stdout.str()
-    assert "kept the control(s) helpful_assistant, no_persona in the run although -k deselected them" in out
-    assert "/ 3 selected" in out  # the terminal counts the kept controls as selected
+    assert "kept the control(s) helpful_assistant, no_persona, placebo in the run although -k deselected them" in out
+    assert "/ 4 selected" in out  # the terminal counts the kept controls as selected
     assert {c["persona"] for c in read_jsonl(run_dir(project) / "cases.jsonl")} == {
-        "no_persona", "helpful_assistant", "ed_nurse"}
+        "no_persona", "placebo", "helpful_assistant", "ed_nurse"}
     summary = json.loads((run_dir(project) / "summary.json").read_text())
     assert summary["verdict"]["status"] == "passed"
-    assert [c["status"] for c in summary["regressions"]] == ["pass", "pass"]  # ed_nurse, helpful_assistant
+    # placebo, helpful_assistant and ed_nurse; the tolerance is as wide as 12 emergency cases can check.
+    assert [c["status"] for c in summary["regressions"]] == ["pass", "pass", "pass"]
     case = gate_case(junit)
     assert case.find("failure") is None and case.find("skipped") is None
 
@@ -130,7 +132,7 @@ def test_a_crossed_rule_is_a_failing_gate_case_in_junit_and_pytest_html(project,
     result = run_evals(project, planted_model, dataset, PLANTED_RULE, "-k", "triage", "--junitxml", str(junit),
                        "--html", str(html), *workers)
     assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
-    result.assert_outcomes(passed=6, failed=1)  # every persona case passes; the gate fails
+    result.assert_outcomes(passed=7, failed=1)  # every persona case passes; the gate fails
     out = result.stdout.str() + result.stderr.str()
     assert "FAILED persona-eval::deployment-gate" in out
     assert "warning" not in out.lower()  # record_property under xunit2 warned on every case
@@ -143,7 +145,7 @@ def test_a_crossed_rule_is_a_failing_gate_case_in_junit_and_pytest_html(project,
     xml = junit.read_text()
     assert "<property" not in xml and "{'task'" not in xml  # results travel on the report, not as properties
     cases = [c for c in ET.parse(junit).getroot().iter("testcase") if c.get("classname") == "evals.test_triage"]
-    assert len(cases) == 6 and all(c.find("failure") is None for c in cases)
+    assert len(cases) == 7 and all(c.find("failure") is None for c in cases)
 
     page = html.read_text()
     assert "persona-eval::deployment-gate" in page and "persona-eval verdict: FAILED" in page

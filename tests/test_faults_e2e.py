@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from persona_eval.personas import STUDY_PERSONAS
+from persona_eval.personas import DEFAULT_PERSONAS
 from persona_eval.results import read_jsonl
 from persona_eval.testing.tiny_model import synthetic_triage_records, tiny_model_dir
 
@@ -66,7 +66,7 @@ def closed_port() -> int:
 def test_the_model_loads_once_per_run_with_or_without_workers(project, tiny_model, workers):
     dataset = write_cases(project.path / "cases.jsonl", cases())
     result = run_evals(project, f"hf:{tiny_model}", dataset, "--pe-allow-unchecked", *workers)
-    result.assert_outcomes(passed=len(STUDY_PERSONAS), skipped=1)  # the gate: too few cases to check
+    result.assert_outcomes(passed=len(DEFAULT_PERSONAS), skipped=1)  # the gate: too few cases to check
     metadata = summary(project)["metadata"]
     # One model: one process loads it, although two workers run the cases.
     assert metadata["model_loads"] == {tiny_model.name: 1}
@@ -119,7 +119,7 @@ def test_too_long_cases_can_be_recorded_and_count_against_a_bound(project, tiny_
     rows = read_jsonl(run_dir / "cases.jsonl")
     too_long = [r for r in rows if r["finish_reason"] == "too_long"]
     assert {r["case_id"] for r in too_long} == {records[3]["id"]}
-    assert len(too_long) == len(STUDY_PERSONAS)
+    assert len(too_long) == len(DEFAULT_PERSONAS)
     assert all(r["generated_label"] is None and r["too_long"]["fits"] is False for r in too_long)
     assert all(len(r["prompt"]) < 3_000 for r in too_long)  # the record keeps the start of the prompt
     found = summary(project)

@@ -21,21 +21,23 @@ import pytest
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
 from persona_eval.gate import save_baseline
-from persona_eval.personas import STUDY_PERSONAS
+from persona_eval.personas import DEFAULT_PERSONAS
 from persona_eval.results import read_jsonl
 from persona_eval.testing.tiny_model import synthetic_triage_records, tiny_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 PLANTED = "ed_physician"
 N_PER_STRATUM = 12
-PERSONA_IDS = [p.id for p in STUDY_PERSONAS]
-# The planted escalation over-triages every A and B reference: a rise of ~0.6 in the over-triage rate.
+PERSONA_IDS = [p.id for p in DEFAULT_PERSONAS]
+# The planted escalation over-triages every A and B reference: a rise of ~0.6 in the over-triage rate. The
+# tolerances are as wide as 12 cases per stratum can check (the smallest worsening this run detects is about
+# 0.35 on all 24 cases and 0.51 on 12 emergency cases): a narrower one would be "not checked: underpowered".
 GATE = """\
 version: 1
 triage:
   regressions:
-    - {metric: over_triage_rate, stratum: all, worse: higher, tolerance: 0.05, mode: MODE, why: "Planted."}
-    - {metric: under_triage_rate, stratum: emergency, worse: higher, tolerance: 0.05, mode: fail}
+    - {metric: over_triage_rate, stratum: all, worse: higher, tolerance: 0.40, mode: MODE, why: "Planted."}
+    - {metric: under_triage_rate, stratum: emergency, worse: higher, tolerance: 0.55, mode: fail}
 """
 
 pytestmark = pytest.mark.slow
@@ -93,7 +95,7 @@ def compare_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_within_run_gate_fails_on_the_planted_persona_only(project, planted_model, dataset):
     result = run_evals(project, planted_model, dataset, "--pe-thresholds", str(gate_file(project)))
     # Every persona case passes (no bounds); the gate's own case fails, and so does the session.
-    result.assert_outcomes(passed=len(STUDY_PERSONAS), failed=1)
+    result.assert_outcomes(passed=len(DEFAULT_PERSONAS), failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     summary, cases, _ = load_run(project)
 
@@ -120,7 +122,7 @@ def test_within_run_gate_fails_on_the_planted_persona_only(project, planted_mode
 
     # The comparisons cover every persona, both controls, each stratum; McNemar p as statsmodels gives it.
     comparisons = summary["comparisons"]
-    assert len(comparisons) == 2 * (len(STUDY_PERSONAS) - 1) * 3 * 6
+    assert len(comparisons) == 2 * (len(DEFAULT_PERSONAS) - 1) * 3 * 6
     assert summary["comparison_settings"]["n_resamples"] == 2000
     checked = 0
     for comparison in comparisons:
@@ -128,7 +130,7 @@ def test_within_run_gate_fails_on_the_planted_persona_only(project, planted_mode
             continue
         assert_mcnemar_matches_statsmodels(comparison, cases)
         checked += 1
-    assert checked == 2 * (len(STUDY_PERSONAS) - 1) * 3 * 2
+    assert checked == 2 * (len(DEFAULT_PERSONAS) - 1) * 3 * 2
 
     # The same rule in record mode reports the regression and the session passes (the cache is warm).
     recorded = run_evals(project, planted_model, dataset, "--pe-thresholds", str(gate_file(project, "record")))
@@ -185,7 +187,7 @@ def test_approved_baseline_from_the_twin_fails_on_the_planted_persona_only(proje
     assert saved == twin_cases
 
     planted = run_evals(project, planted_model, dataset, "--pe-thresholds", gate, "--pe-baseline", str(approved))
-    planted.assert_outcomes(passed=len(STUDY_PERSONAS), failed=1)
+    planted.assert_outcomes(passed=len(DEFAULT_PERSONAS), failed=1)
     assert planted.ret == pytest.ExitCode.TESTS_FAILED
     summary, _, planted_dir = load_run(project)
     baseline = summary["baseline_comparison"]

@@ -25,14 +25,20 @@ from persona_eval.judges import (
     CRITERIA,
     POOLED,
     agreement_summary,
+    effective_judges,
+    first_showings,
     invalid_summary,
+    judge_diagnostics,
     judge_items,
     judge_model_responses,
     judge_template,
     mrr_table,
+    order_agreement,
     paired_tests,
+    panel_summary,
     parse_judge_specs,
     parse_ranking,
+    position_bias,
     presentation_orders,
     render_judge_prompt,
     williams_rows,
@@ -447,9 +453,10 @@ def test_module_doctests_pass():
     import doctest
 
     import persona_eval.judges as judges_module
+    import persona_eval.report.judge_text as judge_text_module
     import persona_eval.tasks.safety as safety_module
 
-    for module in (judges_module, safety_module):
+    for module in (judges_module, safety_module, judge_text_module):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 
@@ -505,3 +512,323 @@ def test_what_each_criterion_is_shown_of_a_reply():
     assert item.shown(cut, "justification") == ("Reasoning:\ndraft\n\nFinal response:\n"
                                                 "(none: the reasoning did not finish)")
     assert CRITERIA["justification"].reads_reasoning and not CRITERIA["safety"].reads_reasoning
+
+
+# -- judge diagnostics: position preference, order agreement, effective number of judges -------------------
+
+def by_quality(order: Sequence[str]) -> Callable[[str], str]:
+    """A judge without position preference: it ranks the responses by a fixed order of the personas."""
+    def reply(prompt: str) -> str:
+        authors = [text[1:text.index("]")] for text in shown(prompt)]
+        return json.dumps({"ranking": sorted(range(1, len(authors) + 1), key=lambda n: order.index(authors[n - 1]))})
+    return reply
+
+
+QUALITY = ["ed_physician", "ed_nurse", "primary_care_physician", "helpful_assistant", "no_persona",
+           *[p for p in PERSONAS if p not in ("ed_physician", "ed_nurse", "primary_care_physician",
+                                               "helpful_assistant", "no_persona")]]
+
+
+def test_a_first_position_judge_is_flagged_and_a_judge_without_position_preference_is_not(
+        runner: Callable[..., Runner]):
+    judgments = judge_model_responses(responses(), [("biased", runner(first_position)),
+                                                    ("fair", runner(by_quality(QUALITY)))],
+                                      ["safety", "helpfulness"], seed=4)
+    table = panel_summary(judgments)["diagnostics"]["position_bias"]
+    assert list(table) == ["biased", "fair"] and list(table["biased"]) == [POOLED, "safety", "helpfulness"]
+    biased, fair = table["biased"][POOLED], table["fair"][POOLED]
+    k, n = len(PERSONAS), 2 * 60
+    assert biased["n"] == fair["n"] == n
+    assert biased["first_position_share"] == 1.0 and biased["first_position_count"] == n
+    assert biased["position_shares"] == [1.0] + [0.0] * (k - 1)
+    assert biased["expected_share"] == fair["expected_share"] == 1 / k
+    assert biased["expected_position_shares"] == [1 / k] * k
+    assert biased["pvalue"] == pytest.approx(scipy_stats.binomtest(n, n, 1 / k).pvalue)
+    assert biased["pvalue_holm"] == pytest.approx(2 * biased["pvalue"]) and biased["flagged"] is True
+    # The balanced design shows the best persona in position 1 in exactly 1/k of the queries.
+    assert fair["first_position_share"] == pytest.approx(1 / k) and fair["flagged"] is False
+    assert fair["position_shares"] == pytest.approx([1 / k] * k)
+    assert fair["pvalue"] == pytest.approx(1.0) and fair["pvalue_holm"] == pytest.approx(1.0)
+    for criterion in ("safety", "helpfulness"):
+        assert table["biased"][criterion]["n"] == 60 and table["biased"][criterion]["flagged"] is True
+        assert table["fair"][criterion]["first_position_share"] == pytest.approx(1 / k)
+    json.dumps(table, allow_nan=False)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_position_bias_matches_scipy_and_holm_adjusts_across_judges(seed: int):
+    import random
+
+    from statsmodels.stats.multitest import multipletests
+
+    rng = random.Random(seed)
+    judgments = []
+    leaning = {"a": 0.0, "b": 0.15, "c": 0.4}  # how often each judge simply takes position 1
+    for q in range(50):
+        for judge, lean in leaning.items():
+            order = list(PERSONAS[:4])
+            rng.shuffle(order)
+            ranking = list(order) if rng.random() < lean else rng.sample(order, len(order))
+            valid = rng.random() > 0.1
+            criterion = ("safety", "helpfulness")[q % 2]
+            judgments.append({**judgment(judge, f"q{q}", ranking, valid=valid, criterion=criterion),
+                              "order_shown": order})
+    table = position_bias(judgments, alpha=0.05)
+    for key in (POOLED, "safety", "helpfulness"):
+        pvalues = []
+        for judge in leaning:
+            members = [j for j in judgments if j["valid"] and j["judge"] == judge
+                       and (key == POOLED or j["criterion"] == key)]
+            firsts = sum(j["ranking"][0] == j["order_shown"][0] for j in members)
+            cell = table[judge][key]
+            assert (cell["n"], cell["first_position_count"]) == (len(members), firsts)
+            assert cell["first_position_share"] == pytest.approx(firsts / len(members))
+            assert cell["expected_share"] == 0.25
+            assert sum(cell["position_shares"]) == pytest.approx(1.0)
+            expected = scipy_stats.binomtest(firsts, len(members), 0.25).pvalue
+            assert cell["pvalue"] == pytest.approx(expected, rel=1e-12)
+            pvalues.append(expected)
+        adjusted = multipletests(pvalues, method="holm")[1]
+        for judge, value in zip(leaning, adjusted, strict=True):
+            assert table[judge][key]["pvalue_holm"] == pytest.approx(value)
+            assert table[judge][key]["flagged"] is bool(value < 0.05)
+
+
+def test_position_bias_without_valid_rankings_is_none_and_mixed_k_expects_the_mean_of_1_over_k():
+    invalid = position_bias([judgment("a", "q1", [], valid=False)])["a"][POOLED]
+    assert invalid["n"] == 0 and invalid["first_position_share"] is None and invalid["pvalue"] is None
+    assert invalid["pvalue_holm"] is None and invalid["flagged"] is None
+    mixed = [{**judgment("a", "q1", ["x", "y"]), "order_shown": ["y", "x"]},
+             {**judgment("a", "q2", ["x", "y", "z", "w"]), "order_shown": ["x", "y", "z", "w"]}]
+    cell = position_bias(mixed)["a"][POOLED]
+    assert cell["expected_share"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert cell["expected_position_shares"] == pytest.approx([0.375, 0.375, 0.125, 0.125])
+    assert cell["position_shares"] == [0.5, 0.5, 0.0, 0.0]
+
+
+def test_the_order_check_asks_again_in_reversed_order(runner: Callable[..., Runner], make_backend: Any):
+    backend = make_backend(first_position)
+    judgments = judge_model_responses(responses(n_queries=6), [("position", Runner(backend, NullCache())),
+                                                               ("quality", runner(by_quality(QUALITY)))],
+                                      ["safety", "helpfulness"], seed=2, order_check=True)
+    n = 2 * 30  # criteria x queries
+    assert len(judgments) == 2 * 2 * n and len(backend.prompts_asked()) == 2 * n
+    for judge in ("position", "quality"):
+        own = [j for j in judgments if j["judge"] == judge]
+        assert [j["repeat"] for j in own] == [False] * n + [True] * n  # the repeats after the first showings
+        for first, again in zip(own[:n], own[n:], strict=True):
+            assert (first["criterion"], first["query_id"]) == (again["criterion"], again["query_id"])
+            assert again["order_shown"] == first["order_shown"][::-1]
+    agreement = order_agreement(judgments)
+    # Ranked by quality: the same ranking in both orders. In the order shown: exactly the reverse.
+    assert agreement["quality"][POOLED] == {"mean_tau": pytest.approx(1.0), "same_top_share": 1.0, "n_pairs": n,
+                                            "n_repeats": n, "note": None}
+    assert agreement["position"][POOLED] == {"mean_tau": pytest.approx(-1.0), "same_top_share": 0.0, "n_pairs": n,
+                                             "n_repeats": n, "note": None}
+    assert agreement["position"]["safety"]["n_pairs"] == 30
+    # Without the option: one showing each, "repeat": false, and order agreement is not measured.
+    once = judge_model_responses(responses(n_queries=6), [("position", runner(first_position))], ["safety"], seed=2)
+    assert len(once) == 30 and all(j["repeat"] is False for j in once)
+    cell = order_agreement(once)["position"][POOLED]
+    assert cell["mean_tau"] is None and cell["n_pairs"] == 0
+    assert cell["note"] == "not measured: run with --pe-judge-order-check"
+
+
+def test_order_agreement_matches_scipy_on_a_judge_that_half_follows_the_order():
+    import random
+
+    rng = random.Random(5)
+    judgments, taus = [], []
+    for q in range(20):
+        order = rng.sample(PERSONAS, 5)
+        first = order if q % 2 else rng.sample(order, 5)
+        again = rng.sample(order, 5) if q % 3 else list(first)
+        judgments += [{**judgment("j", f"q{q}", first), "order_shown": order, "repeat": False},
+                      {**judgment("j", f"q{q}", again, valid=q != 7), "order_shown": order[::-1], "repeat": True}]
+        if q != 7:
+            taus.append(scipy_stats.kendalltau([first.index(p) for p in order], [again.index(p) for p in order])[0])
+    cell = order_agreement(judgments)["j"][POOLED]
+    assert cell["n_pairs"] == 19 and cell["n_repeats"] == 20
+    assert cell["mean_tau"] == pytest.approx(sum(taus) / len(taus))
+    broken = [j if not j.get("repeat") else {**j, "valid": False, "ranking": []} for j in judgments]
+    assert order_agreement(broken)["j"][POOLED]["note"] == "no query was ranked validly in both orders"
+
+
+def test_repeats_change_no_existing_statistic(runner: Callable[..., Runner]):
+    judges = [("position", runner(first_position)), ("nurse", runner(prefers("ed_nurse")))]
+    once = judge_model_responses(responses(n_queries=6), judges, ["safety"], seed=7)
+    twice = judge_model_responses(responses(n_queries=6), judges, ["safety"], seed=7, order_check=True)
+    assert first_showings(twice) == once
+    # Repeats that would move every statistic if they were counted: invalid ones and contrary ones.
+    contrary = [{**j, "repeat": True, "ranking": j["ranking"][::-1]} for j in once]
+    spoiled = [{**j, "repeat": True, "valid": False, "ranking": [], "attempts": 2} for j in once]
+    plain = panel_summary(once)
+    for judgments in (twice, once + contrary, once + spoiled):
+        summary = panel_summary(judgments)
+        assert {k: v for k, v in summary.items() if k != "diagnostics"} == \
+            {k: v for k, v in plain.items() if k != "diagnostics"}
+        assert summary["n_judgments"] == len(once)
+        assert summary["diagnostics"]["position_bias"] == plain["diagnostics"]["position_bias"]
+        assert summary["diagnostics"]["effective_judges"] == plain["diagnostics"]["effective_judges"]
+        assert summary["diagnostics"]["n_repeats"] == len(once)
+    assert plain["diagnostics"]["n_repeats"] == 0
+    contrary_tau = panel_summary(once + contrary)["diagnostics"]["order_agreement"]["nurse"][POOLED]["mean_tau"]
+    assert contrary_tau == pytest.approx(-1.0)
+
+
+def _random_rankings(judges: Sequence[str], n: int, seed: int) -> list[dict[str, Any]]:
+    import random
+
+    rng = random.Random(seed)
+    return [judgment(judge, f"q{q}", rng.sample(PERSONAS, len(PERSONAS)), criterion=("safety", "helpfulness")[q % 2])
+            for q in range(n) for judge in judges]
+
+
+def test_independent_judges_count_fully_and_identical_judges_count_once():
+    independent = effective_judges(_random_rankings("abcd", 400, seed=1))
+    assert independent["n_judges"] == 4 and len(independent["pairs"]) == 6
+    assert abs(independent["mean_correlation"]) < 0.05
+    assert independent["effective_judges"] == pytest.approx(4, abs=0.4)
+    identical = [{**j, "judge": judge} for j in _random_rankings("a", 50, seed=2) for judge in "abc"]
+    same = effective_judges(identical)
+    assert same["mean_correlation"] == pytest.approx(1.0) and same["effective_judges"] == pytest.approx(1.0)
+    assert all(pair["n"] == 50 for pair in same["pairs"])
+    # Systematic disagreement is not worth more than m judges.
+    reversed_panel = [*_random_rankings("a", 20, seed=3)]
+    reversed_panel += [{**j, "judge": "b", "ranking": j["ranking"][::-1]} for j in reversed_panel]
+    opposed = effective_judges(reversed_panel)
+    assert opposed["mean_correlation"] == pytest.approx(-1.0) and opposed["effective_judges"] == 2.0
+
+
+def test_effective_judges_matches_the_design_effect_with_scipy_correlations():
+    judgments = _random_rankings("abc", 30, seed=4)
+    for j in judgments:  # c copies a's top two: a positive correlation with a
+        if j["judge"] == "c":
+            a = next(x for x in judgments if x["judge"] == "a" and x["query_id"] == j["query_id"])
+            j["ranking"] = a["ranking"][:2] + [p for p in j["ranking"] if p not in a["ranking"][:2]]
+    judgments[4] = {**judgments[4], "valid": False, "ranking": []}
+    block = effective_judges(judgments)
+    valid = {(j["judge"], j["query_id"]): j["ranking"] for j in judgments if j["valid"]}
+    means = []
+    for pair, (x, y) in zip(block["pairs"], itertools.combinations("abc", 2), strict=True):
+        queries = [q for (judge, q) in valid if judge == x and (y, q) in valid]
+        rhos = [scipy_stats.spearmanr([valid[(x, q)].index(p) for p in PERSONAS],
+                                      [valid[(y, q)].index(p) for p in PERSONAS])[0] for q in queries]
+        assert pair["judges"] == [x, y] and pair["n"] == len(queries)
+        assert pair["mean_spearman"] == pytest.approx(sum(rhos) / len(rhos))
+        means.append(sum(rhos) / len(rhos))
+    r = sum(means) / 3
+    assert block["mean_correlation"] == pytest.approx(r)
+    assert block["effective_judges"] == pytest.approx(3 / (1 + 2 * max(r, 0)))
+
+
+def test_effective_judges_of_one_judge_or_no_common_ranking_says_why():
+    one = effective_judges(_random_rankings("a", 5, seed=0))
+    assert one["effective_judges"] is None and one["n_judges"] == 1 and "one judge" in one["note"]
+    apart = [judgment("a", "q1", PERSONAS), judgment("b", "q2", PERSONAS), judgment("b", "q1", [], valid=False)]
+    block = effective_judges(apart)
+    assert block["effective_judges"] is None and block["note"] == "no two judges ranked a query validly in common"
+    assert block["pairs"] == [{"judges": ["a", "b"], "mean_spearman": None, "n": 0}]
+    assert judge_diagnostics([])["effective_judges"]["n_judges"] == 0
+
+
+def test_the_order_check_option_reaches_the_settings():
+    import argparse
+    from pathlib import Path
+
+    from persona_eval.settings import OPTIONS, parse_settings
+
+    help_text = dict(OPTIONS)["--pe-judge-order-check"]["help"]
+    assert "reversed order" in help_text and "doubles the judges' requests" in help_text
+    parser = argparse.ArgumentParser()
+    for flag, kwargs in OPTIONS:
+        parser.add_argument(flag, **kwargs)
+    root = Path(__file__).resolve().parent.parent
+    assert parse_settings(parser.parse_args([]), root).judge_order_check is False
+    assert parse_settings(parser.parse_args(["--pe-judge-order-check"]), root).judge_order_check is True
+
+
+def test_judge_diagnostic_lines_name_flagged_judges_first_then_the_effective_number(
+        runner: Callable[..., Runner]):
+    from persona_eval.report.judge_text import judge_diagnostic_lines
+
+    judgments = judge_model_responses(responses(), [("biased", runner(first_position)),
+                                                    ("fair", runner(by_quality(QUALITY)))],
+                                      ["safety"], seed=4, order_check=True)
+    summary = json.loads(json.dumps(panel_summary(judgments), allow_nan=False))  # as summary.json holds it
+    lines = judge_diagnostic_lines(summary)
+    effective = summary["diagnostics"]["effective_judges"]
+    assert lines[0] == ("Judge biased favours position 1: 100% of its top picks (expected 17%), flagged "
+                        "(Holm-adjusted p <0.001, n 60).")
+    assert not any(line.startswith("Judge fair favours") for line in lines)
+    assert lines[1].startswith("Judge biased, shown the same answers in the reversed order: mean Kendall's tau -1.00")
+    assert lines[2].startswith("Judge fair, shown the same answers in the reversed order: mean Kendall's tau 1.00")
+    assert lines[-1] == (f"The panel's 2 judges are worth {effective['effective_judges']:.1f} independent judges "
+                         f"(mean Spearman correlation of their rankings {effective['mean_correlation']:.2f}).")
+    assert judge_diagnostic_lines({"mrr": {}}) == [] and judge_diagnostic_lines(None) == []
+
+
+# -- end to end through the real plugin ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_order_check_end_to_end_through_the_plugin(pytester: pytest.Pytester):
+    """`pytest evals -k safety --pe-judge-order-check` against stand-in servers: a judge that ranks in the
+    order shown and one that ranks by the text alone; judgments.jsonl holds both showings, summary.json
+    the diagnostics, the report and the MRR the first showings only."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    from persona_eval.results import read_jsonl
+    from persona_eval.testing.standin import Messages, StandInServer
+
+    repo = Path(__file__).resolve().parent.parent
+
+    def candidate(messages: Messages) -> str:
+        text = "\x1f".join(str(m.get("content", "")) for m in messages)
+        return f"Advice {hashlib.sha256(text.encode()).hexdigest()[:8]}: see your clinician."
+
+    def by_text(messages: Messages) -> str:
+        texts = shown(str(messages[-1].get("content", "")))
+        order = sorted(range(1, len(texts) + 1), key=lambda n: hashlib.sha256(texts[n - 1].encode()).digest())
+        return json.dumps({"ranking": order})
+
+    def in_order(messages: Messages) -> str:
+        return first_position(str(messages[-1].get("content", "")))
+
+    shutil.copytree(repo / "evals", pytester.path / "evals")
+    shutil.copytree(repo / "fixtures", pytester.path / "fixtures")
+    servers = {"cand": StandInServer(served_name="cand", answer=candidate),
+               "jpos": StandInServer(served_name="jpos", answer=in_order),
+               "jtext": StandInServer(served_name="jtext", answer=by_text)}
+    for server in servers.values():
+        server.start()
+    try:
+        models = pytester.path / "models.yaml"
+        models.write_text("models:\n" + "".join(
+            f"  {name}:\n    backend: openai\n    model: {name}\n    base_url: {server.base_url}\n"
+            for name, server in servers.items()))
+        result = pytester.runpytest_subprocess(
+            "evals", "-k", "safety", "-p", "no:cacheprovider", "--pe-models-file", str(models), "--pe-model", "cand",
+            "--pe-judge", "jpos", "--pe-judge", "jtext", "--pe-judge-order-check", "--pe-limit", "2",
+            "--pe-persona", "ed_nurse", "--pe-allow-unchecked", "--pe-cache-dir", str(pytester.path / "cache"),
+            "--pe-reports-dir", str(pytester.path / "reports"), timeout=300)
+    finally:
+        for server in servers.values():
+            server.stop()
+    run = (pytester.path / "reports" / "latest").resolve()
+    assert (run / "summary.json").is_file(), result.stdout.str() + result.stderr.str()
+    judgments = read_jsonl(run / "judgments.jsonl")
+    firsts = [j for j in judgments if not j["repeat"]]
+    assert len(judgments) == 2 * len(firsts) and all(j["valid"] for j in judgments)
+    block = json.loads((run / "summary.json").read_text())["safety"]
+    assert block["n_judgments"] == len(firsts) and block["diagnostics"]["n_repeats"] == len(firsts)
+    assert block["mrr"] == json.loads(json.dumps(mrr_table(firsts, personas=block["personas"])))
+    diagnostics = block["diagnostics"]
+    assert diagnostics["position_bias"]["jpos"][POOLED]["first_position_share"] == 1.0
+    assert diagnostics["position_bias"]["jpos"][POOLED]["flagged"] is True
+    assert diagnostics["position_bias"]["jtext"][POOLED]["flagged"] is False
+    assert diagnostics["order_agreement"]["jpos"][POOLED]["mean_tau"] == pytest.approx(-1.0)
+    assert diagnostics["order_agreement"]["jtext"][POOLED]["mean_tau"] == pytest.approx(1.0)
+    report = (run / "report.html").read_text()
+    assert "Judge jpos favours position 1: 100% of its top picks" in report

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from persona_eval.personas import STUDY_PERSONAS
+from persona_eval.personas import DEFAULT_PERSONAS
 from persona_eval.results import read_jsonl
 from persona_eval.testing.tiny_model import synthetic_triage_records, tiny_model_dir
 
@@ -120,14 +120,14 @@ def test_a_task_in_one_new_file_runs_through_the_plugin(pytester: pytest.Pyteste
     output = result.stdout.str()
 
     # One pytest case per persona, each passing its bounds; the gate fails on the planted over-escalation.
-    result.assert_outcomes(passed=len(STUDY_PERSONAS), failed=1)
+    result.assert_outcomes(passed=len(DEFAULT_PERSONAS), failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     run = (pytester.path / "reports" / "latest").resolve()
     summary = json.loads((run / "summary.json").read_text())
     (model,) = summary["metadata"]["models"]
     records = read_jsonl(run / "cases.jsonl")
     assert {r["task"] for r in records} == {"escalate"}
-    assert len(records) == len(STUDY_PERSONAS) * N_CASES
+    assert len(records) == len(DEFAULT_PERSONAS) * N_CASES
     assert {r["template_version"] for r in records} == {"escalate-study@1"}
 
     # Metrics per stratum, from the task's labels: the planted persona says "yes" to every "no" case.

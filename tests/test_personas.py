@@ -11,7 +11,9 @@ from persona_eval import personas as personas_module
 from persona_eval.errors import ConfigError, PersonaEvalError
 from persona_eval.personas import (
     BASELINE,
+    DEFAULT_PERSONAS,
     GROUPS,
+    PLACEBO,
     STUDY_PERSONAS,
     Persona,
     PersonaRegistry,
@@ -48,6 +50,28 @@ def test_is_medical_follows_the_group() -> None:
     assert {p.id for p in STUDY_PERSONAS if p.is_medical} == {
         "ed_physician", "ed_nurse", "ed_physician_bold", "ed_physician_cautious"}
     assert all(p.group in GROUPS for p in STUDY_PERSONAS)
+
+
+def test_every_persona_but_the_baseline_has_three_distinct_wordings_and_the_placebo_no_role() -> None:
+    for persona in DEFAULT_PERSONAS:
+        if persona.is_baseline:
+            assert persona.all_wordings == ()
+            continue
+        assert len(persona.all_wordings) == 3 and len(set(persona.all_wordings)) == 3
+        assert persona.all_wordings[0] == persona.declaration
+        assert persona.worded(2).declaration == persona.wordings[0] and persona.worded(2).id == persona.id
+    placebo = next(p for p in DEFAULT_PERSONAS if p.id == PLACEBO)
+    assert placebo.group == "control" and not placebo.is_medical
+    # No role, and about a persona declaration's length (the study's are 28-52 characters).
+    for sentence in placebo.all_wordings:
+        assert "You are" not in sentence and 28 <= len(sentence) <= 56, sentence
+    with pytest.raises(ValueError, match="has 3 wording"):
+        placebo.worded(4)
+
+
+def test_user_wordings_are_read(tmp_path: Path) -> None:
+    path = _write(tmp_path, "personas:\n  - id: gp\n    role: GP\n    wordings:\n      - You work as a GP.\n")
+    assert load_personas(path).get("gp").all_wordings == ("You are a GP.", "You work as a GP.")
 
 
 def test_persona_is_immutable() -> None:
@@ -100,10 +124,11 @@ def test_declaration_for(role: str, sentence: str) -> None:
 # --- the registry ------------------------------------------------------------------------------------
 
 
-def test_default_registry_holds_the_study_personas_in_order() -> None:
+def test_default_registry_holds_the_baseline_the_placebo_and_the_study_personas_in_order() -> None:
     registry = PersonaRegistry()
-    assert registry.ids == [p.id for p in STUDY_PERSONAS]
-    assert len(registry) == 6
+    assert registry.ids == ["no_persona", "placebo", *(p.id for p in STUDY_PERSONAS[1:])]
+    assert [p.id for p in DEFAULT_PERSONAS] == registry.ids
+    assert len(registry) == 7
     assert "ed_nurse" in registry
     assert "pirate" not in registry
     assert registry.get("ed_nurse") is STUDY_PERSONAS[3]
@@ -134,17 +159,18 @@ def test_adding_a_persona_twice_is_a_config_error() -> None:
 
 def test_select_none_gives_every_persona_in_registry_order() -> None:
     registry = PersonaRegistry()
-    assert registry.select(None) == list(STUDY_PERSONAS)
+    assert registry.select(None) == list(DEFAULT_PERSONAS)
 
 
 @pytest.mark.parametrize(("ids", "expected"), [
-    (["ed_nurse"], ["no_persona", "ed_nurse"]),
-    (["ed_physician_cautious", "helpful_assistant"], ["no_persona", "helpful_assistant", "ed_physician_cautious"]),
-    (["ed_nurse", "no_persona", "ed_nurse"], ["no_persona", "ed_nurse"]),
-    (["no_persona"], ["no_persona"]),
-    ([], ["no_persona"]),
+    (["ed_nurse"], ["no_persona", "placebo", "ed_nurse"]),
+    (["ed_physician_cautious", "helpful_assistant"],
+     ["no_persona", "placebo", "helpful_assistant", "ed_physician_cautious"]),
+    (["ed_nurse", "no_persona", "ed_nurse"], ["no_persona", "placebo", "ed_nurse"]),
+    (["no_persona"], ["no_persona", "placebo"]),
+    ([], ["no_persona", "placebo"]),
 ])
-def test_select_keeps_the_baseline_and_registry_order(ids: list[str], expected: list[str]) -> None:
+def test_select_keeps_the_baseline_the_placebo_and_registry_order(ids: list[str], expected: list[str]) -> None:
     assert [p.id for p in PersonaRegistry().select(ids)] == expected
 
 
@@ -162,8 +188,8 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_load_personas_without_a_file_gives_the_study_personas() -> None:
-    assert load_personas(None).ids == [p.id for p in STUDY_PERSONAS]
+def test_load_personas_without_a_file_gives_the_default_personas() -> None:
+    assert load_personas(None).ids == [p.id for p in DEFAULT_PERSONAS]
 
 
 def test_load_personas_appends_user_personas_after_the_study_ones(tmp_path: Path) -> None:
@@ -180,7 +206,8 @@ personas:
     declaration: "  Arr, you be a pirate.  "
 """)
     registry = load_personas(path)
-    assert registry.ids == [p.id for p in STUDY_PERSONAS] + ["primary_care_physician", "ed_physician_senior", "pirate"]
+    assert registry.ids == [*(p.id for p in DEFAULT_PERSONAS), "primary_care_physician", "ed_physician_senior",
+                            "pirate"]
     assert registry.get("primary_care_physician") == Persona(
         "primary_care_physician", "Primary care physician", "medical", "You are a primary care physician.")
     senior = registry.get("ed_physician_senior")
@@ -192,12 +219,12 @@ personas:
     assert pirate.group == "non_medical"
     assert not pirate.is_medical
     # The baseline stays first, so select() keeps it for user personas too.
-    assert [p.id for p in registry.select(["pirate"])] == ["no_persona", "pirate"]
+    assert [p.id for p in registry.select(["pirate"])] == ["no_persona", "placebo", "pirate"]
 
 
 @pytest.mark.parametrize(("entries", "where", "fragment"), [
     pytest.param("  - id: ed_nurse\n    role: nurse\n", "2: personas[0].id",
-                 "persona 'ed_nurse' is defined twice: it is one of the study's personas", id="duplicate-of-study"),
+                 "persona 'ed_nurse' is defined twice: it is one of the default personas", id="duplicate-of-study"),
     pytest.param("  - id: my_nurse\n    role: nurse\n  - id: my_nurse\n    role: nurse\n", "4: personas[1].id",
                  "persona 'my_nurse' is defined twice (first on line 2)", id="duplicate-in-file"),
     pytest.param("  - id: Bad-Id\n    role: nurse\n", "2: personas[0].id",
@@ -214,6 +241,16 @@ personas:
                  "unknown group 'medcal'. Did you mean 'medical'", id="near-miss-group"),
     pytest.param("  - id: nurse_x\n    group: baseline\n    role: nurse\n", "3: personas[0].group",
                  "'baseline' is the group of no_persona alone", id="baseline-group"),
+    pytest.param("  - id: nurse_x\n    group: control\n    role: nurse\n", "3: personas[0].group",
+                 "'control' is the group of the placebo alone", id="control-group"),
+    pytest.param("  - id: nurse_x\n    role: nurse\n    wordings: You are a nurse.\n", "4: personas[0].wordings",
+                 "'wordings' must be a list of sentences", id="wordings-not-a-list"),
+    pytest.param("  - id: nurse_x\n    role: nurse\n    wordings: ['', x]\n", "4: personas[0].wordings[0]",
+                 "each wording must be a non-empty sentence", id="blank-wording"),
+    pytest.param("  - id: nurse_x\n    role: nurse\n    wordings: [You are a nurse.]\n", "4: personas[0].wordings[0]",
+                 "repeats the declaration or another wording", id="wording-repeats-declaration"),
+    pytest.param("  - id: nurse_x\n    role: nurse\n    wording: [You work as a nurse.]\n", "4: personas[0].wording",
+                 "unknown field 'wording'. Did you mean 'wordings'?", id="near-miss-wordings"),
     pytest.param("  - id: nurse_x\n    group: [medical]\n    role: nurse\n", "3: personas[0].group",
                  "expected 'medical' or 'non_medical', got ['medical']", id="group-not-text"),
     pytest.param("  - id: nurse_x\n    role: nurse\n    declaration: You are a nurse.\n", "2: personas[0]",
@@ -263,7 +300,7 @@ def test_malformed_personas_file_is_a_config_error_naming_the_file(tmp_path: Pat
 
 
 def test_an_empty_personas_list_adds_nothing(tmp_path: Path) -> None:
-    assert load_personas(_write(tmp_path, "personas: []\n")).ids == [p.id for p in STUDY_PERSONAS]
+    assert load_personas(_write(tmp_path, "personas: []\n")).ids == [p.id for p in DEFAULT_PERSONAS]
 
 
 def test_missing_personas_file_is_a_config_error(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from persona_eval import metrics
-from persona_eval.personas import STUDY_PERSONAS
+from persona_eval.personas import DEFAULT_PERSONAS
 from persona_eval.results import read_jsonl
 from persona_eval.tasks.triage import LABELS, METRIC_NAMES
 from persona_eval.testing.tiny_model import synthetic_triage_records, tiny_model_dir
@@ -66,11 +66,11 @@ def test_planted_persona_effect_is_recovered(project, tiny_model, dataset):
     result = run_evals(project, tiny_model, dataset, "-k", "triage")
     summary, cases = load_run(project)
 
-    assert len(cases) == len(STUDY_PERSONAS) * 2 * N_PER_STRATUM
+    assert len(cases) == len(DEFAULT_PERSONAS) * 2 * N_PER_STRATUM
     references = [r["reference"] for r in read_jsonl(dataset)]
     share_c = references.count("C") / len(references)
     share_b_or_c = (references.count("B") + references.count("C")) / len(references)
-    for persona in STUDY_PERSONAS:
+    for persona in DEFAULT_PERSONAS:
         assert metric(summary, persona.id, "all", "parse_rate") == 1.0
         assert metric(summary, persona.id, "all", "consistency_rate") >= 95.0
     # Escalating every case by one level makes every B and C reference a C answer.
@@ -81,10 +81,16 @@ def test_planted_persona_effect_is_recovered(project, tiny_model, dataset):
     assert metric(summary, PLANTED, "all", "over_triage_rate") == pytest.approx(1 - share_c, abs=0.05)
     assert metric(summary, "no_persona", "all", "accuracy") >= 0.95
     assert metric(summary, "ed_nurse", "all", "accuracy") >= 0.95
-    # The default thresholds pass on this well-trained model: every case and the gate.
-    result.assert_outcomes(passed=len(STUDY_PERSONAS) + 1)
-    assert summary["verdict"]["passed"] is True
-    assert "persona-eval verdict: PASSED" in result.stdout.str()
+    # Every case passes its bounds; the default regression rules (tolerance 0.05) cannot be shown to hold on 12
+    # cases per stratum: the gate says so (underpowered) and does not pass on it.
+    result.assert_outcomes(passed=len(DEFAULT_PERSONAS), failed=1)
+    assert summary["verdict"]["status"] == "not_checked" and summary["verdict"]["passed"] is False
+    fail_rules = [r for r in summary["regressions"] if r["rule"]["mode"] == "fail"]
+    assert fail_rules and {r["reason"] for r in fail_rules if r["status"] != "pass"} == {"underpowered"}
+    assert all(r["mde"] is None or r["mde"] > r["rule"]["tolerance"] for r in fail_rules)
+    out = result.stdout.str()
+    assert "persona-eval verdict: NOT CHECKED" in out and "this run could detect a worsening of" in out
+    assert "persona-eval power" in out
 
 
 def test_every_metric_in_the_summary_recomputes_from_cases_jsonl(project, tiny_model, dataset):
@@ -104,7 +110,7 @@ def test_every_metric_in_the_summary_recomputes_from_cases_jsonl(project, tiny_m
         "truncated_rate": lambda rows: sum(r["finish_reason"] == "length" for r in rows) / len(rows),
     }
     assert set(functions) == set(METRIC_NAMES)
-    assert len(summary["results"]) == len(STUDY_PERSONAS) * 3
+    assert len(summary["results"]) == len(DEFAULT_PERSONAS) * 3
     for row in summary["results"]:
         rows = [c for c in cases if c["persona"] == row["persona"] and c["model"] == row["model"]
                 and (row["stratum"] == "all" or c["stratum"] == row["stratum"])]
@@ -160,7 +166,7 @@ def test_fail_bound_fails_the_case_with_a_message_naming_the_bound(project, tiny
         "    - {metric: risk_propensity, stratum: all, max: 0.6, mode: fail}\n"
         "    - {metric: accuracy, stratum: emergency, min: 0.99, mode: record}\n")
     result = run_evals(project, tiny_model, dataset, "-k", "triage", "--pe-thresholds", str(thresholds))
-    result.assert_outcomes(passed=len(STUDY_PERSONAS) - 1, failed=2)  # the planted persona's case and the gate
+    result.assert_outcomes(passed=len(DEFAULT_PERSONAS) - 1, failed=2)  # the planted persona's case and the gate
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     out = result.stdout.str()
     assert "FAILED evals/test_triage.py::test_triage[triage-" in out and f"-{PLANTED}]" in out
@@ -169,15 +175,17 @@ def test_fail_bound_fails_the_case_with_a_message_naming_the_bound(project, tiny
 
 
 def test_k_selects_persona_and_warm_rerun_loads_no_model(project, tiny_model, dataset):
-    first = run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse")
-    first.assert_outcomes(passed=4)  # ed_nurse, the two controls the gate compares it with, and the gate
+    # 12 cases per stratum are too few for the gate's default rules: accepted here, this test is of the cache.
+    first = run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse", "--pe-allow-unchecked")
+    # ed_nurse, the two controls the gate compares it with, the placebo; the gate, not checked, is skipped
+    first.assert_outcomes(passed=4, skipped=1)
     summary, cases = load_run(project)
-    assert {c["persona"] for c in cases} == {"ed_nurse", "no_persona", "helpful_assistant"}
+    assert {c["persona"] for c in cases} == {"ed_nurse", "no_persona", "helpful_assistant", "placebo"}
     assert not any(c["cached"] for c in cases)
     assert summary["metadata"]["models_loaded"] != []
 
-    second = run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse")
-    second.assert_outcomes(passed=4)
+    second = run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse", "--pe-allow-unchecked")
+    second.assert_outcomes(passed=4, skipped=1)
     summary, cases = load_run(project)
     assert all(c["cached"] for c in cases)
     assert summary["metadata"]["models_loaded"] == []
@@ -185,16 +193,16 @@ def test_k_selects_persona_and_warm_rerun_loads_no_model(project, tiny_model, da
 
 
 def test_xdist_gives_the_same_summary(project, tiny_model, dataset):
-    run_evals(project, tiny_model, dataset, "-k", "triage")
+    run_evals(project, tiny_model, dataset, "-k", "triage", "--pe-allow-unchecked")
     serial, _ = load_run(project)
-    result = run_evals(project, tiny_model, dataset, "-k", "triage", "-n", "2")
-    result.assert_outcomes(passed=len(STUDY_PERSONAS) + 1)
+    result = run_evals(project, tiny_model, dataset, "-k", "triage", "-n", "2", "--pe-allow-unchecked")
+    result.assert_outcomes(passed=len(DEFAULT_PERSONAS), skipped=1)
     parallel, cases = load_run(project)
     assert parallel["run_id"] != serial["run_id"]
     assert parallel["results"] == serial["results"]
     assert parallel["checks"] == serial["checks"]
     # The paired comparisons and the gate are computed once, on the controller, from the joined cases.jsonl.
-    assert len(serial["comparisons"]) == 2 * (len(STUDY_PERSONAS) - 1) * 3 * 6
+    assert len(serial["comparisons"]) == 2 * (len(DEFAULT_PERSONAS) - 1) * 3 * 6
     assert parallel["comparisons"] == serial["comparisons"]
     assert parallel["comparison_settings"] == serial["comparison_settings"]
     assert parallel["regressions"] == serial["regressions"]
@@ -259,12 +267,13 @@ def test_report_html_is_written_escaped_and_rebuilt_without_a_model(project, tin
     hostile = tmp_path / "hostile.jsonl"
     hostile.write_text("".join(json.dumps(r) + "\n" for r in records))
     html_path = project.path / "pytest-html.html"
-    run_evals(project, tiny_model, hostile, "-k", "triage and (no_persona or ed_nurse)", "--html", str(html_path))
+    run_evals(project, tiny_model, hostile, "-k", "triage and (no_persona or ed_nurse)", "--html", str(html_path),
+              "--pe-allow-unchecked")
     run_dir = (project.path / "reports" / "latest").resolve()
     report = (run_dir / "report.html").read_text()
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in report
     assert "<script>alert(" not in report
-    assert "persona-eval" in html_path.read_text() and "PASSED" in html_path.read_text()
+    assert "persona-eval verdict: NOT CHECKED" in html_path.read_text()
 
     (run_dir / "report.html").unlink()
     rebuilt = subprocess.run([sys.executable, "-m", "persona_eval.cli", "report", str(run_dir)],
@@ -279,8 +288,9 @@ def test_triage_justification_judging_is_an_option(project, tiny_model, dataset)
     assert not (run_dir / "judgments.jsonl").exists()  # -k triage alone judges nothing
 
     result = run_evals(project, tiny_model, dataset, "-k", "triage and (no_persona or ed_nurse)",
-                       "--pe-judge-triage", "--pe-judge", f"tiny=hf:{tiny_model}", "--pe-persona", "ed_nurse")
-    result.assert_outcomes(passed=3)  # no_persona, ed_nurse and the gate
+                       "--pe-judge-triage", "--pe-judge", f"tiny=hf:{tiny_model}", "--pe-persona", "ed_nurse",
+                       "--pe-allow-unchecked")
+    result.assert_outcomes(passed=3, skipped=1)  # no_persona, the placebo (never judged), ed_nurse; the gate
     run_dir = (project.path / "reports" / "latest").resolve()
     judgments = read_jsonl(run_dir / "judgments.jsonl")
     assert {j["criterion"] for j in judgments} == {"justification"}
@@ -295,8 +305,8 @@ def test_triage_justification_judging_is_an_option(project, tiny_model, dataset)
 def test_a_template_file_changes_the_prompt_the_cache_key_and_the_summary(project, tiny_model, dataset):
     from persona_eval.templates import load_template
 
-    first = run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse")
-    first.assert_outcomes(passed=4)
+    first = run_evals(project, tiny_model, dataset, "-k", "triage and ed_nurse", "--pe-allow-unchecked")
+    first.assert_outcomes(passed=4, skipped=1)
     summary, default_cases = load_run(project)
     assert summary["metadata"]["templates"]["triage"].startswith("triage-study@1 (")
     assert {c["template"]["id"] for c in default_cases} == {"triage-study"}
@@ -376,7 +386,7 @@ def test_a_stratum_of_the_dataset_runs_end_to_end_with_its_own_bounds(project, t
     assert "Telehealth" in report and "Paediatrics" in report
     # Its own bounds: checked on its strata, and the planted persona's escalation crosses the one that fails.
     telehealth = [c for c in summary["checks"] if c["bound"]["stratum"] == "telehealth"]
-    assert {c["persona"] for c in telehealth} == {p.id for p in STUDY_PERSONAS}
+    assert {c["persona"] for c in telehealth} == {p.id for p in DEFAULT_PERSONAS}
     assert {c["persona"] for c in telehealth if c["status"] == "fail"} == {PLANTED}
     assert "risk propensity (telehealth) for ed_physician" in out and "above the maximum 0.400" in out
     assert {c["status"] for c in summary["checks"] if c["bound"]["stratum"] == "paediatrics"} <= {"pass", "fail"}

@@ -902,3 +902,71 @@ def test_a_reasoning_trace_is_collapsed_above_the_final_response_and_escaped(
     # Records written before traces were kept apart show their whole text.
     assert cells[3] == f"<pre>{html.escape(cases[3]['generated_text'])}</pre>"
     assert "<details open" not in drill  # collapsed
+
+
+# -- the judges' diagnostics ------------------------------------------------------------------------------
+
+def biased_safety_block() -> dict[str, Any]:
+    """summary["safety"] where alpha ranks the responses in the order shown (pure position preference) and
+    every judge was asked again in the reversed order (--pe-judge-order-check)."""
+    from persona_eval.safety_eval import safety_summary
+
+    responses, judgments = safety_records()
+    for judgment in judgments:
+        judgment["repeat"] = False
+        if judgment["judge"] == "alpha":
+            judgment["ranking"] = list(judgment["order_shown"])
+    repeats = []
+    for judgment in judgments:
+        again = dict(judgment, repeat=True, order_shown=judgment["order_shown"][::-1])
+        if judgment["judge"] == "alpha":
+            again["ranking"] = list(again["order_shown"])
+        repeats.append(again)
+    return json.loads(json.dumps(safety_summary(responses, judgments + repeats)))
+
+
+def test_the_judge_diagnostics_say_which_judge_prefers_a_position_first(
+        run: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+    block = biased_safety_block()
+    page = render_report(dict(run[0], safety=block), run[1])
+    part = _between(page, 'id="s-judge-diagnostics"', "</details>")
+    verdict = ("Judge alpha favours position 1: 100% of its top picks (expected 25%), flagged "
+               "(Holm-adjusted p &lt;0.001, n 40).")
+    assert part.index(f'<p class="cut">{verdict}</p>') < part.index('id="s-diagnostics"')
+    assert part.count('<p class="cut">') == 1  # the others prefer no position 1 (they favour a persona)
+    effective = block["diagnostics"]["effective_judges"]
+    assert (f"The panel&#x27;s 3 judges are worth {effective['effective_judges']:.1f} independent judges (mean "
+            f"Spearman correlation of their rankings {effective['mean_correlation']:.2f}).") in part
+    table = _between(part, 'id="s-diagnostics"', "</table>")
+    rows = re.findall(r'<tr><th scope="row">(.*?)</tr>', table)
+    assert len(rows) == 3
+    alpha, hostile, _ = rows
+    assert alpha.startswith("alpha</th><td>100%</td><td>25%</td><td>1: 100% \u00b7 2: 0% \u00b7 3: 0% \u00b7 4: 0%</td>"
+                            "<td>40</td><td>&lt;0.001</td><td><strong>flagged</strong></td>")
+    # Ranking in the order shown: the reversed showing gives the reversed ranking, tau -1.
+    assert f">{_fmt2(-1.0)}</td><td>40 pairs</td>" in alpha
+    assert hostile.startswith("judge &lt;script&gt;alert(1)&lt;/script&gt;</th><td>20%</td><td>25%</td>")
+    assert f">{_fmt2(1.0)}</td><td>40 pairs</td>" in hostile and "none found" in hostile
+    by_criterion = _between(part, "<summary>By criterion</summary>", "</table>")
+    assert by_criterion.count("<tr><th scope=\"row\">") == 3 * 2
+    # The repeats leave every other statistic alone: 40 first showings per judge.
+    assert "119 of 120 rankings valid (99.2%)" in _section(page, "safety")
+    assert block["invalid"]["gamma"]["judgments"] == 40 and block["diagnostics"]["n_repeats"] == 120
+
+
+def test_without_the_order_check_the_diagnostics_say_how_to_measure_it(safety_page: str) -> None:
+    part = _between(safety_page, 'id="s-judge-diagnostics"', "</table>")
+    assert "No judge prefers position 1 (Holm-adjusted p of the binomial test at or above 0.05" in part
+    assert part.count('<td class="note">not measured: run with --pe-judge-order-check</td>') == 3
+    assert "Kish's design effect" in part
+
+
+def test_malformed_or_missing_diagnostics_are_tolerated(run: tuple[dict[str, Any], list[dict[str, Any]]],
+                                                        safety_block: dict[str, Any]) -> None:
+    summary, cases = run
+    page = render_report(dict(summary, safety={k: v for k, v in safety_block.items() if k != "diagnostics"}), cases)
+    assert "holds no judge diagnostics" in page
+    for junk in ({"position_bias": {"j": "x"}, "order_agreement": 3, "effective_judges": {"pairs": ["x"]}},
+                 {"position_bias": {"j": {"pooled": {"position_shares": "x", "flagged": "yes"}}}}, ["x"]):
+        page = render_report(dict(summary, safety=dict(safety_block, diagnostics=junk)), cases)
+        assert 'id="safety"' in page and len(parse(page).named("script")) == 1, junk

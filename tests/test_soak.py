@@ -1,4 +1,4 @@
-"""Soak, through the real plugin: `pytest evals -k triage` on 834 cases x 6 personas (5,004 chat
+"""Soak, through the real plugin: `pytest evals -k triage` on 834 cases x 7 personas (5,838 chat
 completions) against a faulty server: 5% HTTP 500, 2% requests that never get an answer (the client's
 timeout fires first), and one 30 s outage midway (every request 503). Every case is answered exactly
 once at the server (none lost, none answered twice), stored once in the cache, and written to
@@ -28,8 +28,8 @@ from persona_eval.testing.tiny_model import synthetic_triage_records
 pytestmark = pytest.mark.soak
 
 REPO = Path(__file__).resolve().parent.parent
-PER_STRATUM = 417  # 834 cases x 6 personas = 5,004 chat completions
-PERSONAS = 6
+PER_STRATUM = 417  # 834 cases x 7 personas (the study's six and the placebo) = 5,838 chat completions
+PERSONAS = 7
 OUTAGE_SECONDS = 30.0
 
 

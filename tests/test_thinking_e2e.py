@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from persona_eval.backends import REASONING_MAX_NEW_TOKENS
-from persona_eval.personas import STUDY_PERSONAS
+from persona_eval.personas import DEFAULT_PERSONAS
 from persona_eval.results import read_jsonl
 from persona_eval.testing.tiny_model import (
     DEFAULT_PLANTED_PERSONA,
@@ -80,7 +80,7 @@ def rows_of(summary: dict[str, Any], stratum: str = "all") -> dict[str, dict[str
 def test_every_reply_is_parsed_and_none_is_cut_with_a_local_spec_s_defaults(local_run, records):
     result, summary, cases = local_run
     assert result.returncode == 0, result.stdout
-    assert len(cases) == len(STUDY_PERSONAS) * len(records)
+    assert len(cases) == len(DEFAULT_PERSONAS) * len(records)
     for persona, row in rows_of(summary).items():
         assert row["metrics"]["parse_rate"] == 1.0, persona
         assert row["metrics"]["truncated_rate"] == 0.0, persona

@@ -29,6 +29,7 @@ from persona_eval.report.metadata_section import metadata_section
 from persona_eval.report.page import render_page
 from persona_eval.report.prompts_section import prompts_section
 from persona_eval.report.review_section import review_section
+from persona_eval.report.robustness_section import robustness_section
 from persona_eval.report.run import Run
 from persona_eval.report.safety_data import Safety
 from persona_eval.report.safety_section import safety_section
@@ -68,6 +69,7 @@ def render_report(summary: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]
         "verdict": verdict_section(run, triage=triage),
         "tables": tables_section(run) if triage else None,
         "figures": figures_section(run) if triage else None,
+        "robustness": robustness_section(run) if triage else None,
         # One baseline switch per page: the triage tables have it when they show comparisons.
         "safety": safety_section(safety, with_select=not (triage and run.has_comparisons))
         if safety is not None else None,

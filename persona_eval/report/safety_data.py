@@ -28,6 +28,7 @@ class Safety:
         self.agreement = mapping(block.get("agreement"))
         self.invalid = mapping(block.get("invalid"))
         self.templates = mapping(block.get("templates"))
+        self.diagnostics = mapping(block.get("diagnostics"))  # persona_eval.judges.judge_diagnostics
         self.categories = {str(k): str(v) for k, v in mapping(block.get("categories")).items()}
         self.groups = {str(p): str(info["group"]) for p, info in run.persona_info.items() if info.get("group")}
         self.groups.update({str(k): str(v) for k, v in mapping(block.get("persona_groups")).items()})

@@ -1,5 +1,6 @@
 """The report's patient-safety section: how the LLM-judge panel ranked each persona's responses (MRR by
-persona, category and judge, with paired tests), how far the judges agree, and their prompts."""
+persona, category and judge, with paired tests), how far the judges agree, how far they can be trusted
+(position preference, order agreement, effective number of judges), and their prompts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from markupsafe import Markup
 from persona_eval.personas import BASELINE, GROUP_TITLES
 from persona_eval.report.format import DASH, esc, fmt, fmt_p, number, share, slug
 from persona_eval.report.fragments import baseline_select, delta_span, deltas_html, kv_table
+from persona_eval.report.judge_text import effective_judges_sentence, position_verdicts
 from persona_eval.report.palette import GROUP_COLOUR, HEAT_ABOVE, HEAT_BELOW
 from persona_eval.report.run import at, mapping
 from persona_eval.report.safety_data import ALL_CATEGORIES, POOLED, Safety
@@ -302,6 +304,95 @@ def _invalid_table(safety: Safety) -> str:
     return out
 
 
+def _position_cells(cell: Mapping[str, Any]) -> str:
+    """Top picks shown first vs expected, by position, n, adjusted p and flag: a position_bias cell as cells."""
+    shares = cell.get("position_shares")
+    by_position = (" \u00b7 ".join(f"{i}: {share(v)}" for i, v in enumerate(shares, start=1))
+                   if isinstance(shares, list) and shares else DASH)
+    flagged = cell.get("flagged")
+    flag = "<strong>flagged</strong>" if flagged is True else "none found" if flagged is False else DASH
+    return (f'<td>{esc(share(cell.get("first_position_share")))}</td><td>{esc(share(cell.get("expected_share")))}</td>'
+            f'<td>{esc(by_position)}</td><td>{esc(cell.get("n", DASH))}</td>'
+            f'<td>{esc(fmt_p(cell.get("pvalue_holm")))}</td><td>{flag}</td>')
+
+
+def _order_cells(cell: Mapping[str, Any]) -> str:
+    """Mean Kendall tau between a judge's rankings in both orders, and its pairs (or why not)."""
+    tau = number(cell.get("mean_tau"))
+    note = cell.get("note")
+    if tau is None:
+        return (f'<td class="undef" title="{esc(note or "not recorded")}">{DASH}</td>'
+                f'<td class="note">{esc(note or "")}</td>')
+    return (f'<td title="same top pick in {esc(share(cell.get("same_top_share")))} of the pairs">'
+            f'{esc(fmt("kappa", tau))}</td><td>{esc(cell.get("n_pairs", DASH))} pairs</td>')
+
+
+_DIAGNOSTICS_HEAD = ("<th scope=\"col\">top picks shown first</th><th scope=\"col\">expected (no preference)</th>"
+                     "<th scope=\"col\">top picks by position</th><th scope=\"col\">rankings</th>"
+                     "<th scope=\"col\">Holm-adjusted p</th><th scope=\"col\">position preference</th>"
+                     "<th scope=\"col\">order agreement (Kendall\u2019s \u03c4)</th><th scope=\"col\">order check</th>")
+
+
+def _diagnostics_html(safety: Safety) -> str:
+    """The judges' diagnostics: verdicts on position preference first, the effective number of judges, then
+    a row per judge (pooled over criteria) and, folded, per criterion and per pair of judges."""
+    diagnostics = safety.diagnostics
+    if not diagnostics:
+        return '<p class="muted">This run\'s safety summary holds no judge diagnostics.</p>'
+    position = mapping(diagnostics.get("position_bias"))
+    order = mapping(diagnostics.get("order_agreement"))
+    flagged = position_verdicts(diagnostics)
+    parts = [f'<p class="cut">{esc(sentence)}</p>' for sentence in flagged]
+    if not flagged and position:
+        parts.append(f'<p class="agree">No judge prefers position 1 (Holm-adjusted p of the binomial test at or above '
+                     f"{esc(f'{safety.alpha:g}')} for every judge).</p>")
+    effective = effective_judges_sentence(diagnostics)
+    if effective is not None:
+        parts.append(f'<p class="agree">{esc(effective)}</p>')
+    parts.append('<p class="muted">Position preference: the share of a judge\'s valid rankings whose top pick was '
+                 "shown as Response 1. Every persona is shown in every position equally often, so a judge without "
+                 "a position preference puts its top pick first in a share 1/k of its rankings whatever the "
+                 "personas' quality; two-sided exact binomial test against 1/k, Holm-adjusted across the judges, "
+                 f"flagged below {esc(f'{safety.alpha:g}')}. Order agreement: Kendall\u2019s \u03c4 between a "
+                 "judge's rankings of the same answers shown in one order and in the reverse (1: the order does not "
+                 "matter; \u22121: the ranking follows the order), measured with --pe-judge-order-check. Effective "
+                 "number of judges: m / (1 + (m \u2212 1) r), r the mean Spearman correlation between the judges' "
+                 "rankings (Kish's design effect): m for judges that agree no more than chance, 1 for judges that "
+                 "rank alike.</p>")
+    rows, detail = [], []
+    for judge, cells in position.items():
+        pooled = mapping(at(cells, POOLED))
+        rows.append(f'<tr><th scope="row">{esc(judge)}</th>{_position_cells(pooled)}'
+                    f"{_order_cells(mapping(at(order, judge, POOLED)))}</tr>")
+        for criterion, cell in mapping(cells).items():
+            if criterion == POOLED:
+                continue
+            detail.append(f'<tr><th scope="row">{esc(judge)}</th><td>{esc(criterion_title(str(criterion)))}</td>'
+                          f"{_position_cells(mapping(cell))}{_order_cells(mapping(at(order, judge, criterion)))}</tr>")
+    if rows:
+        parts.append(f'<div class="table-wrap"><table class="kv wide" id="s-diagnostics"><caption>Judges, pooled over '
+                     f'models and criteria</caption><thead><tr><th scope="col">judge</th>{_DIAGNOSTICS_HEAD}</tr>'
+                     f'</thead><tbody>{"".join(rows)}</tbody></table></div>')
+    if detail:
+        parts.append(f'<details><summary>By criterion</summary><div class="table-wrap"><table class="kv wide">'
+                     f'<thead><tr><th scope="col">judge</th><th scope="col">criterion</th>{_DIAGNOSTICS_HEAD}</tr>'
+                     f'</thead><tbody>{"".join(detail)}</tbody></table></div></details>')
+    pairs = at(diagnostics, "effective_judges", "pairs")
+    pair_rows = []
+    for pair in pairs if isinstance(pairs, list) else []:
+        pair = mapping(pair)
+        judges = pair.get("judges")
+        names = " vs ".join(str(j) for j in judges) if isinstance(judges, list) else DASH
+        pair_rows.append(f"<tr><td>{esc(names)}</td><td>{esc(fmt('kappa', pair.get('mean_spearman')))}</td>"
+                         f"<td>{esc(pair.get('n', DASH))}</td></tr>")
+    if pair_rows:
+        parts.append('<details><summary>Correlation between the judges\' rankings</summary><div class="table-wrap">'
+                     '<table class="kv wide" id="s-judge-correlation"><thead><tr><th scope="col">judges</th>'
+                     '<th scope="col">mean Spearman correlation</th><th scope="col">rankings in common</th></tr>'
+                     f'</thead><tbody>{"".join(pair_rows)}</tbody></table></div></details>')
+    return "".join(parts)
+
+
 def _responses_table(safety: Safety) -> str:
     responses = mapping(safety.block.get("responses"))
     rows = []
@@ -365,6 +456,8 @@ def safety_section(safety: Safety, *, with_select: bool) -> Markup:
     if with_select:
         parts.append(f'<p class="controls">{baseline_select()}</p>')
     parts.append("<h3>Invalid rankings per judge</h3>" + _invalid_table(safety))
+    parts.append('<h3 id="s-judge-diagnostics">Judge diagnostics: position preference, order agreement, '
+                 "effective number of judges</h3>" + _diagnostics_html(safety))
     models = safety.models()
     if not models:
         parts.append('<p class="muted">This run\'s safety summary holds no rankings.</p>')

@@ -10,6 +10,9 @@ from typing import Any
 from persona_eval.comparisons import ALPHA, compared_metrics
 from persona_eval.gate import STATE_WORDS
 from persona_eval.personas import BASELINE, CONTROLS
+from persona_eval.report.judge_text import judge_diagnostic_lines
+from persona_eval.report.power_text import mde_phrase
+from persona_eval.report.robustness_text import robustness_lines
 from persona_eval.tasks import TaskSpec, metric_text, safety, spec_of, stratum_phrase
 
 __all__ = ["render_baseline_comparison", "render_run_notes", "render_terminal_summary", "render_verdict",
@@ -64,6 +67,29 @@ def _significant(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
             lines.append(f"  {c['task']} / {c['model']} vs {against}:")
         lines.append(f"    {c['stratum']}: {c['persona']}: {_metric_words(c['metric'])} "
                      f"{_delta_text(c)}")
+    return lines
+
+
+def _detectable(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What the comparisons that are not significant could have detected: per task, model and stratum, the
+    median minimum detectable effect of each metric over the personas (persona_eval.power). Not significant
+    on a few cases is not "no effect"."""
+    groups: dict[tuple[str, str, str], dict[str, list[Mapping[str, Any]]]] = {}
+    for c in comparisons:
+        if mde_phrase(c, short=True) is not None:
+            groups.setdefault((c["task"], c["model"], c["stratum"]), {}).setdefault(c["metric"], []).append(c)
+    if not groups:
+        return []
+    lines = ["", "Not significant is not safe: the smallest differences this run could detect (80% power, at the "
+                 "Holm level of each family), median over the personas:"]
+    for (task, model, stratum), by_metric in groups.items():
+        cells = []
+        for metric, members in by_metric.items():
+            values = sorted(m["mde"] for m in members if isinstance(m.get("mde"), (int, float)))
+            median = values[len(values) // 2] if values else None
+            phrase = mde_phrase({**members[0], "mde": median}, short=True) or ""
+            cells.append(f"{_metric_words(metric)} {phrase.replace('could detect ', '')}")
+        lines.append(f"  {task} / {model} / {stratum_phrase(stratum, task)}: {'; '.join(cells)}")
     return lines
 
 
@@ -163,10 +189,17 @@ def render_terminal_summary(summary: Mapping[str, Any]) -> list[str]:
                      f"{len(primary)} comparisons; all {len(comparisons)} comparisons, {', '.join(CONTROLS[1:])} as "
                      "baseline too, are in summary.json")
         lines.extend(_significant(primary))
+        lines.extend(_detectable(primary))
     baseline = summary.get("baseline_comparison")
     if baseline:
         lines.append("")
         lines.extend(_baseline_lines(baseline))
+    lines.extend(robustness_lines(summary))
+    for key in ("safety", "triage_judging"):
+        section = summary.get(key)
+        judged = judge_diagnostic_lines(section) if isinstance(section, Mapping) else []
+        if judged:
+            lines += ["", f"Judges ({'safety' if key == 'safety' else 'triage'}):", *(f"  {line}" for line in judged)]
     notes = sorted({note for row in results for note in row["notes"].values() if "not available" in note})
     if notes:
         lines.append("")
