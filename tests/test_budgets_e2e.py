@@ -77,7 +77,7 @@ def test_answers_cut_at_the_model_s_budget_fail_the_run_on_the_truncation_bound(
     assert cases and all(c["finish_reason"] == "length" and c["generated_label"] is None for c in cases)
     assert summary["metadata"]["decoding"]["requested"]["max_new_tokens"] == {NAME: {"triage": 32}}
     failed = [c for c in summary["checks"] if c["bound"]["metric"] == "truncated_rate" and c["status"] == "fail"]
-    assert len(failed) == 2 and all(c["blocking"] for c in failed)  # no_persona and ed_nurse
+    assert len(failed) == 3 and all(c["blocking"] for c in failed)  # no_persona, placebo and ed_nurse
     out = result.stdout.str()
     assert (f"FAIL: truncated-answer rate (all) for ed_nurse on {NAME} is 1.000, above the maximum 0.050. "
             "Too many answers were cut at the token budget: raise max_new_tokens for this model.") in out

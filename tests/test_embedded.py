@@ -35,14 +35,14 @@ def test_triage_eval_runs_on_the_embedded_model(pytester: pytest.Pytester):
         "--pe-cache-dir", str(default_cache_dir()), "--pe-reports-dir", str(pytester.path / "reports"))
     # Each case passes or fails on its thresholds; nothing errors.
     outcomes = result.parseoutcomes()
-    assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == 2 + 1  # and the gate
+    assert outcomes.get("passed", 0) + outcomes.get("failed", 0) == 3 + 1  # no_persona, placebo, ed_nurse and the gate
     assert "error" not in outcomes and "errors" not in outcomes
     assert "persona-eval verdict:" in result.stdout.str()
     run = pytester.path / "reports" / "latest"
     cases = read_jsonl(run / "cases.jsonl")
     summary = json.loads((run / "summary.json").read_text())
-    assert {c["persona"] for c in cases} == {"no_persona", "ed_nurse"}
-    assert len(cases) == 2 * 4  # two personas x (2 emergency + 2 primary-care cases)
+    assert {c["persona"] for c in cases} == {"no_persona", "placebo", "ed_nurse"}
+    assert len(cases) == 3 * 4  # three personas x (2 emergency + 2 primary-care cases)
     for case in cases:
         assert case["model"] == "smollm2"
         assert "named SmolLM" not in case["prompt"]  # the template's default system prompt never leaks in

@@ -137,7 +137,7 @@ def test_the_request_threads_do_not_keep_the_process_alive(answered: int) -> Non
 # -- through the real plugin --------------------------------------------------------------------------
 NAME = "candidate"
 STARTED = 1796119200.0
-LIMIT = 4  # cases per stratum: 8 cases for each of the 6 personas
+LIMIT = 4  # cases per stratum: 8 cases for each of the 7 personas (the placebo too)
 BEFORE_HANG = 5
 
 
@@ -203,7 +203,7 @@ def test_one_sigint_stops_pytest_evals_and_the_rerun_sends_only_what_is_missing(
         rerun = subprocess.run(_plugin_args(tmp_path, healthy.base_url), cwd=tmp_path, capture_output=True,
                                text=True, timeout=300)
         assert rerun.returncode in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), rerun.stdout
-        total = 6 * 2 * LIMIT
+        total = 7 * 2 * LIMIT
         assert healthy.chat_completions == total - BEFORE_HANG
         assert all(count == 1 for count in healthy.answers.values())
         assert len(healthy.answers) == total - BEFORE_HANG

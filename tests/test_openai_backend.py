@@ -690,7 +690,7 @@ def test_a_model_without_logprobs_reports_consistency_and_calibration_as_not_ava
     run_dir = pytester.path / "reports" / "latest"
     summary = json.loads((run_dir / "summary.json").read_text())
     cases = [json.loads(line) for line in (run_dir / "cases.jsonl").read_text().splitlines()]
-    assert len(cases) == 2 * 4 and all(c["generated_label"] == "C" for c in cases)
+    assert len(cases) == 3 * 4 and all(c["generated_label"] == "C" for c in cases)  # no_persona, placebo, ed_nurse
     assert all(c["label_probs"] is None and c["probs_source"] is None for c in cases)
     for row in summary["results"]:
         for name in ("consistency_rate", "expected_calibration_error", "brier_score"):

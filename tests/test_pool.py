@@ -340,15 +340,15 @@ def test_every_persona_s_requests_share_one_pool_and_each_case_reports_its_own(p
     run_dir = (pytester.path / "reports" / "latest").resolve()
     summary = json.loads((run_dir / "summary.json").read_text())
     cases = [json.loads(line) for line in (run_dir / "cases.jsonl").read_text().splitlines()]
-    # 8 cases x 6 personas, each sent once; more than one persona's cases were at the server at once, so
-    # the whole run took about one round trip, not one per persona.
-    assert chats == 48 and len(cases) == 48
+    # 8 cases x 7 personas (the placebo too), each sent once; more than one persona's cases were at the server
+    # at once, so the whole run took about one round trip, not one per persona.
+    assert chats == 56 and len(cases) == 56
     assert peak > 8, peak
-    assert serving < 6 * 0.4, serving
+    assert serving < 7 * 0.4, serving
     assert sorted({(r["persona"]) for r in summary["results"]}) == sorted({c["persona"] for c in cases})
     assert all(c["generated_label"] == "C" and not c["cached"] for c in cases)
     row = summary["metadata"]["throughput"]["served"]
-    # 48 chat completions and one prompt-scoring probe that found no /tokenize (the other readings waited for it)
-    assert row["sent"] == 49 and row["max_in_flight"] > 8 and row["mean_in_flight"] > 1
+    # 56 chat completions and one prompt-scoring probe that found no /tokenize (the other readings waited for it)
+    assert row["sent"] == 57 and row["max_in_flight"] > 8 and row["mean_in_flight"] > 1
     assert row["prefix_cache_hit_rate"] is not None and row["prefix_cache_hit_rate"] > 0.5
-    assert "49 sent" in output and "in flight on average" in output and "prefix cache held" in output
+    assert "57 sent" in output and "in flight on average" in output and "prefix cache held" in output

@@ -59,7 +59,7 @@ def test_an_echoed_key_reaches_no_file_and_no_output(pytester: pytest.Pytester, 
                 {**record, "run_id": again[0]["run_id"], "cached": True} for record in cases]
     assert sent == {f"Bearer {KEY}"}  # the server did see the key, and echoed it
 
-    assert len(cases) == 2 * 4  # two vignettes per stratum, for no_persona and ed_nurse
+    assert len(cases) == 3 * 4  # two vignettes per stratum, for no_persona, the placebo and ed_nurse
     for record in cases:
         assert record["generated_text"] == f"Answer: B Bearer {MASKED}"
         assert record["secrets_masked"] == ["OPENAI_API_KEY"]

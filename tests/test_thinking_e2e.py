@@ -66,8 +66,10 @@ def local_run(thinking_model: Path, dataset: Path, tmp_path_factory: pytest.Temp
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "evals", "-p", "no:cacheprovider", "-k", "triage",
          "--pe-model", f"hf:{thinking_model}", "--pe-dataset", f"triage={dataset}",
-         "--pe-cache-dir", str(folder / "cache"), "--pe-reports-dir", str(folder / "reports")],
-        cwd=folder, capture_output=True, text=True, timeout=900, check=False)
+         "--pe-cache-dir", str(folder / "cache"), "--pe-reports-dir", str(folder / "reports"),
+         # The default regression rules cannot be shown to hold on this many cases; this module is of parsing.
+         "--pe-allow-unchecked"],
+        cwd=folder, capture_output=True, text=True, timeout=1800, check=False)
     run_dir = folder / "reports" / "latest"
     assert (run_dir / "summary.json").exists(), result.stdout + result.stderr
     return result, json.loads((run_dir / "summary.json").read_text()), read_jsonl(run_dir / "cases.jsonl")
