@@ -6,6 +6,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -156,3 +157,12 @@ class ScriptedBackend:
 def make_backend() -> type[ScriptedBackend]:
     """The ScriptedBackend class: ``make_backend(reply, batch_size=2, ...)`` builds one."""
     return ScriptedBackend
+
+
+@pytest.fixture(scope="session")
+def tiny_effects_model_dir() -> Path:
+    """The effects tiny model (persona_eval.testing.tiny_model, ``effects=True``) from the suite's cache:
+    built on first use (minutes on two cores), then shared by every test of this session and later ones."""
+    from persona_eval.testing.tiny_model import tiny_model_dir
+
+    return tiny_model_dir(effects=True)
