@@ -144,7 +144,7 @@ def test_triage_through_vllm_writes_every_field_and_metric(project, vllm_server)
     assert identity["process_started"] and identity["identified_by"] == [
         "served name", "base_url", "/v1/models root", "/v1/models max_model_len", "/metrics process start"]
     personas = {c["persona"] for c in cases}
-    assert len(personas) == 6 and len(cases) == 6 * 8
+    assert len(personas) == 7 and len(cases) == 7 * 8  # the study's six and the placebo
     for case in cases:
         assert case["generated_text"]
         assert case["prompt"].startswith("<|system|>\n")  # every condition sends a system message (maybe empty)
@@ -181,7 +181,7 @@ def test_cross_check_with_the_transformers_backend(project, vllm_server, record_
     by_model: dict[str, dict[tuple[str, str], dict[str, Any]]] = {"smollm2": {}, "vllm": {}}
     for case in cases:
         by_model[case["model"]][(case["persona"], case["case_id"])] = case
-    assert len(by_model["smollm2"]) == len(by_model["vllm"]) == 2 * 16
+    assert len(by_model["smollm2"]) == len(by_model["vllm"]) == 3 * 16  # no_persona, the placebo, ed_nurse
     assert set(by_model["smollm2"]) == set(by_model["vllm"])
 
     largest, largest_latent, compared, same_text = 0.0, 0.0, 0, 0
@@ -249,7 +249,7 @@ def test_a_server_killed_mid_run_stops_the_run_and_the_rerun_asks_only_for_the_r
     models = write_models_file(project, vllm_server, max_in_flight=4, max_retries=1, revision="smollm2-q4-1")
     args = eval_args(project, "--pe-models-file", str(models), "--pe-model", "vllm", "--pe-limit", "8",
                      "--pe-persona", "ed_nurse")
-    total = 2 * 16
+    total = 3 * 16  # no_persona, the placebo and ed_nurse, 16 cases each
     answered_earlier = vllm_server.successful_requests()  # by the tests before this one
     run = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=project.path, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
@@ -322,7 +322,7 @@ def test_a_served_thinking_model_is_parsed_in_full_with_the_default_budget(pytes
     assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), result.stdout.str()
     assert "persona-eval verdict" in result.stdout.str()
     summary, cases = load_run(pytester)
-    assert len(cases) == 6 * len(records)
+    assert len(cases) == 7 * len(records)  # the study's six personas and the placebo
     for row in summary["results"]:
         assert row["metrics"]["parse_rate"] == 1.0, row
         assert row["metrics"]["truncated_rate"] == 0.0, row
