@@ -72,8 +72,9 @@ def test_a_folder_that_is_not_a_finished_run_is_named(tmp_path: Path) -> None:
 
 
 def test_a_damaged_cases_file_names_its_line(run_dir: Path) -> None:
+    damaged = len((run_dir / "cases.jsonl").read_text().splitlines()) + 1
     with (run_dir / "cases.jsonl").open("a") as handle:
         handle.write('{"task": "triage", \n')
     with pytest.raises(DataError) as raised:
         load_run(run_dir)
-    assert "cases.jsonl" in str(raised.value) and "337" in str(raised.value)
+    assert f"cases.jsonl:{damaged}: not valid JSON" in str(raised.value)
