@@ -59,6 +59,15 @@ def _by_condition(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, 
     return out
 
 
+def _holm(family: Sequence[dict[str, Any]], flag: str, alpha: float) -> None:
+    """Holm-adjust the rows' ``pvalue`` in place: ``pvalue_adjusted``, and `flag` = adjusted p < `alpha`
+    (None where a row has no p-value)."""
+    raw = [math.nan if row["pvalue"] is None else row["pvalue"] for row in family]
+    for row, adjusted in zip(family, stats.holm(raw), strict=True):
+        row["pvalue_adjusted"] = _value(adjusted)
+        row[flag] = None if math.isnan(adjusted) else bool(adjusted < alpha)
+
+
 def _labelled(task: str) -> TaskSpec | None:
     spec = spec_of(task)
     return spec if spec is not None and spec.labels else None
@@ -113,10 +122,7 @@ def flips(records: Iterable[Mapping[str, Any]], *, alpha: float = ALPHA) -> list
                 out.append(row)
                 if persona != PLACEBO:
                     family.append(row)
-            for row, adjusted in zip(family, stats.holm([math.nan if r["pvalue"] is None else r["pvalue"]
-                                                         for r in family]), strict=True):
-                row["pvalue_adjusted"] = _value(adjusted)
-                row["more_than_placebo"] = None if math.isnan(adjusted) else bool(adjusted < alpha)
+            _holm(family, "more_than_placebo", alpha)
     return out
 
 
@@ -274,10 +280,7 @@ def letter_bias(records: Sequence[Mapping[str, Any]], variant_records: Sequence[
                                             identity.get((model, task, BASELINE), []))
             family.append(row)
             out.append(row)
-        for row, adjusted in zip(family, stats.holm([math.nan if r["pvalue"] is None else r["pvalue"]
-                                                     for r in family]), strict=True):
-            row["pvalue_adjusted"] = _value(adjusted)
-            row["flagged"] = None if math.isnan(adjusted) else bool(adjusted < alpha)
+        _holm(family, "flagged", alpha)
     return out
 
 
